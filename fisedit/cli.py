@@ -1,0 +1,221 @@
+"""`fisedit` command line: demo, generate and edit."""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+DEMO_PROMPTS = [
+    "a photo of a cat sitting on a wooden bench in a park",
+    "a photo of a dog sitting on a wooden bench in a park",
+    "a photo of a dog sitting on a red bench in a park",
+    "a photo of a dog sitting on a red bench in a park at night",
+]
+TINY_MODELS = {"tiny": "sd15", "tiny-sd2": "sd2", "tiny-sdxl": "sdxl"}
+
+
+def _quiet_libraries() -> None:
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _engine(model: str, args: argparse.Namespace):
+    from fisedit.engine.config import EngineConfig
+    from fisedit.engine.models import build_tiny_model
+    from fisedit.engine.session import Engine
+
+    config = EngineConfig(device=args.device, dtype=args.dtype)
+    if model in TINY_MODELS:
+        with tempfile.TemporaryDirectory() as workdir:
+            return Engine.from_pretrained(
+                str(build_tiny_model(workdir, TINY_MODELS[model])), config
+            )
+    return Engine.from_pretrained(model, config)
+
+
+def _save_png(path: Path, image: np.ndarray) -> None:
+    from PIL import Image
+
+    Image.fromarray(image).save(path)
+    print(f"wrote {path}")
+
+
+def _save_edit(out: Path, number: int, session, version) -> None:
+    from fisedit.engine.masks import overlay_mask
+
+    _save_png(out / f"edit_{number}.png", version.image)
+    _save_png(out / f"mask_{number}.png", overlay_mask(version.image, version.mask))
+
+
+def demo(args: argparse.Namespace) -> None:
+    """Generates a base image and runs a chain of prompt edits, reporting each edit."""
+    from fisedit.engine.images import psnr
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    engine = _engine(args.model, args)
+    session = engine.generate(
+        DEMO_PROMPTS[0], seed=args.seed, steps=args.steps, scheduler=args.scheduler
+    )
+    _save_png(out / "base.png", session.image)
+    edits = []
+    for number, prompt in enumerate(DEMO_PROMPTS[1:], start=1):
+        previous = session.image
+        masked_dense = session.reference_edit(prompt).image
+        version = session.edit(prompt)
+        _save_edit(out, number, session, version)
+        report = version.report
+        edits.append(
+            {
+                "prompt": prompt,
+                "mask_ratio": report.mask_ratio,
+                "mac_fraction": report.mac_fraction,
+                "sparse_step_mac_fraction": report.sparse_step_mac_fraction,
+                "latency_s": report.total_latency_s,
+                "fidelity": {
+                    "psnr_vs_masked_dense_db": psnr(version.image, masked_dense),
+                    "psnr_vs_previous_db": psnr(version.image, previous),
+                },
+                "report": report.model_dump(),
+            }
+        )
+        print(
+            f"edit {number}: mask {report.mask_ratio:.1%}, MACs {report.mac_fraction:.1%} of "
+            f"dense, {report.total_latency_s:.2f} s, "
+            f"PSNR vs masked-dense {edits[-1]['fidelity']['psnr_vs_masked_dense_db']:.1f} dB"
+        )
+    summary = {
+        "model": args.model,
+        "seed": args.seed,
+        "steps": args.steps,
+        "scheduler": args.scheduler,
+        "base": {"prompt": DEMO_PROMPTS[0], "report": session.history[0].report.model_dump()},
+        "edits": edits,
+    }
+    (out / "report.json").write_text(json.dumps(summary, indent=2))
+    print(f"wrote {out / 'report.json'}")
+
+
+def generate(args: argparse.Namespace) -> None:
+    """Generates a base image and writes the session recipe that `fisedit edit` extends."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    session = _engine(args.model, args).generate(
+        args.prompt,
+        negative_prompt=args.negative_prompt,
+        seed=args.seed,
+        steps=args.steps,
+        guidance=args.guidance,
+        scheduler=args.scheduler,
+    )
+    _save_png(out / "base.png", session.image)
+    recipe = {"model": args.model, "params": session.params.model_dump(), "edits": []}
+    (out / "session.json").write_text(json.dumps(recipe, indent=2))
+    print(f"wrote {out / 'session.json'}")
+
+
+def edit(args: argparse.Namespace) -> None:
+    """Applies one more edit to a session written by `fisedit generate`."""
+    out = Path(args.session)
+    recipe_path = out / "session.json"
+    if not recipe_path.is_file():
+        raise SystemExit(
+            f"error: {recipe_path} not found; run `fisedit generate --out {out}` first"
+        )
+    recipe = json.loads(recipe_path.read_text())
+    engine = _engine(recipe["model"], args)
+    params = dict(recipe["params"])
+    session = engine.generate(params.pop("prompt"), **params)
+    if recipe["edits"]:
+        print(f"rebuilding the session from its recipe ({len(recipe['edits'])} edits)")
+    for step in recipe["edits"]:
+        mask = np.load(out / step["mask"]) if step["mask"] else None
+        session.edit(step["prompt"], mask=mask, mask_steps=step["mask_steps"])
+    number = len(recipe["edits"]) + 1
+    mask_file = None
+    if args.mask:
+        from fisedit.engine.masks import load_mask
+
+        latent_hw = tuple(engine.model.latent_shape[1:])
+        mask_file = f"user_mask_{number}.npy"
+        mask = load_mask(args.mask, latent_hw, engine.model.vae_scale_factor).numpy()
+    version = session.edit(
+        args.prompt, mask=mask if args.mask else None, mask_steps=args.mask_steps
+    )
+    if mask_file:
+        np.save(out / mask_file, mask)
+    _save_edit(out, number, session, version)
+    recipe["edits"].append(
+        {"prompt": args.prompt, "mask": mask_file, "mask_steps": args.mask_steps}
+    )
+    recipe_path.write_text(json.dumps(recipe, indent=2))
+    print(json.dumps(version.report.model_dump(), indent=2))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fisedit", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, function, help: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=function.__doc__)
+        sub.set_defaults(function=function)
+        sub.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+        sub.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+        return sub
+
+    def sampling(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument(
+            "--model",
+            default="tiny",
+            help="diffusers directory or hub id; tiny, tiny-sd2, tiny-sdxl build a small "
+            "random model locally (default: tiny)",
+        )
+        sub.add_argument("--seed", type=int, default=0)
+        sub.add_argument("--steps", type=int, default=50)
+        sub.add_argument("--scheduler", default="dpm++", choices=["dpm++", "ddim", "euler"])
+
+    sub = command("demo", demo, "generate a base image and run a chain of edits")
+    sub.add_argument("--out", required=True, help="directory for images and report.json")
+    sampling(sub)
+
+    sub = command("generate", generate, "generate a base image and start a session")
+    sub.add_argument("--out", required=True, help="session directory")
+    sub.add_argument("--prompt", required=True)
+    sub.add_argument("--negative-prompt", default="")
+    sub.add_argument("--guidance", type=float, default=7.5)
+    sampling(sub)
+
+    sub = command("edit", edit, "edit the newest version of a session")
+    sub.add_argument("--session", required=True, help="directory written by `fisedit generate`")
+    sub.add_argument("--prompt", required=True)
+    sub.add_argument("--mask", help="mask image (PNG) at latent or image size; skips capture")
+    sub.add_argument("--mask-steps", type=int, default=None, help="dense capture steps (k)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    _quiet_libraries()
+    from pydantic import ValidationError
+
+    from fisedit.engine.models import ModelLoadError
+
+    try:
+        args.function(args)
+    except (ValidationError, ModelLoadError, ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from error
+
+
+if __name__ == "__main__":
+    main()

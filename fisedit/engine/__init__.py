@@ -1,0 +1,20 @@
+"""Single-device FISEdit engine: record a generation, then edit it sparsely."""
+
+from fisedit.engine.config import EditConfig, EngineConfig, GenerationParams, SparseConfig
+from fisedit.engine.models import DiffusionModel, ModelLoadError, build_tiny_model, load_model
+from fisedit.engine.session import EditReport, EditSession, Engine, Version
+
+__all__ = [
+    "DiffusionModel",
+    "EditConfig",
+    "EditReport",
+    "EditSession",
+    "Engine",
+    "EngineConfig",
+    "GenerationParams",
+    "ModelLoadError",
+    "SparseConfig",
+    "Version",
+    "build_tiny_model",
+    "load_model",
+]

@@ -1,0 +1,337 @@
+"""Wrappers that give diffusers UNet layers a dense, recording and sparse mode.
+
+The wrappers replace ResnetBlock2D, Transformer2DModel, Downsample2D, Upsample2D, conv_in
+and the output head (GroupNorm, SiLU, conv_out) inside a UNet2DConditionModel, so the
+UNet's own forward drives them. Dense calls run the diffusers module itself; forward hooks
+record what the sparse pass will read. Sparse calls compute only the active pixels of the
+layer's output and take every other pixel from the cache of the same step.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
+from diffusers.models.transformers.transformer_2d import (
+    Transformer2DModel,
+    Transformer2DModelOutput,
+)
+from torch import nn
+
+from fisedit.engine.cache import ActivationCache
+from fisedit.engine.config import SparseConfig
+from fisedit.engine.plan import LayerGeometry, SparsePlan
+from fisedit.engine.sparse_ops import (
+    attention,
+    gather_tokens,
+    group_norm_affine,
+    pointwise,
+    scatter_rows,
+    scatter_tokens,
+    sparse_conv2d,
+)
+
+
+@dataclass
+class MacCount:
+    """Multiply-accumulates a dense pass would do, and those actually executed."""
+
+    dense: int = 0
+    executed: int = 0
+
+    def add(self, dense: int, executed: int) -> None:
+        self.dense += dense
+        self.executed += executed
+
+    @property
+    def fraction(self) -> float:
+        return self.executed / self.dense if self.dense else 0.0
+
+
+@dataclass
+class StepState:
+    """What the wrapped layers do in the current UNet call; the denoise loop sets it."""
+
+    config: SparseConfig = field(default_factory=SparseConfig)
+    step: int = 0
+    plan: SparsePlan | None = None
+    source: ActivationCache | None = None
+    record: ActivationCache | None = None
+    macs: MacCount = field(default_factory=MacCount)
+
+    @property
+    def sparse(self) -> bool:
+        return self.plan is not None
+
+
+def _linear_macs(layer: nn.Module, rows: int) -> int:
+    if isinstance(layer, nn.Conv2d):
+        return rows * layer.weight.numel()
+    return rows * layer.in_features * layer.out_features
+
+
+def _conv_macs(conv: nn.Conv2d, pixels: int) -> int:
+    return pixels * conv.weight.numel()
+
+
+class SparseLayer(nn.Module):
+    """Common control flow: dense and recording through the wrapped module, or sparse."""
+
+    recorded: tuple[str, ...] = ("out",)
+
+    def __init__(self, name: str, inner: nn.Module, state: StepState) -> None:
+        super().__init__()
+        self.name = name
+        self.inner = inner
+        self.state = state
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        state = self.state
+        hw = self.output_hw(x, *args, **kwargs)
+        geometry = state.plan.at(hw) if state.sparse and hw is not None else None
+        if geometry is None or geometry.dense:
+            out = self.dense(x, *args, **kwargs)
+            executed = None
+        elif geometry.empty:
+            for key in self.recorded:
+                self.save(key, self.cached(key))
+            out, executed = self.cached("out"), 0
+        else:
+            out = self.sparse(x, geometry, *args, **kwargs)
+            executed = self.macs(x, geometry.index.numel(), **kwargs)
+        pixels = out.shape[-2] * out.shape[-1]
+        dense_macs = self.macs(x, pixels, **kwargs)
+        state.macs.add(dense_macs, dense_macs if executed is None else executed)
+        self.save("out", out)
+        return self.wrap(out, **kwargs)
+
+    def output_hw(self, x: torch.Tensor, *args, **kwargs) -> tuple[int, int] | None:
+        """The output resolution, or None when this call must run dense."""
+        return tuple(x.shape[-2:])
+
+    def dense(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return self.inner(x, *args, **kwargs)
+
+    def sparse(self, x: torch.Tensor, geometry: LayerGeometry, *args, **kwargs) -> torch.Tensor:
+        raise NotImplementedError
+
+    def macs(self, x: torch.Tensor, active: int, **kwargs) -> int:
+        raise NotImplementedError
+
+    def wrap(self, out: torch.Tensor, **kwargs):
+        return out
+
+    def cached(self, key: str) -> torch.Tensor:
+        return self.state.source.get(f"{self.name}.{key}", self.state.step)
+
+    def save(self, key: str, value: torch.Tensor) -> None:
+        if self.state.record is not None:
+            self.state.record.put(f"{self.name}.{key}", self.state.step, value)
+
+    def record_input(self, module: nn.Module, key: str) -> None:
+        """Records the input of `module` (a sub-layer) under `key` in dense calls."""
+        module.register_forward_pre_hook(lambda _, args: self.save(key, args[0]))
+
+    def record_norm(self, norm: nn.GroupNorm, key: str) -> None:
+        """Records the GroupNorm statistics of `norm` as a (scale, shift) affine."""
+        norm.register_forward_pre_hook(
+            lambda _, args: self.save(key, group_norm_affine(norm, args[0]))
+        )
+
+    def norm_affine(self, key: str, norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+        """GroupNorm statistics for a sparse call: cached, or exact over the mixed map."""
+        use_cache = self.state.config.cached_group_norm
+        exact = None if use_cache and self.state.record is None else group_norm_affine(norm, x)
+        if exact is not None:
+            self.save(key, exact)
+        return self.cached(key) if use_cache else exact
+
+
+class SparseResnet(SparseLayer):
+    """ResnetBlock2D: GN -> SiLU -> conv1 (+temb) -> GN -> SiLU -> conv2, plus the shortcut."""
+
+    recorded = ("out", "norm1", "norm2", "norm2_in")
+
+    def __init__(self, name: str, inner: ResnetBlock2D, state: StepState) -> None:
+        super().__init__(name, inner, state)
+        self.record_norm(inner.norm1, "norm1")
+        self.record_norm(inner.norm2, "norm2")
+        self.record_input(inner.norm2, "norm2_in")
+
+    @staticmethod
+    def supports(module: nn.Module) -> bool:
+        return (
+            isinstance(module, ResnetBlock2D)
+            and module.time_embedding_norm == "default"
+            and module.upsample is None
+            and module.downsample is None
+            and isinstance(module.nonlinearity, nn.SiLU)
+            and (module.conv_shortcut is None or module.conv_shortcut.kernel_size == (1, 1))
+        )
+
+    def sparse(self, x, geometry, temb=None, *args, **kwargs):
+        block, index = self.inner, geometry.index
+        taps = self.state.plan.taps(block.conv1, geometry.hw, geometry.hw)
+        h = sparse_conv2d(x, block.conv1, taps, self.norm_affine("norm1", block.norm1, x))
+        if block.time_emb_proj is not None and temb is not None:
+            t = temb if block.skip_time_act else block.nonlinearity(temb)
+            h = h + block.time_emb_proj(t)[:, None, :]
+        mid = scatter_tokens(self.cached("norm2_in"), index, h)
+        self.save("norm2_in", mid)
+        h = sparse_conv2d(mid, block.conv2, taps, self.norm_affine("norm2", block.norm2, mid))
+        skip = gather_tokens(x, index)
+        if block.conv_shortcut is not None:
+            skip = pointwise(block.conv_shortcut, skip)
+        return scatter_tokens(self.cached("out"), index, (skip + h) / block.output_scale_factor)
+
+    def macs(self, x, active, **kwargs):
+        block, batch = self.inner, x.shape[0]
+        total = _conv_macs(block.conv1, active) + _conv_macs(block.conv2, active)
+        if block.conv_shortcut is not None:
+            total += _conv_macs(block.conv_shortcut, active)
+        return batch * total
+
+
+class SparseTransformer(SparseLayer):
+    """Transformer2DModel: GN -> proj_in -> transformer blocks -> proj_out, plus the input.
+
+    Queries exist at active tokens only. Self-attention keys and values come from the
+    block's full input, fresh at active tokens and cached elsewhere (or, with
+    `active_only_attention`, from the active tokens alone).
+    """
+
+    def __init__(self, name: str, inner: Transformer2DModel, state: StepState) -> None:
+        super().__init__(name, inner, state)
+        self.recorded = ("out", "norm", *self._block_keys)
+        self.record_norm(inner.norm, "norm")
+        for key, block in zip(self._block_keys, inner.transformer_blocks, strict=True):
+            self.record_input(block, key)
+
+    @property
+    def _block_keys(self) -> list[str]:
+        return [f"block{j}" for j in range(len(self.inner.transformer_blocks))]
+
+    @staticmethod
+    def supports(module: nn.Module) -> bool:
+        if not (isinstance(module, Transformer2DModel) and module.is_input_continuous):
+            return False
+        return all(
+            block.norm_type == "layer_norm"
+            and block.pos_embed is None
+            and not block.only_cross_attention
+            and block.attn2 is not None
+            for block in module.transformer_blocks
+        )
+
+    def dense(self, x, *args, **kwargs):
+        return self.inner(x, *args, **{**kwargs, "return_dict": False})[0]
+
+    def wrap(self, out, return_dict: bool = True, **kwargs):
+        return Transformer2DModelOutput(sample=out) if return_dict else (out,)
+
+    def sparse(self, x, geometry, encoder_hidden_states=None, *args, **kwargs):
+        model, index = self.inner, geometry.index
+        affine = self.norm_affine("norm", model.norm, x)
+        residual = gather_tokens(x, index)
+        h = pointwise(model.proj_in, residual * affine[0][:, None] + affine[1][:, None])
+        for key, block in zip(self._block_keys, model.transformer_blocks, strict=True):
+            full = scatter_rows(self.cached(key), index, h)
+            self.save(key, full)
+            queries = block.norm1(h)
+            context = queries if self.state.config.active_only_attention else block.norm1(full)
+            h = attention(block.attn1, queries, context) + h
+            h = attention(block.attn2, block.norm2(h), encoder_hidden_states) + h
+            h = block.ff(block.norm3(h)) + h
+        out = pointwise(model.proj_out, h) + residual
+        return scatter_tokens(self.cached("out"), index, out)
+
+    def macs(self, x, active, encoder_hidden_states=None, **kwargs):
+        model, batch = self.inner, x.shape[0]
+        tokens = x.shape[-2] * x.shape[-1]
+        keys = active if self.state.config.active_only_attention else tokens
+        context = encoder_hidden_states.shape[1]
+        total = _linear_macs(model.proj_in, active) + _linear_macs(model.proj_out, active)
+        for block in model.transformer_blocks:
+            for attn, kv in ((block.attn1, keys), (block.attn2, context)):
+                inner_dim = attn.to_q.out_features
+                total += _linear_macs(attn.to_q, active) + _linear_macs(attn.to_out[0], active)
+                total += _linear_macs(attn.to_k, kv) + _linear_macs(attn.to_v, kv)
+                total += 2 * active * kv * inner_dim
+            total += sum(
+                _linear_macs(m, active) for m in block.ff.modules() if isinstance(m, nn.Linear)
+            )
+        return batch * total
+
+
+class SparseConv(SparseLayer):
+    """A layer whose work is one convolution: conv_in, Downsample2D, Upsample2D, or the
+    output head (GroupNorm -> SiLU -> conv_out)."""
+
+    def __init__(
+        self,
+        name: str,
+        inner: nn.Module,
+        conv: nn.Conv2d,
+        state: StepState,
+        norm: nn.GroupNorm | None = None,
+        upsample: int = 1,
+    ) -> None:
+        super().__init__(name, inner, state)
+        self.conv, self.norm, self.upsample = conv, norm, upsample
+        if norm is not None:
+            self.recorded = ("out", "norm")
+            self.record_norm(norm, "norm")
+
+    def output_hw(self, x, *args, output_size=None, **kwargs):
+        height, width = x.shape[-2:]
+        side = lambda n: (n * self.upsample) // self.conv.stride[0]  # noqa: E731
+        hw = (side(height), side(width))
+        return hw if output_size is None or tuple(output_size) == hw else None
+
+    def sparse(self, x, geometry, *args, **kwargs):
+        taps = self.state.plan.taps(self.conv, tuple(x.shape[-2:]), geometry.hw, self.upsample)
+        affine = None if self.norm is None else self.norm_affine("norm", self.norm, x)
+        tokens = sparse_conv2d(x, self.conv, taps, affine)
+        return scatter_tokens(self.cached("out"), geometry.index, tokens)
+
+    def macs(self, x, active, **kwargs):
+        return x.shape[0] * _conv_macs(self.conv, active)
+
+
+def _wrap(name: str, module: nn.Module, state: StepState) -> SparseLayer | None:
+    if SparseResnet.supports(module):
+        return SparseResnet(name, module, state)
+    if SparseTransformer.supports(module):
+        return SparseTransformer(name, module, state)
+    if isinstance(module, Downsample2D) and module.use_conv and module.norm is None:
+        return SparseConv(name, module, module.conv, state)
+    if (
+        isinstance(module, Upsample2D)
+        and module.use_conv
+        and module.interpolate
+        and not module.use_conv_transpose
+        and module.norm is None
+    ):
+        conv = module.conv if module.name == "conv" else module.Conv2d_0
+        return SparseConv(name, module, conv, state, upsample=2)
+    return None
+
+
+def wrap_unet(unet: nn.Module, state: StepState) -> list[SparseLayer]:
+    """Replaces the layers the sparse pass handles, in place; returns the wrappers."""
+    wrappers: list[SparseLayer] = []
+    for name, module in list(unet.named_modules()):
+        if any(name.startswith(w.name + ".") for w in wrappers):
+            continue
+        wrapper = _wrap(name, module, state)
+        if wrapper is not None:
+            parent, _, attr = name.rpartition(".")
+            setattr(unet.get_submodule(parent), attr, wrapper)
+            wrappers.append(wrapper)
+    conv_in = SparseConv("conv_in", unet.conv_in, unet.conv_in, state)
+    head_modules = nn.Sequential(unet.conv_norm_out, unet.conv_act, unet.conv_out)
+    head = SparseConv("conv_out", head_modules, unet.conv_out, state, norm=unet.conv_norm_out)
+    if not isinstance(unet.conv_act, nn.SiLU):
+        raise ValueError(f"unsupported UNet output activation {unet.conv_act}")
+    unet.conv_in, unet.conv_out = conv_in, head
+    unet.conv_norm_out, unet.conv_act = nn.Identity(), nn.Identity()
+    return [*wrappers, conv_in, head]

@@ -1,0 +1,280 @@
+"""Stable Diffusion checkpoints loaded through diffusers, and a tiny model for tests and demos."""
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DiffusionPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+TinyVariant = Literal["sd15", "sd2", "sdxl"]
+
+
+class ModelLoadError(ValueError):
+    """A checkpoint could not be found or is not a Stable Diffusion pipeline."""
+
+
+@dataclass
+class PromptEmbeddings:
+    """Text conditioning for a batch of prompts."""
+
+    hidden: torch.Tensor
+    pooled: torch.Tensor | None = None
+
+
+@dataclass
+class DiffusionModel:
+    """The diffusers components the engine drives with its own denoise loop."""
+
+    model_id: str
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    tokenizers: list[CLIPTokenizer]
+    text_encoders: list[CLIPTextModel]
+    scheduler_config: dict
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.unet.config.addition_embed_type == "text_time"
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        side = self.unet.config.sample_size
+        return (self.unet.config.in_channels, side, side)
+
+    @property
+    def image_size(self) -> int:
+        return self.unet.config.sample_size * self.vae_scale_factor
+
+    @property
+    def config_hash(self) -> str:
+        """Identifies the architecture, so caches are never mixed across models."""
+        configs = [dict(self.unet.config), dict(self.vae.config), self.scheduler_config]
+        blob = json.dumps(configs, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def token_count(self, prompt: str) -> int:
+        """Tokens of `prompt` without the start and end tokens."""
+        return len(self.tokenizers[0](prompt, truncation=False).input_ids) - 2
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> PromptEmbeddings:
+        """Encodes prompts the way the matching diffusers pipeline does."""
+        limit = self.tokenizers[0].model_max_length - 2
+        for prompt in prompts:
+            if self.token_count(prompt) > limit:
+                raise ValueError(
+                    f"prompt is {self.token_count(prompt)} tokens long; the text encoder "
+                    f"takes at most {limit}: {prompt[:60]!r}..."
+                )
+        hidden, pooled = [], None
+        for tokenizer, encoder in zip(self.tokenizers, self.text_encoders, strict=True):
+            ids = tokenizer(
+                prompts,
+                padding="max_length",
+                max_length=tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids.to(self.device)
+            if not self.is_sdxl:
+                return PromptEmbeddings(hidden=encoder(ids)[0])
+            # SDXL conditions on the penultimate layer of both encoders and the pooled second.
+            output = encoder(ids, output_hidden_states=True)
+            hidden.append(output.hidden_states[-2])
+            pooled = output[0]
+        return PromptEmbeddings(hidden=torch.cat(hidden, dim=-1), pooled=pooled)
+
+    def added_conditions(self, embeds: PromptEmbeddings) -> dict | None:
+        """SDXL's extra conditioning: pooled text and (original size, crop, target size)."""
+        if not self.is_sdxl:
+            return None
+        size = self.image_size
+        time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=embeds.hidden.dtype)
+        batch = embeds.hidden.shape[0]
+        return {"text_embeds": embeds.pooled, "time_ids": time_ids.repeat(batch, 1).to(self.device)}
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """Latents [1, C, h, w] to an RGB uint8 image [H, W, 3]."""
+        config = self.vae.config
+        latents = latents / config.scaling_factor + (getattr(config, "shift_factor", None) or 0.0)
+        image = self.vae.decode(latents.to(self.vae.dtype)).sample[0]
+        image = ((image.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+        return image.permute(1, 2, 0).cpu().numpy()
+
+
+def load_model(
+    source: str | os.PathLike, device: str = "cpu", dtype: torch.dtype = torch.float32
+) -> DiffusionModel:
+    """Loads an SD 1.x, SD 2.x or SDXL pipeline from a local directory or a hub id."""
+    source = str(source)
+    try:
+        index = DiffusionPipeline.load_config(source)
+        has_second_encoder = (index.get("text_encoder_2") or [None])[0] is not None
+        names = [("tokenizer", "text_encoder")]
+        if has_second_encoder:
+            names.append(("tokenizer_2", "text_encoder_2"))
+        encoder_classes = [CLIPTextModel, CLIPTextModelWithProjection]
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype)
+        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype)
+        tokenizers = [CLIPTokenizer.from_pretrained(source, subfolder=t) for t, _ in names]
+        encoders = [
+            cls.from_pretrained(source, subfolder=e, torch_dtype=dtype)
+            for cls, (_, e) in zip(encoder_classes, names, strict=False)
+        ]
+        scheduler_config = dict(DDIMScheduler.load_config(source, subfolder="scheduler"))
+    except (OSError, ValueError, KeyError) as error:
+        raise ModelLoadError(
+            f"cannot load a Stable Diffusion pipeline from {source!r}: expected a local "
+            f"directory written by save_pretrained or a hub id available offline ({error})"
+        ) from error
+    for module in [unet, vae, *encoders]:
+        module.to(device).eval().requires_grad_(False)
+    return DiffusionModel(source, unet, vae, tokenizers, encoders, scheduler_config)
+
+
+def _byte_level_vocab() -> dict[str, int]:
+    # CLIP's byte-to-unicode table: every byte gets a printable character.
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    printable += range(ord("®"), ord("ÿ") + 1)
+    chars = [chr(b) for b in printable]
+    chars += [chr(256 + n) for n in range(256 - len(printable))]
+    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    return {token: i for i, token in enumerate(tokens)}
+
+
+def _tiny_tokenizer(workdir: Path) -> CLIPTokenizer:
+    """A character-level CLIP tokenizer written locally, so nothing is downloaded."""
+    vocab, merges = workdir / "vocab.json", workdir / "merges.txt"
+    vocab.write_text(json.dumps(_byte_level_vocab()))
+    merges.write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(vocab), str(merges), model_max_length=77)
+
+
+def _tiny_text_encoder(with_projection: bool) -> CLIPTextModel:
+    config = CLIPTextConfig(
+        vocab_size=1000,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=32,
+        bos_token_id=512,
+        eos_token_id=513,
+        pad_token_id=513,
+    )
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
+
+
+def _tiny_unet(variant: TinyVariant) -> UNet2DConditionModel:
+    common = dict(
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    if variant == "sdxl":
+        return UNet2DConditionModel(
+            **common,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 1, 2),
+            cross_attention_dim=64,
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=6 * 8 + 32,
+        )
+    return UNet2DConditionModel(
+        **common,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        use_linear_projection=variant == "sd2",
+    )
+
+
+def build_tiny_model(path: str | os.PathLike, variant: TinyVariant = "sd15") -> Path:
+    """Writes a small, randomly initialised, SD-shaped pipeline with save_pretrained.
+
+    Three UNet resolutions (32, 16, 8 at a 32x32 latent), cross-attention and GroupNorm
+    as in SD; `sd2` adds v-prediction and linear projections, `sdxl` a second text encoder
+    and SDXL's added conditioning.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    unet = _tiny_unet(variant)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(32, 32, 64),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=128,
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="v_prediction" if variant == "sd2" else "epsilon",
+    )
+    tokenizer = _tiny_tokenizer(path)
+    if variant == "sdxl":
+        pipeline = StableDiffusionXLPipeline(
+            vae=vae,
+            text_encoder=_tiny_text_encoder(with_projection=False),
+            text_encoder_2=_tiny_text_encoder(with_projection=True),
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+        )
+    else:
+        pipeline = StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=_tiny_text_encoder(with_projection=False),
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    pipeline.save_pretrained(path)
+    for scratch in ("vocab.json", "merges.txt"):
+        (path / scratch).unlink()
+    return path

@@ -1,0 +1,325 @@
+"""The engine: generate an image while recording its per-step state, then edit it sparsely.
+
+An edit runs k dense steps with the new prompt from the same seed noise, finds the region
+that changed (Target Area Capture) or takes a user mask, then recomputes only that region
+in the remaining steps and reads everything else from the previous version's cache.
+"""
+
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+from pydantic import BaseModel
+from tqdm.auto import tqdm
+
+from fisedit.engine.cache import ActivationCache
+from fisedit.engine.config import EditParams, EngineConfig, GenerationParams, SchedulerName
+from fisedit.engine.images import preserve_background
+from fisedit.engine.layers import MacCount, StepState, wrap_unet
+from fisedit.engine.masks import latent_difference, load_mask, target_area_capture
+from fisedit.engine.models import DiffusionModel, PromptEmbeddings, load_model
+from fisedit.engine.plan import SparsePlan
+
+SCHEDULERS = {
+    "ddim": lambda config: DDIMScheduler.from_config(config),
+    "dpm++": lambda config: DPMSolverMultistepScheduler.from_config(
+        config, algorithm_type="dpmsolver++", solver_order=2
+    ),
+    "euler": lambda config: EulerDiscreteScheduler.from_config(config),
+}
+
+
+def make_scheduler(name: SchedulerName, config: dict):
+    """A fresh deterministic diffusers scheduler built from the model's scheduler config."""
+    return SCHEDULERS[name](config)
+
+
+class EditReport(BaseModel):
+    """What one generation or edit cost and what it changed."""
+
+    version: int
+    base_version: int | None
+    prompt: str
+    mask_source: Literal["none", "capture", "user"]
+    mask_ratio: float
+    dense_steps: int
+    sparse_steps: int
+    dense_macs: int
+    executed_macs: int
+    mac_fraction: float
+    sparse_step_mac_fraction: float | None
+    latency_s: dict[str, float]
+    total_latency_s: float
+    cache_bytes: int
+
+
+@dataclass
+class Version:
+    """One version of a session: its image, and the recorded state the next edit reuses."""
+
+    number: int
+    prompt: str
+    image: np.ndarray
+    cache: ActivationCache
+    mask: torch.Tensor | None
+    report: EditReport
+
+
+class PhaseTimer:
+    """Wall-clock seconds per named phase."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+
+class DenoiseRun:
+    """One pass over the timesteps from the seed noise, recording every step it runs."""
+
+    def __init__(self, engine: "Engine", params: GenerationParams, embeds: PromptEmbeddings):
+        model = engine.model
+        self.engine, self.params, self.embeds = engine, params, embeds
+        self.scheduler = make_scheduler(params.scheduler, model.scheduler_config)
+        self.scheduler.set_timesteps(params.steps, device=model.device)
+        generator = torch.Generator("cpu").manual_seed(params.seed)
+        noise = torch.randn((1, *model.latent_shape), generator=generator)
+        self.latents = noise.to(model.device, model.dtype) * self.scheduler.init_noise_sigma
+        self.record = ActivationCache(params.steps)
+        self.added = model.added_conditions(embeds)
+
+    @torch.no_grad()
+    def step(self, step: int, macs: MacCount, plan: SparsePlan | None = None, source=None):
+        """Runs `step`, dense, or sparse over `plan` reading `source` outside it."""
+        state, scheduler = self.engine.state, self.scheduler
+        t = scheduler.timesteps[step]
+        state.step, state.plan, state.source, state.record, state.macs = (
+            step,
+            plan,
+            source,
+            self.record,
+            macs,
+        )
+        try:
+            model_in = scheduler.scale_model_input(torch.cat([self.latents] * 2), t)
+            out = self.engine.model.unet(
+                model_in,
+                t,
+                encoder_hidden_states=self.embeds.hidden,
+                added_cond_kwargs=self.added,
+            ).sample
+        finally:
+            state.plan = state.source = state.record = None
+        uncond, cond = out.chunk(2)
+        noise_pred = uncond + self.params.guidance * (cond - uncond)
+        self.latents = scheduler.step(noise_pred, t, self.latents).prev_sample
+        self.record.put("latents", step, self.latents)
+        if self._history:
+            self.record.put("solver_history", step, self._history[-1])
+
+    @property
+    def _history(self) -> list | None:
+        # Multistep solvers keep earlier model outputs; they are state like the latents.
+        return getattr(self.scheduler, "model_outputs", None)
+
+    def reset_outside(self, mask: torch.Tensor, source: ActivationCache, step: int) -> None:
+        """Takes latents and solver history outside `mask` from `source` as of `step`."""
+        keep = mask[None, None].to(self.latents.device)
+        self.latents = torch.where(keep, self.latents, source.get("latents", step))
+        history = self._history or []
+        for back in range(len(history)):
+            position, recorded_step = len(history) - 1 - back, step - back
+            if history[position] is not None and recorded_step >= 0:
+                cached = source.get("solver_history", recorded_step)
+                history[position] = torch.where(keep, history[position], cached)
+
+
+class Engine:
+    """Loads a diffusion model once and generates and edits sessions with it."""
+
+    def __init__(self, model: DiffusionModel, config: EngineConfig | None = None) -> None:
+        self.model = model
+        self.config = config or EngineConfig()
+        self.state = StepState(config=self.config.sparse)
+        self.layers = wrap_unet(model.unet, self.state)
+
+    @classmethod
+    def from_pretrained(cls, source: str, config: EngineConfig | None = None) -> "Engine":
+        """Loads an SD 1.x, SD 2.x or SDXL pipeline from a directory or a hub id."""
+        config = config or EngineConfig()
+        dtype = getattr(torch, config.dtype)
+        return cls(load_model(source, device=config.device, dtype=dtype), config)
+
+    def generate(self, prompt: str, **params) -> "EditSession":
+        """Generates an image and returns a session holding its recorded state (version 0)."""
+        params = GenerationParams(prompt=prompt, **params)
+        timer, macs = PhaseTimer(self.model.device), MacCount()
+        with timer("text"):
+            embeds = self.model.encode_prompts([params.negative_prompt, params.prompt])
+        run = DenoiseRun(self, params, embeds)
+        with timer("dense"):
+            for step in self._steps(range(params.steps), "generate"):
+                run.step(step, macs)
+        with timer("decode"):
+            image = self.model.decode(run.latents)
+        report = EditReport(
+            version=0,
+            base_version=None,
+            prompt=params.prompt,
+            mask_source="none",
+            mask_ratio=1.0,
+            dense_steps=params.steps,
+            sparse_steps=0,
+            dense_macs=macs.dense,
+            executed_macs=macs.executed,
+            mac_fraction=macs.fraction,
+            sparse_step_mac_fraction=None,
+            latency_s=timer.seconds,
+            total_latency_s=sum(timer.seconds.values()),
+            cache_bytes=run.record.nbytes,
+        )
+        version = Version(0, params.prompt, image, run.record, None, report)
+        return EditSession(self, params, version)
+
+    def _steps(self, steps: range, label: str) -> Iterator[int]:
+        return tqdm(steps, desc=label, disable=not self.config.progress, leave=False)
+
+    def run_edit(
+        self,
+        session: "EditSession",
+        params: EditParams,
+        mask: torch.Tensor | None,
+        sparse: bool = True,
+    ) -> Version:
+        """Edits the session's current version into a new one, without changing the session.
+
+        With `sparse=False` this is the masked-dense reference: the same mask, every step
+        dense, and the previous latents pasted outside the mask after each step.
+        """
+        base, generation = session.current, session.params
+        if mask is None and params.mask_steps >= generation.steps:
+            raise ValueError(
+                f"mask_steps ({params.mask_steps}) must be smaller than the session's "
+                f"steps ({generation.steps}) so that sparse steps remain"
+            )
+        timer, macs, sparse_macs = PhaseTimer(self.model.device), MacCount(), MacCount()
+        with timer("text"):
+            embeds = self.model.encode_prompts([generation.negative_prompt, params.prompt])
+        run = DenoiseRun(self, generation.model_copy(update={"prompt": params.prompt}), embeds)
+        dense_steps = 0 if mask is not None else params.mask_steps
+        with timer("mask"):
+            diffs = []
+            for step in self._steps(range(dense_steps), "edit: capture"):
+                run.step(step, macs)
+                diffs.append(latent_difference(run.latents, base.cache.get("latents", step)))
+            if mask is None:
+                mask = target_area_capture(diffs)
+        mask = mask.to(self.model.device)
+        plan = SparsePlan(mask, self.config.sparse, self.model.device)
+        with timer("sparse"):
+            if dense_steps:
+                run.reset_outside(mask, base.cache, dense_steps - 1)
+            label = "edit: sparse" if sparse else "edit: masked-dense reference"
+            for step in self._steps(range(dense_steps, generation.steps), label):
+                if sparse:
+                    step_macs = MacCount()
+                    run.step(step, step_macs, plan, base.cache)
+                    macs.add(step_macs.dense, step_macs.executed)
+                    sparse_macs.add(step_macs.dense, step_macs.executed)
+                else:
+                    run.step(step, macs)
+                    run.reset_outside(mask, base.cache, step)
+        with timer("decode"):
+            image = self.model.decode(run.latents)
+        edit = self.config.edit
+        if edit.preserve_background:
+            with timer("compose"):
+                image = preserve_background(
+                    image, base.image, mask, edit.seam_dilation, edit.seam_feather
+                )
+        report = EditReport(
+            version=base.number + 1,
+            base_version=base.number,
+            prompt=params.prompt,
+            mask_source="capture" if dense_steps else "user",
+            mask_ratio=plan.mask_ratio,
+            dense_steps=dense_steps,
+            sparse_steps=generation.steps - dense_steps,
+            dense_macs=macs.dense,
+            executed_macs=macs.executed,
+            mac_fraction=macs.fraction,
+            sparse_step_mac_fraction=sparse_macs.fraction if sparse else None,
+            latency_s=timer.seconds,
+            total_latency_s=sum(timer.seconds.values()),
+            cache_bytes=run.record.nbytes,
+        )
+        return Version(base.number + 1, params.prompt, image, run.record, mask.cpu(), report)
+
+
+@dataclass
+class EditSession:
+    """A generated image and its chain of edits; each edit diffs against the previous one."""
+
+    engine: Engine
+    params: GenerationParams
+    current: Version
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    history: list[Version] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.history.append(self.current)
+
+    @property
+    def version(self) -> int:
+        return self.current.number
+
+    @property
+    def image(self) -> np.ndarray:
+        return self.current.image
+
+    @property
+    def prompts(self) -> list[str]:
+        return [v.prompt for v in self.history]
+
+    def edit(self, prompt: str, mask=None, mask_steps: int | None = None) -> Version:
+        """Edits the current version; on success it becomes version n+1.
+
+        `mask` (a PNG path, array or tensor, at latent or image size) replaces Target Area
+        Capture. On any error the session stays at its current version.
+        """
+        params, user_mask = self._validate(prompt, mask, mask_steps)
+        version = self.engine.run_edit(self, params, user_mask)
+        # Only the newest version keeps its cache; older ones keep image, mask and report.
+        self.current.cache = None
+        self.current = version
+        self.history.append(version)
+        return version
+
+    def reference_edit(self, prompt: str, mask=None, mask_steps: int | None = None) -> Version:
+        """The masked-dense reference of `edit(prompt, mask)`: the same mask (captured the
+        same way when not given), every step dense, the previous latents pasted outside the
+        mask. Returns the would-be version; the session is unchanged."""
+        params, user_mask = self._validate(prompt, mask, mask_steps)
+        return self.engine.run_edit(self, params, user_mask, sparse=False)
+
+    def _validate(self, prompt: str, mask, mask_steps: int | None):
+        model = self.engine.model
+        default_steps = self.engine.config.edit.mask_steps
+        params = EditParams(prompt=prompt, mask_steps=mask_steps or default_steps)
+        if mask is None:
+            return params, None
+        latent_hw = tuple(model.latent_shape[1:])
+        return params, load_mask(mask, latent_hw, model.vae_scale_factor)

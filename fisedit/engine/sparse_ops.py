@@ -1,0 +1,103 @@
+"""Reference sparse operators in plain PyTorch: gather -> dense op -> scatter.
+
+Feature maps are [B, C, H, W]; values at active pixels travel as tokens [B, P, C], where
+`index` holds the P active flat pixel positions (row-major) shared by the whole batch.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] -> [B, P, C] at the active pixels."""
+    return x.flatten(2)[:, :, index].transpose(1, 2)
+
+
+def scatter_tokens(base: torch.Tensor, index: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """A copy of `base` [B, C, H, W] with the active pixels replaced by `tokens` [B, P, C]."""
+    out = base.clone()
+    out.flatten(2)[:, :, index] = tokens.transpose(1, 2).to(out.dtype)
+    return out
+
+
+def scatter_rows(base: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """A copy of token map `base` [B, L, C] with rows `index` replaced by `rows` [B, P, C]."""
+    out = base.clone()
+    out[:, index] = rows.to(out.dtype)
+    return out
+
+
+def conv_taps(
+    index: torch.Tensor,
+    out_hw: tuple[int, int],
+    in_hw: tuple[int, int],
+    conv: nn.Conv2d,
+    upsample: int = 1,
+) -> torch.Tensor:
+    """For each active output pixel, the flat input position read by each kernel tap.
+
+    Returns [P, kh * kw]; -1 marks taps in the zero padding. `upsample` > 1 reads a
+    nearest-neighbour upsampled input without materialising it.
+    """
+    (kh, kw), (sh, sw), (ph, pw) = conv.kernel_size, conv.stride, conv.padding
+    oy, ox = index // out_hw[1], index % out_hw[1]
+    dy, dx = torch.meshgrid(torch.arange(kh), torch.arange(kw), indexing="ij")
+    y = oy[:, None] * sh - ph + dy.flatten()[None].to(index.device)
+    x = ox[:, None] * sw - pw + dx.flatten()[None].to(index.device)
+    inside = (y >= 0) & (y < in_hw[0] * upsample) & (x >= 0) & (x < in_hw[1] * upsample)
+    flat = (y // upsample) * in_hw[1] + (x // upsample)
+    return torch.where(inside, flat, torch.full_like(flat, -1))
+
+
+def group_norm_affine(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    """GroupNorm of `x` as a per-(sample, channel) affine: returns [2, B, C] (scale, shift)."""
+    batch, channels = x.shape[:2]
+    groups = x.float().reshape(batch, norm.num_groups, -1)
+    var, mean = torch.var_mean(groups, dim=-1, unbiased=False)
+    rstd = torch.rsqrt(var + norm.eps).repeat_interleave(channels // norm.num_groups, dim=1)
+    mean = mean.repeat_interleave(channels // norm.num_groups, dim=1)
+    scale = norm.weight.float() * rstd
+    shift = norm.bias.float() - mean * scale
+    return torch.stack([scale, shift]).to(x.dtype)
+
+
+def sparse_conv2d(
+    x: torch.Tensor,
+    conv: nn.Conv2d,
+    taps: torch.Tensor,
+    norm_affine: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """conv(x) at the active output pixels as tokens [B, P, C_out].
+
+    With `norm_affine` ([2, B, C] from `group_norm_affine`), the input is normalised and
+    passed through SiLU first; padding taps stay zero, as in the dense layer.
+    """
+    batch, channels = x.shape[:2]
+    padded = F.pad(x.flatten(2), (0, 1))
+    safe = torch.where(taps < 0, padded.shape[-1] - 1, taps)
+    cols = padded[:, :, safe]
+    if norm_affine is not None:
+        scale, shift = norm_affine[0][:, :, None, None], norm_affine[1][:, :, None, None]
+        cols = F.silu(cols * scale + shift) * (taps >= 0).to(cols.dtype)
+    cols = cols.permute(0, 2, 1, 3).reshape(batch, taps.shape[0], channels * taps.shape[1])
+    return F.linear(cols, conv.weight.flatten(1), conv.bias)
+
+
+def pointwise(layer: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """A linear layer or a 1x1 convolution applied to tokens [B, P, C]."""
+    if isinstance(layer, nn.Conv2d):
+        return F.linear(tokens, layer.weight.flatten(1), layer.bias)
+    return layer(tokens)
+
+
+def attention(attn: nn.Module, queries: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    """A diffusers `Attention` with queries from `queries` and keys/values from `context`."""
+    q, k, v = attn.to_q(queries), attn.to_k(context), attn.to_v(context)
+    batch, heads = q.shape[0], attn.heads
+
+    def split(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(batch, t.shape[1], heads, -1).transpose(1, 2)
+
+    out = F.scaled_dot_product_attention(split(q), split(k), split(v), scale=attn.scale)
+    return attn.to_out[0](out.transpose(1, 2).reshape(batch, q.shape[1], -1))

@@ -1,0 +1,1 @@
+"""Ray service: GPU worker actors, session router, job queue, Serve app."""
