@@ -43,8 +43,12 @@ class SparsePlan:
     _taps: dict = field(default_factory=dict, repr=False)
 
     @property
-    def mask_ratio(self) -> float:
-        return float(self.mask.float().mean())
+    def region(self) -> torch.Tensor:
+        """The latent pixels the sparse steps recompute: the mask grown to whole blocks."""
+        geometry = self.at(tuple(self.mask.shape))
+        region = torch.zeros(geometry.pixels, dtype=torch.bool, device=geometry.index.device)
+        region[geometry.index] = True
+        return region.reshape(geometry.hw)
 
     def at(self, hw: tuple[int, int]) -> LayerGeometry:
         if hw not in self._geometry:

@@ -227,8 +227,8 @@ class Engine:
                 diffs.append(latent_difference(run.latents, base.cache.get("latents", step)))
             if mask is None:
                 mask = target_area_capture(diffs)
-        mask = mask.to(self.model.device)
-        plan = SparsePlan(mask, self.config.sparse, self.model.device)
+        plan = SparsePlan(mask.to(self.model.device), self.config.sparse, self.model.device)
+        mask = plan.region
         with timer("sparse"):
             if dense_steps:
                 run.reset_outside(mask, base.cache, dense_steps - 1)
@@ -255,7 +255,7 @@ class Engine:
             base_version=base.number,
             prompt=params.prompt,
             mask_source="capture" if dense_steps else "user",
-            mask_ratio=plan.mask_ratio,
+            mask_ratio=float(mask.float().mean()),
             dense_steps=dense_steps,
             sparse_steps=generation.steps - dense_steps,
             dense_macs=macs.dense,

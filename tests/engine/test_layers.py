@@ -1,0 +1,116 @@
+"""Wrapped UNet layers: in sparse mode they equal the dense layer on the active region."""
+
+import pytest
+import torch
+
+from fisedit.engine.cache import ActivationCache
+from fisedit.engine.config import EngineConfig, SparseConfig
+from fisedit.engine.layers import SparseConv, SparseResnet, SparseTransformer
+from fisedit.engine.plan import SparsePlan
+from fisedit.engine.session import Engine
+from fisedit.engine.sparse_ops import gather_tokens
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir) -> Engine:
+    return Engine.from_pretrained(tiny_model_dir, EngineConfig(progress=False))
+
+
+@pytest.fixture(scope="module")
+def recorded(engine):
+    """One dense, recording UNet call, with the inputs every wrapped layer received."""
+    inputs = {}
+
+    def keep_input(layer, args, kwargs, output) -> None:
+        inputs.setdefault(layer.name, (args, kwargs))
+
+    hooks = [layer.register_forward_hook(keep_input, with_kwargs=True) for layer in engine.layers]
+    torch.manual_seed(0)
+    cache = ActivationCache(steps=1)
+    engine.state.record = cache
+    context = engine.model.encode_prompts(["", "a cat on a bench"]).hidden
+    with torch.no_grad():
+        engine.model.unet(torch.randn(2, 4, 32, 32), 500, encoder_hidden_states=context)
+    engine.state.record = None
+    for hook in hooks:
+        hook.remove()
+    return cache, inputs
+
+
+def _square_mask() -> torch.Tensor:
+    mask = torch.zeros(32, 32, dtype=torch.bool)
+    mask[8:20, 10:22] = True
+    return mask
+
+
+def _sparse_call(engine, recorded, name: str, config: SparseConfig, mask: torch.Tensor):
+    """Runs layer `name` sparsely on its recorded input; its cached output is zeroed first,
+    so active pixels must be recomputed and inactive ones must come from the cache."""
+    cache, inputs = recorded
+    layer = next(layer for layer in engine.layers if layer.name == name)
+    dense = cache.get(f"{name}.out", 0).clone()
+    source = ActivationCache(steps=1)
+    for key, tensor in cache.tensors.items():
+        source.put(key, 0, tensor[0])
+    source.tensors[f"{name}.out"].zero_()
+    engine.state.config = config
+    engine.state.plan, engine.state.source = SparsePlan(mask, config), source
+    try:
+        args, kwargs = inputs[name]
+        with torch.no_grad():
+            out = layer(*args, **kwargs)
+    finally:
+        engine.state.plan = engine.state.source = None
+        engine.state.config = engine.config.sparse
+    out = out[0] if isinstance(out, tuple) else getattr(out, "sample", out)
+    index = SparsePlan(mask, config).at(tuple(out.shape[-2:])).index
+    return layer, dense, out, index
+
+
+LAYERS = [
+    ("conv_in", SparseConv),
+    ("down_blocks.0.resnets.0", SparseResnet),
+    ("down_blocks.0.attentions.0", SparseTransformer),
+    ("down_blocks.0.downsamplers.0", SparseConv),
+    ("up_blocks.1.upsamplers.0", SparseConv),
+    ("up_blocks.2.resnets.0", SparseResnet),
+    ("conv_out", SparseConv),
+]
+
+
+@pytest.mark.parametrize("config", [SparseConfig(), SparseConfig.exact()], ids=["cached", "exact"])
+@pytest.mark.parametrize(("name", "kind"), LAYERS)
+def test_sparse_layer_equals_dense_layer_on_active_region(engine, recorded, name, kind, config):
+    layer, dense, out, index = _sparse_call(engine, recorded, name, config, _square_mask())
+
+    assert isinstance(layer, kind)
+    assert 0 < index.numel() < out.shape[-1] * out.shape[-2]
+    torch.testing.assert_close(
+        gather_tokens(out, index), gather_tokens(dense, index), atol=1e-5, rtol=1e-4
+    )
+    inactive = torch.ones(out.shape[-2] * out.shape[-1], dtype=torch.bool)
+    inactive[index] = False
+    assert torch.count_nonzero(out.flatten(2)[:, :, inactive]) == 0
+
+
+def test_active_only_attention_changes_only_the_attention_context(engine, recorded):
+    name = "down_blocks.0.attentions.0"
+    mask = _square_mask()
+    _, dense, full_context, index = _sparse_call(engine, recorded, name, SparseConfig(), mask)
+    config = SparseConfig(active_only_attention=True)
+    _, _, local_context, _ = _sparse_call(engine, recorded, name, config, mask)
+
+    assert not torch.allclose(gather_tokens(local_context, index), gather_tokens(dense, index))
+    torch.testing.assert_close(
+        gather_tokens(full_context, index), gather_tokens(dense, index), atol=1e-5, rtol=1e-4
+    )
+
+
+def test_empty_mask_returns_the_cached_output(engine, recorded):
+    name = "down_blocks.0.resnets.0"
+    empty = torch.zeros(32, 32, dtype=torch.bool)
+
+    _, _, out, index = _sparse_call(engine, recorded, name, SparseConfig(), empty)
+
+    assert index.numel() == 0
+    assert torch.count_nonzero(out) == 0

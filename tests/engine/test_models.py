@@ -1,0 +1,68 @@
+import numpy as np
+import pytest
+import torch
+
+from fisedit.engine.models import ModelLoadError, load_model
+
+
+@pytest.mark.parametrize("variant", ["sd15", "sd2", "sdxl"])
+def test_tiny_models_round_trip_through_from_pretrained(tiny_model_dirs, variant):
+    model = load_model(tiny_model_dirs[variant])
+
+    assert model.latent_shape == (4, 32, 32)
+    assert model.vae_scale_factor == 4
+    assert model.image_size == 128
+    assert model.is_sdxl == (variant == "sdxl")
+    expected = "v_prediction" if variant == "sd2" else "epsilon"
+    assert model.scheduler_config["prediction_type"] == expected
+    assert model.unet.config.use_linear_projection == (variant != "sd15")
+
+
+def test_loading_twice_gives_identical_weights(tiny_model_dir):
+    first, second = load_model(tiny_model_dir), load_model(tiny_model_dir)
+
+    for (name, a), (_, b) in zip(
+        first.unet.state_dict().items(), second.unet.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    assert first.config_hash == second.config_hash
+
+
+def test_sdxl_conditions_on_both_text_encoders(tiny_model_dirs):
+    model = load_model(tiny_model_dirs["sdxl"])
+
+    embeds = model.encode_prompts(["", "a cat"])
+    added = model.added_conditions(embeds)
+
+    assert embeds.hidden.shape == (2, 77, 64)
+    assert embeds.pooled.shape == (2, 32)
+    assert added["time_ids"].tolist() == [[128, 128, 0, 0, 128, 128]] * 2
+
+
+def test_prompt_encoding_is_deterministic_and_prompt_dependent(tiny_model_dir):
+    model = load_model(tiny_model_dir)
+
+    a, b, c = (model.encode_prompts([p]).hidden for p in ("a cat", "a cat", "a dog"))
+
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_decode_returns_an_rgb_uint8_image(tiny_model_dir):
+    model = load_model(tiny_model_dir)
+
+    image = model.decode(torch.zeros(1, 4, 32, 32))
+
+    assert image.shape == (128, 128, 3) and image.dtype == np.uint8
+
+
+def test_unknown_model_path_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelLoadError, match="cannot load a Stable Diffusion pipeline from"):
+        load_model(tmp_path / "no-such-model")
+
+
+def test_overlong_prompt_is_a_clear_error(tiny_model_dir):
+    model = load_model(tiny_model_dir)
+
+    with pytest.raises(ValueError, match="takes at most 75"):
+        model.encode_prompts(["x" * 80])
