@@ -283,8 +283,8 @@ class SparseConv(SparseLayer):
 
     def output_hw(self, x, *args, output_size=None, **kwargs):
         height, width = x.shape[-2:]
-        side = lambda n: (n * self.upsample) // self.conv.stride[0]  # noqa: E731
-        hw = (side(height), side(width))
+        stride = self.conv.stride[0]
+        hw = (height * self.upsample // stride, width * self.upsample // stride)
         return hw if output_size is None or tuple(output_size) == hw else None
 
     def sparse(self, x, geometry, *args, **kwargs):

@@ -106,13 +106,8 @@ class DenoiseRun:
         """Runs `step`, dense, or sparse over `plan` reading `source` outside it."""
         state, scheduler = self.engine.state, self.scheduler
         t = scheduler.timesteps[step]
-        state.step, state.plan, state.source, state.record, state.macs = (
-            step,
-            plan,
-            source,
-            self.record,
-            macs,
-        )
+        state.step, state.plan, state.source = step, plan, source
+        state.record, state.macs = self.record, macs
         try:
             model_in = scheduler.scale_model_input(torch.cat([self.latents] * 2), t)
             out = self.engine.model.unet(
