@@ -49,11 +49,11 @@ def _save_png(path: Path, image: np.ndarray) -> None:
     print(f"wrote {path}")
 
 
-def _save_edit(out: Path, number: int, session, version) -> None:
+def _save_edit(out: Path, version) -> None:
     from fisedit.engine.masks import overlay_mask
 
-    _save_png(out / f"edit_{number}.png", version.image)
-    _save_png(out / f"mask_{number}.png", overlay_mask(version.image, version.mask))
+    _save_png(out / f"edit_{version.number}.png", version.image)
+    _save_png(out / f"mask_{version.number}.png", overlay_mask(version.image, version.mask))
 
 
 def demo(args: argparse.Namespace) -> None:
@@ -72,7 +72,7 @@ def demo(args: argparse.Namespace) -> None:
         previous = session.image
         masked_dense = session.reference_edit(prompt).image
         version = session.edit(prompt)
-        _save_edit(out, number, session, version)
+        _save_edit(out, version)
         report = version.report
         edits.append(
             {
@@ -105,6 +105,14 @@ def demo(args: argparse.Namespace) -> None:
     print(f"wrote {out / 'report.json'}")
 
 
+def _write_session(out: Path, model: str, session) -> None:
+    from fisedit.engine.recipe import recipe_of
+
+    recipe = recipe_of(session).model_dump(mode="json")
+    (out / "session.json").write_text(json.dumps({"model": model, "recipe": recipe}, indent=2))
+    print(f"wrote {out / 'session.json'}")
+
+
 def generate(args: argparse.Namespace) -> None:
     """Generates a base image and writes the session recipe that `fisedit edit` extends."""
     out = Path(args.out)
@@ -118,46 +126,26 @@ def generate(args: argparse.Namespace) -> None:
         scheduler=args.scheduler,
     )
     _save_png(out / "base.png", session.image)
-    recipe = {"model": args.model, "params": session.params.model_dump(), "edits": []}
-    (out / "session.json").write_text(json.dumps(recipe, indent=2))
-    print(f"wrote {out / 'session.json'}")
+    _write_session(out, args.model, session)
 
 
 def edit(args: argparse.Namespace) -> None:
     """Applies one more edit to a session written by `fisedit generate`."""
-    out = Path(args.session)
-    recipe_path = out / "session.json"
-    if not recipe_path.is_file():
-        raise SystemExit(
-            f"error: {recipe_path} not found; run `fisedit generate --out {out}` first"
-        )
-    recipe = json.loads(recipe_path.read_text())
-    engine = _engine(recipe["model"], args)
-    params = dict(recipe["params"])
-    session = engine.generate(params.pop("prompt"), **params)
-    if recipe["edits"]:
-        print(f"rebuilding the session from its recipe ({len(recipe['edits'])} edits)")
-    for step in recipe["edits"]:
-        mask = np.load(out / step["mask"]) if step["mask"] else None
-        session.edit(step["prompt"], mask=mask, mask_steps=step["mask_steps"])
-    number = len(recipe["edits"]) + 1
-    mask_file = None
-    if args.mask:
-        from fisedit.engine.masks import load_mask
+    from fisedit.engine.recipe import SessionRecipe, rebuild
 
-        latent_hw = tuple(engine.model.latent_shape[1:])
-        mask_file = f"user_mask_{number}.npy"
-        mask = load_mask(args.mask, latent_hw, engine.model.vae_scale_factor).numpy()
-    version = session.edit(
-        args.prompt, mask=mask if args.mask else None, mask_steps=args.mask_steps
-    )
-    if mask_file:
-        np.save(out / mask_file, mask)
-    _save_edit(out, number, session, version)
-    recipe["edits"].append(
-        {"prompt": args.prompt, "mask": mask_file, "mask_steps": args.mask_steps}
-    )
-    recipe_path.write_text(json.dumps(recipe, indent=2))
+    out = Path(args.session)
+    path = out / "session.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; run `fisedit generate --out {out}` first")
+    saved = json.loads(path.read_text())
+    recipe = SessionRecipe.model_validate(saved["recipe"])
+    engine = _engine(saved["model"], args)
+    if recipe.edits:
+        print(f"rebuilding the session from its recipe ({len(recipe.edits)} edits)")
+    session = rebuild(engine, recipe)
+    version = session.edit(args.prompt, mask=args.mask, mask_steps=args.mask_steps)
+    _save_edit(out, version)
+    _write_session(out, saved["model"], session)
     print(json.dumps(version.report.model_dump(), indent=2))
 
 

@@ -49,8 +49,9 @@ def test_generate_then_edit_extends_the_session(tmp_path):
     report = json.loads(second.stdout[second.stdout.index("{") :])
     assert report["version"] == 2 and report["mask_source"] == "user"
     assert report["mask_ratio"] == 64 / 1024
-    recipe = json.loads((tmp_path / "session.json").read_text())
-    assert [e["prompt"] for e in recipe["edits"]] == ["a dog", "a red dog"]
+    recipe = json.loads((tmp_path / "session.json").read_text())["recipe"]
+    assert [e["params"]["prompt"] for e in recipe["edits"]] == ["a dog", "a red dog"]
+    assert recipe["edits"][0]["user_mask"] is None and recipe["edits"][1]["user_mask"]
     assert (tmp_path / "edit_2.png").exists() and (tmp_path / "mask_2.png").exists()
 
 

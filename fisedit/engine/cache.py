@@ -6,9 +6,9 @@ import torch
 class ActivationCache:
     """One contiguous [steps, ...] tensor per recorded name, indexed by denoise step."""
 
-    def __init__(self, steps: int) -> None:
+    def __init__(self, steps: int, tensors: dict[str, torch.Tensor] | None = None) -> None:
         self.steps = steps
-        self.tensors: dict[str, torch.Tensor] = {}
+        self.tensors: dict[str, torch.Tensor] = dict(tensors or {})
 
     def put(self, name: str, step: int, value: torch.Tensor) -> None:
         buffer = self.tensors.get(name)
@@ -29,3 +29,67 @@ class ActivationCache:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.tensors.values())).device if self.tensors else torch.device("cpu")
+
+    def to(self, device: torch.device | str) -> "ActivationCache":
+        """A copy on `device`; host copies of a GPU cache are pinned for fast transfers."""
+        device = torch.device(device)
+        pin = device.type == "cpu" and torch.cuda.is_available()
+        moved = {}
+        for name, tensor in self.tensors.items():
+            tensor = tensor.to(device)
+            moved[name] = tensor.pin_memory() if pin else tensor
+        return ActivationCache(self.steps, moved)
+
+    def reader(self, device: torch.device | str) -> "ActivationCache | HostPrefetcher":
+        """Something with `get(name, step)` that returns tensors on `device`."""
+        device = torch.device(device)
+        if device.type != "cuda" or self.device.type == "cuda":
+            return self
+        return HostPrefetcher(self, device)
+
+
+class HostPrefetcher:
+    """Reads a host-resident cache on a GPU: the first read of step t waits for its copy
+    and starts copying step t+1 on a side stream, so transfers overlap compute.
+
+    Steps must be read in non-decreasing order, as the denoise loop does.
+    """
+
+    def __init__(self, cache: ActivationCache, device: torch.device) -> None:
+        self.cache, self.device = cache, device
+        self.stream = torch.cuda.Stream(device)
+        self.steps: dict[int, tuple[dict[str, torch.Tensor], torch.cuda.Event]] = {}
+        self.current = -1
+
+    def _copy(self, step: int) -> None:
+        if step >= self.cache.steps or step in self.steps:
+            return
+        with torch.cuda.stream(self.stream):
+            tensors = {
+                name: t[step].to(self.device, non_blocking=True)
+                for name, t in self.cache.tensors.items()
+            }
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        self.steps[step] = (tensors, done)
+
+    def get(self, name: str, step: int) -> torch.Tensor:
+        if step != self.current:
+            self._copy(step)
+            tensors, done = self.steps[step]
+            main = torch.cuda.current_stream(self.device)
+            main.wait_event(done)
+            for tensor in tensors.values():
+                # The copies were allocated on the side stream but are used on the main one.
+                tensor.record_stream(main)
+            self.steps = {s: v for s, v in self.steps.items() if s >= step}
+            self.current = step
+            self._copy(step + 1)
+        try:
+            return self.steps[step][0][name]
+        except KeyError:
+            raise KeyError(f"nothing recorded under {name!r}") from None

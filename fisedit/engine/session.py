@@ -18,7 +18,7 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteS
 from pydantic import BaseModel
 from tqdm.auto import tqdm
 
-from fisedit.engine.cache import ActivationCache
+from fisedit.engine.cache import ActivationCache, HostPrefetcher
 from fisedit.engine.config import EditParams, EngineConfig, GenerationParams, SchedulerName
 from fisedit.engine.images import preserve_background
 from fisedit.engine.layers import MacCount, StepState, wrap_unet
@@ -66,9 +66,14 @@ class Version:
     number: int
     prompt: str
     image: np.ndarray
-    cache: ActivationCache
-    mask: torch.Tensor | None
+    cache: ActivationCache | None
     report: EditReport
+    mask: torch.Tensor | None = None
+    """The latent region the edit recomputed (None for a generation)."""
+    edit: EditParams | None = None
+    """The request that made this version from the previous one."""
+    user_mask: torch.Tensor | None = None
+    """The mask the user supplied, if any, as given (before growing to blocks)."""
 
 
 class PhaseTimer:
@@ -130,7 +135,9 @@ class DenoiseRun:
         # Multistep solvers keep earlier model outputs; they are state like the latents.
         return getattr(self.scheduler, "model_outputs", None)
 
-    def reset_outside(self, mask: torch.Tensor, source: ActivationCache, step: int) -> None:
+    def reset_outside(
+        self, mask: torch.Tensor, source: ActivationCache | HostPrefetcher, step: int
+    ) -> None:
         """Takes latents and solver history outside `mask` from `source` as of `step`."""
         keep = mask[None, None].to(self.latents.device)
         self.latents = torch.where(keep, self.latents, source.get("latents", step))
@@ -186,7 +193,7 @@ class Engine:
             total_latency_s=sum(timer.seconds.values()),
             cache_bytes=run.record.nbytes,
         )
-        version = Version(0, params.prompt, image, run.record, None, report)
+        version = Version(0, params.prompt, image, run.record, report)
         return EditSession(self, params, version)
 
     def _steps(self, steps: range, label: str) -> Iterator[int]:
@@ -204,7 +211,7 @@ class Engine:
         With `sparse=False` this is the masked-dense reference: the same mask, every step
         dense, and the previous latents pasted outside the mask after each step.
         """
-        base, generation = session.current, session.params
+        base, generation, user_mask = session.current, session.params, mask
         if mask is None and params.mask_steps >= generation.steps:
             raise ValueError(
                 f"mask_steps ({params.mask_steps}) must be smaller than the session's "
@@ -214,29 +221,30 @@ class Engine:
         with timer("text"):
             embeds = self.model.encode_prompts([generation.negative_prompt, params.prompt])
         run = DenoiseRun(self, generation.model_copy(update={"prompt": params.prompt}), embeds)
+        source = base.cache.reader(self.model.device)
         dense_steps = 0 if mask is not None else params.mask_steps
         with timer("mask"):
             diffs = []
             for step in self._steps(range(dense_steps), "edit: capture"):
                 run.step(step, macs)
-                diffs.append(latent_difference(run.latents, base.cache.get("latents", step)))
+                diffs.append(latent_difference(run.latents, source.get("latents", step)))
             if mask is None:
                 mask = target_area_capture(diffs)
         plan = SparsePlan(mask.to(self.model.device), self.config.sparse, self.model.device)
         mask = plan.region
         with timer("sparse"):
             if dense_steps:
-                run.reset_outside(mask, base.cache, dense_steps - 1)
+                run.reset_outside(mask, source, dense_steps - 1)
             label = "edit: sparse" if sparse else "edit: masked-dense reference"
             for step in self._steps(range(dense_steps, generation.steps), label):
                 if sparse:
                     step_macs = MacCount()
-                    run.step(step, step_macs, plan, base.cache)
+                    run.step(step, step_macs, plan, source)
                     macs.add(step_macs.dense, step_macs.executed)
                     sparse_macs.add(step_macs.dense, step_macs.executed)
                 else:
                     run.step(step, macs)
-                    run.reset_outside(mask, base.cache, step)
+                    run.reset_outside(mask, source, step)
         with timer("decode"):
             image = self.model.decode(run.latents)
         edit = self.config.edit
@@ -261,7 +269,10 @@ class Engine:
             total_latency_s=sum(timer.seconds.values()),
             cache_bytes=run.record.nbytes,
         )
-        return Version(base.number + 1, params.prompt, image, run.record, mask.cpu(), report)
+        number = base.number + 1
+        return Version(
+            number, params.prompt, image, run.record, report, mask.cpu(), params, user_mask
+        )
 
 
 @dataclass
@@ -275,7 +286,8 @@ class EditSession:
     history: list[Version] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.history.append(self.current)
+        if not self.history:
+            self.history.append(self.current)
 
     @property
     def version(self) -> int:

@@ -1,0 +1,225 @@
+"""Session snapshots in an object store.
+
+A snapshot of version v of session s lives under `sessions/<s>/v<v>/`: safetensors shards
+first, then `manifest.json`, which lists every tensor, shard size and checksum. A version
+without a manifest does not exist, so a writer that dies midway leaves nothing readable.
+"""
+
+import contextlib
+import hashlib
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydantic import BaseModel
+from safetensors.torch import load_file, save_file
+
+from fisedit.engine.cache import ActivationCache
+from fisedit.engine.config import EditParams
+from fisedit.engine.recipe import ModelMismatchError, SessionRecipe, check_model, recipe_of
+from fisedit.engine.session import EditReport, EditSession, Engine, Version
+from fisedit.storage import ObjectExistsError, ObjectNotFoundError, ObjectStore
+
+FORMAT = "fisedit-snapshot/1"
+SHARD_BYTES = 256 * 2**20
+
+
+class SnapshotError(ValueError):
+    """A snapshot is missing, incomplete, corrupted, or made with another model."""
+
+
+class VersionRecord(BaseModel):
+    """A version's metadata in a manifest; its tensors are in the shards."""
+
+    number: int
+    prompt: str
+    report: EditReport
+    edit: EditParams | None = None
+    has_mask: bool = False
+    has_user_mask: bool = False
+
+
+class Manifest(BaseModel):
+    """The index of one snapshot, written after all of its shards."""
+
+    format: str = FORMAT
+    recipe: SessionRecipe
+    scheduler_config: dict
+    steps: int
+    versions: list[VersionRecord]
+    tensors: dict[str, str]
+    """Tensor name -> shard file."""
+    shards: dict[str, tuple[int, str]]
+    """Shard file -> (bytes, sha256)."""
+
+
+def _prefix(session_id: str, version: int) -> str:
+    return f"sessions/{session_id}/v{version}/"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while chunk := file.read(2**20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _tensors(session: EditSession) -> dict[str, torch.Tensor]:
+    tensors = {f"cache/{k}": v for k, v in session.current.cache.tensors.items()}
+    for v in session.history:
+        tensors[f"image/{v.number}"] = torch.from_numpy(np.ascontiguousarray(v.image))
+        if v.mask is not None:
+            tensors[f"mask/{v.number}"] = v.mask
+        if v.user_mask is not None:
+            tensors[f"user_mask/{v.number}"] = v.user_mask
+    return {k: t.detach().cpu().contiguous() for k, t in tensors.items()}
+
+
+def _shards(tensors: dict[str, torch.Tensor], limit: int) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    return shards
+
+
+def snapshot(session: EditSession, store: ObjectStore, shard_bytes: int = SHARD_BYTES) -> str:
+    """Writes the session's current version to `store`; returns the manifest key.
+
+    Versions are immutable, so a version already snapshotted is left as it is.
+    """
+    prefix = _prefix(session.id, session.version)
+    manifest_key = prefix + "manifest.json"
+    if store.exists(manifest_key):
+        return manifest_key
+    index, shards = {}, {}
+    with tempfile.TemporaryDirectory() as workdir:
+        for number, shard in enumerate(_shards(_tensors(session), shard_bytes)):
+            name = f"shard-{number:05d}.safetensors"
+            path = Path(workdir) / name
+            save_file(shard, str(path))
+            shards[name] = (path.stat().st_size, _sha256(path))
+            index.update(dict.fromkeys(shard, name))
+            store.put_file(prefix + name, path)
+            path.unlink()
+    manifest = Manifest(
+        recipe=recipe_of(session),
+        scheduler_config=session.engine.model.scheduler_config,
+        steps=session.params.steps,
+        versions=[
+            VersionRecord(
+                number=v.number,
+                prompt=v.prompt,
+                report=v.report,
+                edit=v.edit,
+                has_mask=v.mask is not None,
+                has_user_mask=v.user_mask is not None,
+            )
+            for v in session.history
+        ],
+        tensors=index,
+        shards=shards,
+    )
+    # Losing the create-only race is fine: the winner wrote the same immutable version.
+    with contextlib.suppress(ObjectExistsError):
+        store.put(manifest_key, manifest.model_dump_json().encode(), create_only=True)
+    return manifest_key
+
+
+def snapshot_versions(store: ObjectStore, session_id: str) -> list[int]:
+    """Versions of a session that have a complete snapshot, oldest first."""
+    keys = store.list(f"sessions/{session_id}/")
+    versions = []
+    for key in keys:
+        parts = key.split("/")
+        if len(parts) == 4 and parts[3] == "manifest.json" and parts[2].startswith("v"):
+            versions.append(int(parts[2][1:]))
+    return sorted(versions)
+
+
+def restore(
+    engine: Engine, store: ObjectStore, session_id: str, version: int | None = None
+) -> EditSession:
+    """Loads the newest complete snapshot of a session (or `version`) into a new session.
+
+    Every shard is checked against the manifest before anything is built, so a damaged
+    snapshot raises SnapshotError and no session is returned.
+    """
+    available = snapshot_versions(store, session_id)
+    if version is None and not available:
+        raise SnapshotError(f"no complete snapshot of session {session_id!r}")
+    version = available[-1] if version is None else version
+    if version not in available:
+        raise SnapshotError(
+            f"session {session_id!r} has no complete snapshot of version {version} "
+            f"(complete versions: {available or 'none'})"
+        )
+    prefix = _prefix(session_id, version)
+    try:
+        manifest = Manifest.model_validate_json(store.get(prefix + "manifest.json"))
+    except ValueError as error:
+        raise SnapshotError(f"the manifest of {prefix} is unreadable: {error}") from error
+    if manifest.format != FORMAT:
+        raise SnapshotError(f"{prefix} has format {manifest.format!r}, expected {FORMAT!r}")
+    try:
+        check_model(engine, manifest.recipe)
+    except ModelMismatchError as error:
+        raise SnapshotError(f"cannot restore {prefix}: {error}") from error
+    tensors = _load_shards(store, prefix, manifest, engine.model.device)
+    return _session(engine, manifest, tensors)
+
+
+def _load_shards(
+    store: ObjectStore, prefix: str, manifest: Manifest, device: torch.device
+) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    with tempfile.TemporaryDirectory() as workdir:
+        for name, (size, sha256) in manifest.shards.items():
+            path = Path(workdir) / name
+            try:
+                store.get_file(prefix + name, path)
+            except ObjectNotFoundError as error:
+                raise SnapshotError(f"shard {prefix + name} is missing") from error
+            actual = path.stat().st_size
+            if actual != size:
+                raise SnapshotError(
+                    f"shard {prefix + name} is truncated or padded: {actual} bytes, "
+                    f"the manifest says {size}"
+                )
+            if _sha256(path) != sha256:
+                raise SnapshotError(f"shard {prefix + name} is corrupted (checksum mismatch)")
+            tensors.update(load_file(str(path)))
+    missing = set(manifest.tensors) - set(tensors)
+    if missing:
+        raise SnapshotError(f"{prefix} lacks tensors listed in its manifest: {sorted(missing)}")
+    return {k: t.to(device) if k.startswith("cache/") else t for k, t in tensors.items()}
+
+
+def _session(engine: Engine, manifest: Manifest, tensors: dict[str, torch.Tensor]) -> EditSession:
+    cache = ActivationCache(
+        manifest.steps,
+        {k.removeprefix("cache/"): t for k, t in tensors.items() if k.startswith("cache/")},
+    )
+    history = [
+        Version(
+            number=record.number,
+            prompt=record.prompt,
+            image=tensors[f"image/{record.number}"].numpy(),
+            cache=None,
+            report=record.report,
+            mask=tensors[f"mask/{record.number}"] if record.has_mask else None,
+            edit=record.edit,
+            user_mask=tensors[f"user_mask/{record.number}"] if record.has_user_mask else None,
+        )
+        for record in manifest.versions
+    ]
+    history[-1].cache = cache
+    recipe = manifest.recipe
+    return EditSession(engine, recipe.params, history[-1], id=recipe.session_id, history=history)

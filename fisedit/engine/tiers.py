@@ -1,0 +1,139 @@
+"""Session caches kept within byte budgets: device, pinned host memory, object store."""
+
+from collections import OrderedDict
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from fisedit.engine.recipe import SessionRecipe, rebuild, recipe_of
+from fisedit.engine.session import EditSession, Engine, Version
+from fisedit.engine.snapshot import restore, snapshot
+from fisedit.storage import ObjectStore
+
+Tier = Literal["device", "host", "store", "recipe"]
+TIERS: tuple[Tier, ...] = ("device", "host", "store", "recipe")
+
+
+class TierConfig(BaseModel):
+    """Byte budgets for the session caches of one engine; None means unlimited."""
+
+    device_bytes: int | None = Field(None, ge=0)
+    host_bytes: int | None = Field(None, ge=0)
+
+
+class TierUsage(BaseModel):
+    """Sessions and cache bytes in one tier."""
+
+    sessions: int = 0
+    bytes: int = 0
+
+
+class UnknownSessionError(KeyError):
+    """No session with this id is held, stored or remembered."""
+
+
+class SessionPool:
+    """The sessions an engine serves, in least-recently-used order across cache tiers.
+
+    When device memory is over budget, the least recently used sessions move to (pinned)
+    host memory, where edits read them with asynchronous prefetch. When host memory is over
+    budget, they are snapshotted to the object store and leave memory; without a store only
+    their recipe is kept, and they are recomputed on next use. On a CPU engine the device
+    and host tiers are the same memory, so moving between them only changes the accounting.
+    """
+
+    def __init__(
+        self, engine: Engine, config: TierConfig | None = None, store: ObjectStore | None = None
+    ) -> None:
+        self.engine, self.config, self.store = engine, config or TierConfig(), store
+        self._resident: OrderedDict[str, EditSession] = OrderedDict()
+        self._tier: dict[str, Tier] = {}
+        self._recipes: dict[str, SessionRecipe] = {}
+
+    def generate(self, prompt: str, **params) -> EditSession:
+        session = self.engine.generate(prompt, **params)
+        self._admit(session)
+        return session
+
+    def edit(self, session_id: str, prompt: str, **options) -> Version:
+        """Edits a session wherever it lives; its new version is on the device."""
+        session = self.get(session_id)
+        version = session.edit(prompt, **options)
+        self._tier[session_id] = "device"
+        self._enforce(keep=session_id)
+        return version
+
+    def get(self, session_id: str) -> EditSession:
+        """The session, brought back into memory if it was evicted."""
+        if session_id in self._resident:
+            self._resident.move_to_end(session_id)
+            return self._resident[session_id]
+        tier = self._tier.get(session_id)
+        if tier == "store":
+            session = restore(self.engine, self.store, session_id)
+        elif tier == "recipe":
+            session = rebuild(self.engine, self._recipes.pop(session_id))
+        else:
+            raise UnknownSessionError(f"unknown session {session_id!r}")
+        self._admit(session)
+        return session
+
+    def tier(self, session_id: str) -> Tier:
+        try:
+            return self._tier[session_id]
+        except KeyError:
+            raise UnknownSessionError(f"unknown session {session_id!r}") from None
+
+    def drop(self, session_id: str) -> None:
+        self._resident.pop(session_id, None)
+        self._recipes.pop(session_id, None)
+        self._tier.pop(session_id, None)
+
+    def stats(self) -> dict[Tier, TierUsage]:
+        usage = {tier: TierUsage() for tier in TIERS}
+        for session_id, tier in self._tier.items():
+            usage[tier].sessions += 1
+            session = self._resident.get(session_id)
+            if session is not None:
+                usage[tier].bytes += session.current.cache.nbytes
+        return usage
+
+    def _admit(self, session: EditSession) -> None:
+        self._resident[session.id] = session
+        self._tier[session.id] = "device"
+        self._enforce(keep=session.id)
+
+    def _bytes(self, tier: Tier) -> int:
+        return sum(
+            s.current.cache.nbytes for i, s in self._resident.items() if self._tier[i] == tier
+        )
+
+    def _least_recent(self, tier: Tier, keep: str) -> str | None:
+        return next((i for i in self._resident if self._tier[i] == tier and i != keep), None)
+
+    def _enforce(self, keep: str) -> None:
+        """Moves least recently used sessions down the tiers until budgets hold."""
+        budgets = (("device", self.config.device_bytes), ("host", self.config.host_bytes))
+        for tier, budget in budgets:
+            while budget is not None and self._bytes(tier) > budget:
+                victim = self._least_recent(tier, keep)
+                if victim is None:
+                    break
+                if tier == "device":
+                    self._to_host(victim)
+                else:
+                    self._out_of_memory(victim)
+
+    def _to_host(self, session_id: str) -> None:
+        session = self._resident[session_id]
+        session.current.cache = session.current.cache.to("cpu")
+        self._tier[session_id] = "host"
+
+    def _out_of_memory(self, session_id: str) -> None:
+        session = self._resident.pop(session_id)
+        if self.store is not None:
+            snapshot(session, self.store)
+            self._tier[session_id] = "store"
+        else:
+            self._recipes[session_id] = recipe_of(session)
+            self._tier[session_id] = "recipe"

@@ -1,0 +1,102 @@
+"""Session caches move down the tiers in least-recently-used order when over budget."""
+
+import numpy as np
+import pytest
+
+from fisedit.engine import EditConfig, Engine, EngineConfig
+from fisedit.engine.snapshot import snapshot_versions
+from fisedit.engine.tiers import SessionPool, TierConfig, UnknownSessionError
+from fisedit.storage import LocalConfig, LocalObjectStore
+
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir) -> Engine:
+    config = EngineConfig(progress=False, edit=EditConfig(mask_steps=2))
+    return Engine.from_pretrained(tiny_model_dir, config)
+
+
+@pytest.fixture(scope="module")
+def session_bytes(engine) -> int:
+    return engine.generate("a cat", steps=STEPS).current.cache.nbytes
+
+
+def _pool(engine, session_bytes, store=None) -> SessionPool:
+    """Room for two sessions on the device and one in host memory."""
+    budget = TierConfig(device_bytes=2 * session_bytes, host_bytes=session_bytes)
+    return SessionPool(engine, budget, store)
+
+
+def _tiers(pool, *sessions) -> list[str]:
+    return [pool.tier(s.id) for s in sessions]
+
+
+def test_least_recently_used_sessions_move_down_the_tiers(engine, session_bytes, tmp_path):
+    store = LocalObjectStore(LocalConfig(root=tmp_path))
+    pool = _pool(engine, session_bytes, store)
+
+    a, b, c = (pool.generate(p, steps=STEPS, seed=i) for i, p in enumerate(["a", "b", "c"]))
+    assert _tiers(pool, a, b, c) == ["host", "device", "device"]
+
+    pool.get(b.id)  # b becomes the most recently used
+    d = pool.generate("d", steps=STEPS, seed=3)
+    assert _tiers(pool, a, b, c, d) == ["store", "device", "host", "device"]
+    assert snapshot_versions(store, a.id) == [0]
+
+    stats = pool.stats()
+    assert (stats["device"].sessions, stats["device"].bytes) == (2, 2 * session_bytes)
+    assert (stats["host"].sessions, stats["host"].bytes) == (1, session_bytes)
+    assert (stats["store"].sessions, stats["store"].bytes) == (1, 0)
+
+
+def test_an_evicted_session_edits_exactly_like_one_that_stayed(engine, session_bytes, tmp_path):
+    pool = _pool(engine, session_bytes, LocalObjectStore(LocalConfig(root=tmp_path)))
+    stayed = engine.generate("a cat on a bench", steps=STEPS, seed=7)
+    evicted = pool.generate("a cat on a bench", steps=STEPS, seed=7)
+    for i in range(3):
+        pool.generate(f"filler {i}", steps=STEPS, seed=i)
+    assert pool.tier(evicted.id) == "store"
+
+    version = pool.edit(evicted.id, "a dog on a bench")
+
+    assert np.array_equal(version.image, stayed.edit("a dog on a bench").image)
+    assert pool.tier(evicted.id) == "device" and pool.get(evicted.id).version == 1
+
+
+def test_host_tier_sessions_are_edited_in_place(engine, session_bytes):
+    pool = _pool(engine, session_bytes)
+    first = pool.generate("a cat", steps=STEPS, seed=1)
+    pool.generate("b", steps=STEPS, seed=2)
+    pool.generate("c", steps=STEPS, seed=3)
+    assert pool.tier(first.id) == "host"
+
+    version = pool.edit(first.id, "a dog")
+
+    assert version.number == 1 and pool.tier(first.id) == "device"
+
+
+def test_without_a_store_evicted_sessions_are_rebuilt_from_their_recipe(engine, session_bytes):
+    pool = _pool(engine, session_bytes)
+    first = pool.generate("a cat", steps=STEPS, seed=5)
+    pool.edit(first.id, "a dog")
+    image = first.image
+    for i in range(3):
+        pool.generate(f"filler {i}", steps=STEPS, seed=i)
+    assert pool.tier(first.id) == "recipe"
+
+    rebuilt = pool.get(first.id)
+
+    assert rebuilt is not first and rebuilt.version == 1
+    assert np.array_equal(rebuilt.image, image)
+
+
+def test_unknown_and_dropped_sessions_are_clear_errors(engine, session_bytes):
+    pool = _pool(engine, session_bytes)
+    session = pool.generate("a cat", steps=STEPS)
+    pool.drop(session.id)
+
+    with pytest.raises(UnknownSessionError, match="unknown session"):
+        pool.get(session.id)
+    with pytest.raises(UnknownSessionError):
+        pool.tier("nobody")
