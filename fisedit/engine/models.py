@@ -73,7 +73,11 @@ class DiffusionModel:
     @property
     def config_hash(self) -> str:
         """Identifies the architecture, so caches are never mixed across models."""
-        configs = [dict(self.unet.config), dict(self.vae.config), self.scheduler_config]
+        # Keys starting with "_" record where and with which version a model was saved.
+        configs = [
+            {k: v for k, v in dict(config).items() if not k.startswith("_")}
+            for config in (self.unet.config, self.vae.config, self.scheduler_config)
+        ]
         blob = json.dumps(configs, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

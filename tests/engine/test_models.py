@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from fisedit.engine.models import ModelLoadError, load_model
+from fisedit.engine.models import ModelLoadError, build_tiny_model, load_model
 
 
 @pytest.mark.parametrize("variant", ["sd15", "sd2", "sdxl"])
@@ -66,3 +66,11 @@ def test_overlong_prompt_is_a_clear_error(tiny_model_dir):
 
     with pytest.raises(ValueError, match="takes at most 75"):
         model.encode_prompts(["x" * 80])
+
+
+def test_config_hash_ignores_where_the_model_was_saved(tmp_path):
+    first = load_model(build_tiny_model(tmp_path / "a"))
+    second = load_model(build_tiny_model(tmp_path / "b"))
+    other = load_model(build_tiny_model(tmp_path / "c", "sd2"))
+
+    assert first.config_hash == second.config_hash != other.config_hash
