@@ -83,4 +83,6 @@ class EditParams(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     prompt: Prompt
-    mask_steps: int = Field(10, ge=1)
+    mask_steps: int = Field(
+        10, ge=0, description="Dense steps before the sparse ones; without a mask they find it."
+    )

@@ -109,20 +109,16 @@ class DenoiseRun:
     @torch.no_grad()
     def step(self, step: int, macs: MacCount, plan: SparsePlan | None = None, source=None):
         """Runs `step`, dense, or sparse over `plan` reading `source` outside it."""
-        state, scheduler = self.engine.state, self.scheduler
+        scheduler = self.scheduler
         t = scheduler.timesteps[step]
-        state.step, state.plan, state.source = step, plan, source
-        state.record, state.macs = self.record, macs
-        try:
-            model_in = scheduler.scale_model_input(torch.cat([self.latents] * 2), t)
+        model_in = scheduler.scale_model_input(torch.cat([self.latents] * 2), t)
+        with self.engine.unet_pass(step, macs, plan, source, self.record):
             out = self.engine.model.unet(
                 model_in,
                 t,
                 encoder_hidden_states=self.embeds.hidden,
                 added_cond_kwargs=self.added,
             ).sample
-        finally:
-            state.plan = state.source = state.record = None
         uncond, cond = out.chunk(2)
         noise_pred = uncond + self.params.guidance * (cond - uncond)
         self.latents = scheduler.step(noise_pred, t, self.latents).prev_sample
@@ -196,6 +192,25 @@ class Engine:
         version = Version(0, params.prompt, image, run.record, report)
         return EditSession(self, params, version)
 
+    @contextmanager
+    def unet_pass(
+        self,
+        step: int,
+        macs: MacCount,
+        plan: SparsePlan | None = None,
+        source: ActivationCache | HostPrefetcher | None = None,
+        record: ActivationCache | None = None,
+    ) -> Iterator[None]:
+        """UNet calls inside run as denoise step `step`: sparse over `plan` reading `source`
+        (dense without a plan), recording into `record` when given, counting into `macs`."""
+        state = self.state
+        state.step, state.plan, state.source = step, plan, source
+        state.record, state.macs = record, macs
+        try:
+            yield
+        finally:
+            state.plan = state.source = state.record = None
+
     def _steps(self, steps: range, label: str) -> Iterator[int]:
         return tqdm(steps, desc=label, disable=not self.config.progress, leave=False)
 
@@ -212,17 +227,19 @@ class Engine:
         dense, and the previous latents pasted outside the mask after each step.
         """
         base, generation, user_mask = session.current, session.params, mask
-        if mask is None and params.mask_steps >= generation.steps:
+        if params.mask_steps >= generation.steps:
             raise ValueError(
                 f"mask_steps ({params.mask_steps}) must be smaller than the session's "
                 f"steps ({generation.steps}) so that sparse steps remain"
             )
+        if mask is None and params.mask_steps == 0:
+            raise ValueError("capturing the edited region needs mask_steps >= 1, or a mask")
         timer, macs, sparse_macs = PhaseTimer(self.model.device), MacCount(), MacCount()
         with timer("text"):
             embeds = self.model.encode_prompts([generation.negative_prompt, params.prompt])
         run = DenoiseRun(self, generation.model_copy(update={"prompt": params.prompt}), embeds)
         source = base.cache.reader(self.model.device)
-        dense_steps = 0 if mask is not None else params.mask_steps
+        dense_steps = params.mask_steps
         with timer("mask"):
             diffs = []
             for step in self._steps(range(dense_steps), "edit: capture"):
@@ -257,7 +274,7 @@ class Engine:
             version=base.number + 1,
             base_version=base.number,
             prompt=params.prompt,
-            mask_source="capture" if dense_steps else "user",
+            mask_source="user" if user_mask is not None else "capture",
             mask_ratio=float(mask.float().mean()),
             dense_steps=dense_steps,
             sparse_steps=generation.steps - dense_steps,
@@ -305,7 +322,8 @@ class EditSession:
         """Edits the current version; on success it becomes version n+1.
 
         `mask` (a PNG path, array or tensor, at latent or image size) replaces Target Area
-        Capture. On any error the session stays at its current version.
+        Capture. `mask_steps` dense steps run first: by default the configured k without a
+        mask and none with one. On any error the session stays at its current version.
         """
         params, user_mask = self._validate(prompt, mask, mask_steps)
         version = self.engine.run_edit(self, params, user_mask)
@@ -325,7 +343,9 @@ class EditSession:
     def _validate(self, prompt: str, mask, mask_steps: int | None):
         model = self.engine.model
         default_steps = self.engine.config.edit.mask_steps
-        params = EditParams(prompt=prompt, mask_steps=mask_steps or default_steps)
+        if mask_steps is None:
+            mask_steps = default_steps if mask is None else 0
+        params = EditParams(prompt=prompt, mask_steps=mask_steps)
         if mask is None:
             return params, None
         latent_hw = tuple(model.latent_shape[1:])

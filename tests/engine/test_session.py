@@ -71,19 +71,22 @@ def test_empty_mask_returns_the_previous_image_exactly(raw_engine):
 
 
 @pytest.mark.parametrize("scheduler", ["dpm++", "ddim", "euler"])
-@pytest.mark.parametrize("user_mask", [True, False], ids=["user-mask", "captured-mask"])
+@pytest.mark.parametrize(
+    ("user_mask", "mask_steps", "first_sparse"),
+    [(True, None, 0), (True, 3, 3), (False, None, K)],
+    ids=["user-mask", "user-mask-after-dense-steps", "captured-mask"],
+)
 def test_latents_outside_a_partial_mask_follow_the_original_at_every_sparse_step(
-    raw_engine, scheduler, user_mask
+    raw_engine, scheduler, user_mask, mask_steps, first_sparse
 ):
     session = raw_engine.generate(CAT, steps=STEPS, seed=2, scheduler=scheduler)
     original = session.current.cache.tensors["latents"]
 
-    edit = session.edit(DOG, mask=_square() if user_mask else None)
+    edit = session.edit(DOG, mask=_square() if user_mask else None, mask_steps=mask_steps)
 
     outside = ~edit.mask
     assert 0 < edit.report.mask_ratio < 0.5
-    first_sparse = STEPS - edit.report.sparse_steps
-    assert first_sparse == (0 if user_mask else K)
+    assert STEPS - edit.report.sparse_steps == first_sparse
     edited = edit.cache.tensors["latents"]
     for step in range(first_sparse, STEPS):
         assert torch.equal(edited[step][..., outside], original[step][..., outside]), step
@@ -177,6 +180,7 @@ def _state(session):
         ({"prompt": "   "}, "only whitespace"),
         ({"prompt": "x" * 90}, "takes at most 75"),
         ({"prompt": DOG, "mask_steps": STEPS}, "must be smaller than the session's steps"),
+        ({"prompt": DOG, "mask_steps": 0}, "needs mask_steps >= 1, or a mask"),
         ({"prompt": DOG, "mask": np.ones((31, 32))}, "matches neither the latent size"),
         ({"prompt": DOG, "mask": "/no/such/mask.png"}, "no/such/mask.png"),
     ],

@@ -1,0 +1,5 @@
+"""Triton kernels for the sparse engine, each beside the PyTorch reference it must match.
+
+On CUDA tensors the kernels are compiled; on CPU tensors they run under Triton's
+interpreter when TRITON_INTERPRET=1 is set (tests), and raise otherwise (see `launch`).
+"""
