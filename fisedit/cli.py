@@ -149,6 +149,24 @@ def edit(args: argparse.Namespace) -> None:
     print(json.dumps(version.report.model_dump(), indent=2))
 
 
+def bench(args: argparse.Namespace) -> None:
+    """Benchmarks dense eager, dense compiled and FISEdit edits side by side."""
+    import torch
+
+    from fisedit.bench.edit_bench import MODELS, run_benchmark
+
+    models = ("tiny",) if args.tiny else tuple(args.models.split(",") if args.models else MODELS)
+    run_benchmark(
+        device=args.device,
+        models=models,
+        dtype=getattr(torch, args.dtype) if args.dtype else None,
+        steps=args.steps or (20 if args.tiny else 50),
+        compile=args.compile,
+        repeats=args.repeats,
+        out=Path(args.out),
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fisedit", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -181,6 +199,22 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--negative-prompt", default="")
     sub.add_argument("--guidance", type=float, default=7.5)
     sampling(sub)
+
+    sub = commands.add_parser("bench", help="benchmark edits against dense baselines")
+    sub.set_defaults(function=bench)
+    sub.add_argument("--device", default="cuda", help="torch device (default: cuda)")
+    sub.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
+    sub.add_argument("--models", help="comma-separated: sd15-512,sd21-768,sdxl-1024 (default)")
+    sub.add_argument("--tiny", action="store_true", help="the tiny model only (CPU smoke run)")
+    sub.add_argument("--steps", type=int, default=None, help="denoise steps (default 50)")
+    sub.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also run dense torch.compile (default: on GPU only)",
+    )
+    sub.add_argument("--repeats", type=int, default=10, help="timed calls per step median")
+    sub.add_argument("--out", default="bench/results", help="directory for the JSON and PNG")
 
     sub = command("edit", edit, "edit the newest version of a session")
     sub.add_argument("--session", required=True, help="directory written by `fisedit generate`")

@@ -171,12 +171,27 @@ def _byte_level_vocab() -> dict[str, int]:
     return {token: i for i, token in enumerate(tokens)}
 
 
-def _tiny_tokenizer(workdir: Path) -> CLIPTokenizer:
+def tiny_tokenizer(workdir: str | os.PathLike) -> CLIPTokenizer:
     """A character-level CLIP tokenizer written locally, so nothing is downloaded."""
-    vocab, merges = workdir / "vocab.json", workdir / "merges.txt"
+    vocab, merges = Path(workdir) / "vocab.json", Path(workdir) / "merges.txt"
     vocab.write_text(json.dumps(_byte_level_vocab()))
     merges.write_text("#version: 0.2\n")
     return CLIPTokenizer(str(vocab), str(merges), model_max_length=77)
+
+
+def tiny_scheduler_config(prediction_type: str = "epsilon") -> dict:
+    """The Stable Diffusion noise schedule."""
+    return dict(
+        DDIMScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            clip_sample=False,
+            set_alpha_to_one=False,
+            steps_offset=1,
+            prediction_type=prediction_type,
+        ).config
+    )
 
 
 def _tiny_text_encoder(with_projection: bool) -> CLIPTextModel:
@@ -247,16 +262,9 @@ def build_tiny_model(path: str | os.PathLike, variant: TinyVariant = "sd15") -> 
         norm_num_groups=8,
         sample_size=128,
     )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type="v_prediction" if variant == "sd2" else "epsilon",
-    )
-    tokenizer = _tiny_tokenizer(path)
+    prediction = "v_prediction" if variant == "sd2" else "epsilon"
+    scheduler = DDIMScheduler.from_config(tiny_scheduler_config(prediction))
+    tokenizer = tiny_tokenizer(path)
     if variant == "sdxl":
         pipeline = StableDiffusionXLPipeline(
             vae=vae,

@@ -1,0 +1,342 @@
+"""Side-by-side edit benchmark in one process on one device.
+
+Dense diffusers eager, dense torch.compile with CUDA graphs (mode reduce-overhead) and
+FISEdit, on full-size UNet shapes with random weights (no downloads), for masks covering
+5%, 15% and 30% of the latent (centred squares and one irregular mask), with supplied masks
+(no dense steps) and with k dense mask steps. Writes `<device>-<date>.json` and a PNG of
+speedup against mask ratio with the MAC limit, and prints a table.
+"""
+
+import datetime
+import json
+import math
+import re
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from diffusers import (
+    DPMSolverMultistepScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+)
+from pydantic import BaseModel
+
+from fisedit.engine.config import EditParams, EngineConfig
+from fisedit.engine.layers import MacCount
+from fisedit.engine.model_shapes import UNET_SHAPES
+from fisedit.engine.models import DiffusionModel, build_tiny_model, load_model
+from fisedit.engine.plan import SparsePlan
+from fisedit.engine.session import EditSession, Engine
+
+PROMPT = "a photo of a cat sitting on a wooden bench in a park"
+EDIT = "a photo of a dog sitting on a wooden bench in a park"
+MODELS = ("sd15-512", "sd21-768", "sdxl-1024")
+MASK_RATIOS = (0.05, 0.15, 0.30)
+
+
+class BenchRun(BaseModel):
+    """One measured configuration; times are milliseconds."""
+
+    model: str
+    method: str
+    mask: str | None
+    mask_ratio: float
+    k: int
+    dense_step_ms: float
+    sparse_step_ms: float | None
+    end_to_end_ms: float
+    mac_fraction: float
+    sparse_step_mac_fraction: float | None = None
+    sparse_step_efficiency: float | None = None
+    cache_bytes: int | None = None
+    peak_memory_bytes: int | None = None
+
+
+def square_mask(side: int, ratio: float) -> torch.Tensor:
+    """A centred square covering about `ratio` of a side x side latent, aligned to the
+    engine's 2x2 blocks so that the recomputed region is the square itself."""
+    width = max(2, 2 * round(math.sqrt(ratio) * side / 2))
+    start = 2 * ((side - width) // 4)
+    mask = torch.zeros(side, side, dtype=torch.bool)
+    mask[start : start + width, start : start + width] = True
+    return mask
+
+
+def irregular_mask(side: int, ratio: float) -> torch.Tensor:
+    """Two overlapping off-centre ellipses, scaled to cover about `ratio` of the latent."""
+    y, x = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    y, x = y.float() / side, x.float() / side
+
+    def blob(scale: float) -> torch.Tensor:
+        first = ((x - 0.4) / (0.30 * scale)) ** 2 + ((y - 0.45) / (0.18 * scale)) ** 2 <= 1
+        second = ((x - 0.62) / (0.12 * scale)) ** 2 + ((y - 0.62) / (0.25 * scale)) ** 2 <= 1
+        return first | second
+
+    low, high = 0.01, 4.0
+    for _ in range(40):
+        middle = (low + high) / 2
+        low, high = (middle, high) if blob(middle).float().mean() < ratio else (low, middle)
+    return blob(high)
+
+
+class Clock:
+    """Median wall time of a callable: CUDA events on GPU, perf_counter on CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def ms(self, fn: Callable[[], object], repeats: int = 10, warmup: int = 3) -> float:
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(repeats):
+            if self.cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                begin = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - begin) * 1000)
+        return statistics.median(times)
+
+    def once_ms(self, fn: Callable[[], object]) -> float:
+        return self.ms(fn, repeats=1, warmup=0)
+
+
+def _model(name: str, device: str, dtype: torch.dtype, workdir: str) -> DiffusionModel:
+    if name == "tiny":
+        return load_model(build_tiny_model(Path(workdir) / "tiny"), device, dtype)
+    return UNET_SHAPES[name].build_model(device, dtype)
+
+
+def _pipeline(model: DiffusionModel):
+    scheduler = DPMSolverMultistepScheduler.from_config(
+        model.scheduler_config, algorithm_type="dpmsolver++"
+    )
+    parts = dict(vae=model.vae, unet=model.unet, scheduler=scheduler)
+    if model.is_sdxl:
+        encoders = dict(zip(("text_encoder", "text_encoder_2"), model.text_encoders, strict=True))
+        tokenizers = dict(zip(("tokenizer", "tokenizer_2"), model.tokenizers, strict=True))
+        return StableDiffusionXLPipeline(**parts, **encoders, **tokenizers)
+    return StableDiffusionPipeline(
+        **parts,
+        text_encoder=model.text_encoders[0],
+        tokenizer=model.tokenizers[0],
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+class ModelBench:
+    """All measurements of one model shape."""
+
+    def __init__(self, name: str, model: DiffusionModel, steps: int, clock: Clock) -> None:
+        self.name, self.model, self.steps, self.clock = name, model, steps, clock
+        device, dtype = model.device, model.dtype
+        side = model.latent_shape[1]
+        self.sample = torch.randn(2, 4, side, side, device=device, dtype=dtype)
+        self.embeds = model.encode_prompts(["", PROMPT])
+        self.added = model.added_conditions(self.embeds)
+        self.timestep = torch.tensor(500, device=device)
+
+    def unet_call(self, unet) -> Callable[[], object]:
+        def call():
+            with torch.no_grad():
+                return unet(
+                    self.sample,
+                    self.timestep,
+                    encoder_hidden_states=self.embeds.hidden,
+                    added_cond_kwargs=self.added,
+                )
+
+        return call
+
+    def dense(self, method: str, unet, repeats: int) -> BenchRun:
+        pipeline = _pipeline(self.model)
+        pipeline.unet = unet
+        pipeline.set_progress_bar_config(disable=True)
+
+        def generate():
+            with torch.no_grad():
+                pipeline(PROMPT, num_inference_steps=self.steps, output_type="np")
+
+        step_ms = self.clock.ms(self.unet_call(unet), repeats=repeats)
+        generate()  # warm-up: compilation and graph capture happen here
+        return BenchRun(
+            model=self.name,
+            method=method,
+            mask=None,
+            mask_ratio=1.0,
+            k=0,
+            dense_step_ms=step_ms,
+            sparse_step_ms=None,
+            end_to_end_ms=self.clock.once_ms(generate),
+            mac_fraction=1.0,
+            peak_memory_bytes=_peak_memory(self.model.device),
+        )
+
+    def fisedit(
+        self,
+        engine: Engine,
+        base: EditSession,
+        mask_name: str,
+        mask: torch.Tensor,
+        k: int,
+        best_dense_ms: float,
+        repeats: int,
+    ) -> BenchRun:
+        _reset_peak_memory(engine.model.device)
+        params = EditParams(prompt=EDIT, mask_steps=k)
+        version = engine.run_edit(base, params, mask)
+        report = version.report
+        del version
+        plan = SparsePlan(mask.to(engine.model.device), engine.config.sparse, engine.model.device)
+        macs = MacCount()
+        with engine.unet_pass(self.steps // 2, macs, plan, base.current.cache):
+            sparse_ms = self.clock.ms(self.unet_call(engine.model.unet), repeats=repeats)
+        fraction = report.sparse_step_mac_fraction
+        return BenchRun(
+            model=self.name,
+            method="fisedit",
+            mask=mask_name,
+            mask_ratio=report.mask_ratio,
+            k=k,
+            dense_step_ms=best_dense_ms,
+            sparse_step_ms=sparse_ms,
+            end_to_end_ms=report.total_latency_s * 1000,
+            mac_fraction=report.mac_fraction,
+            sparse_step_mac_fraction=fraction,
+            sparse_step_efficiency=best_dense_ms * fraction / sparse_ms,
+            cache_bytes=report.cache_bytes,
+            peak_memory_bytes=_peak_memory(engine.model.device),
+        )
+
+
+def _reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_memory(device: torch.device) -> int | None:
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
+def bench_model(
+    name: str, device: str, dtype: torch.dtype, steps: int, compile: bool, repeats: int
+) -> list[BenchRun]:
+    """Dense eager, dense compiled (optional) and FISEdit runs for one model shape."""
+    with tempfile.TemporaryDirectory() as workdir:
+        model = _model(name, device, dtype, workdir)
+    clock = Clock(model.device)
+    bench = ModelBench(name, model, steps, clock)
+    _reset_peak_memory(model.device)
+    runs = [bench.dense("dense-eager", model.unet, repeats)]
+    if compile:
+        _reset_peak_memory(model.device)
+        compiled = torch.compile(model.unet, mode="reduce-overhead")
+        runs.append(bench.dense("dense-compiled", compiled, repeats))
+        torch._dynamo.reset()
+    best_dense_ms = min(run.dense_step_ms for run in runs)
+    engine = Engine(model, EngineConfig(device=device, dtype=_dtype_name(dtype), progress=False))
+    base = engine.generate(PROMPT, steps=steps, seed=0)
+    side = model.latent_shape[1]
+    cases = [(f"square-{round(r * 100)}", square_mask(side, r), 0) for r in MASK_RATIOS]
+    cases.append(("irregular-15", irregular_mask(side, 0.15), 0))
+    cases += [("square-15", square_mask(side, 0.15), k) for k in (3, 10) if k < steps]
+    for mask_name, mask, k in cases:
+        runs.append(bench.fisedit(engine, base, mask_name, mask, k, best_dense_ms, repeats))
+    return runs
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def device_name(device: str) -> str:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(torch.device(device))
+    return "cpu"
+
+
+def write_results(runs: list[BenchRun], device: str, out: Path, meta: dict) -> Path:
+    """Writes <device>-<date>.json and .png under `out`; returns the JSON path."""
+    out.mkdir(parents=True, exist_ok=True)
+    name = device_name(device)
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    stem = out / f"{slug}-{datetime.date.today().isoformat()}"
+    payload = {"device": name, **meta, "runs": [run.model_dump() for run in runs]}
+    stem.with_suffix(".json").write_text(json.dumps(payload, indent=2))
+    plot(runs, stem.with_suffix(".png"), title=f"FISEdit edit speedup on {name}")
+    return stem.with_suffix(".json")
+
+
+def plot(runs: list[BenchRun], path: Path, title: str) -> None:
+    """End-to-end speedup against mask ratio for supplied-mask edits, with the MAC limit."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    figure, axes = pyplot.subplots(figsize=(7, 4.5))
+    for model in dict.fromkeys(run.model for run in runs):
+        mine = [r for r in runs if r.model == model]
+        dense = {r.method: r.end_to_end_ms for r in mine if r.mask is None}
+        squares = (r for r in mine if r.k == 0 and (r.mask or "").startswith("square"))
+        edits = sorted(squares, key=lambda r: r.mask_ratio)
+        ratios = [r.mask_ratio for r in edits]
+        for method, style in (("dense-eager", "o-"), ("dense-compiled", "s--")):
+            if method in dense:
+                speedup = [dense[method] / r.end_to_end_ms for r in edits]
+                axes.plot(ratios, speedup, style, label=f"{model} vs {method}")
+        axes.plot(ratios, [1 / r.mac_fraction for r in edits], ":", label=f"{model} MAC limit")
+    axes.axhline(1.0, color="grey", linewidth=0.8)
+    axes.set(xlabel="mask ratio", ylabel="end-to-end speedup (supplied mask)", title=title)
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    pyplot.close(figure)
+
+
+def print_table(runs: list[BenchRun]) -> None:
+    header = "model       method          mask          k  dense ms  sparse ms  e2e ms  MACs   eff"
+    print(header)
+    for r in runs:
+        sparse = f"{r.sparse_step_ms:9.2f}" if r.sparse_step_ms is not None else " " * 9
+        eff = f"{r.sparse_step_efficiency:5.2f}" if r.sparse_step_efficiency else ""
+        print(
+            f"{r.model:11} {r.method:15} {r.mask or '-':12} {r.k:2} {r.dense_step_ms:9.2f} "
+            f"{sparse}  {r.end_to_end_ms:7.1f} {r.mac_fraction:5.2f} {eff}"
+        )
+
+
+def run_benchmark(
+    device: str = "cuda",
+    models: tuple[str, ...] = MODELS,
+    dtype: torch.dtype | None = None,
+    steps: int = 50,
+    compile: bool | None = None,
+    repeats: int = 10,
+    out: Path = Path("bench/results"),
+) -> Path:
+    """Runs every model and writes the results; returns the JSON path."""
+    on_gpu = torch.device(device).type == "cuda"
+    dtype = dtype or (torch.float16 if on_gpu else torch.float32)
+    compile = on_gpu if compile is None else compile
+    runs = []
+    for name in models:
+        runs += bench_model(name, device, dtype, steps, compile, repeats)
+        print_table(runs)
+    meta = {"date": datetime.date.today().isoformat(), "dtype": _dtype_name(dtype), "steps": steps}
+    meta["torch"] = torch.__version__
+    path = write_results(runs, device, out, meta)
+    print(f"wrote {path} and {path.with_suffix('.png')}")
+    return path

@@ -1,0 +1,49 @@
+"""The benchmark's CPU smoke run, exactly as CI and the README run it."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fisedit.bench.edit_bench import irregular_mask, square_mask
+
+
+@pytest.mark.parametrize("ratio", [0.05, 0.15, 0.30])
+def test_masks_cover_the_requested_ratio(ratio):
+    assert square_mask(64, ratio).float().mean() == pytest.approx(ratio, abs=0.02)
+    assert irregular_mask(64, ratio).float().mean() == pytest.approx(ratio, abs=0.01)
+
+
+def test_square_masks_are_aligned_to_blocks():
+    mask = square_mask(32, 0.3)
+    rows = torch.nonzero(mask.any(dim=1)).flatten()
+
+    assert rows[0] % 2 == 0 and len(rows) % 2 == 0
+
+
+def test_cpu_smoke_run_writes_well_formed_results(tmp_path):
+    command = [sys.executable, "-m", "fisedit.cli", "bench", "--device", "cpu", "--tiny"]
+    subprocess.run([*command, "--out", str(tmp_path)], check=True, timeout=300)
+
+    (result,) = tmp_path.glob("cpu-*.json")
+    assert result.with_suffix(".png").stat().st_size > 10_000
+    data = json.loads(result.read_text())
+    assert data["device"] == "cpu" and data["steps"] == 20
+    runs = data["runs"]
+    assert {r["method"] for r in runs} == {"dense-eager", "fisedit"}
+    assert all(r["model"] == "tiny" for r in runs)
+    edits = [r for r in runs if r["method"] == "fisedit"]
+    assert {r["mask"] for r in edits} == {"square-5", "square-15", "square-30", "irregular-15"}
+    assert {r["k"] for r in edits} == {0, 3, 10}
+    for run in edits:
+        assert 0 < run["mask_ratio"] < 0.5
+        assert 0 < run["mac_fraction"] < 1
+        assert run["sparse_step_ms"] > 0 and run["end_to_end_ms"] > 0
+        assert run["cache_bytes"] > 0
+        expected = run["dense_step_ms"] * run["sparse_step_mac_fraction"] / run["sparse_step_ms"]
+        assert run["sparse_step_efficiency"] == pytest.approx(expected)
+    supplied = sorted((r for r in edits if r["k"] == 0 and r["mask"].startswith("square")),
+                      key=lambda r: r["mask_ratio"])  # fmt: skip
+    assert [r["mac_fraction"] for r in supplied] == sorted(r["mac_fraction"] for r in supplied)
