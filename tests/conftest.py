@@ -7,18 +7,12 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import uuid  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
 
-import boto3  # noqa: E402
 import pytest  # noqa: E402
-from moto.server import ThreadedMotoServer  # noqa: E402
 
 from fisedit.engine.models import build_tiny_model  # noqa: E402
-from fisedit.storage import (  # noqa: E402
-    LocalConfig,
-    LocalObjectStore,
-    ObjectStore,
-    S3Config,
-    S3ObjectStore,
-)
+
+# boto3, moto and the storage package are imported inside the S3 fixtures, so the engine's
+# tests also run where only the GPU stack is installed.
 
 
 @pytest.fixture(scope="session")
@@ -44,6 +38,9 @@ def s3_endpoint() -> Iterator[str]:
     Dummy credentials go through the environment, so stores use boto3's standard chain; the
     developer's own AWS config and credentials files are hidden.
     """
+    import boto3
+    from moto.server import ThreadedMotoServer
+
     with pytest.MonkeyPatch.context() as env:
         env.setenv("AWS_ACCESS_KEY_ID", "testing")
         env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
@@ -66,12 +63,15 @@ def s3_endpoint() -> Iterator[str]:
 @pytest.fixture(scope="session")
 def s3_client(s3_endpoint: str):
     """A plain boto3 client, to look at the bucket behind a store's back."""
+    import boto3
+
     return boto3.client("s3", endpoint_url=s3_endpoint)
 
 
 @pytest.fixture
-def make_s3_store(s3_endpoint: str) -> Callable[[str], S3ObjectStore]:
+def make_s3_store(s3_endpoint: str) -> Callable:
     """Builds S3 stores in BUCKET with S3's smallest parts (5 MiB), so multipart stays cheap."""
+    from fisedit.storage import S3Config, S3ObjectStore
 
     def make(prefix: str) -> S3ObjectStore:
         config = S3Config(
@@ -87,8 +87,10 @@ def make_s3_store(s3_endpoint: str) -> Callable[[str], S3ObjectStore]:
 
 
 @pytest.fixture(params=["local", "s3"])
-def store(request, tmp_path) -> ObjectStore:
+def store(request, tmp_path):
     """An empty store of each backend: tests using it prove both behave the same."""
+    from fisedit.storage import LocalConfig, LocalObjectStore
+
     if request.param == "local":
         return LocalObjectStore(LocalConfig(root=tmp_path / "store"))
     # A fresh prefix per test keeps tests apart in the shared bucket.

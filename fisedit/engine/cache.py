@@ -10,18 +10,27 @@ class ActivationCache:
         self.steps = steps
         self.tensors: dict[str, torch.Tensor] = dict(tensors or {})
 
-    def put(self, name: str, step: int, value: torch.Tensor) -> None:
+    # A step is an int, or a 0-d index tensor on the cache's device: CUDA graphs captured
+    # once per edit read the step from device memory when they are replayed.
+
+    def put(self, name: str, step: int | torch.Tensor, value: torch.Tensor) -> None:
         buffer = self.tensors.get(name)
         if buffer is None:
             buffer = value.new_empty((self.steps, *value.shape))
             self.tensors[name] = buffer
-        buffer[step].copy_(value)
+        if isinstance(step, torch.Tensor):
+            buffer.index_copy_(0, step.reshape(1), value[None])
+        else:
+            buffer[step].copy_(value)
 
-    def get(self, name: str, step: int) -> torch.Tensor:
+    def get(self, name: str, step: int | torch.Tensor) -> torch.Tensor:
         try:
-            return self.tensors[name][step]
+            buffer = self.tensors[name]
         except KeyError:
             raise KeyError(f"nothing recorded under {name!r}") from None
+        if isinstance(step, torch.Tensor):
+            return buffer.index_select(0, step.reshape(1))[0]
+        return buffer[step]
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors

@@ -62,6 +62,9 @@ class EngineConfig(BaseModel):
     sparse: SparseConfig = SparseConfig()
     edit: EditConfig = EditConfig()
     progress: bool = Field(True, description="Show progress bars over denoise steps.")
+    cuda_graphs: bool = Field(
+        True, description="On CUDA, capture each edit's sparse step once and replay it."
+    )
 
 
 class GenerationParams(BaseModel):

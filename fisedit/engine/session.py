@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from fisedit.engine.cache import ActivationCache, HostPrefetcher
 from fisedit.engine.config import EditParams, EngineConfig, GenerationParams, SchedulerName
+from fisedit.engine.graphs import CapturedSparseStep
 from fisedit.engine.images import preserve_background
 from fisedit.engine.layers import MacCount, StepState, wrap_unet
 from fisedit.engine.masks import latent_difference, load_mask, target_area_capture
@@ -107,18 +108,29 @@ class DenoiseRun:
         self.added = model.added_conditions(embeds)
 
     @torch.no_grad()
-    def step(self, step: int, macs: MacCount, plan: SparsePlan | None = None, source=None):
-        """Runs `step`, dense, or sparse over `plan` reading `source` outside it."""
+    def step(
+        self,
+        step: int,
+        macs: MacCount,
+        plan: SparsePlan | None = None,
+        source=None,
+        graph: CapturedSparseStep | None = None,
+    ):
+        """Runs `step`: dense, or sparse over `plan` reading `source` outside it, by
+        replaying `graph` when one is given."""
         scheduler = self.scheduler
         t = scheduler.timesteps[step]
         model_in = scheduler.scale_model_input(torch.cat([self.latents] * 2), t)
-        with self.engine.unet_pass(step, macs, plan, source, self.record):
-            out = self.engine.model.unet(
-                model_in,
-                t,
-                encoder_hidden_states=self.embeds.hidden,
-                added_cond_kwargs=self.added,
-            ).sample
+        if graph is not None:
+            out = graph(model_in, t, step, macs)
+        else:
+            with self.engine.unet_pass(step, macs, plan, source, self.record):
+                out = self.engine.model.unet(
+                    model_in,
+                    t,
+                    encoder_hidden_states=self.embeds.hidden,
+                    added_cond_kwargs=self.added,
+                ).sample
         uncond, cond = out.chunk(2)
         noise_pred = uncond + self.params.guidance * (cond - uncond)
         self.latents = scheduler.step(noise_pred, t, self.latents).prev_sample
@@ -211,6 +223,10 @@ class Engine:
         finally:
             state.plan = state.source = state.record = None
 
+    @property
+    def _graphs(self) -> bool:
+        return self.config.cuda_graphs and self.model.device.type == "cuda"
+
     def _steps(self, steps: range, label: str) -> Iterator[int]:
         return tqdm(steps, desc=label, disable=not self.config.progress, leave=False)
 
@@ -249,6 +265,9 @@ class Engine:
                 mask = target_area_capture(diffs)
         plan = SparsePlan(mask.to(self.model.device), self.config.sparse, self.model.device)
         mask = plan.region
+        graph = None
+        if sparse and self._graphs and isinstance(source, ActivationCache):
+            graph = CapturedSparseStep(self, plan, source, run.record, embeds, run.added)
         with timer("sparse"):
             if dense_steps:
                 run.reset_outside(mask, source, dense_steps - 1)
@@ -256,7 +275,7 @@ class Engine:
             for step in self._steps(range(dense_steps, generation.steps), label):
                 if sparse:
                     step_macs = MacCount()
-                    run.step(step, step_macs, plan, source)
+                    run.step(step, step_macs, plan, source, graph)
                     macs.add(step_macs.dense, step_macs.executed)
                     sparse_macs.add(step_macs.dense, step_macs.executed)
                 else:

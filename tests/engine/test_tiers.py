@@ -2,10 +2,8 @@
 
 import numpy as np
 import pytest
-import torch
 
 from fisedit.engine import EditConfig, Engine, EngineConfig
-from fisedit.engine.cache import HostPrefetcher
 from fisedit.engine.snapshot import snapshot_versions
 from fisedit.engine.tiers import SessionPool, TierConfig, UnknownSessionError
 from fisedit.storage import LocalConfig, LocalObjectStore
@@ -102,16 +100,3 @@ def test_unknown_and_dropped_sessions_are_clear_errors(engine, session_bytes):
         pool.get(session.id)
     with pytest.raises(UnknownSessionError):
         pool.tier("nobody")
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_host_tier_edit_with_prefetch_equals_device_edit_on_gpu(tiny_model_dir):
-    config = EngineConfig(device="cuda", progress=False, edit=EditConfig(mask_steps=2))
-    engine = Engine.from_pretrained(tiny_model_dir, config)
-    on_device = engine.generate("a cat", steps=STEPS, seed=9)
-    on_host = engine.generate("a cat", steps=STEPS, seed=9)
-    on_host.current.cache = on_host.current.cache.to("cpu")
-
-    assert isinstance(on_host.current.cache.reader("cuda"), HostPrefetcher)
-    expected = on_device.edit("a dog").image
-    assert np.array_equal(on_host.edit("a dog").image, expected)

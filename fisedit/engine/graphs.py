@@ -1,0 +1,70 @@
+"""The sparse UNet call of one edit, captured once as a CUDA graph and replayed every step.
+
+The mask, and so every index tensor and buffer shape, is fixed for all sparse steps of an
+edit. After one eager warm-up the whole sparse UNet call is captured; each later step copies
+its inputs into static buffers and replays the graph. The step index reaches the cache reads
+and writes through device memory, so nothing in the replay depends on Python state.
+"""
+
+import torch
+
+from fisedit.engine.cache import ActivationCache
+from fisedit.engine.layers import MacCount
+from fisedit.engine.models import PromptEmbeddings
+from fisedit.engine.plan import SparsePlan
+
+
+class CapturedSparseStep:
+    """Runs sparse UNet calls for one edit by replaying a CUDA graph."""
+
+    def __init__(
+        self,
+        engine,
+        plan: SparsePlan,
+        source: ActivationCache,
+        record: ActivationCache | None,
+        embeds: PromptEmbeddings,
+        added: dict | None,
+    ) -> None:
+        self.engine, self.plan, self.source, self.record = engine, plan, source, record
+        self.embeds, self.added = embeds, added
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.step_macs = MacCount()
+
+    def _call(self, macs: MacCount) -> torch.Tensor:
+        with self.engine.unet_pass(self.step, macs, self.plan, self.source, self.record):
+            return self.engine.model.unet(
+                self.sample,
+                self.timestep,
+                encoder_hidden_states=self.embeds.hidden,
+                added_cond_kwargs=self.added,
+            ).sample
+
+    def _capture(self, sample: torch.Tensor, timestep: torch.Tensor, step: int) -> None:
+        device = sample.device
+        self.sample = sample.clone()
+        self.timestep = torch.as_tensor(timestep, device=device).clone()
+        self.step = torch.tensor(step, device=device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            # Warm-up: builds the plan's indices, allocates record buffers, counts MACs.
+            self._call(self.step_macs)
+            self._call(MacCount())
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.output = self._call(MacCount())
+
+    @torch.no_grad()
+    def __call__(
+        self, sample: torch.Tensor, timestep: torch.Tensor, step: int, macs: MacCount
+    ) -> torch.Tensor:
+        if self.graph is None:
+            self._capture(sample, timestep, step)
+        self.sample.copy_(sample)
+        self.timestep.copy_(torch.as_tensor(timestep))
+        self.step.fill_(step)
+        self.graph.replay()
+        macs.add(self.step_macs.dense, self.step_macs.executed)
+        return self.output

@@ -1,0 +1,44 @@
+import numpy as np
+import pytest
+import torch
+
+from fisedit.engine import EditConfig, Engine, EngineConfig
+from fisedit.engine.cache import ActivationCache, HostPrefetcher
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def test_a_step_can_be_an_int_or_an_index_tensor():
+    cache = ActivationCache(steps=3)
+    cache.put("x", 0, torch.zeros(2, 2))
+    cache.put("x", torch.tensor(2), torch.full((2, 2), 7.0))
+
+    assert cache.tensors["x"].shape == (3, 2, 2)
+    assert torch.equal(cache.get("x", 2), cache.get("x", torch.tensor(2)))
+    assert cache.get("x", torch.tensor(2)).sum() == 28 and cache.get("x", 0).sum() == 0
+    assert cache.nbytes == 3 * 4 * 4
+
+
+def test_unknown_names_are_clear_errors():
+    with pytest.raises(KeyError, match="nothing recorded under 'y'"):
+        ActivationCache(steps=1).get("y", 0)
+
+
+def test_on_cpu_the_reader_is_the_cache_itself():
+    cache = ActivationCache(steps=1, tensors={"x": torch.zeros(1, 3)})
+
+    assert cache.reader("cpu") is cache
+    assert cache.to("cpu").tensors["x"].device.type == "cpu"
+
+
+@needs_cuda
+def test_host_resident_edit_with_prefetch_equals_device_edit(tiny_model_dir):
+    config = EngineConfig(device="cuda", progress=False, edit=EditConfig(mask_steps=2))
+    engine = Engine.from_pretrained(tiny_model_dir, config)
+    on_device = engine.generate("a cat", steps=6, seed=9)
+    on_host = engine.generate("a cat", steps=6, seed=9)
+    on_host.current.cache = on_host.current.cache.to("cpu")
+
+    assert isinstance(on_host.current.cache.reader("cuda"), HostPrefetcher)
+    expected = on_device.edit("a dog").image
+    assert np.array_equal(on_host.edit("a dog").image, expected)

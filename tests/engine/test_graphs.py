@@ -1,0 +1,28 @@
+import pytest
+import torch
+
+from fisedit.engine import EditConfig, Engine, EngineConfig
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_graph_captured_sparse_steps_give_the_eager_latents(tiny_model_dir, dtype):
+    def edit(cuda_graphs: bool):
+        config = EngineConfig(
+            device="cuda",
+            dtype=dtype,
+            progress=False,
+            cuda_graphs=cuda_graphs,
+            edit=EditConfig(mask_steps=3),
+        )
+        session = Engine.from_pretrained(tiny_model_dir, config).generate("a cat", steps=10)
+        return session.edit("a dog")
+
+    eager, captured = edit(cuda_graphs=False), edit(cuda_graphs=True)
+
+    assert torch.equal(eager.mask, captured.mask)
+    torch.testing.assert_close(
+        captured.cache.tensors["latents"], eager.cache.tensors["latents"], atol=1e-3, rtol=1e-3
+    )
+    assert captured.report.executed_macs == eager.report.executed_macs
