@@ -3,6 +3,10 @@
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+# Triton decides between compiling and interpreting when it is imported: without a GPU its
+# kernels run under the CPU interpreter. (Checked without importing torch, which is slow.)
+if not os.path.exists("/dev/nvidia0") and not os.environ.get("CUDA_VISIBLE_DEVICES"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import uuid  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402

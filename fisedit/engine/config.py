@@ -32,6 +32,9 @@ class SparseConfig(BaseModel):
     active_only_attention: bool = Field(
         False, description="Self-attention keys and values from active tokens only."
     )
+    kernels: Literal["auto", "triton", "reference"] = Field(
+        "auto", description="Fused Triton kernels or the PyTorch reference; auto: Triton on CUDA."
+    )
 
     @classmethod
     def exact(cls, **overrides) -> "SparseConfig":

@@ -17,18 +17,13 @@ from diffusers.models.transformers.transformer_2d import (
 )
 from torch import nn
 
+from fisedit.engine import sparse_ops
 from fisedit.engine.cache import ActivationCache
 from fisedit.engine.config import SparseConfig
+from fisedit.engine.kernels import sparse_conv as conv_kernels
+from fisedit.engine.kernels import tokens as token_kernels
 from fisedit.engine.plan import LayerGeometry, SparsePlan
-from fisedit.engine.sparse_ops import (
-    attention,
-    gather_tokens,
-    group_norm_affine,
-    pointwise,
-    scatter_rows,
-    scatter_tokens,
-    sparse_conv2d,
-)
+from fisedit.engine.sparse_ops import attention, group_norm_affine, pointwise
 
 
 @dataclass
@@ -62,6 +57,10 @@ class StepState:
     def sparse(self) -> bool:
         return self.plan is not None
 
+    def use_triton(self, x: torch.Tensor) -> bool:
+        kernels = self.config.kernels
+        return kernels == "triton" or (kernels == "auto" and x.is_cuda)
+
 
 def _linear_macs(layer: nn.Module, rows: int) -> int:
     if isinstance(layer, nn.Conv2d):
@@ -83,6 +82,7 @@ class SparseLayer(nn.Module):
         self.name = name
         self.inner = inner
         self.state = state
+        self._packed: dict[nn.Conv2d, torch.Tensor] = {}
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
         state = self.state
@@ -119,6 +119,44 @@ class SparseLayer(nn.Module):
 
     def wrap(self, out: torch.Tensor, **kwargs):
         return out
+
+    def conv_tokens(
+        self,
+        x: torch.Tensor,
+        conv: nn.Conv2d,
+        taps: torch.Tensor,
+        norm_affine: torch.Tensor | None = None,
+        residual: torch.Tensor | None = None,
+        out_scale: float = 1.0,
+    ) -> torch.Tensor:
+        """(conv(x) + residual) * out_scale at the active pixels, as tokens [B, P, C_out]."""
+        if self.state.use_triton(x):
+            if conv not in self._packed:
+                self._packed[conv] = conv_kernels.pack_conv_weight(conv.weight)
+            return conv_kernels.sparse_conv2d_triton(
+                x,
+                taps,
+                None,
+                conv.bias,
+                norm_affine,
+                residual,
+                out_scale,
+                packed_weight=self._packed[conv],
+            )
+        out = sparse_ops.sparse_conv2d(x, conv, taps, norm_affine)
+        out = out if residual is None else out + residual
+        return out if out_scale == 1.0 else out * out_scale
+
+    def gather(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        if self.state.use_triton(x):
+            return token_kernels.gather_tokens_affine(x, index)[0]
+        return sparse_ops.gather_tokens(x, index)
+
+    def scatter(self, base: torch.Tensor, index: torch.Tensor, values: torch.Tensor):
+        """A copy of the map `base` with the active pixels replaced by tokens `values`."""
+        if self.state.use_triton(base):
+            return token_kernels.scatter_tokens_residual(base, index, values)
+        return sparse_ops.scatter_tokens(base, index, values)
 
     def cached(self, key: str) -> torch.Tensor:
         return self.state.source.get(f"{self.name}.{key}", self.state.step)
@@ -171,17 +209,18 @@ class SparseResnet(SparseLayer):
     def sparse(self, x, geometry, temb=None, *args, **kwargs):
         block, index = self.inner, geometry.index
         taps = self.state.plan.taps(block.conv1, geometry.hw, geometry.hw)
-        h = sparse_conv2d(x, block.conv1, taps, self.norm_affine("norm1", block.norm1, x))
+        h = self.conv_tokens(x, block.conv1, taps, self.norm_affine("norm1", block.norm1, x))
         if block.time_emb_proj is not None and temb is not None:
             t = temb if block.skip_time_act else block.nonlinearity(temb)
             h = h + block.time_emb_proj(t)[:, None, :]
-        mid = scatter_tokens(self.cached("norm2_in"), index, h)
+        mid = self.scatter(self.cached("norm2_in"), index, h)
         self.save("norm2_in", mid)
-        h = sparse_conv2d(mid, block.conv2, taps, self.norm_affine("norm2", block.norm2, mid))
-        skip = gather_tokens(x, index)
+        skip = self.gather(x, index)
         if block.conv_shortcut is not None:
             skip = pointwise(block.conv_shortcut, skip)
-        return scatter_tokens(self.cached("out"), index, (skip + h) / block.output_scale_factor)
+        affine = self.norm_affine("norm2", block.norm2, mid)
+        out = self.conv_tokens(mid, block.conv2, taps, affine, skip, 1 / block.output_scale_factor)
+        return self.scatter(self.cached("out"), index, out)
 
     def macs(self, x, active, **kwargs):
         block, batch = self.inner, x.shape[0]
@@ -231,10 +270,10 @@ class SparseTransformer(SparseLayer):
     def sparse(self, x, geometry, encoder_hidden_states=None, *args, **kwargs):
         model, index = self.inner, geometry.index
         affine = self.norm_affine("norm", model.norm, x)
-        residual = gather_tokens(x, index)
+        residual = self.gather(x, index)
         h = pointwise(model.proj_in, residual * affine[0][:, None] + affine[1][:, None])
         for key, block in zip(self._block_keys, model.transformer_blocks, strict=True):
-            full = scatter_rows(self.cached(key), index, h)
+            full = sparse_ops.scatter_rows(self.cached(key), index, h)
             self.save(key, full)
             queries = block.norm1(h)
             context = queries if self.state.config.active_only_attention else block.norm1(full)
@@ -242,7 +281,7 @@ class SparseTransformer(SparseLayer):
             h = attention(block.attn2, block.norm2(h), encoder_hidden_states) + h
             h = block.ff(block.norm3(h)) + h
         out = pointwise(model.proj_out, h) + residual
-        return scatter_tokens(self.cached("out"), index, out)
+        return self.scatter(self.cached("out"), index, out)
 
     def macs(self, x, active, encoder_hidden_states=None, **kwargs):
         model, batch = self.inner, x.shape[0]
@@ -290,8 +329,8 @@ class SparseConv(SparseLayer):
     def sparse(self, x, geometry, *args, **kwargs):
         taps = self.state.plan.taps(self.conv, tuple(x.shape[-2:]), geometry.hw, self.upsample)
         affine = None if self.norm is None else self.norm_affine("norm", self.norm, x)
-        tokens = sparse_conv2d(x, self.conv, taps, affine)
-        return scatter_tokens(self.cached("out"), geometry.index, tokens)
+        out = self.conv_tokens(x, self.conv, taps, affine)
+        return self.scatter(self.cached("out"), geometry.index, out)
 
     def macs(self, x, active, **kwargs):
         return x.shape[0] * _conv_macs(self.conv, active)

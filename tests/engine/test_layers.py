@@ -78,7 +78,11 @@ LAYERS = [
 ]
 
 
-@pytest.mark.parametrize("config", [SparseConfig(), SparseConfig.exact()], ids=["cached", "exact"])
+@pytest.mark.parametrize(
+    "config",
+    [SparseConfig(), SparseConfig.exact(), SparseConfig(kernels="triton")],
+    ids=["cached", "exact", "triton"],
+)
 @pytest.mark.parametrize(("name", "kind"), LAYERS)
 def test_sparse_layer_equals_dense_layer_on_active_region(engine, recorded, name, kind, config):
     layer, dense, out, index = _sparse_call(engine, recorded, name, config, _square_mask())

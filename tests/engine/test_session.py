@@ -208,3 +208,18 @@ def test_bad_generation_parameters_are_clear_errors(engine, kwargs, field):
 def test_unknown_model_path_is_a_clear_error(tmp_path):
     with pytest.raises(ModelLoadError, match="no-such-model"):
         Engine.from_pretrained(str(tmp_path / "no-such-model"))
+
+
+def test_triton_kernels_give_the_reference_edit(tiny_model_dir):
+    """The whole sparse path through the Triton kernels (interpreted on CPU)."""
+    edits = []
+    for kernels in ("reference", "triton"):
+        engine = _engine(tiny_model_dir, SparseConfig(kernels=kernels), preserve=False)
+        session = engine.generate(CAT, steps=6, seed=9)
+        edits.append(session.edit(DOG, mask=_square(), mask_steps=2))
+    reference, triton = edits
+
+    torch.testing.assert_close(
+        triton.cache.tensors["latents"], reference.cache.tensors["latents"], atol=1e-4, rtol=1e-4
+    )
+    assert psnr(triton.image, reference.image) > 60

@@ -1,0 +1,314 @@
+"""Sparse convolution as one fused implicit GEMM over the active output pixels.
+
+Rows are the B * P active (sample, pixel) pairs, columns the output channels, and K runs over
+the T kernel taps times the C input channels. Each program gathers its rows' inputs with
+their halo straight from the feature map (any strides; -1 taps read zero padding), applies
+the GroupNorm affine and SiLU on load, and accumulates in fp32 with tl.dot. The epilogue adds
+bias and residual, scales, and writes tokens or scatters the rows into a feature map.
+
+Few active pixels make a small grid with a long serial K loop (latency-bound), so K is split
+across programs: each split writes an fp32 partial sum, and a finalise pass of the same kernel
+adds the partials in a fixed order (deterministic, no atomics) before the epilogue.
+"""
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from fisedit.engine.kernels.launch import launcher
+
+# Splits beyond this add workspace traffic for little extra parallelism.
+MAX_SPLIT_K = 16
+
+
+def pack_conv_weight(weight: torch.Tensor) -> torch.Tensor:
+    """Conv2d weight [C_out, C, kh, kw] -> [kh * kw * C, C_out], K-major as the kernel reads it.
+
+    Row t * C + c holds tap t (row-major over kh, kw, as in `conv_taps`) and input channel c.
+    """
+    c_out = weight.shape[0]
+    return weight.permute(2, 3, 1, 0).reshape(-1, c_out).contiguous()
+
+
+def sparse_conv2d_reference(
+    x: torch.Tensor,
+    taps: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    norm_affine: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    out_scale: float = 1.0,
+    out: torch.Tensor | None = None,
+    out_index: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The conv at the active pixels in plain PyTorch, computed in fp32.
+
+    x [B, C, H, W]; taps [P, T] flat input positions (-1: padding); weight [C_out, C, kh, kw];
+    norm_affine [2, B, C] makes the input silu(x * scale + shift) with padding still zero.
+    Returns tokens [B, P, C_out] = (conv + bias + residual) * out_scale, or, given `out` and
+    `out_index` [P], writes them into `out` [B, C_out, H_out, W_out] in place and returns it.
+    """
+    batch, channels = x.shape[:2]
+    # A trailing zero column for padding taps to read.
+    flat = F.pad(x.float().flatten(2), (0, 1))
+    cols = flat[:, :, torch.where(taps < 0, flat.shape[-1] - 1, taps)]  # [B, C, P, T]
+    if norm_affine is not None:
+        scale, shift = norm_affine.float()[:, :, :, None, None].unbind(0)
+        cols = F.silu(cols * scale + shift) * (taps >= 0)
+    cols = cols.permute(0, 2, 1, 3).reshape(batch, taps.shape[0], channels * taps.shape[1])
+    result = F.linear(cols, weight.float().flatten(1), None if bias is None else bias.float())
+    if residual is not None:
+        result = result + residual.float()
+    result = (result * out_scale).to(x.dtype)
+    if out is None:
+        return result
+    width = out.shape[-1]
+    out[:, :, out_index // width, out_index % width] = result.transpose(1, 2).to(out.dtype)
+    return out
+
+
+@triton.jit
+def _sparse_conv_kernel(
+    x_ptr,
+    taps_ptr,
+    w_ptr,
+    bias_ptr,
+    affine_ptr,
+    res_ptr,
+    out_ptr,
+    out_index_ptr,
+    part_ptr,
+    M,
+    P,
+    C,
+    N,
+    W_in,
+    W_out,
+    c_chunks,
+    k_chunks,
+    chunks_per_split,
+    n_splits,
+    out_scale,
+    sx_b,
+    sx_c,
+    sx_h,
+    sx_w,
+    st_p,
+    st_t,
+    sa_k,
+    sa_b,
+    sa_c,
+    sr_b,
+    sr_p,
+    sr_c,
+    so_b,
+    so_c,
+    so_h,
+    so_w,
+    HAS_BIAS: tl.constexpr,
+    HAS_AFFINE: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    SCATTER: tl.constexpr,
+    PARTIAL: tl.constexpr,
+    FINALISE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Three passes share this source, picked by constexpr flags:
+    fused (neither flag): the whole K loop and the epilogue;
+    PARTIAL: split program_id(2) of the K loop, written to part_ptr [n_splits, M, N] in fp32;
+    FINALISE: sums those partials in split order, then the epilogue.
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = offs_m < M
+    n_mask = offs_n < N
+    tile_mask = row_mask[:, None] & n_mask[None, :]
+    b = offs_m // P
+    p = offs_m % P
+    tile_offs = offs_m[:, None] * N + offs_n[None, :]
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if FINALISE:
+        for s in range(n_splits):
+            acc += tl.load(part_ptr + s * M * N + tile_offs, mask=tile_mask, other=0.0)
+    else:
+        offs_k = tl.arange(0, BLOCK_K)
+        start = tl.program_id(2) * chunks_per_split
+        end = tl.minimum(start + chunks_per_split, k_chunks)
+        # One chunk is BLOCK_K input channels of one tap.
+        for i in range(start, end):
+            t = i // c_chunks
+            c = (i % c_chunks) * BLOCK_K + offs_k
+            c_mask = c < C
+            pos = tl.load(taps_ptr + p * st_p + t * st_t, mask=row_mask, other=-1).to(tl.int32)
+            valid = pos >= 0
+            pos = tl.where(valid, pos, 0)
+            pix = b * sx_b + (pos // W_in) * sx_h + (pos % W_in) * sx_w
+            a_mask = valid[:, None] & c_mask[None, :]
+            a = tl.load(x_ptr + pix[:, None] + c[None, :] * sx_c, mask=a_mask, other=0.0)
+            if HAS_AFFINE:
+                # Masked scale and shift load as 0, so padding stays silu(0) = 0.
+                aff = b[:, None] * sa_b + c[None, :] * sa_c
+                scale = tl.load(affine_ptr + aff, mask=a_mask, other=0.0).to(tl.float32)
+                shift = tl.load(affine_ptr + sa_k + aff, mask=a_mask, other=0.0).to(tl.float32)
+                a = a.to(tl.float32) * scale + shift
+                a = a * tl.sigmoid(a)
+            w_offs = (t * C + c)[:, None] * N + offs_n[None, :]
+            w = tl.load(w_ptr + w_offs, mask=c_mask[:, None] & n_mask[None, :], other=0.0)
+            acc += tl.dot(a.to(w.dtype), w)
+
+    if PARTIAL:
+        tl.store(part_ptr + tl.program_id(2) * M * N + tile_offs, acc, mask=tile_mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        if HAS_RESIDUAL:
+            res_offs = b[:, None] * sr_b + p[:, None] * sr_p + offs_n[None, :] * sr_c
+            acc += tl.load(res_ptr + res_offs, mask=tile_mask, other=0.0).to(tl.float32)
+        acc = acc * out_scale
+        # Tokens [B, P, N] are addressed as a 1 x P map with W_out = P.
+        pos = p
+        if SCATTER:
+            pos = tl.load(out_index_ptr + p, mask=row_mask, other=0).to(tl.int32)
+        pix = b * so_b + (pos // W_out) * so_h + (pos % W_out) * so_w
+        out_offs = pix[:, None] + offs_n[None, :] * so_c
+        tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=tile_mask)
+
+
+def _block_sizes(rows: int, cols: int, channels: int) -> tuple[int, int, int]:
+    """BLOCK_M, BLOCK_N, BLOCK_K: at least 16 (tl.dot's minimum), no larger than needed."""
+
+    def fit(size: int, cap: int) -> int:
+        return min(cap, max(16, triton.next_power_of_2(size)))
+
+    return fit(rows, 64), fit(cols, 64), fit(channels, 64)
+
+
+def _auto_split_k(tiles: int, k_chunks: int, device: torch.device) -> int:
+    """Enough splits to give about two programs per SM, when the output tiles alone do not."""
+    # On CPU (the interpreter) a small target still exercises the split path.
+    sms = (
+        torch.cuda.get_device_properties(device).multi_processor_count
+        if device.type == "cuda"
+        else 8
+    )
+    return max(1, min(triton.cdiv(2 * sms, tiles), k_chunks, MAX_SPLIT_K))
+
+
+def sparse_conv2d_triton(
+    x: torch.Tensor,
+    taps: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None = None,
+    norm_affine: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    out_scale: float = 1.0,
+    out: torch.Tensor | None = None,
+    out_index: torch.Tensor | None = None,
+    *,
+    packed_weight: torch.Tensor | None = None,
+    split_k: int | None = None,
+) -> torch.Tensor:
+    """`sparse_conv2d_reference` as one fused Triton kernel (plus a finalise pass if split).
+
+    `packed_weight` (from `pack_conv_weight`) replaces `weight`, so callers can pack once.
+    `split_k` splits the K loop (taps x channel chunks) across that many programs; by default
+    it is chosen from the grid size.
+    """
+    batch, channels, _, width = x.shape
+    n_pix, n_taps = taps.shape
+    if packed_weight is None:
+        if weight is None:
+            raise ValueError("pass weight or packed_weight")
+        packed_weight = pack_conv_weight(weight)
+    if packed_weight.shape[0] != n_taps * channels or not packed_weight.is_contiguous():
+        raise ValueError(
+            f"packed weight must be contiguous [{n_taps * channels}, C_out], "
+            f"got {tuple(packed_weight.shape)}"
+        )
+    if (out is None) != (out_index is None):
+        raise ValueError("out and out_index go together")
+    c_out = packed_weight.shape[1]
+    scatter = out is not None
+    if out is None:
+        out = torch.empty(batch, n_pix, c_out, dtype=x.dtype, device=x.device)
+    if n_pix == 0 or batch == 0:
+        return out
+    run = launcher(_sparse_conv_kernel, x.device)
+
+    rows = batch * n_pix
+    block_m, block_n, block_k = _block_sizes(rows, c_out, channels)
+    c_chunks = triton.cdiv(channels, block_k)
+    k_chunks = n_taps * c_chunks
+    tiles = (triton.cdiv(rows, block_m), triton.cdiv(c_out, block_n))
+    if split_k is None:
+        split_k = _auto_split_k(tiles[0] * tiles[1], k_chunks, x.device)
+    split_k = max(1, min(split_k, k_chunks))
+    chunks_per_split = triton.cdiv(k_chunks, split_k)
+    # No empty splits: the last one may be short but never idle.
+    split_k = triton.cdiv(k_chunks, chunks_per_split)
+
+    if scatter:
+        out_index = out_index.contiguous()
+        out_strides = out.stride()
+        out_width = out.shape[-1]
+    else:
+        # Tokens [B, P, C_out] as a [B, C_out, 1, P] map.
+        out_strides = (out.stride(0), out.stride(2), 0, out.stride(1))
+        out_width = n_pix
+    partials = (
+        torch.empty(split_k, rows, c_out, dtype=torch.float32, device=x.device)
+        if split_k > 1
+        else out
+    )
+    # Absent tensors get a stand-in pointer that their constexpr flag keeps unread.
+    affine = x if norm_affine is None else norm_affine
+    res = x if residual is None else residual
+    args = [
+        x,
+        taps,
+        packed_weight,
+        x if bias is None else bias,
+        affine,
+        res,
+        out,
+        taps if out_index is None else out_index,
+        partials,
+        rows,
+        n_pix,
+        channels,
+        c_out,
+        width,
+        out_width,
+        c_chunks,
+        k_chunks,
+        chunks_per_split,
+        split_k,
+        float(out_scale),
+        *x.stride(),
+        *taps.stride(),
+        *(affine.stride() if norm_affine is not None else (0, 0, 0)),
+        *(res.stride() if residual is not None else (0, 0, 0)),
+        *out_strides,
+    ]
+    flags = dict(
+        HAS_BIAS=bias is not None,
+        HAS_AFFINE=norm_affine is not None,
+        HAS_RESIDUAL=residual is not None,
+        SCATTER=scatter,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        num_warps=4,
+    )
+    if split_k == 1:
+        run[tiles](*args, PARTIAL=False, FINALISE=False, **flags)
+    else:
+        run[(*tiles, split_k)](*args, PARTIAL=True, FINALISE=False, **flags)
+        run[tiles](*args, PARTIAL=False, FINALISE=True, **flags)
+    return out

@@ -1,0 +1,320 @@
+"""Token gathers and scatters around transformer blocks, fused with their elementwise neighbours.
+
+Feature maps are [B, C, H, W] with any strides (NCHW or channels_last); `index` [P] holds the
+active flat pixel positions (row-major), shared by the batch. Token maps are [B, L, D].
+Arithmetic is fp32; results take the dtype of the map they come from or go into.
+"""
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from fisedit.engine.kernels.launch import launcher
+
+
+def _tile(size: int, cap: int = 64) -> int:
+    return min(cap, triton.next_power_of_2(max(size, 1)))
+
+
+def gather_tokens_affine_reference(
+    x: torch.Tensor, index: torch.Tensor, norm_affine: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens [B, P, C] at the active pixels, tokens * scale + shift with [2, B, C] affine)."""
+    tokens = x.flatten(2)[:, :, index].transpose(1, 2).contiguous()
+    if norm_affine is None:
+        return tokens, tokens
+    scale, shift = norm_affine.float()[:, :, None, :].unbind(0)
+    return tokens, (tokens.float() * scale + shift).to(x.dtype)
+
+
+@triton.jit
+def _gather_tokens_affine_kernel(
+    x_ptr,
+    index_ptr,
+    affine_ptr,
+    tokens_ptr,
+    normed_ptr,
+    P,
+    C,
+    W,
+    sx_b,
+    sx_c,
+    sx_h,
+    sx_w,
+    sa_k,
+    sa_b,
+    sa_c,
+    HAS_AFFINE: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    b = tl.program_id(2)
+    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = offs_c < C
+    mask = (offs_p < P)[:, None] & c_mask[None, :]
+    pos = tl.load(index_ptr + offs_p, mask=offs_p < P, other=0).to(tl.int32)
+    pix = b * sx_b + (pos // W) * sx_h + (pos % W) * sx_w
+    tokens = tl.load(x_ptr + pix[:, None] + offs_c[None, :] * sx_c, mask=mask)
+    out_offs = (b * P + offs_p)[:, None] * C + offs_c[None, :]
+    tl.store(tokens_ptr + out_offs, tokens, mask=mask)
+    if HAS_AFFINE:
+        scale = tl.load(affine_ptr + b * sa_b + offs_c * sa_c, mask=c_mask).to(tl.float32)
+        shift = tl.load(affine_ptr + sa_k + b * sa_b + offs_c * sa_c, mask=c_mask).to(tl.float32)
+        normed = tokens.to(tl.float32) * scale[None, :] + shift[None, :]
+        tl.store(normed_ptr + out_offs, normed.to(normed_ptr.dtype.element_ty), mask=mask)
+
+
+def gather_tokens_affine(
+    x: torch.Tensor, index: torch.Tensor, norm_affine: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`gather_tokens_affine_reference` as one kernel; without an affine, tokens come twice."""
+    batch, channels, _, width = x.shape
+    n_pix = index.shape[0]
+    tokens = torch.empty(batch, n_pix, channels, dtype=x.dtype, device=x.device)
+    normed = tokens if norm_affine is None else torch.empty_like(tokens)
+    if tokens.numel() == 0:
+        return tokens, normed
+    block_p, block_c = _tile(n_pix), _tile(channels)
+    grid = (triton.cdiv(n_pix, block_p), triton.cdiv(channels, block_c), batch)
+    affine = x if norm_affine is None else norm_affine
+    launcher(_gather_tokens_affine_kernel, x.device)[grid](
+        x,
+        index.contiguous(),
+        affine,
+        tokens,
+        normed,
+        n_pix,
+        channels,
+        width,
+        *x.stride(),
+        *(affine.stride() if norm_affine is not None else (0, 0, 0)),
+        HAS_AFFINE=norm_affine is not None,
+        BLOCK_P=block_p,
+        BLOCK_C=block_c,
+    )
+    return tokens, normed
+
+
+def gather_rows_layernorm_reference(
+    rows: torch.Tensor,
+    index: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+) -> torch.Tensor:
+    """LayerNorm over D of rows[:, index] ([B, L, D] -> [B, P, D]; all rows if index is None)."""
+    picked = rows if index is None else rows[:, index]
+    weight = None if weight is None else weight.float()
+    bias = None if bias is None else bias.float()
+    normed = F.layer_norm(picked.float(), picked.shape[-1:], weight, bias, eps)
+    return normed.to(rows.dtype)
+
+
+@triton.jit
+def _gather_rows_layernorm_kernel(
+    rows_ptr,
+    index_ptr,
+    weight_ptr,
+    bias_ptr,
+    out_ptr,
+    P,
+    D,
+    eps,
+    sr_b,
+    sr_l,
+    sr_d,
+    HAS_INDEX: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    # One program normalises one output row, held whole in registers.
+    p = tl.program_id(0)
+    b = tl.program_id(1)
+    row = p
+    if HAS_INDEX:
+        row = tl.load(index_ptr + p)
+    offs = tl.arange(0, BLOCK_D)
+    mask = offs < D
+    x = tl.load(rows_ptr + b * sr_b + row * sr_l + offs * sr_d, mask=mask, other=0.0)
+    x = x.to(tl.float32)
+    mean = tl.sum(x, axis=0) / D
+    centred = tl.where(mask, x - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / D + eps)
+    y = centred * rstd
+    if HAS_WEIGHT:
+        y = y * tl.load(weight_ptr + offs, mask=mask).to(tl.float32)
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + offs, mask=mask).to(tl.float32)
+    tl.store(out_ptr + (b * P + p) * D + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def gather_rows_layernorm(
+    rows: torch.Tensor,
+    index: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+) -> torch.Tensor:
+    """`gather_rows_layernorm_reference` as one kernel, with fp32 statistics."""
+    batch, length, dim = rows.shape
+    n_rows = length if index is None else index.shape[0]
+    out = torch.empty(batch, n_rows, dim, dtype=rows.dtype, device=rows.device)
+    if out.numel() == 0:
+        return out
+    launcher(_gather_rows_layernorm_kernel, rows.device)[(n_rows, batch)](
+        rows,
+        rows if index is None else index.contiguous(),
+        rows if weight is None else weight.contiguous(),
+        rows if bias is None else bias.contiguous(),
+        out,
+        n_rows,
+        dim,
+        float(eps),
+        *rows.stride(),
+        HAS_INDEX=index is not None,
+        HAS_WEIGHT=weight is not None,
+        HAS_BIAS=bias is not None,
+        BLOCK_D=triton.next_power_of_2(dim),
+    )
+    return out
+
+
+def scatter_tokens_residual_reference(
+    base: torch.Tensor,
+    index: torch.Tensor,
+    tokens: torch.Tensor,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A copy of `base` [B, C, H, W] with the active pixels set to tokens (+ residual)."""
+    values = tokens.float() if residual is None else tokens.float() + residual.float()
+    out = base.clone()
+    width = base.shape[-1]
+    out[:, :, index // width, index % width] = values.transpose(1, 2).to(out.dtype)
+    return out
+
+
+@triton.jit
+def _scatter_tokens_kernel(
+    tokens_ptr,
+    res_ptr,
+    index_ptr,
+    out_ptr,
+    P,
+    C,
+    W,
+    st_b,
+    st_p,
+    st_c,
+    sr_b,
+    sr_p,
+    sr_c,
+    so_b,
+    so_c,
+    so_h,
+    so_w,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    b = tl.program_id(2)
+    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (offs_p < P)[:, None] & (offs_c < C)[None, :]
+    values = tl.load(
+        tokens_ptr + b * st_b + offs_p[:, None] * st_p + offs_c[None, :] * st_c, mask=mask
+    ).to(tl.float32)
+    if HAS_RESIDUAL:
+        res_offs = b * sr_b + offs_p[:, None] * sr_p + offs_c[None, :] * sr_c
+        values += tl.load(res_ptr + res_offs, mask=mask).to(tl.float32)
+    pos = tl.load(index_ptr + offs_p, mask=offs_p < P, other=0).to(tl.int32)
+    pix = b * so_b + (pos // W) * so_h + (pos % W) * so_w
+    out_offs = pix[:, None] + offs_c[None, :] * so_c
+    tl.store(out_ptr + out_offs, values.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def scatter_tokens_residual(
+    base: torch.Tensor,
+    index: torch.Tensor,
+    tokens: torch.Tensor,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`scatter_tokens_residual_reference`: a clone of `base` (same strides), then one kernel."""
+    out = base.clone()
+    batch, channels, _, width = base.shape
+    n_pix = index.shape[0]
+    if n_pix == 0 or batch == 0 or channels == 0:
+        return out
+    block_p, block_c = _tile(n_pix), _tile(channels)
+    grid = (triton.cdiv(n_pix, block_p), triton.cdiv(channels, block_c), batch)
+    launcher(_scatter_tokens_kernel, base.device)[grid](
+        tokens,
+        tokens if residual is None else residual,
+        index.contiguous(),
+        out,
+        n_pix,
+        channels,
+        width,
+        *tokens.stride(),
+        *(residual.stride() if residual is not None else (0, 0, 0)),
+        *out.stride(),
+        HAS_RESIDUAL=residual is not None,
+        BLOCK_P=block_p,
+        BLOCK_C=block_c,
+    )
+    return out
+
+
+def scatter_rows_reference(
+    base: torch.Tensor, index: torch.Tensor, rows: torch.Tensor
+) -> torch.Tensor:
+    """A copy of token map `base` [B, L, D] with rows `index` replaced by `rows` [B, P, D]."""
+    out = base.clone()
+    out[:, index] = rows.to(out.dtype)
+    return out
+
+
+@triton.jit
+def _scatter_rows_kernel(
+    rows_ptr,
+    index_ptr,
+    out_ptr,
+    D,
+    sr_b,
+    sr_p,
+    sr_d,
+    so_b,
+    so_l,
+    so_d,
+    BLOCK_D: tl.constexpr,
+):
+    p = tl.program_id(0)
+    b = tl.program_id(1)
+    offs = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask = offs < D
+    row = tl.load(index_ptr + p)
+    values = tl.load(rows_ptr + b * sr_b + p * sr_p + offs * sr_d, mask=mask)
+    dest = out_ptr + b * so_b + row * so_l + offs * so_d
+    tl.store(dest, values.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def scatter_rows(base: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """`scatter_rows_reference`: a clone of `base`, then one kernel writes the rows."""
+    out = base.clone()
+    batch, _, dim = base.shape
+    n_rows = index.shape[0]
+    if n_rows == 0 or batch == 0 or dim == 0:
+        return out
+    block_d = _tile(dim, cap=1024)
+    launcher(_scatter_rows_kernel, base.device)[(n_rows, batch, triton.cdiv(dim, block_d))](
+        rows,
+        index.contiguous(),
+        out,
+        dim,
+        *rows.stride(),
+        *out.stride(),
+        BLOCK_D=block_d,
+    )
+    return out

@@ -1,0 +1,222 @@
+"""The fused Triton sparse conv equals its PyTorch reference, which equals the dense layers.
+
+On CPU the kernels run under Triton's interpreter, so shapes stay tiny.
+"""
+
+import os
+
+# Before Triton is imported; the kernels also read it per call, so late imports are fine too.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+from fisedit.engine.kernels import sparse_conv  # noqa: E402
+from fisedit.engine.kernels.sparse_conv import (  # noqa: E402
+    pack_conv_weight,
+    sparse_conv2d_reference,
+    sparse_conv2d_triton,
+)
+from fisedit.engine.sparse_ops import conv_taps, gather_tokens, group_norm_affine  # noqa: E402
+
+ATOL, RTOL = 1e-4, 1e-4
+
+# (C, C_out, input side, kernel, stride, padding, upsample)
+LAYERS = {
+    "3x3": (4, 6, 8, 3, 1, 1, 1),
+    "3x3-c20": (20, 16, 8, 3, 1, 1, 1),
+    "1x1": (8, 16, 8, 1, 1, 0, 1),
+    "3x3-stride2": (8, 6, 8, 3, 2, 1, 1),
+    "3x3-upsample2": (20, 6, 4, 3, 1, 1, 2),
+    # Two channel chunks of 64, the second one partial.
+    "1x1-c72": (72, 16, 4, 1, 1, 0, 1),
+}
+
+
+class Case:
+    """A conv layer, an input, an active set of output pixels and its tap table."""
+
+    def __init__(self, layer: str, active: str = "border", seed: int = 0) -> None:
+        channels, c_out, side, kernel, stride, padding, upsample = LAYERS[layer]
+        gen = torch.Generator().manual_seed(seed)
+        self.conv = nn.Conv2d(channels, c_out, kernel, stride=stride, padding=padding)
+        self.conv.requires_grad_(False)
+        self.norm = nn.GroupNorm(2, channels)
+        self.norm.requires_grad_(False)
+        nn.init.normal_(self.norm.weight, generator=gen)
+        nn.init.normal_(self.norm.bias, generator=gen)
+        self.upsample = upsample
+        self.x = torch.randn(2, channels, side, side, generator=gen)
+        self.out_hw = tuple(self.dense().shape[-2:])
+        n_out = self.out_hw[0] * self.out_hw[1]
+        self.index = {
+            # Corners and edges read padding taps; n_out // 2 + 1 is inside.
+            "border": torch.tensor([0, self.out_hw[1] - 1, n_out // 2 + 1, n_out - 1]),
+            "single": torch.tensor([n_out // 2]),
+            "all": torch.arange(n_out),
+            "empty": torch.zeros(0, dtype=torch.long),
+        }[active]
+        self.taps = conv_taps(self.index, self.out_hw, (side, side), self.conv, upsample)
+        self.residual = torch.randn(2, len(self.index), c_out, generator=gen)
+
+    def upsampled(self, x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(x, scale_factor=float(self.upsample)) if self.upsample > 1 else x
+
+    def dense(self, normed: bool = False) -> torch.Tensor:
+        x = F.silu(self.norm(self.x)) if normed else self.x
+        return self.conv(self.upsampled(x))
+
+    def affine(self) -> torch.Tensor:
+        return group_norm_affine(self.norm, self.x)
+
+
+def _both(case: Case, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    args = (case.x, case.taps, case.conv.weight, case.conv.bias)
+    return sparse_conv2d_triton(*args, **kwargs), sparse_conv2d_reference(*args, **kwargs)
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_reference_equals_dense_layers_at_active_pixels(layer):
+    case = Case(layer, "all")
+    args = (case.x, case.taps, case.conv.weight, case.conv.bias)
+    plain = sparse_conv2d_reference(*args)
+    torch.testing.assert_close(plain, gather_tokens(case.dense(), case.index), atol=ATOL, rtol=RTOL)
+
+    # The affine and SiLU act per pixel, so they commute with the nearest upsampling.
+    fused = sparse_conv2d_reference(
+        *args, norm_affine=case.affine(), residual=case.residual, out_scale=0.5
+    )
+    expected = (gather_tokens(case.dense(normed=True), case.index) + case.residual) * 0.5
+    torch.testing.assert_close(fused, expected, atol=ATOL, rtol=RTOL)
+
+
+def test_reference_scatters_into_out_like_the_dense_layer():
+    case = Case("3x3", "border")
+    out = torch.zeros(2, 6, *case.out_hw)
+    returned = sparse_conv2d_reference(
+        case.x, case.taps, case.conv.weight, case.conv.bias, out=out, out_index=case.index
+    )
+    assert returned is out
+    dense = case.dense()
+    torch.testing.assert_close(gather_tokens(out, case.index), gather_tokens(dense, case.index))
+    assert out.flatten(2).count_nonzero(dim=-1).max() == len(case.index)
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "affine-residual"])
+def test_triton_matches_reference(layer, fused):
+    case = Case(layer, "border")
+    kwargs = {}
+    if fused:
+        kwargs = dict(norm_affine=case.affine(), residual=case.residual, out_scale=0.7)
+    got, expected = _both(case, **kwargs)
+    assert got.shape == (2, len(case.index), case.conv.out_channels)
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("active", ["single", "all"])
+def test_triton_matches_reference_for_one_and_all_pixels(active):
+    case = Case("3x3-c20", active)
+    got, expected = _both(case, norm_affine=case.affine())
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("layer", ["3x3-c20", "1x1-c72"])
+def test_split_k_does_not_change_the_result(layer):
+    case = Case(layer, "border")
+    kwargs = dict(norm_affine=case.affine(), residual=case.residual)
+    expected = sparse_conv2d_reference(
+        case.x, case.taps, case.conv.weight, case.conv.bias, **kwargs
+    )
+    # K splits over 9 taps for the 3x3 layer and over 2 channel chunks for the 1x1 one;
+    # more splits than chunks are clamped.
+    for split_k in (1, 2, 3, 100):
+        got = sparse_conv2d_triton(
+            case.x, case.taps, case.conv.weight, case.conv.bias, split_k=split_k, **kwargs
+        )
+        torch.testing.assert_close(got, expected, atol=ATOL, rtol=RTOL)
+
+
+def test_packed_weight_replaces_the_raw_weight():
+    case = Case("3x3-stride2", "border")
+    packed = pack_conv_weight(case.conv.weight)
+    assert packed.shape == (9 * 8, 6) and packed.is_contiguous()
+    got = sparse_conv2d_triton(case.x, case.taps, None, case.conv.bias, packed_weight=packed)
+    expected = sparse_conv2d_reference(case.x, case.taps, case.conv.weight, case.conv.bias)
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("x_format", ["nchw", "channels_last"])
+@pytest.mark.parametrize("out_format", ["nchw", "channels_last"])
+def test_scatters_rows_into_out_in_place(x_format, out_format):
+    case = Case("3x3-c20", "border")
+    formats = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+    x = case.x.to(memory_format=formats[x_format])
+    base = torch.randn(2, 16, *case.out_hw).to(memory_format=formats[out_format])
+    out, expected = base.clone(), base.clone()
+    kwargs = dict(norm_affine=case.affine(), residual=case.residual, out_scale=0.5)
+
+    returned = sparse_conv2d_triton(
+        x, case.taps, case.conv.weight, case.conv.bias, out=out, out_index=case.index, **kwargs
+    )
+    sparse_conv2d_reference(
+        x, case.taps, case.conv.weight, case.conv.bias, out=expected, out_index=case.index, **kwargs
+    )
+
+    assert returned is out and out.stride() == base.stride()
+    torch.testing.assert_close(out, expected, atol=ATOL, rtol=RTOL)
+    inactive = torch.ones(case.out_hw[0] * case.out_hw[1], dtype=torch.bool)
+    inactive[case.index] = False
+    torch.testing.assert_close(out.flatten(2)[:, :, inactive], base.flatten(2)[:, :, inactive])
+
+
+def test_empty_mask_launches_nothing(monkeypatch):
+    def no_launch(*args):
+        raise AssertionError("launched a kernel for an empty mask")
+
+    monkeypatch.setattr(sparse_conv, "launcher", no_launch)
+    case = Case("3x3", "empty")
+    tokens = sparse_conv2d_triton(case.x, case.taps, case.conv.weight, case.conv.bias)
+    assert tokens.shape == (2, 0, 6)
+    assert sparse_conv2d_reference(case.x, case.taps, case.conv.weight).shape == (2, 0, 6)
+
+    base = torch.randn(2, 6, *case.out_hw)
+    out = base.clone()
+    returned = sparse_conv2d_triton(
+        case.x, case.taps, case.conv.weight, out=out, out_index=case.index
+    )
+    assert returned is out
+    torch.testing.assert_close(out, base, atol=0, rtol=0)
+
+
+def test_fp16_on_the_interpreter():
+    case = Case("3x3-c20", "border")
+    half = {k: v.half() for k, v in dict(x=case.x, w=case.conv.weight, b=case.conv.bias).items()}
+    affine = case.affine().half()
+    got = sparse_conv2d_triton(half["x"], case.taps, half["w"], half["b"], norm_affine=affine)
+    expected = sparse_conv2d_reference(half["x"], case.taps, half["w"], half["b"], affine)
+    assert got.dtype == torch.float16
+    torch.testing.assert_close(got, expected, atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fp16_on_gpu_matches_reference():
+    gen = torch.Generator().manual_seed(0)
+    conv = nn.Conv2d(64, 96, 3, padding=1).requires_grad_(False).cuda().half()
+    x = torch.randn(2, 64, 32, 32, generator=gen).cuda().half()
+    x = x.to(memory_format=torch.channels_last)
+    index = torch.randperm(32 * 32, generator=gen)[:150].sort().values.cuda()
+    taps = conv_taps(index, (32, 32), (32, 32), conv)
+    affine = torch.stack([torch.rand(2, 64) + 0.5, torch.randn(2, 64)]).cuda().half()
+    residual = torch.randn(2, 150, 96, generator=gen).cuda().half()
+    kwargs = dict(norm_affine=affine, residual=residual, out_scale=0.5, out_index=index)
+    out = torch.zeros(2, 96, 32, 32, device="cuda", dtype=torch.half)
+    out = out.to(memory_format=torch.channels_last)
+    expected = out.clone()
+
+    sparse_conv2d_triton(x, taps, conv.weight, conv.bias, out=out, **kwargs)
+    sparse_conv2d_reference(x, taps, conv.weight, conv.bias, out=expected, **kwargs)
+
+    torch.testing.assert_close(out, expected, atol=2e-2, rtol=2e-2)

@@ -1,0 +1,148 @@
+"""The Triton token gathers and scatters equal their PyTorch references and the dense ops."""
+
+import os
+
+# Before Triton is imported; the kernels also read it per call, so late imports are fine too.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from fisedit.engine import sparse_ops  # noqa: E402
+from fisedit.engine.kernels.tokens import (  # noqa: E402
+    gather_rows_layernorm,
+    gather_rows_layernorm_reference,
+    gather_tokens_affine,
+    gather_tokens_affine_reference,
+    scatter_rows,
+    scatter_rows_reference,
+    scatter_tokens_residual,
+    scatter_tokens_residual_reference,
+)
+
+FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+# Border and inner pixels of an 8x8 map.
+INDEX = torch.tensor([0, 7, 19, 36, 63])
+EMPTY = torch.zeros(0, dtype=torch.long)
+
+
+def _map(channels: int = 20, memory_format: str = "nchw", seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, channels, 8, 8, generator=gen)
+    return x.to(memory_format=FORMATS[memory_format])
+
+
+def _tokens(channels: int = 20, seed: int = 1) -> torch.Tensor:
+    return torch.randn(2, len(INDEX), channels, generator=torch.Generator().manual_seed(seed))
+
+
+def test_gather_reference_equals_group_norm_at_active_pixels():
+    norm = nn.GroupNorm(4, 20).requires_grad_(False)
+    nn.init.normal_(norm.weight)
+    nn.init.normal_(norm.bias)
+    x = _map()
+    tokens, normed = gather_tokens_affine_reference(x, INDEX, sparse_ops.group_norm_affine(norm, x))
+    torch.testing.assert_close(tokens, sparse_ops.gather_tokens(x, INDEX))
+    torch.testing.assert_close(normed, sparse_ops.gather_tokens(norm(x), INDEX))
+
+
+@pytest.mark.parametrize("memory_format", FORMATS)
+@pytest.mark.parametrize("affine", [False, True], ids=["plain", "affine"])
+def test_gather_tokens_affine_matches_reference(memory_format, affine):
+    x = _map(memory_format=memory_format)
+    norm_affine = torch.randn(2, 2, 20) if affine else None
+    tokens, normed = gather_tokens_affine(x, INDEX, norm_affine)
+    ref_tokens, ref_normed = gather_tokens_affine_reference(x, INDEX, norm_affine)
+    torch.testing.assert_close(tokens, ref_tokens, atol=0, rtol=0)
+    torch.testing.assert_close(normed, ref_normed)
+    assert tokens.shape == (2, len(INDEX), 20) and tokens.is_contiguous()
+    assert (normed is tokens) == (not affine)
+
+
+def test_layernorm_reference_equals_the_layer():
+    layer = nn.LayerNorm(20).requires_grad_(False)
+    nn.init.normal_(layer.weight)
+    nn.init.normal_(layer.bias)
+    rows = torch.randn(2, 64, 20)
+    expected = layer(rows)[:, INDEX]
+    got = gather_rows_layernorm_reference(rows, INDEX, layer.weight, layer.bias, layer.eps)
+    torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("indexed", [False, True], ids=["all-rows", "indexed"])
+@pytest.mark.parametrize("affine", [False, True], ids=["no-affine", "affine"])
+def test_gather_rows_layernorm_matches_reference(indexed, affine):
+    gen = torch.Generator().manual_seed(0)
+    # An offset mean checks that the variance is taken about it.
+    rows = torch.randn(2, 64, 20, generator=gen) * 3 + 5
+    index = INDEX if indexed else None
+    weight, bias = (torch.randn(20, generator=gen), torch.randn(20, generator=gen))
+    if not affine:
+        weight = bias = None
+    got = gather_rows_layernorm(rows, index, weight, bias, 1e-5)
+    expected = gather_rows_layernorm_reference(rows, index, weight, bias, 1e-5)
+    assert got.shape == (2, len(INDEX) if indexed else 64, 20)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_scatter_reference_equals_the_plain_scatter():
+    base, tokens, residual = _map(), _tokens(), _tokens(seed=2)
+    got = scatter_tokens_residual_reference(base, INDEX, tokens, residual)
+    torch.testing.assert_close(got, sparse_ops.scatter_tokens(base, INDEX, tokens + residual))
+
+
+@pytest.mark.parametrize("memory_format", FORMATS)
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_scatter_tokens_residual_matches_reference(memory_format, residual):
+    base = _map(memory_format=memory_format)
+    before = base.clone()
+    # Tokens with their own strides: a transposed view of [B, C, P].
+    tokens = _tokens().transpose(1, 2).contiguous().transpose(1, 2)
+    res = _tokens(seed=2) if residual else None
+    got = scatter_tokens_residual(base, INDEX, tokens, res)
+    expected = scatter_tokens_residual_reference(base, INDEX, tokens, res)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+    assert got.stride() == base.stride()
+    torch.testing.assert_close(base, before, atol=0, rtol=0)
+
+
+def test_scatter_rows_matches_reference_and_plain_scatter():
+    base, rows = torch.randn(2, 64, 20), torch.randn(2, len(INDEX), 20)
+    before = base.clone()
+    got = scatter_rows(base, INDEX, rows)
+    torch.testing.assert_close(got, scatter_rows_reference(base, INDEX, rows), atol=0, rtol=0)
+    torch.testing.assert_close(got, sparse_ops.scatter_rows(base, INDEX, rows), atol=0, rtol=0)
+    torch.testing.assert_close(base, before, atol=0, rtol=0)
+
+
+def test_empty_index_gives_empty_gathers_and_unchanged_copies():
+    x, rows = _map(), torch.randn(2, 64, 20)
+    tokens, normed = gather_tokens_affine(x, EMPTY, torch.randn(2, 2, 20))
+    assert tokens.shape == normed.shape == (2, 0, 20)
+    assert gather_rows_layernorm(rows, EMPTY, None, None, 1e-5).shape == (2, 0, 20)
+    none = torch.zeros(2, 0, 20)
+    torch.testing.assert_close(scatter_tokens_residual(x, EMPTY, none, none), x, atol=0, rtol=0)
+    torch.testing.assert_close(scatter_rows(rows, EMPTY, none), rows, atol=0, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fp16_on_gpu_matches_reference():
+    x = _map(64, "channels_last").cuda().half()
+    index = INDEX.cuda()
+    affine = torch.randn(2, 2, 64).cuda().half()
+    tokens, normed = gather_tokens_affine(x, index, affine)
+    ref_tokens, ref_normed = gather_tokens_affine_reference(x, index, affine)
+    torch.testing.assert_close(tokens, ref_tokens, atol=0, rtol=0)
+    torch.testing.assert_close(normed, ref_normed, atol=1e-2, rtol=1e-2)
+
+    rows = torch.randn(2, 64, 320, device="cuda", dtype=torch.half)
+    weight, bias = torch.randn(320, device="cuda").half(), torch.randn(320, device="cuda").half()
+    got = gather_rows_layernorm(rows, index, weight, bias, 1e-5)
+    expected = gather_rows_layernorm_reference(rows, index, weight, bias, 1e-5)
+    torch.testing.assert_close(got, expected, atol=1e-2, rtol=1e-2)
+
+    out = scatter_tokens_residual(x, index, normed, tokens)
+    torch.testing.assert_close(
+        out, scatter_tokens_residual_reference(x, index, normed, tokens), atol=1e-2, rtol=1e-2
+    )
