@@ -1,9 +1,10 @@
-"""The sparse UNet call of one edit, captured once as a CUDA graph and replayed every step.
+"""A denoise run's UNet call, captured once as a CUDA graph and replayed every step.
 
-The mask, and so every index tensor and buffer shape, is fixed for all sparse steps of an
-edit. After one eager warm-up the whole sparse UNet call is captured; each later step copies
-its inputs into static buffers and replays the graph. The step index reaches the cache reads
-and writes through device memory, so nothing in the replay depends on Python state.
+Within one run every shape is static: the latents, and for sparse steps the mask, so every
+index tensor and buffer. After an eager warm-up the whole UNet call (dense and recording,
+or sparse) is captured; each step copies its inputs into static buffers and replays the
+graph. The step index reaches the cache reads and writes through device memory, so nothing
+in the replay depends on Python state, and no host sync happens inside the loop.
 """
 
 import torch
@@ -14,14 +15,14 @@ from fisedit.engine.models import PromptEmbeddings
 from fisedit.engine.plan import SparsePlan
 
 
-class CapturedSparseStep:
-    """Runs sparse UNet calls for one edit by replaying a CUDA graph."""
+class CapturedUNetStep:
+    """Runs the UNet calls of one run and one plan (None: dense) by replaying a CUDA graph."""
 
     def __init__(
         self,
         engine,
-        plan: SparsePlan,
-        source: ActivationCache,
+        plan: SparsePlan | None,
+        source: ActivationCache | None,
         record: ActivationCache | None,
         embeds: PromptEmbeddings,
         added: dict | None,

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from fisedit.engine.cache import ActivationCache, HostPrefetcher
 from fisedit.engine.config import EditParams, EngineConfig, GenerationParams, SchedulerName
-from fisedit.engine.graphs import CapturedSparseStep
+from fisedit.engine.graphs import CapturedUNetStep
 from fisedit.engine.images import preserve_background
 from fisedit.engine.layers import MacCount, StepState, wrap_unet
 from fisedit.engine.masks import latent_difference, load_mask, target_area_capture
@@ -106,21 +106,15 @@ class DenoiseRun:
         self.latents = noise.to(model.device, model.dtype) * self.scheduler.init_noise_sigma
         self.record = ActivationCache(params.steps)
         self.added = model.added_conditions(embeds)
+        self.graphs: dict[int, CapturedUNetStep] = {}
 
     @torch.no_grad()
-    def step(
-        self,
-        step: int,
-        macs: MacCount,
-        plan: SparsePlan | None = None,
-        source=None,
-        graph: CapturedSparseStep | None = None,
-    ):
-        """Runs `step`: dense, or sparse over `plan` reading `source` outside it, by
-        replaying `graph` when one is given."""
+    def step(self, step: int, macs: MacCount, plan: SparsePlan | None = None, source=None):
+        """Runs `step`: dense, or sparse over `plan` reading `source` outside it."""
         scheduler = self.scheduler
         t = scheduler.timesteps[step]
         model_in = scheduler.scale_model_input(torch.cat([self.latents] * 2), t)
+        graph = self._graph(plan, source)
         if graph is not None:
             out = graph(model_in, t, step, macs)
         else:
@@ -137,6 +131,18 @@ class DenoiseRun:
         self.record.put("latents", step, self.latents)
         if self._history:
             self.record.put("solver_history", step, self._history[-1])
+
+    def _graph(self, plan: SparsePlan | None, source) -> CapturedUNetStep | None:
+        """The captured UNet call for `plan`, on CUDA with graphs on and a device cache."""
+        engine = self.engine
+        if not engine.graphs or not (source is None or isinstance(source, ActivationCache)):
+            return None
+        key = id(plan)
+        if key not in self.graphs:
+            self.graphs[key] = CapturedUNetStep(
+                engine, plan, source, self.record, self.embeds, self.added
+            )
+        return self.graphs[key]
 
     @property
     def _history(self) -> list | None:
@@ -224,7 +230,8 @@ class Engine:
             state.plan = state.source = state.record = None
 
     @property
-    def _graphs(self) -> bool:
+    def graphs(self) -> bool:
+        """Whether UNet calls are captured and replayed as CUDA graphs."""
         return self.config.cuda_graphs and self.model.device.type == "cuda"
 
     def _steps(self, steps: range, label: str) -> Iterator[int]:
@@ -265,9 +272,6 @@ class Engine:
                 mask = target_area_capture(diffs)
         plan = SparsePlan(mask.to(self.model.device), self.config.sparse, self.model.device)
         mask = plan.region
-        graph = None
-        if sparse and self._graphs and isinstance(source, ActivationCache):
-            graph = CapturedSparseStep(self, plan, source, run.record, embeds, run.added)
         with timer("sparse"):
             if dense_steps:
                 run.reset_outside(mask, source, dense_steps - 1)
@@ -275,7 +279,7 @@ class Engine:
             for step in self._steps(range(dense_steps, generation.steps), label):
                 if sparse:
                     step_macs = MacCount()
-                    run.step(step, step_macs, plan, source, graph)
+                    run.step(step, step_macs, plan, source)
                     macs.add(step_macs.dense, step_macs.executed)
                     sparse_macs.add(step_macs.dense, step_macs.executed)
                 else:

@@ -7,8 +7,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_graph_captured_sparse_steps_give_the_eager_latents(tiny_model_dir, dtype):
-    def edit(cuda_graphs: bool):
+def test_graph_captured_steps_give_the_eager_latents(tiny_model_dir, dtype):
+    def run(cuda_graphs: bool):
         config = EngineConfig(
             device="cuda",
             dtype=dtype,
@@ -17,12 +17,14 @@ def test_graph_captured_sparse_steps_give_the_eager_latents(tiny_model_dir, dtyp
             edit=EditConfig(mask_steps=3),
         )
         session = Engine.from_pretrained(tiny_model_dir, config).generate("a cat", steps=10)
-        return session.edit("a dog")
+        base = session.current.cache.tensors["latents"].clone()
+        return base, session.edit("a dog")
 
-    eager, captured = edit(cuda_graphs=False), edit(cuda_graphs=True)
+    (eager_base, eager), (captured_base, captured) = run(False), run(True)
 
+    tolerance = {"atol": 1e-3, "rtol": 1e-3}
+    torch.testing.assert_close(captured_base, eager_base, **tolerance)
     assert torch.equal(eager.mask, captured.mask)
-    torch.testing.assert_close(
-        captured.cache.tensors["latents"], eager.cache.tensors["latents"], atol=1e-3, rtol=1e-3
-    )
+    latents = captured.cache.tensors["latents"], eager.cache.tensors["latents"]
+    torch.testing.assert_close(*latents, **tolerance)
     assert captured.report.executed_macs == eager.report.executed_macs
