@@ -26,6 +26,7 @@ from diffusers import (
 from pydantic import BaseModel
 
 from fisedit.engine.config import EditParams, EngineConfig
+from fisedit.engine.graphs import CapturedUNetStep
 from fisedit.engine.layers import MacCount
 from fisedit.engine.model_shapes import UNET_SHAPES
 from fisedit.engine.models import DiffusionModel, build_tiny_model, load_model
@@ -160,6 +161,21 @@ class ModelBench:
 
         return call
 
+    def sparse_call(self, engine: Engine, base: EditSession, mask: torch.Tensor):
+        """One sparse UNet step over `mask`, replayed from a CUDA graph where the engine
+        captures graphs, as the engine's edits do."""
+        device, step, cache = engine.model.device, self.steps // 2, base.current.cache
+        plan = SparsePlan(mask.to(device), engine.config.sparse, device)
+        if engine.graphs:
+            graph = CapturedUNetStep(engine, plan, cache, None, self.embeds, self.added)
+            return lambda: graph(self.sample, self.timestep, step, MacCount())
+
+        def call():
+            with engine.unet_pass(step, MacCount(), plan, cache):
+                return self.unet_call(engine.model.unet)()
+
+        return call
+
     def dense(self, method: str, unet, repeats: int) -> BenchRun:
         pipeline = _pipeline(self.model)
         pipeline.unet = unet
@@ -199,10 +215,7 @@ class ModelBench:
         version = engine.run_edit(base, params, mask)
         report = version.report
         del version
-        plan = SparsePlan(mask.to(engine.model.device), engine.config.sparse, engine.model.device)
-        macs = MacCount()
-        with engine.unet_pass(self.steps // 2, macs, plan, base.current.cache):
-            sparse_ms = self.clock.ms(self.unet_call(engine.model.unet), repeats=repeats)
+        sparse_ms = self.clock.ms(self.sparse_call(engine, base, mask), repeats=repeats)
         fraction = report.sparse_step_mac_fraction
         return BenchRun(
             model=self.name,
