@@ -92,8 +92,10 @@ class SparseLayer(nn.Module):
             out = self.dense(x, *args, **kwargs)
             executed = None
         elif geometry.empty:
+            # Nothing to recompute: the next version's cache equals this one here.
             for key in self.recorded:
-                self.save(key, self.cached(key))
+                if key != "out":
+                    self.save(key, self.cached(key))
             out, executed = self.cached("out"), 0
         else:
             out = self.sparse(x, geometry, *args, **kwargs)
