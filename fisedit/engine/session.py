@@ -293,8 +293,9 @@ class Engine:
                 image = preserve_background(
                     image, base.image, mask, edit.seam_dilation, edit.seam_feather
                 )
+        number = base.number + 1
         report = EditReport(
-            version=base.number + 1,
+            version=number,
             base_version=base.number,
             prompt=params.prompt,
             mask_source="user" if user_mask is not None else "capture",
@@ -309,7 +310,6 @@ class Engine:
             total_latency_s=sum(timer.seconds.values()),
             cache_bytes=run.record.nbytes,
         )
-        number = base.number + 1
         return Version(
             number, params.prompt, image, run.record, report, mask.cpu(), params, user_mask
         )
