@@ -49,6 +49,9 @@ class EditReport(BaseModel):
     prompt: str
     mask_source: Literal["none", "capture", "user"]
     mask_ratio: float
+    """Fraction of the latent the captured or supplied mask covers."""
+    region_ratio: float
+    """Fraction the sparse steps recompute: the mask grown to whole blocks."""
     dense_steps: int
     sparse_steps: int
     dense_macs: int
@@ -197,6 +200,7 @@ class Engine:
             prompt=params.prompt,
             mask_source="none",
             mask_ratio=1.0,
+            region_ratio=1.0,
             dense_steps=params.steps,
             sparse_steps=0,
             dense_macs=macs.dense,
@@ -270,6 +274,7 @@ class Engine:
                 diffs.append(latent_difference(run.latents, source.get("latents", step)))
             if mask is None:
                 mask = target_area_capture(diffs)
+        mask_ratio = float(mask.float().mean())
         plan = SparsePlan(mask.to(self.model.device), self.config.sparse, self.model.device)
         mask = plan.region
         with timer("sparse"):
@@ -299,7 +304,8 @@ class Engine:
             base_version=base.number,
             prompt=params.prompt,
             mask_source="user" if user_mask is not None else "capture",
-            mask_ratio=float(mask.float().mean()),
+            mask_ratio=mask_ratio,
+            region_ratio=float(mask.float().mean()),
             dense_steps=dense_steps,
             sparse_steps=generation.steps - dense_steps,
             dense_macs=macs.dense,

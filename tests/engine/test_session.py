@@ -113,7 +113,8 @@ def test_captured_mask_is_sparse_and_accounted(engine):
 
     report = edit.report
     assert report.mask_source == "capture" and report.dense_steps == K
-    assert 0 < report.mask_ratio < 0.5
+    assert 0 < report.mask_ratio <= report.region_ratio < 0.6
+    assert report.region_ratio == edit.mask.float().mean().item()
     assert 0 < report.sparse_step_mac_fraction < 1
     assert report.mac_fraction == pytest.approx(
         (K + (STEPS - K) * report.sparse_step_mac_fraction) / STEPS
@@ -131,6 +132,8 @@ def test_user_mask_png_is_honoured(engine, tmp_path):
     edit = session.edit(DOG, mask=path)
 
     assert edit.report.mask_source == "user" and edit.report.dense_steps == 0
+    # The square is aligned to the 2x2 blocks, so the recomputed region is the mask itself.
+    assert edit.report.mask_ratio == edit.report.region_ratio == 144 / 1024
     assert torch.equal(edit.mask, _square())
 
 
