@@ -14,6 +14,7 @@ import re
 import statistics
 import tempfile
 import time
+from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
@@ -55,6 +56,65 @@ class BenchRun(BaseModel):
     sparse_step_efficiency: float | None = None
     cache_bytes: int | None = None
     peak_memory_bytes: int | None = None
+
+
+class LayerProfile(BaseModel):
+    """One wrapped UNet layer's time in a dense and in a sparse (eager) step."""
+
+    model: str
+    layer: str
+    kind: str
+    resolution: tuple[int, int]
+    active_fraction: float
+    dense_ms: float
+    sparse_ms: float
+
+
+class LayerTimer:
+    """Times every wrapped layer of a UNet call with hooks around it (CUDA events on GPU)."""
+
+    def __init__(self, layers: list, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.open: dict[str, object] = {}
+        self.spans: dict[str, list] = defaultdict(list)
+        self.shapes: dict[str, tuple[int, int]] = {}
+        self.handles = []
+        for layer in layers:
+            self.handles.append(layer.register_forward_pre_hook(self._start))
+            self.handles.append(layer.register_forward_hook(self._end))
+
+    def _mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def _start(self, layer, args) -> None:
+        self.open[layer.name] = self._mark()
+
+    def _end(self, layer, args, out) -> None:
+        out = out[0] if isinstance(out, tuple) else getattr(out, "sample", out)
+        self.shapes[layer.name] = tuple(out.shape[-2:])
+        self.spans[layer.name].append((self.open.pop(layer.name), self._mark()))
+
+    def collect(self) -> dict[str, float]:
+        """Median milliseconds per layer since the last collect."""
+        if self.cuda:
+            torch.cuda.synchronize()
+        medians = {
+            name: statistics.median(self._elapsed_ms(a, b) for a, b in spans)
+            for name, spans in self.spans.items()
+        }
+        self.spans.clear()
+        return medians
+
+    def _elapsed_ms(self, start, end) -> float:
+        return start.elapsed_time(end) if self.cuda else (end - start) * 1000
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
 
 
 def square_mask(side: int, ratio: float) -> torch.Tensor:
@@ -176,6 +236,41 @@ class ModelBench:
 
         return call
 
+    def profile_layers(
+        self, engine: Engine, base: EditSession, mask: torch.Tensor, repeats: int
+    ) -> list[LayerProfile]:
+        """Per-layer time of an eager dense step and an eager sparse step over `mask`."""
+        device, step, cache = engine.model.device, self.steps // 2, base.current.cache
+        plan = SparsePlan(mask.to(device), engine.config.sparse, device)
+        call = self.unet_call(engine.model.unet)
+        timer = LayerTimer(engine.layers, device)
+        try:
+            call()
+            timer.collect()
+            for _ in range(repeats):
+                call()
+            dense = timer.collect()
+            with engine.unet_pass(step, MacCount(), plan, cache):
+                call()
+                timer.collect()
+                for _ in range(repeats):
+                    call()
+            sparse = timer.collect()
+        finally:
+            timer.remove()
+        return [
+            LayerProfile(
+                model=self.name,
+                layer=layer.name,
+                kind=type(layer).__name__,
+                resolution=timer.shapes[layer.name],
+                active_fraction=_active_fraction(plan, timer.shapes[layer.name]),
+                dense_ms=dense[layer.name],
+                sparse_ms=sparse[layer.name],
+            )
+            for layer in engine.layers
+        ]
+
     def dense(self, method: str, unet, repeats: int) -> BenchRun:
         pipeline = _pipeline(self.model)
         pipeline.unet = unet
@@ -234,6 +329,11 @@ class ModelBench:
         )
 
 
+def _active_fraction(plan: SparsePlan, hw: tuple[int, int]) -> float:
+    geometry = plan.at(hw)
+    return geometry.index.numel() / geometry.pixels
+
+
 def _reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -245,8 +345,9 @@ def _peak_memory(device: torch.device) -> int | None:
 
 def bench_model(
     name: str, device: str, dtype: torch.dtype, steps: int, compile: bool, repeats: int
-) -> list[BenchRun]:
-    """Dense eager, dense compiled (optional) and FISEdit runs for one model shape."""
+) -> tuple[list[BenchRun], list[LayerProfile]]:
+    """Dense eager, dense compiled (optional) and FISEdit runs for one model shape, and a
+    per-layer profile of a dense and a sparse step at a 15% mask."""
     with tempfile.TemporaryDirectory() as workdir:
         model = _model(name, device, dtype, workdir)
     clock = Clock(model.device)
@@ -267,7 +368,7 @@ def bench_model(
     cases += [("square-15", square_mask(side, 0.15), k) for k in (3, 10) if k < steps]
     for mask_name, mask, k in cases:
         runs.append(bench.fisedit(engine, base, mask_name, mask, k, best_dense_ms, repeats))
-    return runs
+    return runs, bench.profile_layers(engine, base, square_mask(side, 0.15), repeats)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -280,13 +381,20 @@ def device_name(device: str) -> str:
     return "cpu"
 
 
-def write_results(runs: list[BenchRun], device: str, out: Path, meta: dict) -> Path:
+def write_results(
+    runs: list[BenchRun], layers: list[LayerProfile], device: str, out: Path, meta: dict
+) -> Path:
     """Writes <device>-<date>.json and .png under `out`; returns the JSON path."""
     out.mkdir(parents=True, exist_ok=True)
     name = device_name(device)
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
     stem = out / f"{slug}-{datetime.date.today().isoformat()}"
-    payload = {"device": name, **meta, "runs": [run.model_dump() for run in runs]}
+    payload = {
+        "device": name,
+        **meta,
+        "runs": [run.model_dump() for run in runs],
+        "layers": [layer.model_dump() for layer in layers],
+    }
     stem.with_suffix(".json").write_text(json.dumps(payload, indent=2))
     plot(runs, stem.with_suffix(".png"), title=f"FISEdit edit speedup on {name}")
     return stem.with_suffix(".json")
@@ -344,12 +452,14 @@ def run_benchmark(
     on_gpu = torch.device(device).type == "cuda"
     dtype = dtype or (torch.float16 if on_gpu else torch.float32)
     compile = on_gpu if compile is None else compile
-    runs = []
+    runs, layers = [], []
     for name in models:
-        runs += bench_model(name, device, dtype, steps, compile, repeats)
+        model_runs, model_layers = bench_model(name, device, dtype, steps, compile, repeats)
+        runs += model_runs
+        layers += model_layers
         print_table(runs)
     meta = {"date": datetime.date.today().isoformat(), "dtype": _dtype_name(dtype), "steps": steps}
     meta["torch"] = torch.__version__
-    path = write_results(runs, device, out, meta)
+    path = write_results(runs, layers, device, out, meta)
     print(f"wrote {path} and {path.with_suffix('.png')}")
     return path

@@ -47,3 +47,9 @@ def test_cpu_smoke_run_writes_well_formed_results(tmp_path):
     supplied = sorted((r for r in edits if r["k"] == 0 and r["mask"].startswith("square")),
                       key=lambda r: r["mask_ratio"])  # fmt: skip
     assert [r["mac_fraction"] for r in supplied] == sorted(r["mac_fraction"] for r in supplied)
+    layers = {layer["layer"]: layer for layer in data["layers"]}
+    assert {"conv_in", "conv_out", "down_blocks.0.resnets.0", "mid_block.resnets.0"} <= set(layers)
+    assert all(layer["dense_ms"] > 0 and layer["sparse_ms"] > 0 for layer in layers.values())
+    # At the latent resolution only the mask's blocks are active; 8x8 layers run dense.
+    assert 0 < layers["conv_in"]["active_fraction"] < 0.5
+    assert layers["mid_block.resnets.0"]["active_fraction"] == 1.0
