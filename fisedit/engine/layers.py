@@ -160,6 +160,22 @@ class SparseLayer(nn.Module):
             return token_kernels.scatter_tokens_residual(base, index, values)
         return sparse_ops.scatter_tokens(base, index, values)
 
+    def scatter_rows(self, base: torch.Tensor, index: torch.Tensor, rows: torch.Tensor):
+        """A copy of the token map `base` [B, L, D] with rows `index` replaced by `rows`."""
+        if self.state.use_triton(base):
+            return token_kernels.scatter_rows(base, index, rows)
+        return sparse_ops.scatter_rows(base, index, rows)
+
+    def layer_norm_rows(
+        self, norm: nn.LayerNorm, rows: torch.Tensor, index: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """LayerNorm of rows `index` (all rows if None) of a token map, gathered."""
+        if self.state.use_triton(rows):
+            return token_kernels.gather_rows_layernorm(
+                rows, index, norm.weight, norm.bias, norm.eps
+            )
+        return norm(rows if index is None else rows[:, index])
+
     def cached(self, key: str) -> torch.Tensor:
         return self.state.source.get(f"{self.name}.{key}", self.state.step)
 
@@ -275,10 +291,11 @@ class SparseTransformer(SparseLayer):
         residual = self.gather(x, index)
         h = pointwise(model.proj_in, residual * affine[0][:, None] + affine[1][:, None])
         for key, block in zip(self._block_keys, model.transformer_blocks, strict=True):
-            full = sparse_ops.scatter_rows(self.cached(key), index, h)
+            full = self.scatter_rows(self.cached(key), index, h)
             self.save(key, full)
-            queries = block.norm1(h)
-            context = queries if self.state.config.active_only_attention else block.norm1(full)
+            queries = self.layer_norm_rows(block.norm1, full, index)
+            active_only = self.state.config.active_only_attention
+            context = queries if active_only else self.layer_norm_rows(block.norm1, full)
             h = attention(block.attn1, queries, context) + h
             h = attention(block.attn2, block.norm2(h), encoder_hidden_states) + h
             h = block.ff(block.norm3(h)) + h
