@@ -2,7 +2,13 @@
 
 from fisedit.engine.config import EditConfig, EngineConfig, GenerationParams, SparseConfig
 from fisedit.engine.models import DiffusionModel, ModelLoadError, build_tiny_model, load_model
-from fisedit.engine.session import EditReport, EditSession, Engine, Version
+from fisedit.engine.session import (
+    EditReport,
+    EditSession,
+    Engine,
+    StaleVersionError,
+    Version,
+)
 
 __all__ = [
     "DiffusionModel",
@@ -14,6 +20,7 @@ __all__ = [
     "GenerationParams",
     "ModelLoadError",
     "SparseConfig",
+    "StaleVersionError",
     "Version",
     "build_tiny_model",
     "load_model",

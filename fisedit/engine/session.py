@@ -41,6 +41,10 @@ def make_scheduler(name: SchedulerName, config: dict):
     return SCHEDULERS[name](config)
 
 
+class StaleVersionError(ValueError):
+    """An edit extends a version that is no longer the session's current one."""
+
+
 class EditReport(BaseModel):
     """What one generation or edit cost and what it changed."""
 
@@ -347,13 +351,27 @@ class EditSession:
     def prompts(self) -> list[str]:
         return [v.prompt for v in self.history]
 
-    def edit(self, prompt: str, mask=None, mask_steps: int | None = None) -> Version:
+    def edit(
+        self,
+        prompt: str,
+        mask=None,
+        mask_steps: int | None = None,
+        extends: int | None = None,
+    ) -> Version:
         """Edits the current version; on success it becomes version n+1.
+
+        `extends` names the version the caller believes is current: a chain of edits then
+        never runs on stale state (StaleVersionError).
 
         `mask` (a PNG path, array or tensor, at latent or image size) replaces Target Area
         Capture. `mask_steps` dense steps run first: by default the configured k without a
         mask and none with one. On any error the session stays at its current version.
         """
+        if extends is not None and extends != self.version:
+            raise StaleVersionError(
+                f"session {self.id} is at version {self.version}, not {extends}: "
+                "fetch the current version before editing"
+            )
         params, user_mask = self._validate(prompt, mask, mask_steps)
         version = self.engine.run_edit(self, params, user_mask)
         # Only the newest version keeps its cache; older ones keep image, mask and report.

@@ -6,7 +6,14 @@ import torch
 from PIL import Image
 from pydantic import ValidationError
 
-from fisedit.engine import EditConfig, Engine, EngineConfig, ModelLoadError, SparseConfig
+from fisedit.engine import (
+    EditConfig,
+    Engine,
+    EngineConfig,
+    ModelLoadError,
+    SparseConfig,
+    StaleVersionError,
+)
 from fisedit.engine.images import psnr
 
 CAT, DOG = "a photo of a cat sitting on a bench", "a photo of a dog sitting on a bench"
@@ -170,6 +177,15 @@ def test_chained_edits_diff_against_the_previous_version(engine):
     again = session.edit(prompts[-1])
     assert again.report.mask_ratio == 0.0
     assert np.array_equal(again.image, versions[-1].image)
+
+
+def test_an_edit_of_a_stale_version_is_refused(engine):
+    session = engine.generate(CAT, steps=STEPS, seed=7)
+    session.edit(DOG, extends=0)
+
+    with pytest.raises(StaleVersionError, match="is at version 1, not 0"):
+        session.edit("a photo of a bird sitting on a bench", extends=0)
+    assert session.version == 1 and session.edit(CAT, extends=1).number == 2
 
 
 def _state(session):
