@@ -17,7 +17,6 @@ from diffusers.models.transformers.transformer_2d import (
 )
 from torch import nn
 
-from fisedit.engine import sparse_ops
 from fisedit.engine.cache import ActivationCache
 from fisedit.engine.config import SparseConfig
 from fisedit.engine.kernels import sparse_conv as conv_kernels
@@ -122,6 +121,10 @@ class SparseLayer(nn.Module):
     def wrap(self, out: torch.Tensor, **kwargs):
         return out
 
+    def kernel(self, module, name: str, like: torch.Tensor):
+        """The Triton kernel `name` from `module`, or the reference beside it."""
+        return getattr(module, name if self.state.use_triton(like) else f"{name}_reference")
+
     def conv_tokens(
         self,
         x: torch.Tensor,
@@ -132,49 +135,41 @@ class SparseLayer(nn.Module):
         out_scale: float = 1.0,
     ) -> torch.Tensor:
         """(conv(x) + residual) * out_scale at the active pixels, as tokens [B, P, C_out]."""
-        if self.state.use_triton(x):
-            if conv not in self._packed:
-                self._packed[conv] = conv_kernels.pack_conv_weight(conv.weight)
-            return conv_kernels.sparse_conv2d_triton(
-                x,
-                taps,
-                None,
-                conv.bias,
-                norm_affine,
-                residual,
-                out_scale,
-                packed_weight=self._packed[conv],
+        if not self.state.use_triton(x):
+            return conv_kernels.sparse_conv2d_reference(
+                x, taps, conv.weight, conv.bias, norm_affine, residual, out_scale
             )
-        out = sparse_ops.sparse_conv2d(x, conv, taps, norm_affine)
-        out = out if residual is None else out + residual
-        return out if out_scale == 1.0 else out * out_scale
+        if conv not in self._packed:
+            self._packed[conv] = conv_kernels.pack_conv_weight(conv.weight)
+        return conv_kernels.sparse_conv2d_triton(
+            x,
+            taps,
+            None,
+            conv.bias,
+            norm_affine,
+            residual,
+            out_scale,
+            packed_weight=self._packed[conv],
+        )
 
     def gather(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        if self.state.use_triton(x):
-            return token_kernels.gather_tokens_affine(x, index)[0]
-        return sparse_ops.gather_tokens(x, index)
+        """The active pixels of the map `x` as tokens [B, P, C]."""
+        return self.kernel(token_kernels, "gather_tokens_affine", x)(x, index)[0]
 
     def scatter(self, base: torch.Tensor, index: torch.Tensor, values: torch.Tensor):
         """A copy of the map `base` with the active pixels replaced by tokens `values`."""
-        if self.state.use_triton(base):
-            return token_kernels.scatter_tokens_residual(base, index, values)
-        return sparse_ops.scatter_tokens(base, index, values)
+        return self.kernel(token_kernels, "scatter_tokens_residual", base)(base, index, values)
 
     def scatter_rows(self, base: torch.Tensor, index: torch.Tensor, rows: torch.Tensor):
         """A copy of the token map `base` [B, L, D] with rows `index` replaced by `rows`."""
-        if self.state.use_triton(base):
-            return token_kernels.scatter_rows(base, index, rows)
-        return sparse_ops.scatter_rows(base, index, rows)
+        return self.kernel(token_kernels, "scatter_rows", base)(base, index, rows)
 
     def layer_norm_rows(
         self, norm: nn.LayerNorm, rows: torch.Tensor, index: torch.Tensor | None = None
     ) -> torch.Tensor:
         """LayerNorm of rows `index` (all rows if None) of a token map, gathered."""
-        if self.state.use_triton(rows):
-            return token_kernels.gather_rows_layernorm(
-                rows, index, norm.weight, norm.bias, norm.eps
-            )
-        return norm(rows if index is None else rows[:, index])
+        gather = self.kernel(token_kernels, "gather_rows_layernorm", rows)
+        return gather(rows, index, norm.weight, norm.bias, norm.eps)
 
     def cached(self, key: str) -> torch.Tensor:
         return self.state.source.get(f"{self.name}.{key}", self.state.step)

@@ -1,7 +1,10 @@
-"""Reference sparse operators in plain PyTorch: gather -> dense op -> scatter.
+"""Plain PyTorch building blocks of the sparse pass: tap tables, GroupNorm as an affine,
+per-token layers and attention on a subset of queries.
 
 Feature maps are [B, C, H, W]; values at active pixels travel as tokens [B, P, C], where
-`index` holds the P active flat pixel positions (row-major) shared by the whole batch.
+`index` holds the P active flat pixel positions (row-major) shared by the whole batch. The
+gather -> dense op -> scatter references of the fused kernels live beside them in
+`fisedit.engine.kernels`.
 """
 
 import torch
@@ -14,17 +17,10 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.flatten(2)[:, :, index].transpose(1, 2)
 
 
-def scatter_tokens(base: torch.Tensor, index: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """A copy of `base` [B, C, H, W] with the active pixels replaced by `tokens` [B, P, C]."""
-    out = base.clone()
-    out.flatten(2)[:, :, index] = tokens.transpose(1, 2).to(out.dtype)
-    return out
-
-
-def scatter_rows(base: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """A copy of token map `base` [B, L, C] with rows `index` replaced by `rows` [B, P, C]."""
-    out = base.clone()
-    out[:, index] = rows.to(out.dtype)
+def scatter_tokens_(out: torch.Tensor, index: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Writes tokens [B, P, C] into the map `out` [B, C, H, W] at the active pixels, in place."""
+    width = out.shape[-1]
+    out[:, :, index // width, index % width] = tokens.transpose(1, 2).to(out.dtype)
     return out
 
 
@@ -60,28 +56,6 @@ def group_norm_affine(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
     scale = norm.weight.float() * rstd
     shift = norm.bias.float() - mean * scale
     return torch.stack([scale, shift]).to(x.dtype)
-
-
-def sparse_conv2d(
-    x: torch.Tensor,
-    conv: nn.Conv2d,
-    taps: torch.Tensor,
-    norm_affine: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """conv(x) at the active output pixels as tokens [B, P, C_out].
-
-    With `norm_affine` ([2, B, C] from `group_norm_affine`), the input is normalised and
-    passed through SiLU first; padding taps stay zero, as in the dense layer.
-    """
-    batch, channels = x.shape[:2]
-    padded = F.pad(x.flatten(2), (0, 1))
-    safe = torch.where(taps < 0, padded.shape[-1] - 1, taps)
-    cols = padded[:, :, safe]
-    if norm_affine is not None:
-        scale, shift = norm_affine[0][:, :, None, None], norm_affine[1][:, :, None, None]
-        cols = F.silu(cols * scale + shift) * (taps >= 0).to(cols.dtype)
-    cols = cols.permute(0, 2, 1, 3).reshape(batch, taps.shape[0], channels * taps.shape[1])
-    return F.linear(cols, conv.weight.flatten(1), conv.bias)
 
 
 def pointwise(layer: nn.Module, tokens: torch.Tensor) -> torch.Tensor:

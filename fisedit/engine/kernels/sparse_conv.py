@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from fisedit.engine.kernels.launch import launcher
+from fisedit.engine.sparse_ops import scatter_tokens_
 
 # Splits beyond this add workspace traffic for little extra parallelism.
 MAX_SPLIT_K = 16
@@ -61,11 +62,7 @@ def sparse_conv2d_reference(
     if residual is not None:
         result = result + residual.float()
     result = (result * out_scale).to(x.dtype)
-    if out is None:
-        return result
-    width = out.shape[-1]
-    out[:, :, out_index // width, out_index % width] = result.transpose(1, 2).to(out.dtype)
-    return out
+    return result if out is None else scatter_tokens_(out, out_index, result)
 
 
 @triton.jit

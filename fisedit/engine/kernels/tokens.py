@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from fisedit.engine.kernels.launch import launcher
+from fisedit.engine.sparse_ops import gather_tokens, scatter_tokens_
 
 
 def _tile(size: int, cap: int = 64) -> int:
@@ -21,7 +22,7 @@ def gather_tokens_affine_reference(
     x: torch.Tensor, index: torch.Tensor, norm_affine: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(tokens [B, P, C] at the active pixels, tokens * scale + shift with [2, B, C] affine)."""
-    tokens = x.flatten(2)[:, :, index].transpose(1, 2).contiguous()
+    tokens = gather_tokens(x, index).contiguous()
     if norm_affine is None:
         return tokens, tokens
     scale, shift = norm_affine.float()[:, :, None, :].unbind(0)
@@ -190,10 +191,7 @@ def scatter_tokens_residual_reference(
 ) -> torch.Tensor:
     """A copy of `base` [B, C, H, W] with the active pixels set to tokens (+ residual)."""
     values = tokens.float() if residual is None else tokens.float() + residual.float()
-    out = base.clone()
-    width = base.shape[-1]
-    out[:, :, index // width, index % width] = values.transpose(1, 2).to(out.dtype)
-    return out
+    return scatter_tokens_(base.clone(), index, values)
 
 
 @triton.jit
