@@ -156,6 +156,7 @@ def bench(args: argparse.Namespace) -> None:
     import torch
 
     from fisedit.bench.edit_bench import MODELS, run_benchmark
+    from fisedit.engine.config import SparseConfig
 
     models = ("tiny",) if args.tiny else tuple(args.models.split(",") if args.models else MODELS)
     run_benchmark(
@@ -166,6 +167,7 @@ def bench(args: argparse.Namespace) -> None:
         compile=args.compile,
         repeats=args.repeats,
         out=Path(args.out),
+        sparse=SparseConfig(kernels=args.kernels),
     )
 
 
@@ -216,6 +218,12 @@ def _parser() -> argparse.ArgumentParser:
         help="also run dense torch.compile (default: on GPU only)",
     )
     sub.add_argument("--repeats", type=int, default=10, help="timed calls per step median")
+    sub.add_argument(
+        "--kernels",
+        choices=["auto", "triton", "reference"],
+        default="auto",
+        help="sparse kernels: Triton or the PyTorch reference (default: Triton on CUDA)",
+    )
     sub.add_argument("--out", default="bench/results", help="directory for the JSON and PNG")
 
     sub = command("edit", edit, "edit the newest version of a session")

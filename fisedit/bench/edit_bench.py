@@ -26,7 +26,7 @@ from diffusers import (
 )
 from pydantic import BaseModel
 
-from fisedit.engine.config import EditParams, EngineConfig
+from fisedit.engine.config import EditParams, EngineConfig, SparseConfig
 from fisedit.engine.graphs import CapturedUNetStep
 from fisedit.engine.layers import MacCount
 from fisedit.engine.model_shapes import UNET_SHAPES
@@ -344,7 +344,13 @@ def _peak_memory(device: torch.device) -> int | None:
 
 
 def bench_model(
-    name: str, device: str, dtype: torch.dtype, steps: int, compile: bool, repeats: int
+    name: str,
+    device: str,
+    dtype: torch.dtype,
+    steps: int,
+    compile: bool,
+    repeats: int,
+    sparse: SparseConfig,
 ) -> tuple[list[BenchRun], list[LayerProfile]]:
     """Dense eager, dense compiled (optional) and FISEdit runs for one model shape, and a
     per-layer profile of a dense and a sparse step at a 15% mask."""
@@ -360,7 +366,8 @@ def bench_model(
         runs.append(bench.dense("dense-compiled", compiled, repeats))
         torch._dynamo.reset()
     best_dense_ms = min(run.dense_step_ms for run in runs)
-    engine = Engine(model, EngineConfig(device=device, dtype=_dtype_name(dtype), progress=False))
+    config = EngineConfig(device=device, dtype=_dtype_name(dtype), sparse=sparse, progress=False)
+    engine = Engine(model, config)
     base = engine.generate(PROMPT, steps=steps, seed=0)
     side = model.latent_shape[1]
     cases = [(f"square-{round(r * 100)}", square_mask(side, r), 0) for r in MASK_RATIOS]
@@ -447,19 +454,21 @@ def run_benchmark(
     compile: bool | None = None,
     repeats: int = 10,
     out: Path = Path("bench/results"),
+    sparse: SparseConfig | None = None,
 ) -> Path:
     """Runs every model and writes the results; returns the JSON path."""
+    sparse = sparse or SparseConfig()
     on_gpu = torch.device(device).type == "cuda"
     dtype = dtype or (torch.float16 if on_gpu else torch.float32)
     compile = on_gpu if compile is None else compile
     runs, layers = [], []
     for name in models:
-        model_runs, model_layers = bench_model(name, device, dtype, steps, compile, repeats)
+        model_runs, model_layers = bench_model(name, device, dtype, steps, compile, repeats, sparse)
         runs += model_runs
         layers += model_layers
         print_table(runs)
     meta = {"date": datetime.date.today().isoformat(), "dtype": _dtype_name(dtype), "steps": steps}
-    meta["torch"] = torch.__version__
+    meta.update(torch=torch.__version__, sparse=sparse.model_dump())
     path = write_results(runs, layers, device, out, meta)
     print(f"wrote {path} and {path.with_suffix('.png')}")
     return path

@@ -31,6 +31,7 @@ def test_cpu_smoke_run_writes_well_formed_results(tmp_path):
     assert result.with_suffix(".png").stat().st_size > 10_000
     data = json.loads(result.read_text())
     assert data["device"] == "cpu" and data["steps"] == 20
+    assert data["sparse"]["kernels"] == "auto" and data["sparse"]["block_size"] == 2
     runs = data["runs"]
     assert {r["method"] for r in runs} == {"dense-eager", "fisedit"}
     assert all(r["model"] == "tiny" for r in runs)
