@@ -11,6 +11,8 @@ across programs: each split writes an fp32 partial sum, and a finalise pass of t
 adds the partials in a fixed order (deterministic, no atomics) before the epilogue.
 """
 
+import functools
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -186,15 +188,18 @@ def _block_sizes(rows: int, cols: int, channels: int) -> tuple[int, int, int]:
     return fit(rows, 64), fit(cols, 64), fit(channels, 64)
 
 
+@functools.cache
+def _programs_wanted(device: torch.device) -> int:
+    """About two programs per SM; on CPU (the interpreter) a small target still exercises
+    the split path. Cached: the launch path runs per layer per step."""
+    if device.type != "cuda":
+        return 16
+    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _auto_split_k(tiles: int, k_chunks: int, device: torch.device) -> int:
     """Enough splits to give about two programs per SM, when the output tiles alone do not."""
-    # On CPU (the interpreter) a small target still exercises the split path.
-    sms = (
-        torch.cuda.get_device_properties(device).multi_processor_count
-        if device.type == "cuda"
-        else 8
-    )
-    return max(1, min(triton.cdiv(2 * sms, tiles), k_chunks, MAX_SPLIT_K))
+    return max(1, min(triton.cdiv(_programs_wanted(device), tiles), k_chunks, MAX_SPLIT_K))
 
 
 def sparse_conv2d_triton(
