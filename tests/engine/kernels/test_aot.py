@@ -1,0 +1,59 @@
+"""The kernels an edit launches build for the GPUs we serve on (sm_90: H100, H200).
+
+Launches are recorded from a real fp16 edit of the tiny model with the Triton kernels
+selected, then compiled by Triton's CUDA pipeline and ptxas, with no GPU present.
+"""
+
+import pytest
+import torch
+
+from fisedit.engine.config import EngineConfig, SparseConfig
+from fisedit.engine.kernels.aot import compile_launches
+from fisedit.engine.kernels.launch import recording_launches
+from fisedit.engine.session import Engine
+
+# Shared memory per thread block on sm_90, and registers per thread.
+SM90_SHARED_BYTES = 227 * 1024
+MAX_REGISTERS = 255
+
+
+@pytest.fixture(scope="module")
+def edit_launches(tiny_model_dir):
+    config = EngineConfig(dtype="float16", progress=False, sparse=SparseConfig(kernels="triton"))
+    engine = Engine.from_pretrained(tiny_model_dir, config)
+    session = engine.generate("a cat on a bench", steps=3, seed=0)
+    mask = torch.zeros(32, 32, dtype=torch.bool)
+    mask[6:26, 4:20] = True
+    with recording_launches() as launches:
+        version = session.edit("a dog on a bench", mask=mask)
+    return version, launches
+
+
+def test_recording_collects_the_launches_without_running_them(edit_launches):
+    version, launches = edit_launches
+
+    assert version.report.sparse_steps == 3
+    names = {launch.kernel.fn.__name__ for launch in launches}
+    assert names == {
+        "_sparse_conv_kernel",
+        "_gather_tokens_affine_kernel",
+        "_gather_rows_layernorm_kernel",
+        "_scatter_tokens_kernel",
+        "_scatter_rows_kernel",
+    }
+    # Split-K launches come in pairs: partial sums over a 3-D grid, then the finalise pass.
+    split = [launch for launch in launches if launch.kwargs.get("PARTIAL")]
+    assert split and all(len(launch.grid) == 3 and launch.grid[2] > 1 for launch in split)
+
+
+def test_every_launched_kernel_compiles_for_sm90_without_spilling(edit_launches):
+    _, launches = edit_launches
+
+    resources = compile_launches(launches, arch=90)
+
+    assert len(resources) >= 10
+    assert {r.kernel for r in resources} == {launch.kernel.fn.__name__ for launch in launches}
+    for r in resources:
+        assert 0 < r.registers <= MAX_REGISTERS, r
+        assert r.spill_bytes == 0, r
+        assert r.shared_bytes <= SM90_SHARED_BYTES, r
