@@ -87,11 +87,21 @@ def _specialise(param_names: list[str], constexpr_names: set[str], bound: dict[s
     return signature, constexprs, attrs
 
 
-def _ptxas_report(ptx: str, arch: int) -> tuple[int, int]:
-    """(registers, spill bytes) from running ptxas -v on `ptx`, as Triton's backend does."""
+def _ptxas_path(arch: int) -> str:
+    """The ptxas that Triton's backend runs for `arch` (its helper's signature and return
+    type changed across Triton 3.x releases)."""
     from triton.backends.nvidia import compiler as nvidia
 
-    ptxas = nvidia.get_ptxas(arch).path
+    try:
+        tool = nvidia.get_ptxas(arch)
+    except TypeError:
+        tool = nvidia.get_ptxas()
+    return tool.path if hasattr(tool, "path") else tool[0]
+
+
+def _ptxas_report(ptx: str, arch: int) -> tuple[int, int]:
+    """(registers, spill bytes) from running ptxas -v on `ptx`, as Triton's backend does."""
+    ptxas = _ptxas_path(arch)
     with tempfile.TemporaryDirectory() as tmp:
         source = os.path.join(tmp, "kernel.ptx")
         with open(source, "w") as f:
