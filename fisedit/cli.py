@@ -168,6 +168,7 @@ def bench(args: argparse.Namespace) -> None:
         repeats=args.repeats,
         out=Path(args.out),
         sparse=SparseConfig(kernels=args.kernels),
+        channels_last=args.channels_last,
     )
 
 
@@ -223,6 +224,12 @@ def _parser() -> argparse.ArgumentParser:
         choices=["auto", "triton", "reference"],
         default="auto",
         help="sparse kernels: Triton or the PyTorch reference (default: Triton on CUDA)",
+    )
+    sub.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run FISEdit's UNet on NHWC feature maps (default: on)",
     )
     sub.add_argument("--out", default="bench/results", help="directory for the JSON and PNG")
 

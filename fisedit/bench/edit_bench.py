@@ -351,6 +351,7 @@ def bench_model(
     compile: bool,
     repeats: int,
     sparse: SparseConfig,
+    channels_last: bool = True,
 ) -> tuple[list[BenchRun], list[LayerProfile]]:
     """Dense eager, dense compiled (optional) and FISEdit runs for one model shape, and a
     per-layer profile of a dense and a sparse step at a 15% mask."""
@@ -366,7 +367,13 @@ def bench_model(
         runs.append(bench.dense("dense-compiled", compiled, repeats))
         torch._dynamo.reset()
     best_dense_ms = min(run.dense_step_ms for run in runs)
-    config = EngineConfig(device=device, dtype=_dtype_name(dtype), sparse=sparse, progress=False)
+    config = EngineConfig(
+        device=device,
+        dtype=_dtype_name(dtype),
+        sparse=sparse,
+        channels_last=channels_last,
+        progress=False,
+    )
     engine = Engine(model, config)
     base = engine.generate(PROMPT, steps=steps, seed=0)
     side = model.latent_shape[1]
@@ -455,6 +462,7 @@ def run_benchmark(
     repeats: int = 10,
     out: Path = Path("bench/results"),
     sparse: SparseConfig | None = None,
+    channels_last: bool = True,
 ) -> Path:
     """Runs every model and writes the results; returns the JSON path."""
     sparse = sparse or SparseConfig()
@@ -463,12 +471,14 @@ def run_benchmark(
     compile = on_gpu if compile is None else compile
     runs, layers = [], []
     for name in models:
-        model_runs, model_layers = bench_model(name, device, dtype, steps, compile, repeats, sparse)
+        model_runs, model_layers = bench_model(
+            name, device, dtype, steps, compile, repeats, sparse, channels_last
+        )
         runs += model_runs
         layers += model_layers
         print_table(runs)
     meta = {"date": datetime.date.today().isoformat(), "dtype": _dtype_name(dtype), "steps": steps}
-    meta.update(torch=torch.__version__, sparse=sparse.model_dump())
+    meta.update(torch=torch.__version__, sparse=sparse.model_dump(), channels_last=channels_last)
     path = write_results(runs, layers, device, out, meta)
     print(f"wrote {path} and {path.with_suffix('.png')}")
     return path

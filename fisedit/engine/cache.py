@@ -3,8 +3,26 @@
 import torch
 
 
+def _steps_like(value: torch.Tensor, steps: int) -> torch.Tensor:
+    """An empty [steps, *value.shape] buffer whose steps lay out like `value` (a channels_last
+    map stays channels_last, so kernels reading the cache gather whole channel vectors)."""
+    if value.dim() == 4 and value.is_contiguous(memory_format=torch.channels_last):
+        strides = (value.numel(), *value.stride())
+        return torch.empty_strided(
+            (steps, *value.shape), strides, dtype=value.dtype, device=value.device
+        )
+    return value.new_empty((steps, *value.shape))
+
+
+def _maps_in_layout(maps: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """Per-step feature maps [steps, B, C, H, W] laid out NCHW or NHWC within each step."""
+    if channels_last:
+        return maps.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+    return maps.contiguous()
+
+
 class ActivationCache:
-    """One contiguous [steps, ...] tensor per recorded name, indexed by denoise step."""
+    """One dense [steps, ...] tensor per recorded name, indexed by denoise step."""
 
     def __init__(self, steps: int, tensors: dict[str, torch.Tensor] | None = None) -> None:
         self.steps = steps
@@ -16,7 +34,7 @@ class ActivationCache:
     def put(self, name: str, step: int | torch.Tensor, value: torch.Tensor) -> None:
         buffer = self.tensors.get(name)
         if buffer is None:
-            buffer = value.new_empty((self.steps, *value.shape))
+            buffer = _steps_like(value, self.steps)
             self.tensors[name] = buffer
         if isinstance(step, torch.Tensor):
             buffer.index_copy_(0, step.reshape(1), value[None])
@@ -29,7 +47,8 @@ class ActivationCache:
         except KeyError:
             raise KeyError(f"nothing recorded under {name!r}") from None
         if isinstance(step, torch.Tensor):
-            return buffer.index_select(0, step.reshape(1))[0]
+            # Indexing (unlike index_select) keeps a channels_last map channels_last.
+            return buffer[step.reshape(1)][0]
         return buffer[step]
 
     def __contains__(self, name: str) -> bool:
@@ -43,13 +62,20 @@ class ActivationCache:
     def device(self) -> torch.device:
         return next(iter(self.tensors.values())).device if self.tensors else torch.device("cpu")
 
-    def to(self, device: torch.device | str) -> "ActivationCache":
-        """A copy on `device`; host copies of a GPU cache are pinned for fast transfers."""
+    def to(
+        self, device: torch.device | str, channels_last: bool | None = None
+    ) -> "ActivationCache":
+        """A copy on `device`; host copies of a GPU cache are pinned for fast transfers.
+
+        Feature maps keep their memory layout, or take the one `channels_last` names.
+        """
         device = torch.device(device)
         pin = device.type == "cpu" and torch.cuda.is_available()
         moved = {}
         for name, tensor in self.tensors.items():
             tensor = tensor.to(device)
+            if channels_last is not None and tensor.dim() == 5:
+                tensor = _maps_in_layout(tensor, channels_last)
             moved[name] = tensor.pin_memory() if pin else tensor
         return ActivationCache(self.steps, moved)
 

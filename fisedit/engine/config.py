@@ -68,6 +68,11 @@ class EngineConfig(BaseModel):
     cuda_graphs: bool = Field(
         True, description="On CUDA, capture each edit's sparse step once and replay it."
     )
+    channels_last: bool = Field(
+        True,
+        description="Run the UNet on NHWC feature maps (and cache them so): the sparse "
+        "kernels then gather each active pixel's channels as one contiguous vector.",
+    )
 
 
 class GenerationParams(BaseModel):

@@ -178,6 +178,8 @@ class Engine:
         self.config = config or EngineConfig()
         self.state = StepState(config=self.config.sparse)
         self.layers = wrap_unet(model.unet, self.state)
+        if self.config.channels_last:
+            model.unet.to(memory_format=torch.channels_last)
 
     @classmethod
     def from_pretrained(cls, source: str, config: EngineConfig | None = None) -> "Engine":

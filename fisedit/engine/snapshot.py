@@ -203,9 +203,10 @@ def _load_shards(
 
 
 def _session(engine: Engine, manifest: Manifest, tensors: dict[str, torch.Tensor]) -> EditSession:
-    cache = ActivationCache(
-        manifest.steps,
-        {k.removeprefix("cache/"): t for k, t in tensors.items() if k.startswith("cache/")},
+    recorded = {k.removeprefix("cache/"): t for k, t in tensors.items() if k.startswith("cache/")}
+    # Shards hold maps NCHW; the engine may run (and read its cache) NHWC.
+    cache = ActivationCache(manifest.steps, recorded).to(
+        engine.model.device, channels_last=engine.config.channels_last
     )
     history = [
         Version(

@@ -32,6 +32,7 @@ def test_cpu_smoke_run_writes_well_formed_results(tmp_path):
     data = json.loads(result.read_text())
     assert data["device"] == "cpu" and data["steps"] == 20
     assert data["sparse"]["kernels"] == "auto" and data["sparse"]["block_size"] == 2
+    assert data["channels_last"] is True
     runs = data["runs"]
     assert {r["method"] for r in runs} == {"dense-eager", "fisedit"}
     assert all(r["model"] == "tiny" for r in runs)

@@ -19,6 +19,34 @@ def test_a_step_can_be_an_int_or_an_index_tensor():
     assert cache.nbytes == 3 * 4 * 4
 
 
+def test_channels_last_maps_are_recorded_and_read_channels_last():
+    cache = ActivationCache(steps=3)
+    maps = [torch.randn(2, 5, 4, 6).to(memory_format=torch.channels_last) for _ in range(3)]
+    for step in range(3):
+        cache.put("x", torch.tensor(step) if step else step, maps[step])
+
+    for step in (1, torch.tensor(1)):
+        read = cache.get("x", step)
+        assert read.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(read, maps[1])
+
+
+def test_moving_a_cache_can_change_the_layout_of_its_maps_only():
+    maps = torch.randn(2, 1, 4, 3, 5)
+    tokens = torch.randn(2, 1, 15, 4)
+    cache = ActivationCache(steps=2, tensors={"map": maps, "tokens": tokens})
+
+    nhwc = cache.to("cpu", channels_last=True)
+    back = nhwc.to("cpu", channels_last=False)
+
+    assert nhwc.tensors["map"][1].is_contiguous(memory_format=torch.channels_last)
+    assert nhwc.tensors["tokens"].is_contiguous()
+    assert back.tensors["map"].is_contiguous()
+    for moved in (nhwc, back):
+        assert torch.equal(moved.tensors["map"], maps)
+        assert torch.equal(moved.tensors["tokens"], tokens)
+
+
 def test_unknown_names_are_clear_errors():
     with pytest.raises(KeyError, match="nothing recorded under 'y'"):
         ActivationCache(steps=1).get("y", 0)

@@ -242,3 +242,17 @@ def test_triton_kernels_give_the_reference_edit(tiny_model_dir):
         triton.cache.tensors["latents"], reference.cache.tensors["latents"], atol=1e-4, rtol=1e-4
     )
     assert psnr(triton.image, reference.image) > 60
+
+
+def test_feature_maps_run_and_are_cached_channels_last_by_default(tiny_model_dir, engine):
+    nchw = EngineConfig(progress=False, edit=EditConfig(mask_steps=K), channels_last=False)
+    contiguous = Engine.from_pretrained(tiny_model_dir, nchw)
+    sessions = [e.generate(CAT, steps=STEPS, seed=4) for e in (engine, contiguous)]
+
+    maps = sessions[0].current.cache.tensors["down_blocks.0.resnets.0.out"]
+    assert maps[0].is_contiguous(memory_format=torch.channels_last) and not maps.is_contiguous()
+    assert sessions[1].current.cache.tensors["down_blocks.0.resnets.0.out"].is_contiguous()
+    nhwc_edit, nchw_edit = (s.edit(DOG, mask=_square()) for s in sessions)
+    torch.testing.assert_close(
+        nhwc_edit.cache.tensors["latents"], nchw_edit.cache.tensors["latents"], atol=1e-4, rtol=0
+    )

@@ -61,6 +61,9 @@ def test_edit_after_restore_equals_edit_on_the_session_that_stayed(engine, store
     assert restored.id == session.id and restored.prompts == session.prompts
     assert torch.equal(restored.history[2].user_mask, _user_mask())
     assert_same_version(restored.current, session.current)
+    assert restored.current.cache.tensors["conv_in.out"][0].is_contiguous(
+        memory_format=torch.channels_last
+    )
     assert_same_version(restored.edit(RED_DOG), session.edit(RED_DOG))
 
 
