@@ -19,10 +19,11 @@ from torch import nn
 
 from fisedit.engine.cache import ActivationCache
 from fisedit.engine.config import SparseConfig
+from fisedit.engine.kernels import group_norm as norm_kernels
 from fisedit.engine.kernels import sparse_conv as conv_kernels
 from fisedit.engine.kernels import tokens as token_kernels
 from fisedit.engine.plan import LayerGeometry, SparsePlan
-from fisedit.engine.sparse_ops import attention, group_norm_affine, pointwise
+from fisedit.engine.sparse_ops import attention, pointwise
 
 
 @dataclass
@@ -171,6 +172,10 @@ class SparseLayer(nn.Module):
         gather = self.kernel(token_kernels, "gather_rows_layernorm", rows)
         return gather(rows, index, norm.weight, norm.bias, norm.eps)
 
+    def group_norm_affine(self, norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+        """GroupNorm statistics of the map `x` as a [2, B, C] (scale, shift) affine."""
+        return self.kernel(norm_kernels, "group_norm_affine", x)(norm, x)
+
     def cached(self, key: str) -> torch.Tensor:
         return self.state.source.get(f"{self.name}.{key}", self.state.step)
 
@@ -185,13 +190,13 @@ class SparseLayer(nn.Module):
     def record_norm(self, norm: nn.GroupNorm, key: str) -> None:
         """Records the GroupNorm statistics of `norm` as a (scale, shift) affine."""
         norm.register_forward_pre_hook(
-            lambda _, args: self.save(key, group_norm_affine(norm, args[0]))
+            lambda _, args: self.save(key, self.group_norm_affine(norm, args[0]))
         )
 
     def norm_affine(self, key: str, norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
         """GroupNorm statistics for a sparse call: cached, or exact over the mixed map."""
         use_cache = self.state.config.cached_group_norm
-        exact = None if use_cache and self.state.record is None else group_norm_affine(norm, x)
+        exact = None if use_cache and self.state.record is None else self.group_norm_affine(norm, x)
         if exact is not None:
             self.save(key, exact)
         return self.cached(key) if use_cache else exact

@@ -1,5 +1,5 @@
-"""Plain PyTorch building blocks of the sparse pass: tap tables, GroupNorm as an affine,
-per-token layers and attention on a subset of queries.
+"""Plain PyTorch building blocks of the sparse pass: tap tables, per-token layers and
+attention on a subset of queries.
 
 Feature maps are [B, C, H, W]; values at active pixels travel as tokens [B, P, C], where
 `index` holds the P active flat pixel positions (row-major) shared by the whole batch. The
@@ -44,18 +44,6 @@ def conv_taps(
     inside = (y >= 0) & (y < in_hw[0] * upsample) & (x >= 0) & (x < in_hw[1] * upsample)
     flat = (y // upsample) * in_hw[1] + (x // upsample)
     return torch.where(inside, flat, torch.full_like(flat, -1))
-
-
-def group_norm_affine(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
-    """GroupNorm of `x` as a per-(sample, channel) affine: returns [2, B, C] (scale, shift)."""
-    batch, channels = x.shape[:2]
-    groups = x.float().reshape(batch, norm.num_groups, -1)
-    var, mean = torch.var_mean(groups, dim=-1, unbiased=False)
-    rstd = torch.rsqrt(var + norm.eps).repeat_interleave(channels // norm.num_groups, dim=1)
-    mean = mean.repeat_interleave(channels // norm.num_groups, dim=1)
-    scale = norm.weight.float() * rstd
-    shift = norm.bias.float() - mean * scale
-    return torch.stack([scale, shift]).to(x.dtype)
 
 
 def pointwise(layer: nn.Module, tokens: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ Every launch goes through `launcher`, so `recording_launches` can collect them i
 running them: `fisedit.engine.kernels.aot` compiles what it collected for a GPU target.
 """
 
+import functools
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,33 +28,57 @@ class Launch:
     kwargs: dict[str, Any]
 
 
-class _Recorder:
-    def __init__(self, kernel: Any, log: list[Launch]) -> None:
-        self.kernel, self.log = kernel, log
+@dataclass
+class _Recording:
+    launches: list[Launch]
+    multiprocessors: int | None
+
+
+@dataclass
+class _RecordedKernel:
+    """Stands in for a kernel: `kernel[grid](*args, **kwargs)` appends a Launch."""
+
+    kernel: Any
+    recording: _Recording
 
     def __getitem__(self, grid: tuple[int, ...]):
         def record(*args, **kwargs) -> None:
-            self.log.append(Launch(self.kernel, tuple(grid), args, kwargs))
+            self.recording.launches.append(Launch(self.kernel, tuple(grid), args, kwargs))
 
         return record
 
 
-_recording: list[list[Launch]] = []
+_recording: list[_Recording] = []
 
 
 @contextmanager
-def recording_launches() -> Iterator[list[Launch]]:
-    """Within this block kernel launches are recorded, on any device, and not run.
+def recording_launches(multiprocessors: int | None = None) -> Iterator[list[Launch]]:
+    """Within this block kernel launches are recorded, on any device (meta too), and not run.
 
     Outputs the kernels would have written stay as allocated, so only the launches, not
-    the values computed around them, mean anything.
+    the values computed around them, mean anything. `multiprocessors` makes launch
+    heuristics size their grids as for a GPU with that many SMs (an H100 SXM has 132).
     """
-    log: list[Launch] = []
-    _recording.append(log)
+    recording = _Recording([], multiprocessors)
+    _recording.append(recording)
     try:
-        yield log
+        yield recording.launches
     finally:
-        _recording.remove(log)
+        _recording.remove(recording)
+
+
+def multiprocessors(device: torch.device) -> int | None:
+    """The SM count grids are sized for: the recording's target, else the CUDA device's
+    (None on other devices)."""
+    if _recording and _recording[-1].multiprocessors is not None:
+        return _recording[-1].multiprocessors
+    return _cuda_multiprocessors(device) if device.type == "cuda" else None
+
+
+@functools.cache
+def _cuda_multiprocessors(device: torch.device) -> int:
+    # Cached: launch heuristics ask per layer per step.
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def interpreting() -> bool:
@@ -64,7 +89,7 @@ def interpreting() -> bool:
 def launcher(kernel: Any, device: torch.device) -> Any:
     """`kernel` (a `triton.jit` function), after checking it can run on `device`."""
     if _recording:
-        return _Recorder(kernel, _recording[-1])
+        return _RecordedKernel(kernel, _recording[-1])
     if device.type == "cuda" and not interpreting():
         return kernel
     if device.type == "cpu" and interpreting():

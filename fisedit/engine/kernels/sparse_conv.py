@@ -11,14 +11,12 @@ across programs: each split writes an fp32 partial sum, and a finalise pass of t
 adds the partials in a fixed order (deterministic, no atomics) before the epilogue.
 """
 
-import functools
-
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fisedit.engine.kernels.launch import launcher
+from fisedit.engine.kernels.launch import launcher, multiprocessors
 from fisedit.engine.sparse_ops import scatter_tokens_
 
 # Splits beyond this add workspace traffic for little extra parallelism.
@@ -188,13 +186,11 @@ def _block_sizes(rows: int, cols: int, channels: int) -> tuple[int, int, int]:
     return fit(rows, 64), fit(cols, 64), fit(channels, 64)
 
 
-@functools.cache
 def _programs_wanted(device: torch.device) -> int:
     """About two programs per SM; on CPU (the interpreter) a small target still exercises
-    the split path. Cached: the launch path runs per layer per step."""
-    if device.type != "cuda":
-        return 16
-    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    the split path."""
+    sms = multiprocessors(device)
+    return 16 if sms is None else 2 * sms
 
 
 def _auto_split_k(tiles: int, k_chunks: int, device: torch.device) -> int:

@@ -35,6 +35,7 @@ def test_recording_collects_the_launches_without_running_them(edit_launches):
     assert version.report.sparse_steps == 3
     names = {launch.kernel.fn.__name__ for launch in launches}
     assert names == {
+        "_group_norm_affine_kernel",
         "_sparse_conv_kernel",
         "_gather_tokens_affine_kernel",
         "_gather_rows_layernorm_kernel",

@@ -1,0 +1,111 @@
+"""GroupNorm statistics as a per-(sample, channel) affine, in one kernel.
+
+The sparse pass applies GroupNorm as silu(x * scale + shift) inside its conv and gather
+kernels, so it needs only scale = weight * rstd and shift = bias - mean * scale per sample
+and channel. Edits record them for every norm at every step (the next edit reads them), so
+one launch replaces the handful of reductions and casts the PyTorch version takes. One
+program reduces one (sample, group) over its channels and pixels in fp32, in two passes
+(mean, then the centred variance) for accuracy.
+"""
+
+import torch
+import triton
+import triton.language as tl
+from torch import nn
+
+from fisedit.engine.kernels.launch import launcher
+
+# Elements one program loads per iteration.
+TILE_ELEMENTS = 2048
+
+
+def group_norm_affine_reference(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    """GroupNorm of `x` as a per-(sample, channel) affine: returns [2, B, C] (scale, shift)."""
+    batch, channels = x.shape[:2]
+    groups = x.float().reshape(batch, norm.num_groups, -1)
+    var, mean = torch.var_mean(groups, dim=-1, unbiased=False)
+    rstd = torch.rsqrt(var + norm.eps).repeat_interleave(channels // norm.num_groups, dim=1)
+    mean = mean.repeat_interleave(channels // norm.num_groups, dim=1)
+    scale = norm.weight.float() * rstd
+    shift = norm.bias.float() - mean * scale
+    return torch.stack([scale, shift]).to(x.dtype)
+
+
+@triton.jit
+def _group_norm_affine_kernel(
+    x_ptr,
+    weight_ptr,
+    bias_ptr,
+    out_ptr,
+    HW,
+    W,
+    group_channels,
+    eps,
+    sx_b,
+    sx_c,
+    sx_h,
+    sx_w,
+    so_k,
+    so_b,
+    so_c,
+    BLOCK_HW: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+):
+    b = tl.program_id(0)
+    g = tl.program_id(1)
+    offs_g = tl.arange(0, BLOCK_G)
+    g_mask = offs_g < group_channels
+    c = g * group_channels + offs_g
+    base = x_ptr + b * sx_b + c[None, :] * sx_c
+    count = HW * group_channels
+
+    total = tl.zeros((BLOCK_HW, BLOCK_G), dtype=tl.float32)
+    for start in range(0, HW, BLOCK_HW):
+        pix = start + tl.arange(0, BLOCK_HW)
+        mask = (pix < HW)[:, None] & g_mask[None, :]
+        offs = ((pix // W) * sx_h + (pix % W) * sx_w)[:, None]
+        total += tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(tl.sum(total, axis=1), axis=0) / count
+
+    squares = tl.zeros((BLOCK_HW, BLOCK_G), dtype=tl.float32)
+    for start in range(0, HW, BLOCK_HW):
+        pix = start + tl.arange(0, BLOCK_HW)
+        mask = (pix < HW)[:, None] & g_mask[None, :]
+        offs = ((pix // W) * sx_h + (pix % W) * sx_w)[:, None]
+        centred = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32) - mean
+        centred = tl.where(mask, centred, 0.0)
+        squares += centred * centred
+    rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(squares, axis=1), axis=0) / count + eps)
+
+    scale = tl.load(weight_ptr + c, mask=g_mask).to(tl.float32) * rstd
+    shift = tl.load(bias_ptr + c, mask=g_mask).to(tl.float32) - mean * scale
+    out = out_ptr + b * so_b + c * so_c
+    tl.store(out, scale.to(out_ptr.dtype.element_ty), mask=g_mask)
+    tl.store(out + so_k, shift.to(out_ptr.dtype.element_ty), mask=g_mask)
+
+
+def group_norm_affine(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    """`group_norm_affine_reference` as one kernel; `x` [B, C, H, W] may have any strides."""
+    batch, channels, height, width = x.shape
+    out = torch.empty(2, batch, channels, dtype=x.dtype, device=x.device)
+    if out.numel() == 0:
+        return out
+    group_channels = channels // norm.num_groups
+    block_g = triton.next_power_of_2(group_channels)
+    pixels = height * width
+    block_hw = min(triton.next_power_of_2(pixels), max(16, TILE_ELEMENTS // block_g))
+    launcher(_group_norm_affine_kernel, x.device)[(batch, norm.num_groups)](
+        x,
+        norm.weight,
+        norm.bias,
+        out,
+        pixels,
+        width,
+        group_channels,
+        float(norm.eps),
+        *x.stride(),
+        *out.stride(),
+        BLOCK_HW=block_hw,
+        BLOCK_G=block_g,
+    )
+    return out
