@@ -41,7 +41,9 @@ class ActivationCache:
         else:
             buffer[step].copy_(value)
 
-    def get(self, name: str, step: int | torch.Tensor) -> torch.Tensor:
+    def get(self, name: str, step: int | torch.Tensor, writable: bool = False) -> torch.Tensor:
+        """The tensor recorded under `name` at `step`; `writable` asks for one the caller may
+        modify (a copy; reading at an index tensor makes one anyway)."""
         try:
             buffer = self.tensors[name]
         except KeyError:
@@ -49,7 +51,7 @@ class ActivationCache:
         if isinstance(step, torch.Tensor):
             # Indexing (unlike index_select) keeps a channels_last map channels_last.
             return buffer[step.reshape(1)][0]
-        return buffer[step]
+        return buffer[step].clone() if writable else buffer[step]
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
@@ -112,7 +114,7 @@ class HostPrefetcher:
             done.record(self.stream)
         self.steps[step] = (tensors, done)
 
-    def get(self, name: str, step: int) -> torch.Tensor:
+    def get(self, name: str, step: int, writable: bool = False) -> torch.Tensor:
         if step != self.current:
             self._copy(step)
             tensors, done = self.steps[step]
@@ -125,6 +127,7 @@ class HostPrefetcher:
             self.current = step
             self._copy(step + 1)
         try:
-            return self.steps[step][0][name]
+            tensor = self.steps[step][0][name]
         except KeyError:
             raise KeyError(f"nothing recorded under {name!r}") from None
+        return tensor.clone() if writable else tensor

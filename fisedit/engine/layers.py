@@ -126,7 +126,7 @@ class SparseLayer(nn.Module):
         """The Triton kernel `name` from `module`, or the reference beside it."""
         return getattr(module, name if self.state.use_triton(like) else f"{name}_reference")
 
-    def conv_tokens(
+    def conv_active(
         self,
         x: torch.Tensor,
         conv: nn.Conv2d,
@@ -134,36 +134,42 @@ class SparseLayer(nn.Module):
         norm_affine: torch.Tensor | None = None,
         residual: torch.Tensor | None = None,
         out_scale: float = 1.0,
+        bias: torch.Tensor | None = None,
+        into: tuple[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """(conv(x) + residual) * out_scale at the active pixels, as tokens [B, P, C_out]."""
+        """(conv(x) + bias + residual) * out_scale at the active pixels (bias: the conv's own
+        unless given), as tokens [B, P, C_out], or with `into` = (key, index) scattered
+        straight into this step's map `key`, which it returns."""
+        bias = conv.bias if bias is None else bias
+        out, out_index = (None, None) if into is None else (self.cached(into[0], True), into[1])
+        args = (x, taps, conv.weight, bias, norm_affine, residual, out_scale, out, out_index)
         if not self.state.use_triton(x):
-            return conv_kernels.sparse_conv2d_reference(
-                x, taps, conv.weight, conv.bias, norm_affine, residual, out_scale
-            )
+            return conv_kernels.sparse_conv2d_reference(*args)
         if conv not in self._packed:
             self._packed[conv] = conv_kernels.pack_conv_weight(conv.weight)
-        return conv_kernels.sparse_conv2d_triton(
-            x,
-            taps,
-            None,
-            conv.bias,
-            norm_affine,
-            residual,
-            out_scale,
-            packed_weight=self._packed[conv],
-        )
+        return conv_kernels.sparse_conv2d_triton(*args, packed_weight=self._packed[conv])
 
     def gather(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """The active pixels of the map `x` as tokens [B, P, C]."""
         return self.kernel(token_kernels, "gather_tokens_affine", x)(x, index)[0]
 
-    def scatter(self, base: torch.Tensor, index: torch.Tensor, values: torch.Tensor):
-        """A copy of the map `base` with the active pixels replaced by tokens `values`."""
-        return self.kernel(token_kernels, "scatter_tokens_residual", base)(base, index, values)
+    def mixed(
+        self,
+        key: str,
+        index: torch.Tensor,
+        tokens: torch.Tensor,
+        residual: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """This step's map `key`: the cached one with the active pixels set to tokens
+        (+ residual)."""
+        out = self.cached(key, writable=True)
+        scatter = self.kernel(token_kernels, "scatter_tokens_into", out)
+        return scatter(out, index, tokens, residual)
 
-    def scatter_rows(self, base: torch.Tensor, index: torch.Tensor, rows: torch.Tensor):
-        """A copy of the token map `base` [B, L, D] with rows `index` replaced by `rows`."""
-        return self.kernel(token_kernels, "scatter_rows", base)(base, index, rows)
+    def mixed_rows(self, key: str, index: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """This step's token map `key` [B, L, D]: the cached one with rows `index` set."""
+        out = self.cached(key, writable=True)
+        return self.kernel(token_kernels, "scatter_rows_into", out)(out, index, rows)
 
     def layer_norm_rows(
         self, norm: nn.LayerNorm, rows: torch.Tensor, index: torch.Tensor | None = None
@@ -176,8 +182,8 @@ class SparseLayer(nn.Module):
         """GroupNorm statistics of the map `x` as a [2, B, C] (scale, shift) affine."""
         return self.kernel(norm_kernels, "group_norm_affine", x)(norm, x)
 
-    def cached(self, key: str) -> torch.Tensor:
-        return self.state.source.get(f"{self.name}.{key}", self.state.step)
+    def cached(self, key: str, writable: bool = False) -> torch.Tensor:
+        return self.state.source.get(f"{self.name}.{key}", self.state.step, writable)
 
     def save(self, key: str, value: torch.Tensor) -> None:
         if self.state.record is not None:
@@ -227,18 +233,21 @@ class SparseResnet(SparseLayer):
     def sparse(self, x, geometry, temb=None, *args, **kwargs):
         block, index = self.inner, geometry.index
         taps = self.state.plan.taps(block.conv1, geometry.hw, geometry.hw)
-        h = self.conv_tokens(x, block.conv1, taps, self.norm_affine("norm1", block.norm1, x))
+        bias = None
         if block.time_emb_proj is not None and temb is not None:
+            # The time embedding adds a per-sample constant to conv1: fold it into the bias.
             t = temb if block.skip_time_act else block.nonlinearity(temb)
-            h = h + block.time_emb_proj(t)[:, None, :]
-        mid = self.scatter(self.cached("norm2_in"), index, h)
+            bias = block.time_emb_proj(t)
+            bias = bias if block.conv1.bias is None else bias + block.conv1.bias
+        affine = self.norm_affine("norm1", block.norm1, x)
+        mid = self.conv_active(x, block.conv1, taps, affine, bias=bias, into=("norm2_in", index))
         self.save("norm2_in", mid)
         skip = self.gather(x, index)
         if block.conv_shortcut is not None:
             skip = pointwise(block.conv_shortcut, skip)
         affine = self.norm_affine("norm2", block.norm2, mid)
-        out = self.conv_tokens(mid, block.conv2, taps, affine, skip, 1 / block.output_scale_factor)
-        return self.scatter(self.cached("out"), index, out)
+        scale = 1 / block.output_scale_factor
+        return self.conv_active(mid, block.conv2, taps, affine, skip, scale, into=("out", index))
 
     def macs(self, x, active, **kwargs):
         block, batch = self.inner, x.shape[0]
@@ -291,7 +300,7 @@ class SparseTransformer(SparseLayer):
         residual = self.gather(x, index)
         h = pointwise(model.proj_in, residual * affine[0][:, None] + affine[1][:, None])
         for key, block in zip(self._block_keys, model.transformer_blocks, strict=True):
-            full = self.scatter_rows(self.cached(key), index, h)
+            full = self.mixed_rows(key, index, h)
             self.save(key, full)
             queries = self.layer_norm_rows(block.norm1, full, index)
             active_only = self.state.config.active_only_attention
@@ -299,8 +308,7 @@ class SparseTransformer(SparseLayer):
             h = attention(block.attn1, queries, context) + h
             h = attention(block.attn2, block.norm2(h), encoder_hidden_states) + h
             h = block.ff(block.norm3(h)) + h
-        out = pointwise(model.proj_out, h) + residual
-        return self.scatter(self.cached("out"), index, out)
+        return self.mixed("out", index, pointwise(model.proj_out, h), residual)
 
     def macs(self, x, active, encoder_hidden_states=None, **kwargs):
         model, batch = self.inner, x.shape[0]
@@ -348,8 +356,7 @@ class SparseConv(SparseLayer):
     def sparse(self, x, geometry, *args, **kwargs):
         taps = self.state.plan.taps(self.conv, tuple(x.shape[-2:]), geometry.hw, self.upsample)
         affine = None if self.norm is None else self.norm_affine("norm", self.norm, x)
-        out = self.conv_tokens(x, self.conv, taps, affine)
-        return self.scatter(self.cached("out"), geometry.index, out)
+        return self.conv_active(x, self.conv, taps, affine, into=("out", geometry.index))
 
     def macs(self, x, active, **kwargs):
         return x.shape[0] * _conv_macs(self.conv, active)

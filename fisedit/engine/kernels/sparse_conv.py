@@ -46,6 +46,7 @@ def sparse_conv2d_reference(
     """The conv at the active pixels in plain PyTorch, computed in fp32.
 
     x [B, C, H, W]; taps [P, T] flat input positions (-1: padding); weight [C_out, C, kh, kw];
+    bias [C_out], or [B, C_out] per sample (a ResNet's time embedding rides on its conv1 bias);
     norm_affine [2, B, C] makes the input silu(x * scale + shift) with padding still zero.
     Returns tokens [B, P, C_out] = (conv + bias + residual) * out_scale, or, given `out` and
     `out_index` [P], writes them into `out` [B, C_out, H_out, W_out] in place and returns it.
@@ -58,7 +59,9 @@ def sparse_conv2d_reference(
         scale, shift = norm_affine.float()[:, :, :, None, None].unbind(0)
         cols = F.silu(cols * scale + shift) * (taps >= 0)
     cols = cols.permute(0, 2, 1, 3).reshape(batch, taps.shape[0], channels * taps.shape[1])
-    result = F.linear(cols, weight.float().flatten(1), None if bias is None else bias.float())
+    result = F.linear(cols, weight.float().flatten(1))
+    if bias is not None:
+        result = result + bias.float().reshape(-1, 1, result.shape[-1])
     if residual is not None:
         result = result + residual.float()
     result = (result * out_scale).to(x.dtype)
@@ -91,6 +94,7 @@ def _sparse_conv_kernel(
     sx_c,
     sx_h,
     sx_w,
+    sb_b,
     st_p,
     st_t,
     sa_k,
@@ -163,7 +167,8 @@ def _sparse_conv_kernel(
         tl.store(part_ptr + tl.program_id(2) * M * N + tile_offs, acc, mask=tile_mask)
     else:
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            bias_offs = b[:, None] * sb_b + offs_n[None, :]
+            acc += tl.load(bias_ptr + bias_offs, mask=tile_mask, other=0.0).to(tl.float32)
         if HAS_RESIDUAL:
             res_offs = b[:, None] * sr_b + p[:, None] * sr_p + offs_n[None, :] * sr_c
             acc += tl.load(res_ptr + res_offs, mask=tile_mask, other=0.0).to(tl.float32)
@@ -232,6 +237,7 @@ def sparse_conv2d_triton(
     if (out is None) != (out_index is None):
         raise ValueError("out and out_index go together")
     c_out = packed_weight.shape[1]
+    bias = None if bias is None else bias.contiguous()
     scatter = out is not None
     if out is None:
         out = torch.empty(batch, n_pix, c_out, dtype=x.dtype, device=x.device)
@@ -289,6 +295,7 @@ def sparse_conv2d_triton(
         split_k,
         float(out_scale),
         *x.stride(),
+        0 if bias is None or bias.dim() == 1 else bias.stride(0),
         *taps.stride(),
         *(affine.stride() if norm_affine is not None else (0, 0, 0)),
         *(res.stride() if residual is not None else (0, 0, 0)),

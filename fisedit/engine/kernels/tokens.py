@@ -183,15 +183,15 @@ def gather_rows_layernorm(
     return out
 
 
-def scatter_tokens_residual_reference(
-    base: torch.Tensor,
+def scatter_tokens_into_reference(
+    out: torch.Tensor,
     index: torch.Tensor,
     tokens: torch.Tensor,
     residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """A copy of `base` [B, C, H, W] with the active pixels set to tokens (+ residual)."""
+    """Sets the active pixels of the map `out` [B, C, H, W] to tokens (+ residual), in place."""
     values = tokens.float() if residual is None else tokens.float() + residual.float()
-    return scatter_tokens_(base.clone(), index, values)
+    return scatter_tokens_(out, index, values)
 
 
 @triton.jit
@@ -233,21 +233,20 @@ def _scatter_tokens_kernel(
     tl.store(out_ptr + out_offs, values.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def scatter_tokens_residual(
-    base: torch.Tensor,
+def scatter_tokens_into(
+    out: torch.Tensor,
     index: torch.Tensor,
     tokens: torch.Tensor,
     residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`scatter_tokens_residual_reference`: a clone of `base` (same strides), then one kernel."""
-    out = base.clone()
-    batch, channels, _, width = base.shape
+    """`scatter_tokens_into_reference` as one kernel."""
+    batch, channels, _, width = out.shape
     n_pix = index.shape[0]
     if n_pix == 0 or batch == 0 or channels == 0:
         return out
     block_p, block_c = _tile(n_pix), _tile(channels)
     grid = (triton.cdiv(n_pix, block_p), triton.cdiv(channels, block_c), batch)
-    launcher(_scatter_tokens_kernel, base.device)[grid](
+    launcher(_scatter_tokens_kernel, out.device)[grid](
         tokens,
         tokens if residual is None else residual,
         index.contiguous(),
@@ -265,11 +264,10 @@ def scatter_tokens_residual(
     return out
 
 
-def scatter_rows_reference(
-    base: torch.Tensor, index: torch.Tensor, rows: torch.Tensor
+def scatter_rows_into_reference(
+    out: torch.Tensor, index: torch.Tensor, rows: torch.Tensor
 ) -> torch.Tensor:
-    """A copy of token map `base` [B, L, D] with rows `index` replaced by `rows` [B, P, D]."""
-    out = base.clone()
+    """Replaces rows `index` of the token map `out` [B, L, D] with `rows` [B, P, D], in place."""
     out[:, index] = rows.to(out.dtype)
     return out
 
@@ -298,15 +296,14 @@ def _scatter_rows_kernel(
     tl.store(dest, values.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def scatter_rows(base: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """`scatter_rows_reference`: a clone of `base`, then one kernel writes the rows."""
-    out = base.clone()
-    batch, _, dim = base.shape
+def scatter_rows_into(out: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """`scatter_rows_into_reference` as one kernel."""
+    batch, _, dim = out.shape
     n_rows = index.shape[0]
     if n_rows == 0 or batch == 0 or dim == 0:
         return out
     block_d = _tile(dim, cap=1024)
-    launcher(_scatter_rows_kernel, base.device)[(n_rows, batch, triton.cdiv(dim, block_d))](
+    launcher(_scatter_rows_kernel, out.device)[(n_rows, batch, triton.cdiv(dim, block_d))](
         rows,
         index.contiguous(),
         out,

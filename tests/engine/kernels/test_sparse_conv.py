@@ -117,6 +117,18 @@ def test_triton_matches_reference(layer, fused):
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=RTOL)
 
 
+def test_a_per_sample_bias_adds_to_each_sample_like_a_time_embedding():
+    case = Case("3x3", "border")
+    per_sample = torch.randn(2, case.conv.out_channels)
+    args = (case.x, case.taps, case.conv.weight, case.conv.bias + per_sample)
+
+    got, expected = sparse_conv2d_triton(*args), sparse_conv2d_reference(*args)
+
+    dense = case.dense() + per_sample[:, :, None, None]
+    torch.testing.assert_close(expected, gather_tokens(dense, case.index), atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=RTOL)
+
+
 @pytest.mark.parametrize("active", ["single", "all"])
 def test_triton_matches_reference_for_one_and_all_pixels(active):
     case = Case("3x3-c20", active)

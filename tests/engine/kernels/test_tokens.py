@@ -16,10 +16,10 @@ from fisedit.engine.kernels.tokens import (  # noqa: E402
     gather_rows_layernorm_reference,
     gather_tokens_affine,
     gather_tokens_affine_reference,
-    scatter_rows,
-    scatter_rows_reference,
-    scatter_tokens_residual,
-    scatter_tokens_residual_reference,
+    scatter_rows_into,
+    scatter_rows_into_reference,
+    scatter_tokens_into,
+    scatter_tokens_into_reference,
 )
 
 FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
@@ -87,9 +87,9 @@ def test_gather_rows_layernorm_matches_reference(indexed, affine):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_scatter_reference_replaces_exactly_the_active_pixels():
+def test_scatter_reference_replaces_exactly_the_active_pixels_in_place():
     base, tokens, residual = _map(), _tokens(), _tokens(seed=2)
-    got = scatter_tokens_residual_reference(base, INDEX, tokens, residual)
+    got = scatter_tokens_into_reference(base.clone(), INDEX, tokens, residual)
     torch.testing.assert_close(sparse_ops.gather_tokens(got, INDEX), tokens + residual)
     inactive = torch.ones(base.shape[-2] * base.shape[-1], dtype=torch.bool)
     inactive[INDEX] = False
@@ -98,39 +98,37 @@ def test_scatter_reference_replaces_exactly_the_active_pixels():
 
 @pytest.mark.parametrize("memory_format", FORMATS)
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
-def test_scatter_tokens_residual_matches_reference(memory_format, residual):
-    base = _map(memory_format=memory_format)
-    before = base.clone()
+def test_scatter_tokens_into_matches_reference(memory_format, residual):
+    out = _map(memory_format=memory_format)
+    expected = out.clone()
     # Tokens with their own strides: a transposed view of [B, C, P].
     tokens = _tokens().transpose(1, 2).contiguous().transpose(1, 2)
     res = _tokens(seed=2) if residual else None
-    got = scatter_tokens_residual(base, INDEX, tokens, res)
-    expected = scatter_tokens_residual_reference(base, INDEX, tokens, res)
-    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
-    assert got.stride() == base.stride()
-    torch.testing.assert_close(base, before, atol=0, rtol=0)
+    got = scatter_tokens_into(out, INDEX, tokens, res)
+    scatter_tokens_into_reference(expected, INDEX, tokens, res)
+    assert got is out
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
 
 
 def test_scatter_rows_matches_reference_and_replaces_only_its_rows():
     base, rows = torch.randn(2, 64, 20), torch.randn(2, len(INDEX), 20)
-    before = base.clone()
-    got = scatter_rows(base, INDEX, rows)
-    torch.testing.assert_close(got, scatter_rows_reference(base, INDEX, rows), atol=0, rtol=0)
+    got = scatter_rows_into(base.clone(), INDEX, rows)
+    expected = scatter_rows_into_reference(base.clone(), INDEX, rows)
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
     assert torch.equal(got[:, INDEX], rows)
     others = torch.ones(64, dtype=torch.bool)
     others[INDEX] = False
     assert torch.equal(got[:, others], base[:, others])
-    torch.testing.assert_close(base, before, atol=0, rtol=0)
 
 
-def test_empty_index_gives_empty_gathers_and_unchanged_copies():
+def test_empty_index_gives_empty_gathers_and_unchanged_maps():
     x, rows = _map(), torch.randn(2, 64, 20)
     tokens, normed = gather_tokens_affine(x, EMPTY, torch.randn(2, 2, 20))
     assert tokens.shape == normed.shape == (2, 0, 20)
     assert gather_rows_layernorm(rows, EMPTY, None, None, 1e-5).shape == (2, 0, 20)
     none = torch.zeros(2, 0, 20)
-    torch.testing.assert_close(scatter_tokens_residual(x, EMPTY, none, none), x, atol=0, rtol=0)
-    torch.testing.assert_close(scatter_rows(rows, EMPTY, none), rows, atol=0, rtol=0)
+    torch.testing.assert_close(scatter_tokens_into(x.clone(), EMPTY, none, none), x, atol=0, rtol=0)
+    torch.testing.assert_close(scatter_rows_into(rows.clone(), EMPTY, none), rows, atol=0, rtol=0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -149,7 +147,6 @@ def test_fp16_on_gpu_matches_reference():
     expected = gather_rows_layernorm_reference(rows, index, weight, bias, 1e-5)
     torch.testing.assert_close(got, expected, atol=1e-2, rtol=1e-2)
 
-    out = scatter_tokens_residual(x, index, normed, tokens)
-    torch.testing.assert_close(
-        out, scatter_tokens_residual_reference(x, index, normed, tokens), atol=1e-2, rtol=1e-2
-    )
+    out = scatter_tokens_into(x.clone(), index, normed, tokens)
+    expected = scatter_tokens_into_reference(x.clone(), index, normed, tokens)
+    torch.testing.assert_close(out, expected, atol=1e-2, rtol=1e-2)
