@@ -113,11 +113,9 @@ def _ptxas_report(ptx: str, arch: int) -> tuple[int, int]:
     return int(_REGISTERS.search(log).group(1)), sum(map(int, spills.groups())) if spills else 0
 
 
-def _compile(description: dict[str, Any], arch: int) -> KernelResources:
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
+def _variant(description: dict[str, Any]) -> tuple:
+    """What Triton compiles for a launch: kernel, signature, constexprs, attributes, options.
+    Launches that differ only in unspecialised values share one variant."""
     module_name, name = description["kernel"].split(":")
     kernel = getattr(importlib.import_module(module_name), name)
     param_names = [p.name for p in kernel.params]
@@ -127,12 +125,22 @@ def _compile(description: dict[str, Any], arch: int) -> KernelResources:
     bound.update({k: v for k, v in kwargs.items() if k in param_names})
     options = {k: v for k, v in kwargs.items() if k not in param_names}
     signature, constexprs, attrs = _specialise(param_names, constexpr_names, bound)
+    shown = {k: bound[k] for k in sorted(constexpr_names)}
+    return kernel, signature, constexprs, attrs, options, shown
+
+
+def _compile(variant: tuple, arch: int) -> KernelResources:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kernel, signature, constexprs, attrs, options, shown = variant
     source = ASTSource(kernel, signature, constexprs, attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
     registers, spill_bytes = _ptxas_report(compiled.asm["ptx"], arch)
     return KernelResources(
-        kernel=name,
-        constexprs={k: bound[k] for k in sorted(constexpr_names)},
+        kernel=kernel.__name__,
+        constexprs=shown,
         registers=registers,
         spill_bytes=spill_bytes,
         shared_bytes=compiled.metadata.shared,
@@ -141,8 +149,8 @@ def _compile(description: dict[str, Any], arch: int) -> KernelResources:
 
 
 def compile_launches(launches: list[Launch], arch: int = 90) -> list[KernelResources]:
-    """Compiles each distinct launch for sm_`arch` in a child process; one result per
-    distinct launch, in first-seen order. Raises RuntimeError with the compiler's output
+    """Compiles the launches for sm_`arch` in a child process: one result per distinct
+    compiled variant, in first-seen order. Raises RuntimeError with the compiler's output
     when a kernel does not build."""
     descriptions = list({json.dumps(describe(launch)): None for launch in launches})
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -163,8 +171,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90")
     args = parser.parse_args()
-    results = [asdict(_compile(d, args.arch)) for d in json.load(sys.stdin)]
-    print(json.dumps(results))
+    variants = {}
+    for description in json.load(sys.stdin):
+        variant = _variant(description)
+        key = repr((variant[0].__name__, *variant[1:5]))
+        variants.setdefault(key, variant)
+    print(json.dumps([asdict(_compile(v, args.arch)) for v in variants.values()]))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,36 @@
+"""Launch counts of full-size UNet steps, taken on the meta device (no GPU, no compute)."""
+
+import pytest
+
+from fisedit.bench.step_launches import MASK_RATIOS, measure
+from fisedit.engine.model_shapes import UNET_SHAPES
+
+
+@pytest.fixture(scope="module")
+def sd15():
+    return measure(UNET_SHAPES["sd15-512"])
+
+
+def test_sparse_steps_execute_a_mask_dependent_fraction_of_the_macs(sd15):
+    rows, _ = sd15
+    dense, *sparse = rows
+
+    assert dense.step == "dense" and dense.mac_fraction == 1.0
+    assert [row.mask_ratio for row in sparse] == list(MASK_RATIOS)
+    fractions = [row.mac_fraction for row in sparse]
+    assert fractions == sorted(fractions) and fractions[0] > 0.05 and fractions[-1] < 0.6
+
+
+def test_a_sparse_step_launches_triton_kernels_and_no_host_sync(sd15):
+    rows, launches = sd15
+    dense, *sparse = rows
+
+    kernels = {launch.kernel.fn.__name__ for launch in launches}
+    assert {"_sparse_conv_kernel", "_scatter_tokens_kernel", "_group_norm_affine_kernel"} <= kernels
+    for row in sparse:
+        assert row.triton_launches > dense.triton_launches
+        # 16 transformer blocks with self- and cross-attention, one fused kernel each.
+        assert row.other_ops["scaled_dot_product_attention"] == 32
+        assert not {"nonzero", "_local_scalar_dense", "item"} & set(row.other_ops)
+    # The mask changes grids (and K splits), not which PyTorch ops run.
+    assert all(row.other_ops == sparse[0].other_ops for row in sparse)
