@@ -149,9 +149,12 @@ class SparseLayer(nn.Module):
             self._packed[conv] = conv_kernels.pack_conv_weight(conv.weight)
         return conv_kernels.sparse_conv2d_triton(*args, packed_weight=self._packed[conv])
 
-    def gather(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """The active pixels of the map `x` as tokens [B, P, C]."""
-        return self.kernel(token_kernels, "gather_tokens_affine", x)(x, index)[0]
+    def gather(
+        self, x: torch.Tensor, index: torch.Tensor, norm_affine: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The active pixels of the map `x` as tokens [B, P, C], raw and with the [2, B, C]
+        GroupNorm affine applied (raw twice without one)."""
+        return self.kernel(token_kernels, "gather_tokens_affine", x)(x, index, norm_affine)
 
     def mixed(
         self,
@@ -242,7 +245,7 @@ class SparseResnet(SparseLayer):
         affine = self.norm_affine("norm1", block.norm1, x)
         mid = self.conv_active(x, block.conv1, taps, affine, bias=bias, into=("norm2_in", index))
         self.save("norm2_in", mid)
-        skip = self.gather(x, index)
+        skip, _ = self.gather(x, index)
         if block.conv_shortcut is not None:
             skip = pointwise(block.conv_shortcut, skip)
         affine = self.norm_affine("norm2", block.norm2, mid)
@@ -297,8 +300,8 @@ class SparseTransformer(SparseLayer):
     def sparse(self, x, geometry, encoder_hidden_states=None, *args, **kwargs):
         model, index = self.inner, geometry.index
         affine = self.norm_affine("norm", model.norm, x)
-        residual = self.gather(x, index)
-        h = pointwise(model.proj_in, residual * affine[0][:, None] + affine[1][:, None])
+        residual, normed = self.gather(x, index, affine)
+        h = pointwise(model.proj_in, normed)
         for key, block in zip(self._block_keys, model.transformer_blocks, strict=True):
             full = self.mixed_rows(key, index, h)
             self.save(key, full)
