@@ -7,7 +7,9 @@ record what the sparse pass will read. Sparse calls compute only the active pixe
 layer's output and take every other pixel from the cache of the same step.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
@@ -23,7 +25,7 @@ from fisedit.engine.kernels import group_norm as norm_kernels
 from fisedit.engine.kernels import sparse_conv as conv_kernels
 from fisedit.engine.kernels import tokens as token_kernels
 from fisedit.engine.plan import LayerGeometry, SparsePlan
-from fisedit.engine.sparse_ops import attention, pointwise
+from fisedit.engine.sparse_ops import attention, key_value_projection, pointwise
 
 
 @dataclass
@@ -82,7 +84,7 @@ class SparseLayer(nn.Module):
         self.name = name
         self.inner = inner
         self.state = state
-        self._packed: dict[nn.Conv2d, torch.Tensor] = {}
+        self._packed: dict[nn.Module, Any] = {}
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
         state = self.state
@@ -145,9 +147,14 @@ class SparseLayer(nn.Module):
         args = (x, taps, conv.weight, bias, norm_affine, residual, out_scale, out, out_index)
         if not self.state.use_triton(x):
             return conv_kernels.sparse_conv2d_reference(*args)
-        if conv not in self._packed:
-            self._packed[conv] = conv_kernels.pack_conv_weight(conv.weight)
-        return conv_kernels.sparse_conv2d_triton(*args, packed_weight=self._packed[conv])
+        packed = self.packed(conv, lambda c: conv_kernels.pack_conv_weight(c.weight))
+        return conv_kernels.sparse_conv2d_triton(*args, packed_weight=packed)
+
+    def packed(self, module: nn.Module, pack: Callable[[nn.Module], Any]) -> Any:
+        """`pack(module)`: weights rearranged for the sparse pass, computed once."""
+        if module not in self._packed:
+            self._packed[module] = pack(module)
+        return self._packed[module]
 
     def gather(
         self, x: torch.Tensor, index: torch.Tensor, norm_affine: torch.Tensor | None = None
@@ -308,10 +315,14 @@ class SparseTransformer(SparseLayer):
             queries = self.layer_norm_rows(block.norm1, full, index)
             active_only = self.state.config.active_only_attention
             context = queries if active_only else self.layer_norm_rows(block.norm1, full)
-            h = attention(block.attn1, queries, context) + h
-            h = attention(block.attn2, block.norm2(h), encoder_hidden_states) + h
+            h = self.attend(block.attn1, queries, context) + h
+            h = self.attend(block.attn2, block.norm2(h), encoder_hidden_states) + h
             h = block.ff(block.norm3(h)) + h
         return self.mixed("out", index, pointwise(model.proj_out, h), residual)
+
+    def attend(self, attn: nn.Module, queries: torch.Tensor, context: torch.Tensor):
+        """`attn` with queries at the active tokens, keys and values from `context`."""
+        return attention(attn, queries, context, self.packed(attn, key_value_projection))
 
     def macs(self, x, active, encoder_hidden_states=None, **kwargs):
         model, batch = self.inner, x.shape[0]

@@ -53,9 +53,26 @@ def pointwise(layer: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     return layer(tokens)
 
 
-def attention(attn: nn.Module, queries: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-    """A diffusers `Attention` with queries from `queries` and keys/values from `context`."""
-    q, k, v = attn.to_q(queries), attn.to_k(context), attn.to_v(context)
+def key_value_projection(attn: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """An `Attention`'s to_k and to_v stacked as one linear: (weight, bias or None)."""
+    weight = torch.cat([attn.to_k.weight, attn.to_v.weight])
+    has_bias = attn.to_k.bias is not None
+    return weight, torch.cat([attn.to_k.bias, attn.to_v.bias]) if has_bias else None
+
+
+def attention(
+    attn: nn.Module,
+    queries: torch.Tensor,
+    context: torch.Tensor,
+    key_value: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+) -> torch.Tensor:
+    """A diffusers `Attention` with queries from `queries` and keys/values from `context`.
+
+    Keys and values come from one matmul with `key_value_projection(attn)` (pass it to
+    stack the weights once)."""
+    weight, bias = key_value or key_value_projection(attn)
+    q = attn.to_q(queries)
+    k, v = F.linear(context, weight, bias).chunk(2, dim=-1)
     batch, heads = q.shape[0], attn.heads
 
     def split(t: torch.Tensor) -> torch.Tensor:
