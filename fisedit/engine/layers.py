@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 from diffusers.models.transformers.transformer_2d import (
     Transformer2DModel,
@@ -218,6 +219,14 @@ class SparseLayer(nn.Module):
         return self.cached(key) if use_cache else exact
 
 
+def _time_bias(block: ResnetBlock2D) -> torch.Tensor | None:
+    """The bias of conv1 with the time embedding folded in: time_emb_proj's plus conv1's."""
+    time, conv = block.time_emb_proj.bias, block.conv1.bias
+    if time is None or conv is None:
+        return conv if time is None else time
+    return time + conv
+
+
 class SparseResnet(SparseLayer):
     """ResnetBlock2D: GN -> SiLU -> conv1 (+temb) -> GN -> SiLU -> conv2, plus the shortcut."""
 
@@ -245,10 +254,9 @@ class SparseResnet(SparseLayer):
         taps = self.state.plan.taps(block.conv1, geometry.hw, geometry.hw)
         bias = None
         if block.time_emb_proj is not None and temb is not None:
-            # The time embedding adds a per-sample constant to conv1: fold it into the bias.
+            # The time embedding adds a per-sample constant to conv1: it becomes the bias.
             t = temb if block.skip_time_act else block.nonlinearity(temb)
-            bias = block.time_emb_proj(t)
-            bias = bias if block.conv1.bias is None else bias + block.conv1.bias
+            bias = F.linear(t, block.time_emb_proj.weight, self.packed(block, _time_bias))
         affine = self.norm_affine("norm1", block.norm1, x)
         mid = self.conv_active(x, block.conv1, taps, affine, bias=bias, into=("norm2_in", index))
         self.save("norm2_in", mid)
