@@ -7,6 +7,8 @@ graph. The step index reaches the cache reads and writes through device memory, 
 in the replay depends on Python state, and no host sync happens inside the loop.
 """
 
+import time
+
 import torch
 
 from fisedit.engine.cache import ActivationCache
@@ -31,6 +33,8 @@ class CapturedUNetStep:
         self.embeds, self.added = embeds, added
         self.graph: torch.cuda.CUDAGraph | None = None
         self.step_macs = MacCount()
+        self.capture_s = 0.0
+        """Seconds spent on the warm-up call and the capture."""
 
     def _call(self, macs: MacCount) -> torch.Tensor:
         with self.engine.unet_pass(self.step, macs, self.plan, self.source, self.record):
@@ -43,19 +47,23 @@ class CapturedUNetStep:
 
     def _capture(self, sample: torch.Tensor, timestep: torch.Tensor, step: int) -> None:
         device = sample.device
+        torch.cuda.synchronize(device)
+        start = time.perf_counter()
         self.sample = sample.clone()
         self.timestep = torch.as_tensor(timestep, device=device).clone()
         self.step = torch.tensor(step, device=device)
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
-            # Warm-up: builds the plan's indices, allocates record buffers, counts MACs.
+            # Warm-up: builds the plan's indices, packs weights, allocates record buffers,
+            # compiles kernels and counts MACs; every step replays, so one call is enough.
             self._call(self.step_macs)
-            self._call(MacCount())
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.output = self._call(MacCount())
+        torch.cuda.synchronize(device)
+        self.capture_s = time.perf_counter() - start
 
     @torch.no_grad()
     def __call__(

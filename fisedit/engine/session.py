@@ -64,6 +64,8 @@ class EditReport(BaseModel):
     sparse_step_mac_fraction: float | None
     latency_s: dict[str, float]
     total_latency_s: float
+    graph_capture_s: float = 0.0
+    """Part of the latency spent capturing CUDA graphs (each with one eager warm-up call)."""
     cache_bytes: int
 
 
@@ -152,6 +154,11 @@ class DenoiseRun:
         return self.graphs[key]
 
     @property
+    def capture_s(self) -> float:
+        """Seconds this run spent capturing CUDA graphs."""
+        return sum(graph.capture_s for graph in self.graphs.values())
+
+    @property
     def _history(self) -> list | None:
         # Multistep solvers keep earlier model outputs; they are state like the latents.
         return getattr(self.scheduler, "model_outputs", None)
@@ -215,6 +222,7 @@ class Engine:
             sparse_step_mac_fraction=None,
             latency_s=timer.seconds,
             total_latency_s=sum(timer.seconds.values()),
+            graph_capture_s=run.capture_s,
             cache_bytes=run.record.nbytes,
         )
         version = Version(0, params.prompt, image, run.record, report)
@@ -320,6 +328,7 @@ class Engine:
             sparse_step_mac_fraction=sparse_macs.fraction if sparse else None,
             latency_s=timer.seconds,
             total_latency_s=sum(timer.seconds.values()),
+            graph_capture_s=run.capture_s,
             cache_bytes=run.record.nbytes,
         )
         return Version(

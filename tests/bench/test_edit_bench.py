@@ -44,6 +44,7 @@ def test_cpu_smoke_run_writes_well_formed_results(tmp_path):
         assert 0 < run["mac_fraction"] < 1
         assert run["sparse_step_ms"] > 0 and run["end_to_end_ms"] > 0
         assert run["cache_bytes"] > 0
+        assert run["first_edit_ms"] > 0 and run["graph_capture_ms"] == 0  # no graphs on CPU
         expected = run["dense_step_ms"] * run["sparse_step_mac_fraction"] / run["sparse_step_ms"]
         assert run["sparse_step_efficiency"] == pytest.approx(expected)
     supplied = sorted((r for r in edits if r["k"] == 0 and r["mask"].startswith("square")),

@@ -28,3 +28,4 @@ def test_graph_captured_steps_give_the_eager_latents(tiny_model_dir, dtype):
     latents = captured.cache.tensors["latents"], eager.cache.tensors["latents"]
     torch.testing.assert_close(*latents, **tolerance)
     assert captured.report.executed_macs == eager.report.executed_macs
+    assert captured.report.graph_capture_s > 0 and eager.report.graph_capture_s == 0
