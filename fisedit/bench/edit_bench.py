@@ -231,8 +231,9 @@ class ModelBench:
         device, step, cache = engine.model.device, self.steps // 2, base.current.cache
         plan = SparsePlan(mask.to(device), engine.config.sparse, device)
         if engine.graphs:
-            graph = CapturedUNetStep(engine, plan, cache, None, self.embeds, self.added)
-            return lambda: graph(self.sample, self.timestep, step, MacCount())
+            graph = CapturedUNetStep(engine, plan, cache)
+            args = (self.sample, self.timestep, step, self.embeds, self.added, None)
+            return lambda: graph(*args, MacCount())
 
         def call():
             with engine.unet_pass(step, MacCount(), plan, cache):

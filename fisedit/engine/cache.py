@@ -41,6 +41,14 @@ class ActivationCache:
         else:
             buffer[step].copy_(value)
 
+    def put_step(self, step: int, values: dict[str, torch.Tensor]) -> None:
+        """Records every tensor of `values` at `step`, in one batched copy."""
+        for name, value in values.items():
+            if name not in self.tensors:
+                self.tensors[name] = _steps_like(value, self.steps)
+        targets = [self.tensors[name][step] for name in values]
+        torch._foreach_copy_(targets, list(values.values()))
+
     def get(self, name: str, step: int | torch.Tensor, writable: bool = False) -> torch.Tensor:
         """The tensor recorded under `name` at `step`; `writable` asks for one the caller may
         modify (a copy; reading at an index tensor makes one anyway)."""
@@ -87,6 +95,21 @@ class ActivationCache:
         if device.type != "cuda" or self.device.type == "cuda":
             return self
         return HostPrefetcher(self, device)
+
+
+class StepSlots:
+    """One step's recorded tensors in static buffers: what a captured UNet call writes,
+    whatever step it runs (`ActivationCache.put_step` files them under the step)."""
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    def put(self, name: str, step: int | torch.Tensor, value: torch.Tensor) -> None:
+        slot = self.tensors.get(name)
+        if slot is None:
+            self.tensors[name] = value.clone()
+        else:
+            slot.copy_(value)
 
 
 class HostPrefetcher:

@@ -1,62 +1,86 @@
-"""A denoise run's UNet call, captured once as a CUDA graph and replayed every step.
+"""UNet calls captured once as CUDA graphs and replayed every step.
 
-Within one run every shape is static: the latents, and for sparse steps the mask, so every
-index tensor and buffer. After an eager warm-up the whole UNet call (dense and recording,
-or sparse) is captured; each step copies its inputs into static buffers and replays the
-graph. The step index reaches the cache reads and writes through device memory, so nothing
-in the replay depends on Python state, and no host sync happens inside the loop.
+Every shape in a denoise step is static: the latents and prompt embeddings, and for sparse
+steps the mask, hence every index tensor. A captured step owns static input buffers that
+each call fills before replaying. What the UNet records goes to static slots (one step of a
+cache) and is copied into the run's cache at the step's index after each replay, so a graph
+does not belong to a run: the engine captures its dense step once and replays it for
+generations and for every edit's capture steps. A sparse step reads the previous version's
+cache at a step index held in device memory, so it is captured once per edit (per run and
+plan). Nothing in a replay depends on Python state, and no host sync happens in the loop.
+
+On a CPU nothing is captured: the same static buffers run eagerly, so tests can check this
+path without a GPU.
 """
 
 import time
 
 import torch
 
-from fisedit.engine.cache import ActivationCache
+from fisedit.engine.cache import ActivationCache, StepSlots
 from fisedit.engine.layers import MacCount
 from fisedit.engine.models import PromptEmbeddings
 from fisedit.engine.plan import SparsePlan
 
 
 class CapturedUNetStep:
-    """Runs the UNet calls of one run and one plan (None: dense) by replaying a CUDA graph."""
+    """Runs UNet calls, dense or sparse over one plan, by replaying one CUDA graph."""
 
     def __init__(
-        self,
-        engine,
-        plan: SparsePlan | None,
-        source: ActivationCache | None,
-        record: ActivationCache | None,
-        embeds: PromptEmbeddings,
-        added: dict | None,
+        self, engine, plan: SparsePlan | None = None, source: ActivationCache | None = None
     ) -> None:
-        self.engine, self.plan, self.source, self.record = engine, plan, source, record
-        self.embeds, self.added = embeds, added
+        self.engine, self.plan, self.source = engine, plan, source
+        self.slots = StepSlots()
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.output: torch.Tensor | None = None
         self.step_macs = MacCount()
         self.capture_s = 0.0
         """Seconds spent on the warm-up call and the capture."""
 
+    @property
+    def captured(self) -> bool:
+        return self.output is not None
+
     def _call(self, macs: MacCount) -> torch.Tensor:
-        with self.engine.unet_pass(self.step, macs, self.plan, self.source, self.record):
+        with self.engine.unet_pass(self.step, macs, self.plan, self.source, self.slots):
             return self.engine.model.unet(
                 self.sample,
                 self.timestep,
-                encoder_hidden_states=self.embeds.hidden,
+                encoder_hidden_states=self.hidden,
                 added_cond_kwargs=self.added,
             ).sample
 
-    def _capture(self, sample: torch.Tensor, timestep: torch.Tensor, step: int) -> None:
+    def _load(self, sample, timestep, step: int, embeds: PromptEmbeddings, added) -> None:
+        """Copies this call's inputs into the static buffers (made by the first call)."""
         device = sample.device
+        inputs = {
+            "sample": sample,
+            "timestep": torch.as_tensor(timestep, device=device),
+            "step": torch.tensor(step, device=device),
+            "hidden": embeds.hidden,
+        }
+        inputs.update({f"added.{k}": v for k, v in (added or {}).items()})
+        if not self.captured:
+            self.inputs = {name: value.clone() for name, value in inputs.items()}
+            self.sample, self.timestep = self.inputs["sample"], self.inputs["timestep"]
+            self.step, self.hidden = self.inputs["step"], self.inputs["hidden"]
+            self.added = {k: self.inputs[f"added.{k}"] for k in added} if added else None
+            return
+        for name, value in inputs.items():
+            self.inputs[name].copy_(value)
+
+    def _capture(self) -> None:
+        device = self.sample.device
+        if device.type != "cuda":
+            self.output = self._call(self.step_macs)
+            return
         torch.cuda.synchronize(device)
         start = time.perf_counter()
-        self.sample = sample.clone()
-        self.timestep = torch.as_tensor(timestep, device=device).clone()
-        self.step = torch.tensor(step, device=device)
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
-            # Warm-up: builds the plan's indices, packs weights, allocates record buffers,
-            # compiles kernels and counts MACs; every step replays, so one call is enough.
+            # Warm-up: builds the plan's indices, packs weights, allocates slots, compiles
+            # kernels and counts MACs; every later call replays, so one call is enough.
             self._call(self.step_macs)
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
@@ -67,13 +91,27 @@ class CapturedUNetStep:
 
     @torch.no_grad()
     def __call__(
-        self, sample: torch.Tensor, timestep: torch.Tensor, step: int, macs: MacCount
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        step: int,
+        embeds: PromptEmbeddings,
+        added: dict | None,
+        record: ActivationCache | None,
+        macs: MacCount,
     ) -> torch.Tensor:
-        if self.graph is None:
-            self._capture(sample, timestep, step)
-        self.sample.copy_(sample)
-        self.timestep.copy_(torch.as_tensor(timestep))
-        self.step.fill_(step)
-        self.graph.replay()
+        """The UNet output for denoise step `step`, recorded into `record` at `step`.
+
+        The output is a static buffer: the next call overwrites it."""
+        first = not self.captured
+        self._load(sample, timestep, step, embeds, added)
+        if first:
+            self._capture()
+        if self.graph is not None:
+            self.graph.replay()
+        elif not first:
+            self.output = self._call(MacCount())
+        if record is not None:
+            record.put_step(step, self.slots.tensors)
         macs.add(self.step_macs.dense, self.step_macs.executed)
         return self.output

@@ -20,7 +20,7 @@ from diffusers.models.transformers.transformer_2d import (
 )
 from torch import nn
 
-from fisedit.engine.cache import ActivationCache
+from fisedit.engine.cache import ActivationCache, StepSlots
 from fisedit.engine.config import SparseConfig
 from fisedit.engine.kernels import group_norm as norm_kernels
 from fisedit.engine.kernels import sparse_conv as conv_kernels
@@ -53,7 +53,7 @@ class StepState:
     step: int = 0
     plan: SparsePlan | None = None
     source: ActivationCache | None = None
-    record: ActivationCache | None = None
+    record: ActivationCache | StepSlots | None = None
     macs: MacCount = field(default_factory=MacCount)
 
     @property

@@ -18,7 +18,7 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteS
 from pydantic import BaseModel
 from tqdm.auto import tqdm
 
-from fisedit.engine.cache import ActivationCache, HostPrefetcher
+from fisedit.engine.cache import ActivationCache, HostPrefetcher, StepSlots
 from fisedit.engine.config import EditParams, EngineConfig, GenerationParams, SchedulerName
 from fisedit.engine.graphs import CapturedUNetStep
 from fisedit.engine.images import preserve_background
@@ -115,7 +115,9 @@ class DenoiseRun:
         self.latents = noise.to(model.device, model.dtype) * self.scheduler.init_noise_sigma
         self.record = ActivationCache(params.steps)
         self.added = model.added_conditions(embeds)
-        self.graphs: dict[int, CapturedUNetStep] = {}
+        self.sparse_graphs: dict[int, CapturedUNetStep] = {}
+        self.capture_s = 0.0
+        """Seconds this run spent capturing CUDA graphs."""
 
     @torch.no_grad()
     def step(self, step: int, macs: MacCount, plan: SparsePlan | None = None, source=None):
@@ -125,7 +127,9 @@ class DenoiseRun:
         model_in = scheduler.scale_model_input(torch.cat([self.latents] * 2), t)
         graph = self._graph(plan, source)
         if graph is not None:
-            out = graph(model_in, t, step, macs)
+            captured = graph.captured
+            out = graph(model_in, t, step, self.embeds, self.added, self.record, macs)
+            self.capture_s += 0.0 if captured else graph.capture_s
         else:
             with self.engine.unet_pass(step, macs, plan, source, self.record):
                 out = self.engine.model.unet(
@@ -142,21 +146,16 @@ class DenoiseRun:
             self.record.put("solver_history", step, self._history[-1])
 
     def _graph(self, plan: SparsePlan | None, source) -> CapturedUNetStep | None:
-        """The captured UNet call for `plan`, on CUDA with graphs on and a device cache."""
+        """The captured UNet call: the engine's dense one, or this run's for `plan`; none
+        unless the engine captures graphs and the source cache is on the device."""
         engine = self.engine
         if not engine.graphs or not (source is None or isinstance(source, ActivationCache)):
             return None
-        key = id(plan)
-        if key not in self.graphs:
-            self.graphs[key] = CapturedUNetStep(
-                engine, plan, source, self.record, self.embeds, self.added
-            )
-        return self.graphs[key]
-
-    @property
-    def capture_s(self) -> float:
-        """Seconds this run spent capturing CUDA graphs."""
-        return sum(graph.capture_s for graph in self.graphs.values())
+        if plan is None:
+            return engine.dense_graph
+        if id(plan) not in self.sparse_graphs:
+            self.sparse_graphs[id(plan)] = CapturedUNetStep(engine, plan, source)
+        return self.sparse_graphs[id(plan)]
 
     @property
     def _history(self) -> list | None:
@@ -185,6 +184,8 @@ class Engine:
         self.config = config or EngineConfig()
         self.state = StepState(config=self.config.sparse)
         self.layers = wrap_unet(model.unet, self.state)
+        self.dense_graph = CapturedUNetStep(self)
+        """The dense, recording UNet call, captured once and replayed by every run."""
         if self.config.channels_last:
             model.unet.to(memory_format=torch.channels_last)
 
@@ -235,7 +236,7 @@ class Engine:
         macs: MacCount,
         plan: SparsePlan | None = None,
         source: ActivationCache | HostPrefetcher | None = None,
-        record: ActivationCache | None = None,
+        record: ActivationCache | StepSlots | None = None,
     ) -> Iterator[None]:
         """UNet calls inside run as denoise step `step`: sparse over `plan` reading `source`
         (dense without a plan), recording into `record` when given, counting into `macs`."""

@@ -1,31 +1,64 @@
+"""UNet steps through static buffers (captured as CUDA graphs on a GPU) give the eager result."""
+
 import pytest
 import torch
 
 from fisedit.engine import EditConfig, Engine, EngineConfig
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
+class StaticStepEngine(Engine):
+    """Takes the graph path on any device: static buffers and slots, captured only on CUDA."""
+
+    @property
+    def graphs(self) -> bool:
+        return True
+
+
+def _chain(path: str, engine_class=Engine, **config):
+    """A generation and two edits: each version with a copy of its recorded cache (a
+    version drops its cache when the next one is made)."""
+    config = EngineConfig(progress=False, edit=EditConfig(mask_steps=3), **config)
+    engine = engine_class.from_pretrained(path, config)
+    session = engine.generate("a cat", steps=10, seed=5)
+    versions = []
+    for prompt in ("a dog", "a dog in the rain"):
+        versions.append((session.current, dict(session.current.cache.tensors)))
+        session.edit(prompt)
+    versions.append((session.current, dict(session.current.cache.tensors)))
+    return engine, versions
+
+
+def test_the_static_step_path_records_exactly_what_eager_steps_record(tiny_model_dir):
+    _, eager = _chain(tiny_model_dir)
+    engine, static = _chain(tiny_model_dir, StaticStepEngine)
+
+    assert engine.dense_graph.captured and engine.dense_graph.graph is None
+    for (version, cache), (eager_version, eager_cache) in zip(static, eager, strict=True):
+        assert cache.keys() == eager_cache.keys()
+        for name, tensor in eager_cache.items():
+            assert torch.equal(cache[name], tensor), (version.number, name)
+        assert version.report.executed_macs == eager_version.report.executed_macs
+        if version.mask is not None:
+            assert torch.equal(version.mask, eager_version.mask)
+
+
+@needs_cuda
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_graph_captured_steps_give_the_eager_latents(tiny_model_dir, dtype):
-    def run(cuda_graphs: bool):
-        config = EngineConfig(
-            device="cuda",
-            dtype=dtype,
-            progress=False,
-            cuda_graphs=cuda_graphs,
-            edit=EditConfig(mask_steps=3),
-        )
-        session = Engine.from_pretrained(tiny_model_dir, config).generate("a cat", steps=10)
-        base = session.current.cache.tensors["latents"].clone()
-        return base, session.edit("a dog")
-
-    (eager_base, eager), (captured_base, captured) = run(False), run(True)
+    options = dict(device="cuda", dtype=dtype)
+    _, eager = _chain(tiny_model_dir, cuda_graphs=False, **options)
+    engine, captured = _chain(tiny_model_dir, **options)
 
     tolerance = {"atol": 1e-3, "rtol": 1e-3}
-    torch.testing.assert_close(captured_base, eager_base, **tolerance)
-    assert torch.equal(eager.mask, captured.mask)
-    latents = captured.cache.tensors["latents"], eager.cache.tensors["latents"]
-    torch.testing.assert_close(*latents, **tolerance)
-    assert captured.report.executed_macs == eager.report.executed_macs
-    assert captured.report.graph_capture_s > 0 and eager.report.graph_capture_s == 0
+    for (version, cache), (eager_version, eager_cache) in zip(captured, eager, strict=True):
+        torch.testing.assert_close(cache["latents"], eager_cache["latents"], **tolerance)
+        assert version.report.executed_macs == eager_version.report.executed_macs
+        assert eager_version.report.graph_capture_s == 0
+        if version.mask is not None:
+            assert torch.equal(version.mask, eager_version.mask)
+            # Each edit captures its sparse step; the dense step was captured once.
+            assert version.report.graph_capture_s > 0
+    assert engine.dense_graph.graph is not None
+    assert captured[0][0].report.graph_capture_s > 0
