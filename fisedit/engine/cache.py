@@ -28,18 +28,12 @@ class ActivationCache:
         self.steps = steps
         self.tensors: dict[str, torch.Tensor] = dict(tensors or {})
 
-    # A step is an int, or a 0-d index tensor on the cache's device: CUDA graphs captured
-    # once per edit read the step from device memory when they are replayed.
-
-    def put(self, name: str, step: int | torch.Tensor, value: torch.Tensor) -> None:
+    def put(self, name: str, step: int, value: torch.Tensor) -> None:
         buffer = self.tensors.get(name)
         if buffer is None:
             buffer = _steps_like(value, self.steps)
             self.tensors[name] = buffer
-        if isinstance(step, torch.Tensor):
-            buffer.index_copy_(0, step.reshape(1), value[None])
-        else:
-            buffer[step].copy_(value)
+        buffer[step].copy_(value)
 
     def put_step(self, step: int, values: dict[str, torch.Tensor]) -> None:
         """Records every tensor of `values` at `step`, in one batched copy."""
@@ -51,7 +45,10 @@ class ActivationCache:
 
     def get(self, name: str, step: int | torch.Tensor, writable: bool = False) -> torch.Tensor:
         """The tensor recorded under `name` at `step`; `writable` asks for one the caller may
-        modify (a copy; reading at an index tensor makes one anyway)."""
+        modify (a copy; reading at an index tensor makes one anyway).
+
+        `step` may be a 0-d index tensor on the cache's device: a captured sparse step reads
+        it from device memory, so its graph serves every step of an edit."""
         try:
             buffer = self.tensors[name]
         except KeyError:

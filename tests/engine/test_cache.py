@@ -8,10 +8,10 @@ from fisedit.engine.cache import ActivationCache, HostPrefetcher
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def test_a_step_can_be_an_int_or_an_index_tensor():
+def test_a_step_is_read_at_an_int_or_an_index_tensor():
     cache = ActivationCache(steps=3)
     cache.put("x", 0, torch.zeros(2, 2))
-    cache.put("x", torch.tensor(2), torch.full((2, 2), 7.0))
+    cache.put("x", 2, torch.full((2, 2), 7.0))
 
     assert cache.tensors["x"].shape == (3, 2, 2)
     assert torch.equal(cache.get("x", 2), cache.get("x", torch.tensor(2)))
@@ -23,7 +23,7 @@ def test_channels_last_maps_are_recorded_and_read_channels_last():
     cache = ActivationCache(steps=3)
     maps = [torch.randn(2, 5, 4, 6).to(memory_format=torch.channels_last) for _ in range(3)]
     for step in range(3):
-        cache.put("x", torch.tensor(step) if step else step, maps[step])
+        cache.put("x", step, maps[step])
 
     for step in (1, torch.tensor(1)):
         read = cache.get("x", step)
@@ -45,6 +45,18 @@ def test_moving_a_cache_can_change_the_layout_of_its_maps_only():
     for moved in (nhwc, back):
         assert torch.equal(moved.tensors["map"], maps)
         assert torch.equal(moved.tensors["tokens"], tokens)
+
+
+def test_put_step_files_a_step_of_slots_in_one_go():
+    slots = {"map": torch.randn(2, 4, 3, 5).to(memory_format=torch.channels_last)}
+    slots["affine"] = torch.randn(2, 2, 4)
+    cache = ActivationCache(steps=2)
+
+    cache.put_step(1, slots)
+
+    assert cache.tensors["map"][1].is_contiguous(memory_format=torch.channels_last)
+    for name, value in slots.items():
+        assert torch.equal(cache.get(name, 1), value)
 
 
 def test_unknown_names_are_clear_errors():
