@@ -1,9 +1,10 @@
 """Kernel launches and MACs of one dense and one sparse step of a full-size UNet, on no GPU.
 
 The UNet is built on the meta device (shapes, no storage) with the Triton kernels selected.
-A recording step runs first, then sparse steps over centred square masks, reading the step
-from device memory as a replayed CUDA graph does. Triton launches are recorded, not run,
-with grids sized for an H100 (132 SMs); every other op is counted by a dispatch mode.
+A recording step runs first, then sparse steps over centred square masks, as the engine
+captures them: reading the cache at a step held in device memory, recording into slots.
+Triton launches are recorded, not run, with grids sized for an H100 (132 SMs); every other
+op is counted by a dispatch mode.
 
 A CUDA graph removes launch overhead from the host, but each kernel still costs a few
 microseconds on the GPU, so the count is a floor on the sparse step's time that no MAC
@@ -26,7 +27,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fisedit.bench.edit_bench import square_mask
-from fisedit.engine.cache import ActivationCache
+from fisedit.engine.cache import ActivationCache, StepSlots
 from fisedit.engine.config import SparseConfig
 from fisedit.engine.kernels.aot import compile_launches
 from fisedit.engine.kernels.launch import Launch, recording_launches
@@ -107,12 +108,12 @@ class MetaUNet:
         self.cache = ActivationCache(steps=1)
 
     def step(self, plan: SparsePlan | None) -> tuple[MacCount, Counter[str], list[Launch]]:
-        """One UNet call (dense and recording without a plan, else sparse over `plan`)."""
+        """One UNet call as the engine captures it: dense without a plan, else sparse over
+        `plan` reading the dense step's record; recording into static slots either way."""
         state = self.state
         state.step = torch.tensor(0, device="meta")
         state.plan, state.source = plan, None if plan is None else self.cache
-        state.record = self.cache if plan is None else ActivationCache(steps=1)
-        state.macs = MacCount()
+        state.record, state.macs = StepSlots(), MacCount()
         counter = _OpCounter()
         with recording_launches(H100_SMS) as launches, _AttentionAsOneOp(counter), counter:
             self.unet(
@@ -121,6 +122,8 @@ class MetaUNet:
                 encoder_hidden_states=self.context,
                 added_cond_kwargs=self.added,
             )
+        if plan is None:
+            self.cache.put_step(0, state.record.tensors)
         return state.macs, counter.ops, launches
 
 
