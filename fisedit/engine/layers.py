@@ -144,7 +144,9 @@ class SparseLayer(nn.Module):
         unless given), as tokens [B, P, C_out], or with `into` = (key, index) scattered
         straight into this step's map `key`, which it returns."""
         bias = conv.bias if bias is None else bias
-        out, out_index = (None, None) if into is None else (self.cached(into[0], True), into[1])
+        out, out_index = None, None
+        if into is not None:
+            out, out_index = self.cached(into[0], writable=True), into[1]
         args = (x, taps, conv.weight, bias, norm_affine, residual, out_scale, out, out_index)
         if not self.state.use_triton(x):
             return conv_kernels.sparse_conv2d_reference(*args)
