@@ -156,7 +156,7 @@ def bench(args: argparse.Namespace) -> None:
     import torch
 
     from fisedit.bench.edit_bench import MODELS, run_benchmark
-    from fisedit.engine.config import SparseConfig
+    from fisedit.engine.config import EngineConfig, SparseConfig
 
     models = ("tiny",) if args.tiny else tuple(args.models.split(",") if args.models else MODELS)
     run_benchmark(
@@ -167,8 +167,11 @@ def bench(args: argparse.Namespace) -> None:
         compile=args.compile,
         repeats=args.repeats,
         out=Path(args.out),
-        sparse=SparseConfig(kernels=args.kernels),
-        channels_last=args.channels_last,
+        engine_config=EngineConfig(
+            sparse=SparseConfig(kernels=args.kernels),
+            channels_last=args.channels_last,
+            cuda_graphs=args.cuda_graphs,
+        ),
     )
 
 
@@ -230,6 +233,12 @@ def _parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="run FISEdit's UNet on NHWC feature maps (default: on)",
+    )
+    sub.add_argument(
+        "--cuda-graphs",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="replay FISEdit's UNet steps from CUDA graphs (default: on)",
     )
     sub.add_argument("--out", default="bench/results", help="directory for the JSON and PNG")
 

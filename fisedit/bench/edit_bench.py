@@ -14,6 +14,7 @@ import re
 import statistics
 import tempfile
 import time
+import traceback
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -26,7 +27,7 @@ from diffusers import (
 )
 from pydantic import BaseModel
 
-from fisedit.engine.config import EditParams, EngineConfig, SparseConfig
+from fisedit.engine.config import EditParams, EngineConfig
 from fisedit.engine.graphs import CapturedUNetStep
 from fisedit.engine.layers import MacCount
 from fisedit.engine.model_shapes import UNET_SHAPES
@@ -357,11 +358,12 @@ def bench_model(
     steps: int,
     compile: bool,
     repeats: int,
-    sparse: SparseConfig,
-    channels_last: bool = True,
+    engine_config: EngineConfig,
+    errors: list[dict],
 ) -> tuple[list[BenchRun], list[LayerProfile]]:
     """Dense eager, dense compiled (optional) and FISEdit runs for one model shape, and a
-    per-layer profile of a dense and a sparse step at a 15% mask."""
+    per-layer profile of a dense and a sparse step at a 15% mask. A measurement that fails
+    is recorded in `errors` and the others go on."""
     with tempfile.TemporaryDirectory() as workdir:
         model = _model(name, device, dtype, workdir)
     clock = Clock(model.device)
@@ -371,15 +373,13 @@ def bench_model(
     if compile:
         _reset_peak_memory(model.device)
         compiled = torch.compile(model.unet, mode="reduce-overhead")
-        runs.append(bench.dense("dense-compiled", compiled, repeats))
+        runs += _attempt(
+            errors, f"{name} dense-compiled", bench.dense, "dense-compiled", compiled, repeats
+        )
         torch._dynamo.reset()
     best_dense_ms = min(run.dense_step_ms for run in runs)
-    config = EngineConfig(
-        device=device,
-        dtype=_dtype_name(dtype),
-        sparse=sparse,
-        channels_last=channels_last,
-        progress=False,
+    config = engine_config.model_copy(
+        update={"device": device, "dtype": _dtype_name(dtype), "progress": False}
     )
     engine = Engine(model, config)
     base = engine.generate(PROMPT, steps=steps, seed=0)
@@ -388,8 +388,28 @@ def bench_model(
     cases.append(("irregular-15", irregular_mask(side, 0.15), 0))
     cases += [("square-15", square_mask(side, 0.15), k) for k in (3, 10) if k < steps]
     for mask_name, mask, k in cases:
-        runs.append(bench.fisedit(engine, base, mask_name, mask, k, best_dense_ms, repeats))
-    return runs, bench.profile_layers(engine, base, square_mask(side, 0.15), repeats)
+        what = f"{name} fisedit {mask_name} k={k}"
+        runs += _attempt(
+            errors, what, bench.fisedit, engine, base, mask_name, mask, k, best_dense_ms, repeats
+        )
+    mask = square_mask(side, 0.15)
+    layers = _attempt(
+        errors, f"{name} layer profile", bench.profile_layers, engine, base, mask, repeats
+    )
+    return runs, [profile for profiles in layers for profile in profiles]
+
+
+def _attempt(errors: list[dict], what: str, measure: Callable, *args) -> list:
+    """[measure(*args)], or [] with the failure printed and added to `errors`: a benchmark
+    keeps what it did measure (an out-of-memory SDXL must not lose SD 1.5)."""
+    try:
+        return [measure(*args)]
+    except Exception as error:
+        traceback.print_exc()
+        errors.append({"what": what, "error": f"{type(error).__name__}: {error}"})
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return []
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -468,24 +488,30 @@ def run_benchmark(
     compile: bool | None = None,
     repeats: int = 10,
     out: Path = Path("bench/results"),
-    sparse: SparseConfig | None = None,
-    channels_last: bool = True,
+    engine_config: EngineConfig | None = None,
 ) -> Path:
-    """Runs every model and writes the results; returns the JSON path."""
-    sparse = sparse or SparseConfig()
+    """Runs every model and writes the results after each one; returns the JSON path.
+
+    `engine_config` sets FISEdit's sparse config, layout and graphs (device and dtype come
+    from the arguments). Failures are recorded under "errors" in the JSON."""
+    engine_config = engine_config or EngineConfig()
     on_gpu = torch.device(device).type == "cuda"
     dtype = dtype or (torch.float16 if on_gpu else torch.float32)
     compile = on_gpu if compile is None else compile
-    runs, layers = [], []
-    for name in models:
-        model_runs, model_layers = bench_model(
-            name, device, dtype, steps, compile, repeats, sparse, channels_last
-        )
-        runs += model_runs
-        layers += model_layers
-        print_table(runs)
     meta = {"date": datetime.date.today().isoformat(), "dtype": _dtype_name(dtype), "steps": steps}
-    meta.update(torch=torch.__version__, sparse=sparse.model_dump(), channels_last=channels_last)
-    path = write_results(runs, layers, device, out, meta)
+    meta.update(
+        torch=torch.__version__,
+        sparse=engine_config.sparse.model_dump(),
+        channels_last=engine_config.channels_last,
+        cuda_graphs=engine_config.cuda_graphs,
+    )
+    runs, layers, errors = [], [], []
+    for name in models:
+        args = (name, device, dtype, steps, compile, repeats, engine_config, errors)
+        for model_runs, model_layers in _attempt(errors, name, bench_model, *args):
+            runs += model_runs
+            layers += model_layers
+        print_table(runs)
+        path = write_results(runs, layers, device, out, {**meta, "errors": errors})
     print(f"wrote {path} and {path.with_suffix('.png')}")
     return path

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from fisedit.bench.edit_bench import irregular_mask, square_mask
+from fisedit.bench.edit_bench import irregular_mask, run_benchmark, square_mask
 
 
 @pytest.mark.parametrize("ratio", [0.05, 0.15, 0.30])
@@ -32,7 +32,8 @@ def test_cpu_smoke_run_writes_well_formed_results(tmp_path):
     data = json.loads(result.read_text())
     assert data["device"] == "cpu" and data["steps"] == 20
     assert data["sparse"]["kernels"] == "auto" and data["sparse"]["block_size"] == 2
-    assert data["channels_last"] is True
+    assert data["channels_last"] is True and data["cuda_graphs"] is True
+    assert data["errors"] == []
     runs = data["runs"]
     assert {r["method"] for r in runs} == {"dense-eager", "fisedit"}
     assert all(r["model"] == "tiny" for r in runs)
@@ -56,3 +57,13 @@ def test_cpu_smoke_run_writes_well_formed_results(tmp_path):
     # At the latent resolution only the mask's blocks are active; 8x8 layers run dense.
     assert 0 < layers["conv_in"]["active_fraction"] < 0.5
     assert layers["mid_block.resnets.0"]["active_fraction"] == 1.0
+
+
+def test_a_failing_model_is_recorded_and_what_was_measured_is_kept(tmp_path):
+    path = run_benchmark("cpu", ("tiny", "no-such-model"), steps=4, repeats=1, out=tmp_path)
+
+    data = json.loads(path.read_text())
+    assert {run["model"] for run in data["runs"]} == {"tiny"}
+    assert {run["method"] for run in data["runs"]} == {"dense-eager", "fisedit"}
+    (error,) = data["errors"]
+    assert error["what"] == "no-such-model" and error["error"].startswith("KeyError")
