@@ -51,23 +51,23 @@ class CapturedUNetStep:
             ).sample
 
     def _load(self, sample, timestep, step: int, embeds: PromptEmbeddings, added) -> None:
-        """Copies this call's inputs into the static buffers (made by the first call)."""
-        device = sample.device
+        """Fills the static input buffers with this call's inputs (the first call makes them)."""
         inputs = {
             "sample": sample,
-            "timestep": torch.as_tensor(timestep, device=device),
-            "step": torch.tensor(step, device=device),
+            "timestep": torch.as_tensor(timestep, device=sample.device),
             "hidden": embeds.hidden,
         }
         inputs.update({f"added.{k}": v for k, v in (added or {}).items()})
-        if not self.captured:
-            self.inputs = {name: value.clone() for name, value in inputs.items()}
-            self.sample, self.timestep = self.inputs["sample"], self.inputs["timestep"]
-            self.step, self.hidden = self.inputs["step"], self.inputs["hidden"]
-            self.added = {k: self.inputs[f"added.{k}"] for k in added} if added else None
+        if self.captured:
+            for name, value in inputs.items():
+                self.inputs[name].copy_(value)
+            self.step.fill_(step)
             return
-        for name, value in inputs.items():
-            self.inputs[name].copy_(value)
+        self.inputs = {name: value.clone() for name, value in inputs.items()}
+        self.sample, self.timestep = self.inputs["sample"], self.inputs["timestep"]
+        self.hidden = self.inputs["hidden"]
+        self.added = {k: self.inputs[f"added.{k}"] for k in added} if added else None
+        self.step = torch.tensor(step, device=sample.device)
 
     def _capture(self) -> None:
         device = self.sample.device
