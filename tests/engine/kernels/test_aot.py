@@ -1,7 +1,7 @@
 """The kernels an edit launches build for the GPUs we serve on (sm_90: H100, H200).
 
-Launches are recorded from a real fp16 edit of the tiny model with the Triton kernels
-selected, then compiled by Triton's CUDA pipeline and ptxas, with no GPU present.
+Launches are recorded from a real fp16 generation and edit of the tiny model with the Triton
+kernels selected, then compiled by Triton's CUDA pipeline and ptxas, with no GPU needed.
 """
 
 import pytest
@@ -21,10 +21,11 @@ MAX_REGISTERS = 255
 def edit_launches(tiny_model_dir):
     config = EngineConfig(dtype="float16", progress=False, sparse=SparseConfig(kernels="triton"))
     engine = Engine.from_pretrained(tiny_model_dir, config)
-    session = engine.generate("a cat on a bench", steps=3, seed=0)
     mask = torch.zeros(32, 32, dtype=torch.bool)
     mask[6:26, 4:20] = True
+    # Nothing is run, so this works on any machine; the values computed around are junk.
     with recording_launches() as launches:
+        session = engine.generate("a cat on a bench", steps=3, seed=0)
         version = session.edit("a dog on a bench", mask=mask)
     return version, launches
 
