@@ -1,17 +1,17 @@
-"""The Triton token gathers and scatters equal their PyTorch references and the dense ops."""
+"""The Triton token gathers and scatters equal their PyTorch references and the dense ops.
 
-import os
+Kernels run compiled on a GPU, or under Triton's interpreter on CPU tensors (set up by
+tests/conftest.py).
+"""
 
-# Before Triton is imported; the kernels also read it per call, so late imports are fine too.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
+from torch import nn
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-from fisedit.engine import sparse_ops  # noqa: E402
-from fisedit.engine.kernels.group_norm import group_norm_affine_reference  # noqa: E402
-from fisedit.engine.kernels.tokens import (  # noqa: E402
+from fisedit.engine import sparse_ops
+from fisedit.engine.kernels.group_norm import group_norm_affine_reference
+from fisedit.engine.kernels.launch import interpreting
+from fisedit.engine.kernels.tokens import (
     gather_rows_layernorm,
     gather_rows_layernorm_reference,
     gather_tokens_affine,
@@ -22,26 +22,30 @@ from fisedit.engine.kernels.tokens import (  # noqa: E402
     scatter_tokens_into_reference,
 )
 
+DEVICE = "cpu" if interpreting() else "cuda"
 FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 # Border and inner pixels of an 8x8 map.
-INDEX = torch.tensor([0, 7, 19, 36, 63])
-EMPTY = torch.zeros(0, dtype=torch.long)
+INDEX = torch.tensor([0, 7, 19, 36, 63], device=DEVICE)
+EMPTY = torch.zeros(0, dtype=torch.long, device=DEVICE)
+
+
+def _randn(*shape: int, seed: int = 2) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
 
 
 def _map(channels: int = 20, memory_format: str = "nchw", seed: int = 0) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(2, channels, 8, 8, generator=gen)
-    return x.to(memory_format=FORMATS[memory_format])
+    return _randn(2, channels, 8, 8, seed=seed).to(memory_format=FORMATS[memory_format])
 
 
 def _tokens(channels: int = 20, seed: int = 1) -> torch.Tensor:
-    return torch.randn(2, len(INDEX), channels, generator=torch.Generator().manual_seed(seed))
+    return _randn(2, len(INDEX), channels, seed=seed)
 
 
 def test_gather_reference_equals_group_norm_at_active_pixels():
     norm = nn.GroupNorm(4, 20).requires_grad_(False)
     nn.init.normal_(norm.weight)
     nn.init.normal_(norm.bias)
+    norm.to(DEVICE)
     x = _map()
     tokens, normed = gather_tokens_affine_reference(x, INDEX, group_norm_affine_reference(norm, x))
     torch.testing.assert_close(tokens, sparse_ops.gather_tokens(x, INDEX))
@@ -52,7 +56,7 @@ def test_gather_reference_equals_group_norm_at_active_pixels():
 @pytest.mark.parametrize("affine", [False, True], ids=["plain", "affine"])
 def test_gather_tokens_affine_matches_reference(memory_format, affine):
     x = _map(memory_format=memory_format)
-    norm_affine = torch.randn(2, 2, 20) if affine else None
+    norm_affine = _randn(2, 2, 20) if affine else None
     tokens, normed = gather_tokens_affine(x, INDEX, norm_affine)
     ref_tokens, ref_normed = gather_tokens_affine_reference(x, INDEX, norm_affine)
     torch.testing.assert_close(tokens, ref_tokens, atol=0, rtol=0)
@@ -65,7 +69,8 @@ def test_layernorm_reference_equals_the_layer():
     layer = nn.LayerNorm(20).requires_grad_(False)
     nn.init.normal_(layer.weight)
     nn.init.normal_(layer.bias)
-    rows = torch.randn(2, 64, 20)
+    layer.to(DEVICE)
+    rows = _randn(2, 64, 20)
     expected = layer(rows)[:, INDEX]
     got = gather_rows_layernorm_reference(rows, INDEX, layer.weight, layer.bias, layer.eps)
     torch.testing.assert_close(got, expected)
@@ -76,9 +81,9 @@ def test_layernorm_reference_equals_the_layer():
 def test_gather_rows_layernorm_matches_reference(indexed, affine):
     gen = torch.Generator().manual_seed(0)
     # An offset mean checks that the variance is taken about it.
-    rows = torch.randn(2, 64, 20, generator=gen) * 3 + 5
+    rows = (torch.randn(2, 64, 20, generator=gen) * 3 + 5).to(DEVICE)
     index = INDEX if indexed else None
-    weight, bias = (torch.randn(20, generator=gen), torch.randn(20, generator=gen))
+    weight, bias = (torch.randn(20, generator=gen).to(DEVICE) for _ in range(2))
     if not affine:
         weight = bias = None
     got = gather_rows_layernorm(rows, index, weight, bias, 1e-5)
@@ -91,7 +96,7 @@ def test_scatter_reference_replaces_exactly_the_active_pixels_in_place():
     base, tokens, residual = _map(), _tokens(), _tokens(seed=2)
     got = scatter_tokens_into_reference(base.clone(), INDEX, tokens, residual)
     torch.testing.assert_close(sparse_ops.gather_tokens(got, INDEX), tokens + residual)
-    inactive = torch.ones(base.shape[-2] * base.shape[-1], dtype=torch.bool)
+    inactive = torch.ones(base.shape[-2] * base.shape[-1], dtype=torch.bool, device=DEVICE)
     inactive[INDEX] = False
     assert torch.equal(got.flatten(2)[:, :, inactive], base.flatten(2)[:, :, inactive])
 
@@ -111,22 +116,22 @@ def test_scatter_tokens_into_matches_reference(memory_format, residual):
 
 
 def test_scatter_rows_matches_reference_and_replaces_only_its_rows():
-    base, rows = torch.randn(2, 64, 20), torch.randn(2, len(INDEX), 20)
+    base, rows = _randn(2, 64, 20), _randn(2, len(INDEX), 20, seed=3)
     got = scatter_rows_into(base.clone(), INDEX, rows)
     expected = scatter_rows_into_reference(base.clone(), INDEX, rows)
     torch.testing.assert_close(got, expected, atol=0, rtol=0)
     assert torch.equal(got[:, INDEX], rows)
-    others = torch.ones(64, dtype=torch.bool)
+    others = torch.ones(64, dtype=torch.bool, device=DEVICE)
     others[INDEX] = False
     assert torch.equal(got[:, others], base[:, others])
 
 
 def test_empty_index_gives_empty_gathers_and_unchanged_maps():
-    x, rows = _map(), torch.randn(2, 64, 20)
-    tokens, normed = gather_tokens_affine(x, EMPTY, torch.randn(2, 2, 20))
+    x, rows = _map(), _randn(2, 64, 20)
+    tokens, normed = gather_tokens_affine(x, EMPTY, _randn(2, 2, 20))
     assert tokens.shape == normed.shape == (2, 0, 20)
     assert gather_rows_layernorm(rows, EMPTY, None, None, 1e-5).shape == (2, 0, 20)
-    none = torch.zeros(2, 0, 20)
+    none = torch.zeros(2, 0, 20, device=DEVICE)
     torch.testing.assert_close(scatter_tokens_into(x.clone(), EMPTY, none, none), x, atol=0, rtol=0)
     torch.testing.assert_close(scatter_rows_into(rows.clone(), EMPTY, none), rows, atol=0, rtol=0)
 
