@@ -27,6 +27,7 @@ from diffusers import (
 )
 from pydantic import BaseModel
 
+from fisedit.engine.cache import ActivationCache
 from fisedit.engine.config import EditParams, EngineConfig
 from fisedit.engine.graphs import CapturedUNetStep
 from fisedit.engine.layers import MacCount
@@ -227,17 +228,18 @@ class ModelBench:
         return call
 
     def sparse_call(self, engine: Engine, base: EditSession, mask: torch.Tensor):
-        """One sparse UNet step over `mask`, replayed from a CUDA graph where the engine
-        captures graphs, as the engine's edits do."""
+        """One sparse UNet step over `mask` as the engine's edits run it: replayed from a
+        CUDA graph where the engine captures graphs, recording the new version's state."""
         device, step, cache = engine.model.device, self.steps // 2, base.current.cache
         plan = SparsePlan(mask.to(device), engine.config.sparse, device)
+        record = ActivationCache(self.steps)
         if engine.graphs:
             graph = CapturedUNetStep(engine, plan, cache)
-            args = (self.sample, self.timestep, step, self.embeds, self.added, None)
+            args = (self.sample, self.timestep, step, self.embeds, self.added, record)
             return lambda: graph(*args, MacCount())
 
         def call():
-            with engine.unet_pass(step, MacCount(), plan, cache):
+            with engine.unet_pass(step, MacCount(), plan, cache, record):
                 return self.unet_call(engine.model.unet)()
 
         return call
