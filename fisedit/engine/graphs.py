@@ -54,7 +54,7 @@ class CapturedUNetStep:
         """Fills the static input buffers with this call's inputs (the first call makes them)."""
         inputs = {
             "sample": sample,
-            "timestep": torch.as_tensor(timestep, device=sample.device),
+            "timestep": timestep,
             "hidden": embeds.hidden,
         }
         inputs.update({f"added.{k}": v for k, v in (added or {}).items()})

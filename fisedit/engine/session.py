@@ -125,16 +125,19 @@ class DenoiseRun:
         scheduler = self.scheduler
         t = scheduler.timesteps[step]
         model_in = scheduler.scale_model_input(torch.cat([self.latents] * 2), t)
+        # Always a float timestep: a graph's static buffer keeps the dtype of its first call,
+        # and an integer one would truncate the fractional timesteps of a later Euler run.
+        unet_t = torch.as_tensor(t, dtype=torch.float32, device=model_in.device)
         graph = self._graph(plan, source)
         if graph is not None:
             captured = graph.captured
-            out = graph(model_in, t, step, self.embeds, self.added, self.record, macs)
+            out = graph(model_in, unet_t, step, self.embeds, self.added, self.record, macs)
             self.capture_s += 0.0 if captured else graph.capture_s
         else:
             with self.engine.unet_pass(step, macs, plan, source, self.record):
                 out = self.engine.model.unet(
                     model_in,
-                    t,
+                    unet_t,
                     encoder_hidden_states=self.embeds.hidden,
                     added_cond_kwargs=self.added,
                 ).sample

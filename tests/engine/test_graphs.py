@@ -62,3 +62,30 @@ def test_graph_captured_steps_give_the_eager_latents(tiny_model_dir, dtype):
             assert version.report.graph_capture_s > 0
     assert engine.dense_graph.graph is not None
     assert captured[0][0].report.graph_capture_s > 0
+
+
+# Every ordered pair of schedulers follows one another once: integer-timestep schedulers
+# (DDIM, DPM-Solver++) before and after Euler's fractional timesteps.
+SCHEDULER_ORDER = ["ddim", "dpm++", "euler", "ddim", "euler", "dpm++", "ddim"]
+
+
+def _evenly_spaced(engine: Engine) -> Engine:
+    """A checkpoint whose schedule spaces timesteps evenly: Euler's are then fractional."""
+    config = engine.model.scheduler_config
+    engine.model.scheduler_config = {**config, "timestep_spacing": "linspace"}
+    return engine
+
+
+def test_a_run_gives_the_same_latents_whatever_scheduler_ran_before(tiny_model_dir):
+    config = EngineConfig(progress=False)
+    eager = _evenly_spaced(Engine.from_pretrained(tiny_model_dir, config))
+    expected = {
+        name: eager.generate("a cat", steps=3, seed=5, scheduler=name).current.cache
+        for name in set(SCHEDULER_ORDER)
+    }
+    engine = _evenly_spaced(StaticStepEngine.from_pretrained(tiny_model_dir, config))
+    for previous, name in zip([None, *SCHEDULER_ORDER], SCHEDULER_ORDER, strict=False):
+        cache = engine.generate("a cat", steps=3, seed=5, scheduler=name).current.cache
+        assert torch.equal(cache.tensors["latents"], expected[name].tensors["latents"]), (
+            f"{name} after {previous}"
+        )
