@@ -5,6 +5,7 @@ import torch
 
 from fisedit.engine.cache import ActivationCache
 from fisedit.engine.config import EngineConfig, SparseConfig
+from fisedit.engine.kernels.launch import interpreting
 from fisedit.engine.layers import SparseConv, SparseResnet, SparseTransformer
 from fisedit.engine.plan import SparsePlan
 from fisedit.engine.session import Engine
@@ -78,9 +79,20 @@ LAYERS = [
 ]
 
 
+# This module's engine is on the CPU: Triton runs there only interpreted. On a GPU machine
+# the Triton path is checked on CUDA tensors by tests/engine/kernels and test_session.
+on_cpu_triton = pytest.mark.skipif(
+    not interpreting(), reason="Triton runs CPU tensors only under TRITON_INTERPRET=1"
+)
+
+
 @pytest.mark.parametrize(
     "config",
-    [SparseConfig(), SparseConfig.exact(), SparseConfig(kernels="triton")],
+    [
+        SparseConfig(),
+        SparseConfig.exact(),
+        pytest.param(SparseConfig(kernels="triton"), marks=on_cpu_triton),
+    ],
     ids=["cached", "exact", "triton"],
 )
 @pytest.mark.parametrize(("name", "kind"), LAYERS)
