@@ -13,7 +13,7 @@ def _fisedit(*args: str, check: bool = True) -> subprocess.CompletedProcess:
         [sys.executable, "-m", "fisedit.cli", *args],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=1200,
         check=check,
     )
 
