@@ -192,7 +192,8 @@ class SparseLayer(nn.Module):
         return gather(rows, index, norm.weight, norm.bias, norm.eps)
 
     def group_norm_affine(self, norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
-        """GroupNorm statistics of the map `x` as a [2, B, C] (scale, shift) affine."""
+        """GroupNorm statistics of the map `x` as a [2, B, C] (scale, shift) affine, in fp32
+        whatever the map's dtype (an fp16 shift loses precision when the mean is large)."""
         return self.kernel(norm_kernels, "group_norm_affine", x)(norm, x)
 
     def cached(self, key: str, writable: bool = False) -> torch.Tensor:

@@ -47,7 +47,8 @@ def sparse_conv2d_reference(
 
     x [B, C, H, W]; taps [P, T] flat input positions (-1: padding); weight [C_out, C, kh, kw];
     bias [C_out], or [B, C_out] per sample (a ResNet's time embedding rides on its conv1 bias);
-    norm_affine [2, B, C] makes the input silu(x * scale + shift) with padding still zero.
+    norm_affine [2, B, C] (fp32, from `group_norm_affine`) makes the input
+    silu(x * scale + shift), computed in fp32, with padding still zero.
     Returns tokens [B, P, C_out] = (conv + bias + residual) * out_scale, or, given `out` and
     `out_index` [P], writes them into `out` [B, C_out, H_out, W_out] in place and returns it.
     """

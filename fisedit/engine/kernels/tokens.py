@@ -21,7 +21,8 @@ def _tile(size: int, cap: int = 64) -> int:
 def gather_tokens_affine_reference(
     x: torch.Tensor, index: torch.Tensor, norm_affine: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(tokens [B, P, C] at the active pixels, tokens * scale + shift with [2, B, C] affine)."""
+    """(tokens [B, P, C] at the active pixels, tokens * scale + shift computed in fp32 with the
+    fp32 [2, B, C] affine of `group_norm_affine`)."""
     tokens = gather_tokens(x, index).contiguous()
     if norm_affine is None:
         return tokens, tokens

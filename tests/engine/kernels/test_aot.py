@@ -12,9 +12,22 @@ from fisedit.engine.kernels.aot import compile_launches
 from fisedit.engine.kernels.launch import recording_launches
 from fisedit.engine.session import Engine
 
-# Shared memory per thread block on sm_90, and registers per thread.
+# Shared memory per thread block on sm_90.
 SM90_SHARED_BYTES = 227 * 1024
-MAX_REGISTERS = 255
+# Registers per thread that each kernel's variants in this test may use: the most ptxas
+# reported (Triton 3.9, sm_90; in the comments) plus about a quarter, rounded up to the
+# allocation unit of 8. A change that bloats a kernel fails here, before it costs occupancy on
+# a GPU; past the hardware's 255 ptxas spills, which is checked on its own. The variants of
+# full-size shapes use more (the conv up to 232), and `python -m fisedit.bench.step_launches
+# --compile` reports them (bench/results/step-launches-sm90-static.json).
+REGISTER_BUDGETS = {
+    "_sparse_conv_kernel": 176,  # 140: 64x64x64 tiles, GroupNorm affine applied on load
+    "_group_norm_affine_kernel": 80,  # 64
+    "_gather_tokens_affine_kernel": 64,  # 48
+    "_scatter_tokens_kernel": 48,  # 34
+    "_gather_rows_layernorm_kernel": 32,  # 21
+    "_scatter_rows_kernel": 24,  # 14
+}
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +69,6 @@ def test_every_launched_kernel_compiles_for_sm90_without_spilling(edit_launches)
     assert len(resources) >= 10
     assert {r.kernel for r in resources} == {launch.kernel.fn.__name__ for launch in launches}
     for r in resources:
-        assert 0 < r.registers <= MAX_REGISTERS, r
+        assert 0 < r.registers <= REGISTER_BUDGETS[r.kernel], r
         assert r.spill_bytes == 0, r
         assert r.shared_bytes <= SM90_SHARED_BYTES, r

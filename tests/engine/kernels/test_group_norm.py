@@ -1,8 +1,10 @@
 """GroupNorm statistics as an affine: the reference reproduces nn.GroupNorm, and the Triton
-kernel equals the reference (compiled on a GPU, interpreted on CPU tensors)."""
+kernel equals the reference (compiled on a GPU, interpreted on CPU tensors). The affine is
+fp32 for maps of any dtype."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fisedit.engine.kernels.group_norm import group_norm_affine, group_norm_affine_reference
@@ -19,9 +21,16 @@ def _norm(groups: int, channels: int, seed: int = 0) -> nn.GroupNorm:
     return norm.requires_grad_(False).to(DEVICE)
 
 
-def _map(channels: int, height: int, width: int, channels_last: bool = False) -> torch.Tensor:
+def _map(
+    channels: int,
+    height: int,
+    width: int,
+    channels_last: bool = False,
+    mean: float = 1.0,
+    std: float = 3.0,
+) -> torch.Tensor:
     x = torch.randn(2, channels, height, width, generator=torch.Generator().manual_seed(1))
-    x = (x * 3 + 1).to(DEVICE)
+    x = (x * std + mean).to(DEVICE)
     return x.to(memory_format=torch.channels_last) if channels_last else x
 
 
@@ -48,13 +57,28 @@ def test_triton_matches_reference(groups, channels, height, width, channels_last
     )
 
 
-def test_fp16_maps_give_fp16_affines_close_to_the_reference():
-    norm, x = _norm(4, 32).half(), _map(32, 16, 16, channels_last=True).half()
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+# Group means 0, 20 and 50 times the spread: shift = bias - mean * scale then cancels most of
+# x * scale, which an fp16 or bf16 affine cannot do to fp16 GroupNorm's own accuracy.
+@pytest.mark.parametrize("mean_over_std", [0, 20, 50])
+@pytest.mark.parametrize(
+    "affine_of", [group_norm_affine, group_norm_affine_reference], ids=["triton", "reference"]
+)
+def test_low_precision_maps_give_fp32_affines_that_normalise_them_exactly(
+    affine_of, dtype, mean_over_std
+):
+    norm = _norm(4, 32).to(dtype)
+    x = _map(32, 16, 16, channels_last=True, mean=mean_over_std, std=1.0).to(dtype)
 
-    got = group_norm_affine(norm, x)
+    scale, shift = affine_of(norm, x)
 
-    assert got.dtype == torch.float16 and got.shape == (2, 2, 32)
-    torch.testing.assert_close(got, group_norm_affine_reference(norm, x), atol=2e-3, rtol=2e-3)
+    assert scale.dtype == shift.dtype == torch.float32 and scale.shape == (2, 32)
+    # Against GroupNorm of the same rounded map and weights in fp64 (PyTorch's fp32 GroupNorm
+    # takes the variance as E[x^2] - mean^2, itself off by 3e-3 at mean/std 50).
+    weight, bias = norm.weight.double(), norm.bias.double()
+    expected = F.group_norm(x.double(), norm.num_groups, weight, bias, norm.eps)
+    normed = x.float() * scale[..., None, None] + shift[..., None, None]
+    torch.testing.assert_close(normed.double(), expected, atol=1e-4, rtol=1e-4)
 
 
 def test_an_empty_batch_launches_nothing():
