@@ -28,6 +28,10 @@ class TierUsage(BaseModel):
     bytes: int = 0
 
 
+class CacheBudgetError(MemoryError):
+    """An edit would need more device memory than the budget, even with the session alone."""
+
+
 class UnknownSessionError(KeyError):
     """No session with this id is held, stored or remembered."""
 
@@ -56,8 +60,13 @@ class SessionPool:
         return session
 
     def edit(self, session_id: str, prompt: str, **options) -> Version:
-        """Edits a session wherever it lives; its new version is on the device."""
+        """Edits a session wherever it lives; its new version is on the device.
+
+        While it runs, an edit holds the new version's cache beside the current one, so
+        other sessions leave the device first; CacheBudgetError if even that is not room.
+        """
         session = self.get(session_id)
+        self._enforce(keep=session_id, reserve=session.current.cache.nbytes)
         version = session.edit(prompt, **options)
         self._tier[session_id] = "device"
         self._enforce(keep=session_id)
@@ -111,12 +120,20 @@ class SessionPool:
     def _least_recent(self, tier: Tier, keep: str) -> str | None:
         return next((i for i in self._resident if self._tier[i] == tier and i != keep), None)
 
-    def _enforce(self, keep: str) -> None:
-        """Moves least recently used sessions down the tiers until budgets hold."""
+    def _enforce(self, keep: str, reserve: int = 0) -> None:
+        """Moves least recently used sessions down the tiers until budgets hold, with
+        `reserve` more bytes free on the device for an edit of `keep`."""
         budgets = (("device", self.config.device_bytes), ("host", self.config.host_bytes))
         for tier, budget in budgets:
-            while budget is not None and self._bytes(tier) > budget:
+            needed = reserve if tier == "device" else 0
+            while budget is not None and self._bytes(tier) + needed > budget:
                 victim = self._least_recent(tier, keep)
+                if victim is None and needed:
+                    raise CacheBudgetError(
+                        f"editing session {keep!r} needs {needed} bytes for the new version's "
+                        f"cache beside {self._bytes(tier)} bytes on the device; the device "
+                        f"budget is {budget} bytes"
+                    )
                 if victim is None:
                     break
                 if tier == "device":

@@ -5,7 +5,7 @@ import pytest
 
 from fisedit.engine import EditConfig, Engine, EngineConfig
 from fisedit.engine.snapshot import snapshot_versions
-from fisedit.engine.tiers import SessionPool, TierConfig, UnknownSessionError
+from fisedit.engine.tiers import CacheBudgetError, SessionPool, TierConfig, UnknownSessionError
 from fisedit.storage import LocalConfig, LocalObjectStore
 
 STEPS = 6
@@ -100,3 +100,25 @@ def test_unknown_and_dropped_sessions_are_clear_errors(engine, session_bytes):
         pool.get(session.id)
     with pytest.raises(UnknownSessionError):
         pool.tier("nobody")
+
+
+def test_an_edit_makes_room_for_the_new_versions_cache_before_it_runs(engine, session_bytes):
+    pool = _pool(engine, session_bytes)
+    older = pool.generate("a cat", steps=STEPS, seed=1)
+    edited = pool.generate("a cat on a bench", steps=STEPS, seed=2)
+    assert _tiers(pool, older, edited) == ["device", "device"]
+
+    pool.edit(edited.id, "a dog on a bench")
+
+    # The edit held two caches of `edited` on the device: `older` had to leave first.
+    assert _tiers(pool, older, edited) == ["host", "device"]
+
+
+def test_an_edit_that_cannot_fit_beside_its_session_is_refused(engine, session_bytes):
+    budget = TierConfig(device_bytes=3 * session_bytes // 2)
+    pool = SessionPool(engine, budget)
+    session = pool.generate("a cat", steps=STEPS, seed=1)
+
+    with pytest.raises(CacheBudgetError, match="device budget"):
+        pool.edit(session.id, "a dog")
+    assert pool.get(session.id).version == 0
