@@ -95,24 +95,35 @@ auth_exports() {
     fi
 }
 
-group_alive() {  # any process of group $1 that is not a zombie
-    ps -eo pgid=,stat= | awk -v g="$1" '$1 == g && $2 !~ /^Z/ {found = 1} END {exit !found}'
+group_members() {  # group_members WANT PGID...: live pids of the groups; WANT: raylet|gcs|other
+    ps -eo pid=,pgid=,stat=,comm= | awk -v want="$1" -v groups=" ${*:2} " '
+        index(groups, " " $2 " ") && $3 !~ /^Z/ {
+            kind = ($4 == "raylet") ? "raylet" : ($4 == "gcs_server") ? "gcs" : "other"
+            if (want == kind || want == "all") print $1
+        }'
 }
 
-stop_groups() {  # SIGTERM, then SIGKILL whatever is left after the grace period
-    local pgid waited=0
-    for pgid in "$@"; do kill -TERM -- "-$pgid" 2>/dev/null || true; done
-    while :; do
-        local alive=()
-        for pgid in "$@"; do group_alive "$pgid" && alive+=("$pgid"); done
-        [[ ${#alive[@]} -eq 0 ]] && return 0
-        if ((waited >= STOP_GRACE_S)); then
-            for pgid in "${alive[@]}"; do kill -KILL -- "-$pgid" 2>/dev/null || true; done
-            return 0
-        fi
-        sleep 1
-        waited=$((waited + 1))
+group_alive() {
+    [[ -n $(group_members all "$1") ]]
+}
+
+stop_groups() {  # stop_groups PGID...
+    # As `ray stop` does: raylets first, GCS last (it waits for the others), each with SIGTERM
+    # and then SIGKILL for whatever is left after the grace period.
+    local kind pids waited
+    for kind in raylet other gcs; do
+        pids=$(group_members "$kind" "$@")
+        [[ -n $pids ]] || continue
+        # shellcheck disable=SC2086
+        kill -TERM $pids 2>/dev/null || true
+        for ((waited = 0; waited < STOP_GRACE_S; waited++)); do
+            [[ -n $(group_members "$kind" "$@") ]] || break
+            sleep 1
+        done
     done
+    pids=$(group_members all "$@")
+    # shellcheck disable=SC2086
+    [[ -z $pids ]] || kill -KILL $pids 2>/dev/null || true
 }
 
 start_node() {  # start_node NAME RAY_START_ARGS...: one `ray start` in a new process group
