@@ -149,8 +149,6 @@ write_state() {
         echo "RAY_ADDRESS=${RAY_ADDRESS:-}"
         echo "NODE_PGIDS='${NODE_PGIDS# }'"
         echo "AUTH=$AUTH"
-        echo "CLIENT_PORT=$CLIENT_PORT"
-        echo "DASHBOARD_PORT=$DASHBOARD_PORT"
     } >"$STATE_FILE"
 }
 
@@ -163,10 +161,13 @@ abort_up() {
 }
 
 up() {
+    local pgid
     if [[ -f $STATE_FILE ]]; then
-        load_state
-        for pgid in $NODE_PGIDS; do
-            group_alive "$pgid" && die "a cluster from $TEMP_DIR is running; '$0 down' first"
+        # A subshell, so that the old state's settings do not replace this call's options.
+        for pgid in $(source "$STATE_FILE" && echo "$NODE_PGIDS"); do
+            if group_alive "$pgid"; then
+                die "a cluster from $TEMP_DIR is running; '$0 down --temp-dir $TEMP_DIR' first"
+            fi
         done
     fi
     export RAY_AUTH_MODE=$AUTH
