@@ -1,0 +1,109 @@
+"""One configuration for the service: the CLI, the Serve app and Ray Jobs all read it."""
+
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from fisedit.engine.config import EngineConfig
+from fisedit.engine.tiers import TierConfig
+from fisedit.storage import ObjectStore, open_store, validate_key
+
+
+class StoreConfig(BaseModel):
+    """Where results, recipes, snapshots and job records live.
+
+    A plain path or file:/// URL is a local directory (the embedded default); s3://bucket/prefix
+    an S3-compatible bucket. S3 credentials come from boto3's standard chain (the AWS_*
+    environment variables, a profile, an instance role), never from this file.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    url: str = Field("fisedit-store", description="Directory, file:/// URL or s3://bucket/prefix.")
+    endpoint_url: str | None = Field(None, description="S3 endpoint (MinIO, Ceph); None for AWS.")
+    region: str | None = None
+
+    def open(self) -> ObjectStore:
+        if not self.url.startswith("s3://"):
+            return open_store(self.url)
+        options = {"endpoint_url": self.endpoint_url, "region": self.region}
+        return open_store(self.url, **{k: v for k, v in options.items() if v is not None})
+
+
+class WorkerResources(BaseModel):
+    """What each EditWorker actor reserves: `num_gpus: 1` on GPU clusters, a custom resource
+    (e.g. `{"edit_slot": 1}`) on CPU-only ones."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    resources: dict[str, float] = Field(default_factory=dict)
+
+
+class QueueLimits(BaseModel):
+    """Bounds on the job queue, so a flood of submissions cannot exhaust it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_pending_jobs: int = Field(1000, ge=1, description="Queued plus running jobs.")
+    max_running_jobs: int = Field(8, ge=1, description="Jobs whose edits run concurrently.")
+    max_edits_per_job: int = Field(100, ge=1)
+
+
+class RetryPolicy(BaseModel):
+    """How transient failures (a worker died, the store timed out) are retried."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    attempts: int = Field(5, ge=1, description="Tries per step, the first one included.")
+    backoff_s: float = Field(0.5, ge=0, description="Wait before the first retry.")
+    backoff_factor: float = Field(2.0, ge=1)
+    max_backoff_s: float = Field(10.0, ge=0)
+
+    def delay(self, retry: int) -> float:
+        """Seconds to wait before retry number `retry` (1 for the first retry)."""
+        return min(self.backoff_s * self.backoff_factor ** (retry - 1), self.max_backoff_s)
+
+
+class ServiceConfig(BaseModel):
+    """The whole service: model, engine, cache budgets, store, workers, queue and retries."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: str = Field(
+        "tiny",
+        description="diffusers directory or hub id; tiny, tiny-sd2, tiny-sdxl build a small "
+        "random model on each worker (deterministic, so every worker has the same weights).",
+    )
+    engine: EngineConfig = EngineConfig(progress=False)
+    tiers: TierConfig = TierConfig()
+    store: StoreConfig = StoreConfig()
+    tenant: str = Field("local", description="Key prefix tenants/<tenant>/ of everything stored.")
+    namespace: str = Field("fisedit", min_length=1, description="Ray namespace of the actors.")
+    workers: int = Field(2, ge=1, description="EditWorker actors, one per GPU.")
+    worker_resources: WorkerResources = WorkerResources()
+    queue: QueueLimits = QueueLimits()
+    retry: RetryPolicy = RetryPolicy()
+    call_timeout_s: float = Field(600.0, gt=0, description="Longest one actor call may take.")
+
+    @model_validator(mode="after")
+    def _tenant_is_one_key_segment(self) -> "ServiceConfig":
+        if "/" in self.tenant:
+            raise ValueError(f"tenant {self.tenant!r} must not contain '/'")
+        validate_key(self.tenant)
+        return self
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "ServiceConfig":
+        """Reads a YAML file; missing fields keep their defaults."""
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(
+                f"{path}: expected a mapping of config fields, got {type(data).__name__}"
+            )
+        return cls.model_validate(data)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
