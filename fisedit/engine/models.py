@@ -44,6 +44,8 @@ class DiffusionModel:
     tokenizers: list[CLIPTokenizer]
     text_encoders: list[CLIPTextModel]
     scheduler_config: dict
+    zero_empty_negative: bool = False
+    """An empty negative prompt conditions on zeros (SDXL's `force_zeros_for_empty_prompt`)."""
 
     @property
     def device(self) -> torch.device:
@@ -55,7 +57,7 @@ class DiffusionModel:
 
     @property
     def is_sdxl(self) -> bool:
-        return self.unet.config.addition_embed_type == "text_time"
+        return _is_sdxl(self.unet)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -112,6 +114,16 @@ class DiffusionModel:
             pooled = output[0]
         return PromptEmbeddings(hidden=torch.cat(hidden, dim=-1), pooled=pooled)
 
+    def encode_for_guidance(self, prompt: str, negative_prompt: str = "") -> PromptEmbeddings:
+        """[unconditional, conditional] embeddings for classifier-free guidance, built as the
+        diffusers pipeline builds them: where the checkpoint says `force_zeros_for_empty_prompt`
+        (SDXL), an empty negative prompt gives zero embeddings, hidden and pooled."""
+        embeds = self.encode_prompts([negative_prompt, prompt])
+        if self.zero_empty_negative and not negative_prompt:
+            embeds.hidden[0] = 0
+            embeds.pooled[0] = 0
+        return embeds
+
     def added_conditions(self, embeds: PromptEmbeddings) -> dict | None:
         """SDXL's extra conditioning: pooled text and (original size, crop, target size)."""
         if not self.is_sdxl:
@@ -123,7 +135,8 @@ class DiffusionModel:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> np.ndarray:
-        """Latents [1, C, h, w] to an RGB uint8 image [H, W, 3]."""
+        """Latents [1, C, h, w] to an RGB uint8 image [H, W, 3], in the VAE's dtype (float32
+        for an SDXL VAE that says `force_upcast`, see `load_model`)."""
         config = self.vae.config
         latents = latents / config.scaling_factor + (getattr(config, "shift_factor", None) or 0.0)
         image = self.vae.decode(latents.to(self.vae.dtype)).sample[0]
@@ -134,7 +147,13 @@ class DiffusionModel:
 def load_model(
     source: str | os.PathLike, device: str = "cpu", dtype: torch.dtype = torch.float32
 ) -> DiffusionModel:
-    """Loads an SD 1.x, SD 2.x or SDXL pipeline from a local directory or a hub id."""
+    """Loads an SD 1.x, SD 2.x or SDXL pipeline from a local directory or a hub id.
+
+    As diffusers' StableDiffusionXLPipeline does, an SDXL VAE whose config says
+    `force_upcast` decodes in float32 when the model runs in float16 (the stock SDXL VAE
+    overflows to NaN or black images in float16); it is loaded in float32 once rather than
+    converted at every decode. bfloat16 has float32's range and is kept.
+    """
     source = str(source)
     try:
         index = DiffusionPipeline.load_config(source)
@@ -144,7 +163,10 @@ def load_model(
             names.append(("tokenizer_2", "text_encoder_2"))
         encoder_classes = [CLIPTextModel, CLIPTextModelWithProjection]
         unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype)
-        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype)
+        sdxl = _is_sdxl(unet)
+        upcast = AutoencoderKL.load_config(source, subfolder="vae").get("force_upcast", True)
+        vae_dtype = torch.float32 if sdxl and upcast and dtype == torch.float16 else dtype
+        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=vae_dtype)
         tokenizers = [CLIPTokenizer.from_pretrained(source, subfolder=t) for t, _ in names]
         encoders = [
             cls.from_pretrained(source, subfolder=e, torch_dtype=dtype)
@@ -158,7 +180,15 @@ def load_model(
         ) from error
     for module in [unet, vae, *encoders]:
         module.to(device).eval().requires_grad_(False)
-    return DiffusionModel(source, unet, vae, tokenizers, encoders, scheduler_config)
+    # The SDXL pipeline's default when model_index.json does not say.
+    zero_empty_negative = sdxl and index.get("force_zeros_for_empty_prompt", True)
+    return DiffusionModel(
+        source, unet, vae, tokenizers, encoders, scheduler_config, zero_empty_negative
+    )
+
+
+def _is_sdxl(unet: UNet2DConditionModel) -> bool:
+    return unet.config.addition_embed_type == "text_time"
 
 
 def _byte_level_vocab() -> dict[str, int]:

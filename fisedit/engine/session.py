@@ -201,7 +201,7 @@ class Engine:
         params = GenerationParams(prompt=prompt, **params)
         timer, macs = PhaseTimer(self.model.device), MacCount()
         with timer("text"):
-            embeds = self.model.encode_prompts([params.negative_prompt, params.prompt])
+            embeds = self.model.encode_for_guidance(params.prompt, params.negative_prompt)
         run = DenoiseRun(self, params, embeds)
         with timer("dense"):
             for step in self._steps(range(params.steps), "generate"):
@@ -278,7 +278,7 @@ class Engine:
             raise ValueError("capturing the edited region needs mask_steps >= 1, or a mask")
         timer, macs, sparse_macs = PhaseTimer(self.model.device), MacCount(), MacCount()
         with timer("text"):
-            embeds = self.model.encode_prompts([generation.negative_prompt, params.prompt])
+            embeds = self.model.encode_for_guidance(params.prompt, generation.negative_prompt)
         run = DenoiseRun(self, generation.model_copy(update={"prompt": params.prompt}), embeds)
         source = base.cache.reader(self.model.device)
         dense_steps = params.mask_steps
