@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -13,6 +14,7 @@ from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
     DiffusionPipeline,
+    DPMSolverMultistepScheduler,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
@@ -24,6 +26,10 @@ TinyVariant = Literal["sd15", "sd2", "sdxl"]
 
 class ModelLoadError(ValueError):
     """A checkpoint could not be found or is not a Stable Diffusion pipeline."""
+
+
+class PromptTruncatedWarning(UserWarning):
+    """A prompt was longer than the text encoder takes; only its start was used."""
 
 
 @dataclass
@@ -65,12 +71,34 @@ class DiffusionModel:
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
+        """The latent shape at the model's default image size."""
         side = self.unet.config.sample_size
         return (self.unet.config.in_channels, side, side)
 
     @property
     def image_size(self) -> int:
+        """The default image side: the one the model was trained at."""
         return self.unet.config.sample_size * self.vae_scale_factor
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this: the VAE's scale times the UNet's halvings,
+        so that every UNet resolution tiles the latent exactly."""
+        halvings = len(self.unet.config.block_out_channels) - 1
+        return self.vae_scale_factor * 2**halvings
+
+    def latent_shape_at(self, height: int, width: int) -> tuple[int, int, int]:
+        """The latent shape of a `height` x `width` image; a clear error for sizes the UNet
+        cannot run at."""
+        multiple = self.size_multiple
+        if height % multiple or width % multiple:
+            raise ValueError(
+                f"height and width must be multiples of {multiple} for this model (its VAE "
+                f"scales by {self.vae_scale_factor} and its UNet halves the latent "
+                f"{len(self.unet.config.block_out_channels) - 1} times), not {height}x{width}"
+            )
+        scale = self.vae_scale_factor
+        return (self.unet.config.in_channels, height // scale, width // scale)
 
     @property
     def config_hash(self) -> str:
@@ -83,19 +111,27 @@ class DiffusionModel:
         blob = json.dumps(configs, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
-    def token_count(self, prompt: str) -> int:
-        """Tokens of `prompt` without the start and end tokens."""
-        return len(self.tokenizers[0](prompt, truncation=False).input_ids) - 2
+    def truncated_prompt(self, prompt: str) -> str | None:
+        """The part of `prompt` the text encoder reads, when the prompt is longer than the
+        encoder's limit (as diffusers does, the rest is dropped); None when it all fits."""
+        tokenizer = self.tokenizers[0]
+        limit = tokenizer.model_max_length - 2  # the start and end tokens take two places
+        # verbose=False: transformers would warn that an overlong prompt cannot be encoded.
+        ids = tokenizer(prompt, add_special_tokens=False, verbose=False).input_ids
+        return tokenizer.decode(ids[:limit]) if len(ids) > limit else None
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> PromptEmbeddings:
-        """Encodes prompts the way the matching diffusers pipeline does."""
-        limit = self.tokenizers[0].model_max_length - 2
+        """Encodes prompts the way the matching diffusers pipeline does, truncating prompts
+        longer than the text encoder takes with a PromptTruncatedWarning."""
         for prompt in prompts:
-            if self.token_count(prompt) > limit:
-                raise ValueError(
-                    f"prompt is {self.token_count(prompt)} tokens long; the text encoder "
-                    f"takes at most {limit}: {prompt[:60]!r}..."
+            if (kept := self.truncated_prompt(prompt)) is not None:
+                warnings.warn(
+                    f"prompt is longer than the text encoder's "
+                    f"{self.tokenizers[0].model_max_length - 2} tokens; only this part is "
+                    f"used: {kept!r}",
+                    PromptTruncatedWarning,
+                    stacklevel=2,
                 )
         hidden, pooled = [], None
         for tokenizer, encoder in zip(self.tokenizers, self.text_encoders, strict=True):
@@ -124,12 +160,15 @@ class DiffusionModel:
             embeds.pooled[0] = 0
         return embeds
 
-    def added_conditions(self, embeds: PromptEmbeddings) -> dict | None:
-        """SDXL's extra conditioning: pooled text and (original size, crop, target size)."""
+    def added_conditions(
+        self, embeds: PromptEmbeddings, image_hw: tuple[int, int] | None = None
+    ) -> dict | None:
+        """SDXL's extra conditioning: pooled text and (original size, crop, target size),
+        both sizes (height, width) of the image made, the model's default if not given."""
         if not self.is_sdxl:
             return None
-        size = self.image_size
-        time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=embeds.hidden.dtype)
+        height, width = image_hw or (self.image_size, self.image_size)
+        time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=embeds.hidden.dtype)
         batch = embeds.hidden.shape[0]
         return {"text_embeds": embeds.pooled, "time_ids": time_ids.repeat(batch, 1).to(self.device)}
 
@@ -293,7 +332,8 @@ def build_tiny_model(path: str | os.PathLike, variant: TinyVariant = "sd15") -> 
         sample_size=128,
     )
     prediction = "v_prediction" if variant == "sd2" else "epsilon"
-    scheduler = DDIMScheduler.from_config(tiny_scheduler_config(prediction))
+    # DPM-Solver++ as the model's own scheduler: what generate runs when not told otherwise.
+    scheduler = DPMSolverMultistepScheduler.from_config(tiny_scheduler_config(prediction))
     tokenizer = tiny_tokenizer(path)
     if variant == "sdxl":
         pipeline = StableDiffusionXLPipeline(

@@ -21,7 +21,7 @@ from fisedit.engine.session import make_scheduler
 PROMPT, SEED, STEPS, GUIDANCE = "a photo of a cat sitting on a bench", 21, 4, 6.0
 
 
-def _pipeline_image(model_dir: str, engine: Engine, scheduler: str) -> np.ndarray:
+def _pipeline_image(model_dir: str, engine: Engine, scheduler: str, size) -> np.ndarray:
     model = engine.model
     pipeline_class = StableDiffusionXLPipeline if model.is_sdxl else StableDiffusionPipeline
     pipeline = pipeline_class.from_pretrained(
@@ -39,19 +39,26 @@ def _pipeline_image(model_dir: str, engine: Engine, scheduler: str) -> np.ndarra
 
 
 @pytest.mark.parametrize(
-    ("variant", "scheduler"),
-    [("sd15", "dpm++"), ("sd2", "ddim"), ("sdxl", "euler")],
+    ("variant", "scheduler", "size"),
+    # SDXL conditions on the size: a non-square one checks the order of height and width.
+    [("sd15", "dpm++", (128, 128)), ("sd2", "ddim", (128, 128)), ("sdxl", "euler", (64, 96))],
 )
-def test_generate_gives_the_diffusers_pipeline_image(tiny_model_dirs, variant, scheduler):
+def test_generate_gives_the_diffusers_pipeline_image(tiny_model_dirs, variant, scheduler, size):
     model_dir = tiny_model_dirs[variant]
     engine = Engine.from_pretrained(model_dir, EngineConfig(progress=False))
 
     ours = engine.generate(
-        PROMPT, seed=SEED, steps=STEPS, guidance=GUIDANCE, scheduler=scheduler
+        PROMPT,
+        seed=SEED,
+        steps=STEPS,
+        guidance=GUIDANCE,
+        scheduler=scheduler,
+        height=size[0],
+        width=size[1],
     ).image
-    theirs = _pipeline_image(model_dir, engine, scheduler)
+    theirs = _pipeline_image(model_dir, engine, scheduler, size)
 
-    assert ours.shape == theirs.shape == (128, 128, 3)
+    assert ours.shape == theirs.shape == (*size, 3)
     assert np.abs(ours.astype(int) - theirs.astype(int)).max() <= 1
     assert ours.std() > 5  # a real image, not a flat one that would match anything
 
