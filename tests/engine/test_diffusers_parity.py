@@ -29,11 +29,17 @@ def _pipeline_image(model_dir: str, engine: Engine, scheduler: str, size) -> np.
     )
     pipeline.set_progress_bar_config(disable=True)
     # The engine's noise: a CPU generator seeded with the seed, drawn at the latent shape.
-    noise = torch.randn(
-        (1, *model.latent_shape), generator=torch.Generator("cpu").manual_seed(SEED)
-    )
+    generator = torch.Generator("cpu").manual_seed(SEED)
+    noise = torch.randn((1, *model.latent_shape_at(*size)), generator=generator)
+    height, width = size
     image = pipeline(
-        PROMPT, num_inference_steps=STEPS, guidance_scale=GUIDANCE, latents=noise, output_type="np"
+        PROMPT,
+        height=height,
+        width=width,
+        num_inference_steps=STEPS,
+        guidance_scale=GUIDANCE,
+        latents=noise,
+        output_type="np",
     ).images[0]
     return (image * 255).round().astype(np.uint8)
 
