@@ -3,25 +3,30 @@
 import hashlib
 import json
 import os
+import tempfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import diffusers
 import numpy as np
 import torch
+import transformers
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
     DiffusionPipeline,
     DPMSolverMultistepScheduler,
-    StableDiffusionPipeline,
-    StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 TinyVariant = Literal["sd15", "sd2", "sdxl"]
+TINY_MODELS: dict[str, TinyVariant] = {"tiny": "sd15", "tiny-sd2": "sd2", "tiny-sdxl": "sdxl"}
+"""Model names that `load_model` builds locally with `build_tiny_model`."""
 
 
 class ModelLoadError(ValueError):
@@ -183,10 +188,30 @@ class DiffusionModel:
         return image.permute(1, 2, 0).cpu().numpy()
 
 
+@contextmanager
+def _quiet_libraries() -> Iterator[None]:
+    """Keeps diffusers' and transformers' progress bars and notices (weights loaded and
+    written, torchvision missing) off the user's terminal while a model is loaded or
+    written; their own settings come back afterwards."""
+    libraries = [diffusers.utils.logging, transformers.utils.logging]
+    saved = [(library.get_verbosity(), library.is_progress_bar_enabled()) for library in libraries]
+    for library in libraries:
+        library.set_verbosity_error()
+        library.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for library, (verbosity, progress_bars) in zip(libraries, saved, strict=True):
+            library.set_verbosity(verbosity)
+            if progress_bars:
+                library.enable_progress_bar()
+
+
 def load_model(
     source: str | os.PathLike, device: str = "cpu", dtype: torch.dtype = torch.float32
 ) -> DiffusionModel:
-    """Loads an SD 1.x, SD 2.x or SDXL pipeline from a local directory or a hub id.
+    """Loads an SD 1.x, SD 2.x or SDXL pipeline from a local directory or a hub id, or
+    builds one of the TINY_MODELS (`tiny`, `tiny-sd2`, `tiny-sdxl`) in a temporary directory.
 
     As diffusers' StableDiffusionXLPipeline does, an SDXL VAE whose config says
     `force_upcast` decodes in float32 when the model runs in float16 (the stock SDXL VAE
@@ -194,6 +219,16 @@ def load_model(
     converted at every decode. bfloat16 has float32's range and is kept.
     """
     source = str(source)
+    if source in TINY_MODELS:
+        with tempfile.TemporaryDirectory() as workdir:
+            model = load_model(build_tiny_model(workdir, TINY_MODELS[source]), device, dtype)
+        model.model_id = source
+        return model
+    with _quiet_libraries():
+        return _load(source, device, dtype)
+
+
+def _load(source: str, device: str, dtype: torch.dtype) -> DiffusionModel:
     try:
         index = DiffusionPipeline.load_config(source)
         has_second_encoder = (index.get("text_encoder_2") or [None])[0] is not None
@@ -317,9 +352,17 @@ def build_tiny_model(path: str | os.PathLike, variant: TinyVariant = "sd15") -> 
     as in SD; `sd2` adds v-prediction and linear projections, `sdxl` a second text encoder
     and SDXL's added conditioning.
     """
-    path = Path(path)
+    # The same weights every time, without touching the caller's random state.
+    with _quiet_libraries(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return _write_tiny_model(Path(path), variant)
+
+
+def _write_tiny_model(path: Path, variant: TinyVariant) -> Path:
+    # Importing the pipelines makes transformers warn about torchvision: import them quietly.
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
     path.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
     unet = _tiny_unet(variant)
     vae = AutoencoderKL(
         in_channels=3,

@@ -208,7 +208,8 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, source: str, config: EngineConfig | None = None) -> "Engine":
-        """Loads an SD 1.x, SD 2.x or SDXL pipeline from a directory or a hub id."""
+        """Loads an SD 1.x, SD 2.x or SDXL pipeline from a directory or a hub id; `tiny`,
+        `tiny-sd2` and `tiny-sdxl` are small random models built locally (as in the CLI)."""
         config = config or EngineConfig()
         dtype = getattr(torch, config.dtype)
         return cls(load_model(source, device=config.device, dtype=dtype), config)

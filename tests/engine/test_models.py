@@ -1,6 +1,11 @@
+import subprocess
+import sys
+
+import diffusers
 import numpy as np
 import pytest
 import torch
+import transformers
 
 from fisedit.engine.models import (
     ModelLoadError,
@@ -114,3 +119,34 @@ def test_config_hash_ignores_where_the_model_was_saved(tmp_path):
     other = load_model(build_tiny_model(tmp_path / "c", "sd2"))
 
     assert first.config_hash == second.config_hash != other.config_hash
+
+
+def test_tiny_names_build_the_tiny_models_without_touching_the_callers_state(tiny_model_dirs):
+    verbosity = transformers.utils.logging.get_verbosity()
+    torch.manual_seed(3)
+    expected_draw = torch.rand(4)
+    torch.manual_seed(3)
+
+    model = load_model("tiny-sd2")
+
+    assert torch.equal(torch.rand(4), expected_draw)
+    assert transformers.utils.logging.get_verbosity() == verbosity
+    assert diffusers.utils.logging.is_progress_bar_enabled()
+    assert model.model_id == "tiny-sd2"
+    assert model.config_hash == load_model(tiny_model_dirs["sd2"]).config_hash
+    assert model.scheduler_config["prediction_type"] == "v_prediction"
+
+
+def test_from_pretrained_tiny_as_a_user_runs_it_shows_no_library_noise():
+    script = (
+        "from fisedit.engine import Engine, EngineConfig\n"
+        "engine = Engine.from_pretrained('tiny', EngineConfig(progress=False))\n"
+        "print(engine.generate('a cat', steps=2).pil_image.size)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=600, check=True
+    )
+
+    assert result.stdout.strip() == "(128, 128)"
+    # Weights written and loaded, torchvision missing: none of it is the user's business.
+    assert result.stderr == ""
