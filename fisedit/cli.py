@@ -4,7 +4,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,6 @@ DEMO_PROMPTS = [
     "a photo of a dog sitting on a red bench in a park",
     "a photo of a dog sitting on a red bench in a park at night",
 ]
-TINY_MODELS = {"tiny": "sd15", "tiny-sd2": "sd2", "tiny-sdxl": "sdxl"}
 
 
 def _quiet_libraries() -> None:
@@ -30,16 +28,10 @@ def _quiet_libraries() -> None:
 
 def _engine(model: str, args: argparse.Namespace):
     from fisedit.engine.config import EngineConfig
-    from fisedit.engine.models import build_tiny_model
     from fisedit.engine.session import Engine
 
-    config = EngineConfig(device=args.device, dtype=args.dtype)
-    if model in TINY_MODELS:
-        with tempfile.TemporaryDirectory() as workdir:
-            return Engine.from_pretrained(
-                str(build_tiny_model(workdir, TINY_MODELS[model])), config
-            )
-    return Engine.from_pretrained(model, config)
+    # Engine.from_pretrained builds the tiny models (tiny, tiny-sd2, tiny-sdxl) itself.
+    return Engine.from_pretrained(model, EngineConfig(device=args.device, dtype=args.dtype))
 
 
 def _save_png(path: Path, image: np.ndarray) -> None:

@@ -211,7 +211,7 @@ class ModelBench:
         device, dtype = model.device, model.dtype
         side = model.latent_shape[1]
         self.sample = torch.randn(2, 4, side, side, device=device, dtype=dtype)
-        self.embeds = model.encode_prompts(["", PROMPT])
+        self.embeds = model.encode_for_guidance(PROMPT)
         self.added = model.added_conditions(self.embeds)
         self.timestep = torch.tensor(500, device=device)
 

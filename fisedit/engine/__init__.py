@@ -1,7 +1,13 @@
 """Single-device FISEdit engine: record a generation, then edit it sparsely."""
 
 from fisedit.engine.config import EditConfig, EngineConfig, GenerationParams, SparseConfig
-from fisedit.engine.models import DiffusionModel, ModelLoadError, build_tiny_model, load_model
+from fisedit.engine.models import (
+    DiffusionModel,
+    ModelLoadError,
+    PromptTruncatedWarning,
+    build_tiny_model,
+    load_model,
+)
 from fisedit.engine.session import (
     EditReport,
     EditSession,
@@ -19,6 +25,7 @@ __all__ = [
     "EngineConfig",
     "GenerationParams",
     "ModelLoadError",
+    "PromptTruncatedWarning",
     "SparseConfig",
     "StaleVersionError",
     "Version",

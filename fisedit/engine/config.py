@@ -1,8 +1,25 @@
 """Configuration of the engine and validated request parameters."""
 
+import unicodedata
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, AliasChoices, BaseModel, ConfigDict, Field, model_validator
+
+# CLIP's tokenizer reads every run of whitespace as one space, so these change nothing.
+_WHITESPACE_TO_SPACE = str.maketrans(dict.fromkeys("\t\n\r\v\f", " "))
+
+
+def _plain_text(text: str) -> str:
+    """Tabs and line breaks become spaces; other control characters (NUL, escape codes) are
+    refused rather than stored in recipes and reports, where they would mean nothing."""
+    text = text.translate(_WHITESPACE_TO_SPACE)
+    for position, char in enumerate(text):
+        if unicodedata.category(char) == "Cc":
+            raise ValueError(
+                f"prompt contains the control character {char!r} at position {position}; "
+                "prompts take printable text (tabs and line breaks become spaces)"
+            )
+    return text
 
 
 def _not_blank(text: str) -> str:
@@ -11,7 +28,13 @@ def _not_blank(text: str) -> str:
     return text
 
 
-Prompt = Annotated[str, Field(min_length=1, max_length=2000), AfterValidator(_not_blank)]
+Prompt = Annotated[
+    str,
+    Field(min_length=1, max_length=2000),
+    AfterValidator(_plain_text),
+    AfterValidator(_not_blank),
+]
+NegativePrompt = Annotated[str, Field(max_length=2000), AfterValidator(_plain_text)]
 
 SchedulerName = Literal["ddim", "dpm++", "euler"]
 DType = Literal["float32", "float16", "bfloat16"]
@@ -76,16 +99,42 @@ class EngineConfig(BaseModel):
 
 
 class GenerationParams(BaseModel):
-    """A request for a fresh generation; an edit reuses everything but the prompt."""
+    """A request for a fresh generation; an edit reuses everything but the prompt.
 
-    model_config = ConfigDict(frozen=True)
+    `steps` and `guidance` also take diffusers' names, `num_inference_steps` and
+    `guidance_scale`. Fields left None are filled in from the model by `Engine.generate`,
+    and a session keeps the filled-in values, so its recipe recomputes the same images.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     prompt: Prompt
-    negative_prompt: str = Field("", max_length=2000)
+    negative_prompt: NegativePrompt = ""
     seed: int = Field(0, ge=0, lt=2**63)
-    steps: int = Field(50, ge=2, le=1000)
-    guidance: float = Field(7.5, ge=1.0, le=30.0)
-    scheduler: SchedulerName = "dpm++"
+    steps: int = Field(
+        50, ge=2, le=1000, validation_alias=AliasChoices("steps", "num_inference_steps")
+    )
+    guidance: float = Field(
+        7.5, ge=1.0, le=30.0, validation_alias=AliasChoices("guidance", "guidance_scale")
+    )
+    scheduler: SchedulerName | None = Field(
+        None, description="None: the checkpoint's own scheduler if supported, else dpm++."
+    )
+    height: int | None = Field(
+        None, ge=1, le=8192, description="Image height in pixels; None: the model's size."
+    )
+    width: int | None = Field(
+        None, ge=1, le=8192, description="Image width in pixels; None: the model's size."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_name_per_field(cls, data):
+        if isinstance(data, dict):
+            for name, alias in (("steps", "num_inference_steps"), ("guidance", "guidance_scale")):
+                if name in data and alias in data:
+                    raise ValueError(f"give {name} or its alias {alias}, not both")
+        return data
 
 
 class EditParams(BaseModel):

@@ -3,27 +3,38 @@
 import hashlib
 import json
 import os
+import tempfile
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import diffusers
 import numpy as np
 import torch
+import transformers
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
     DiffusionPipeline,
-    StableDiffusionPipeline,
-    StableDiffusionXLPipeline,
+    DPMSolverMultistepScheduler,
     UNet2DConditionModel,
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 TinyVariant = Literal["sd15", "sd2", "sdxl"]
+TINY_MODELS: dict[str, TinyVariant] = {"tiny": "sd15", "tiny-sd2": "sd2", "tiny-sdxl": "sdxl"}
+"""Model names that `load_model` builds locally with `build_tiny_model`."""
 
 
 class ModelLoadError(ValueError):
     """A checkpoint could not be found or is not a Stable Diffusion pipeline."""
+
+
+class PromptTruncatedWarning(UserWarning):
+    """A prompt was longer than the text encoder takes; only its start was used."""
 
 
 @dataclass
@@ -44,6 +55,8 @@ class DiffusionModel:
     tokenizers: list[CLIPTokenizer]
     text_encoders: list[CLIPTextModel]
     scheduler_config: dict
+    zero_empty_negative: bool = False
+    """An empty negative prompt conditions on zeros (SDXL's `force_zeros_for_empty_prompt`)."""
 
     @property
     def device(self) -> torch.device:
@@ -55,7 +68,7 @@ class DiffusionModel:
 
     @property
     def is_sdxl(self) -> bool:
-        return self.unet.config.addition_embed_type == "text_time"
+        return _is_sdxl(self.unet)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -63,12 +76,34 @@ class DiffusionModel:
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
+        """The latent shape at the model's default image size."""
         side = self.unet.config.sample_size
         return (self.unet.config.in_channels, side, side)
 
     @property
     def image_size(self) -> int:
+        """The default image side: the one the model was trained at."""
         return self.unet.config.sample_size * self.vae_scale_factor
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this: the VAE's scale times the UNet's halvings,
+        so that every UNet resolution tiles the latent exactly."""
+        halvings = len(self.unet.config.block_out_channels) - 1
+        return self.vae_scale_factor * 2**halvings
+
+    def latent_shape_at(self, height: int, width: int) -> tuple[int, int, int]:
+        """The latent shape of a `height` x `width` image; a clear error for sizes the UNet
+        cannot run at."""
+        multiple = self.size_multiple
+        if height % multiple or width % multiple:
+            raise ValueError(
+                f"height and width must be multiples of {multiple} for this model (its VAE "
+                f"scales by {self.vae_scale_factor} and its UNet halves the latent "
+                f"{len(self.unet.config.block_out_channels) - 1} times), not {height}x{width}"
+            )
+        scale = self.vae_scale_factor
+        return (self.unet.config.in_channels, height // scale, width // scale)
 
     @property
     def config_hash(self) -> str:
@@ -81,19 +116,27 @@ class DiffusionModel:
         blob = json.dumps(configs, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
-    def token_count(self, prompt: str) -> int:
-        """Tokens of `prompt` without the start and end tokens."""
-        return len(self.tokenizers[0](prompt, truncation=False).input_ids) - 2
+    def truncated_prompt(self, prompt: str) -> str | None:
+        """The part of `prompt` the text encoder reads, when the prompt is longer than the
+        encoder's limit (as diffusers does, the rest is dropped); None when it all fits."""
+        tokenizer = self.tokenizers[0]
+        limit = tokenizer.model_max_length - 2  # the start and end tokens take two places
+        # verbose=False: transformers would warn that an overlong prompt cannot be encoded.
+        ids = tokenizer(prompt, add_special_tokens=False, verbose=False).input_ids
+        return tokenizer.decode(ids[:limit]) if len(ids) > limit else None
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> PromptEmbeddings:
-        """Encodes prompts the way the matching diffusers pipeline does."""
-        limit = self.tokenizers[0].model_max_length - 2
+        """Encodes prompts the way the matching diffusers pipeline does, truncating prompts
+        longer than the text encoder takes with a PromptTruncatedWarning."""
         for prompt in prompts:
-            if self.token_count(prompt) > limit:
-                raise ValueError(
-                    f"prompt is {self.token_count(prompt)} tokens long; the text encoder "
-                    f"takes at most {limit}: {prompt[:60]!r}..."
+            if (kept := self.truncated_prompt(prompt)) is not None:
+                warnings.warn(
+                    f"prompt is longer than the text encoder's "
+                    f"{self.tokenizers[0].model_max_length - 2} tokens; only this part is "
+                    f"used: {kept!r}",
+                    PromptTruncatedWarning,
+                    stacklevel=2,
                 )
         hidden, pooled = [], None
         for tokenizer, encoder in zip(self.tokenizers, self.text_encoders, strict=True):
@@ -112,18 +155,32 @@ class DiffusionModel:
             pooled = output[0]
         return PromptEmbeddings(hidden=torch.cat(hidden, dim=-1), pooled=pooled)
 
-    def added_conditions(self, embeds: PromptEmbeddings) -> dict | None:
-        """SDXL's extra conditioning: pooled text and (original size, crop, target size)."""
+    def encode_for_guidance(self, prompt: str, negative_prompt: str = "") -> PromptEmbeddings:
+        """[unconditional, conditional] embeddings for classifier-free guidance, built as the
+        diffusers pipeline builds them: where the checkpoint says `force_zeros_for_empty_prompt`
+        (SDXL), an empty negative prompt gives zero embeddings, hidden and pooled."""
+        embeds = self.encode_prompts([negative_prompt, prompt])
+        if self.zero_empty_negative and not negative_prompt:
+            embeds.hidden[0] = 0
+            embeds.pooled[0] = 0
+        return embeds
+
+    def added_conditions(
+        self, embeds: PromptEmbeddings, image_hw: tuple[int, int] | None = None
+    ) -> dict | None:
+        """SDXL's extra conditioning: pooled text and (original size, crop, target size),
+        both sizes (height, width) of the image made, the model's default if not given."""
         if not self.is_sdxl:
             return None
-        size = self.image_size
-        time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=embeds.hidden.dtype)
+        height, width = image_hw or (self.image_size, self.image_size)
+        time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=embeds.hidden.dtype)
         batch = embeds.hidden.shape[0]
         return {"text_embeds": embeds.pooled, "time_ids": time_ids.repeat(batch, 1).to(self.device)}
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> np.ndarray:
-        """Latents [1, C, h, w] to an RGB uint8 image [H, W, 3]."""
+        """Latents [1, C, h, w] to an RGB uint8 image [H, W, 3], in the VAE's dtype (float32
+        for an SDXL VAE that says `force_upcast`, see `load_model`)."""
         config = self.vae.config
         latents = latents / config.scaling_factor + (getattr(config, "shift_factor", None) or 0.0)
         image = self.vae.decode(latents.to(self.vae.dtype)).sample[0]
@@ -131,11 +188,47 @@ class DiffusionModel:
         return image.permute(1, 2, 0).cpu().numpy()
 
 
+@contextmanager
+def _quiet_libraries() -> Iterator[None]:
+    """Keeps diffusers' and transformers' progress bars and notices (weights loaded and
+    written, torchvision missing) off the user's terminal while a model is loaded or
+    written; their own settings come back afterwards."""
+    libraries = [diffusers.utils.logging, transformers.utils.logging]
+    saved = [(library.get_verbosity(), library.is_progress_bar_enabled()) for library in libraries]
+    for library in libraries:
+        library.set_verbosity_error()
+        library.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for library, (verbosity, progress_bars) in zip(libraries, saved, strict=True):
+            library.set_verbosity(verbosity)
+            if progress_bars:
+                library.enable_progress_bar()
+
+
 def load_model(
     source: str | os.PathLike, device: str = "cpu", dtype: torch.dtype = torch.float32
 ) -> DiffusionModel:
-    """Loads an SD 1.x, SD 2.x or SDXL pipeline from a local directory or a hub id."""
+    """Loads an SD 1.x, SD 2.x or SDXL pipeline from a local directory or a hub id, or
+    builds one of the TINY_MODELS (`tiny`, `tiny-sd2`, `tiny-sdxl`) in a temporary directory.
+
+    As diffusers' StableDiffusionXLPipeline does, an SDXL VAE whose config says
+    `force_upcast` decodes in float32 when the model runs in float16 (the stock SDXL VAE
+    overflows to NaN or black images in float16); it is loaded in float32 once rather than
+    converted at every decode. bfloat16 has float32's range and is kept.
+    """
     source = str(source)
+    if source in TINY_MODELS:
+        with tempfile.TemporaryDirectory() as workdir:
+            model = load_model(build_tiny_model(workdir, TINY_MODELS[source]), device, dtype)
+        model.model_id = source
+        return model
+    with _quiet_libraries():
+        return _load(source, device, dtype)
+
+
+def _load(source: str, device: str, dtype: torch.dtype) -> DiffusionModel:
     try:
         index = DiffusionPipeline.load_config(source)
         has_second_encoder = (index.get("text_encoder_2") or [None])[0] is not None
@@ -144,7 +237,10 @@ def load_model(
             names.append(("tokenizer_2", "text_encoder_2"))
         encoder_classes = [CLIPTextModel, CLIPTextModelWithProjection]
         unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype)
-        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype)
+        sdxl = _is_sdxl(unet)
+        upcast = AutoencoderKL.load_config(source, subfolder="vae").get("force_upcast", True)
+        vae_dtype = torch.float32 if sdxl and upcast and dtype == torch.float16 else dtype
+        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=vae_dtype)
         tokenizers = [CLIPTokenizer.from_pretrained(source, subfolder=t) for t, _ in names]
         encoders = [
             cls.from_pretrained(source, subfolder=e, torch_dtype=dtype)
@@ -158,7 +254,15 @@ def load_model(
         ) from error
     for module in [unet, vae, *encoders]:
         module.to(device).eval().requires_grad_(False)
-    return DiffusionModel(source, unet, vae, tokenizers, encoders, scheduler_config)
+    # The SDXL pipeline's default when model_index.json does not say.
+    zero_empty_negative = sdxl and index.get("force_zeros_for_empty_prompt", True)
+    return DiffusionModel(
+        source, unet, vae, tokenizers, encoders, scheduler_config, zero_empty_negative
+    )
+
+
+def _is_sdxl(unet: UNet2DConditionModel) -> bool:
+    return unet.config.addition_embed_type == "text_time"
 
 
 def _byte_level_vocab() -> dict[str, int]:
@@ -248,9 +352,17 @@ def build_tiny_model(path: str | os.PathLike, variant: TinyVariant = "sd15") -> 
     as in SD; `sd2` adds v-prediction and linear projections, `sdxl` a second text encoder
     and SDXL's added conditioning.
     """
-    path = Path(path)
+    # The same weights every time, without touching the caller's random state.
+    with _quiet_libraries(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return _write_tiny_model(Path(path), variant)
+
+
+def _write_tiny_model(path: Path, variant: TinyVariant) -> Path:
+    # Importing the pipelines makes transformers warn about torchvision: import them quietly.
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
     path.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
     unet = _tiny_unet(variant)
     vae = AutoencoderKL(
         in_channels=3,
@@ -263,7 +375,8 @@ def build_tiny_model(path: str | os.PathLike, variant: TinyVariant = "sd15") -> 
         sample_size=128,
     )
     prediction = "v_prediction" if variant == "sd2" else "epsilon"
-    scheduler = DDIMScheduler.from_config(tiny_scheduler_config(prediction))
+    # DPM-Solver++ as the model's own scheduler: what generate runs when not told otherwise.
+    scheduler = DPMSolverMultistepScheduler.from_config(tiny_scheduler_config(prediction))
     tokenizer = tiny_tokenizer(path)
     if variant == "sdxl":
         pipeline = StableDiffusionXLPipeline(

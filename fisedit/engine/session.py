@@ -15,6 +15,7 @@ from typing import Literal
 import numpy as np
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+from PIL import Image
 from pydantic import BaseModel
 from tqdm.auto import tqdm
 
@@ -27,18 +28,23 @@ from fisedit.engine.masks import latent_difference, load_mask, target_area_captu
 from fisedit.engine.models import DiffusionModel, PromptEmbeddings, load_model
 from fisedit.engine.plan import SparsePlan
 
-SCHEDULERS = {
-    "ddim": lambda config: DDIMScheduler.from_config(config),
-    "dpm++": lambda config: DPMSolverMultistepScheduler.from_config(
-        config, algorithm_type="dpmsolver++", solver_order=2
-    ),
-    "euler": lambda config: EulerDiscreteScheduler.from_config(config),
+SCHEDULERS: dict[SchedulerName, tuple[type, dict]] = {
+    "ddim": (DDIMScheduler, {}),
+    "dpm++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "euler": (EulerDiscreteScheduler, {}),
 }
 
 
 def make_scheduler(name: SchedulerName, config: dict):
     """A fresh deterministic diffusers scheduler built from the model's scheduler config."""
-    return SCHEDULERS[name](config)
+    scheduler_class, overrides = SCHEDULERS[name]
+    return scheduler_class.from_config(config, **overrides)
+
+
+def default_scheduler(config: dict) -> SchedulerName:
+    """The checkpoint's own scheduler where the engine supports it, else DPM-Solver++."""
+    own = config.get("_class_name")
+    return next((name for name, (cls, _) in SCHEDULERS.items() if cls.__name__ == own), "dpm++")
 
 
 class StaleVersionError(ValueError):
@@ -64,6 +70,8 @@ class EditReport(BaseModel):
     sparse_step_mac_fraction: float | None
     latency_s: dict[str, float]
     total_latency_s: float
+    truncated_prompt: str | None = None
+    """The part of a prompt longer than the text encoder takes that it read; None if it fit."""
     graph_capture_s: float = 0.0
     """Part of the latency spent capturing CUDA graphs (each with one eager warm-up call)."""
     cache_bytes: int
@@ -84,6 +92,10 @@ class Version:
     """The request that made this version from the previous one."""
     user_mask: torch.Tensor | None = None
     """The mask the user supplied, if any, as given (before growing to blocks)."""
+
+    @property
+    def pil_image(self) -> Image.Image:
+        return Image.fromarray(self.image)
 
 
 class PhaseTimer:
@@ -111,10 +123,11 @@ class DenoiseRun:
         self.scheduler = make_scheduler(params.scheduler, model.scheduler_config)
         self.scheduler.set_timesteps(params.steps, device=model.device)
         generator = torch.Generator("cpu").manual_seed(params.seed)
-        noise = torch.randn((1, *model.latent_shape), generator=generator)
+        shape = model.latent_shape_at(params.height, params.width)
+        noise = torch.randn((1, *shape), generator=generator)
         self.latents = noise.to(model.device, model.dtype) * self.scheduler.init_noise_sigma
         self.record = ActivationCache(params.steps)
-        self.added = model.added_conditions(embeds)
+        self.added = model.added_conditions(embeds, (params.height, params.width))
         self.sparse_graphs: dict[int, CapturedUNetStep] = {}
         self.capture_s = 0.0
         """Seconds this run spent capturing CUDA graphs."""
@@ -155,7 +168,10 @@ class DenoiseRun:
         if not engine.graphs or not (source is None or isinstance(source, ActivationCache)):
             return None
         if plan is None:
-            return engine.dense_graph
+            shape = self.latents.shape
+            if shape not in engine.dense_graphs:
+                engine.dense_graphs[shape] = CapturedUNetStep(engine)
+            return engine.dense_graphs[shape]
         if id(plan) not in self.sparse_graphs:
             self.sparse_graphs[id(plan)] = CapturedUNetStep(engine, plan, source)
         return self.sparse_graphs[id(plan)]
@@ -187,24 +203,31 @@ class Engine:
         self.config = config or EngineConfig()
         self.state = StepState(config=self.config.sparse)
         self.layers = wrap_unet(model.unet, self.state)
-        self.dense_graph = CapturedUNetStep(self)
-        """The dense, recording UNet call, captured once and replayed by every run."""
+        self.dense_graphs: dict[torch.Size, CapturedUNetStep] = {}
+        """The dense, recording UNet call per latent shape, captured once and replayed by
+        every run of that shape."""
         if self.config.channels_last:
             model.unet.to(memory_format=torch.channels_last)
 
     @classmethod
     def from_pretrained(cls, source: str, config: EngineConfig | None = None) -> "Engine":
-        """Loads an SD 1.x, SD 2.x or SDXL pipeline from a directory or a hub id."""
+        """Loads an SD 1.x, SD 2.x or SDXL pipeline from a directory or a hub id; `tiny`,
+        `tiny-sd2` and `tiny-sdxl` are small random models built locally (as in the CLI)."""
         config = config or EngineConfig()
         dtype = getattr(torch, config.dtype)
         return cls(load_model(source, device=config.device, dtype=dtype), config)
 
     def generate(self, prompt: str, **params) -> "EditSession":
-        """Generates an image and returns a session holding its recorded state (version 0)."""
-        params = GenerationParams(prompt=prompt, **params)
+        """Generates an image and returns a session holding its recorded state (version 0).
+
+        `params` are GenerationParams' fields (`height` and `width` in pixels, multiples of
+        the model's `size_multiple`). A prompt longer than the text encoder takes is
+        truncated with a PromptTruncatedWarning, and the report says what was read.
+        """
+        params = self.filled_in(GenerationParams(prompt=prompt, **params))
         timer, macs = PhaseTimer(self.model.device), MacCount()
         with timer("text"):
-            embeds = self.model.encode_prompts([params.negative_prompt, params.prompt])
+            embeds = self.model.encode_for_guidance(params.prompt, params.negative_prompt)
         run = DenoiseRun(self, params, embeds)
         with timer("dense"):
             for step in self._steps(range(params.steps), "generate"):
@@ -226,11 +249,26 @@ class Engine:
             sparse_step_mac_fraction=None,
             latency_s=timer.seconds,
             total_latency_s=sum(timer.seconds.values()),
+            truncated_prompt=self.model.truncated_prompt(params.prompt),
             graph_capture_s=run.capture_s,
             cache_bytes=run.record.nbytes,
         )
         version = Version(0, params.prompt, image, run.record, report)
         return EditSession(self, params, version)
+
+    def filled_in(self, params: GenerationParams) -> GenerationParams:
+        """`params` with the model's defaults where they are None, the size checked (also
+        for recipes written before a field existed)."""
+        model = self.model
+        filled = params.model_copy(
+            update={
+                "scheduler": params.scheduler or default_scheduler(model.scheduler_config),
+                "height": params.height or model.image_size,
+                "width": params.width or model.image_size,
+            }
+        )
+        model.latent_shape_at(filled.height, filled.width)
+        return filled
 
     @contextmanager
     def unet_pass(
@@ -281,7 +319,7 @@ class Engine:
             raise ValueError("capturing the edited region needs mask_steps >= 1, or a mask")
         timer, macs, sparse_macs = PhaseTimer(self.model.device), MacCount(), MacCount()
         with timer("text"):
-            embeds = self.model.encode_prompts([generation.negative_prompt, params.prompt])
+            embeds = self.model.encode_for_guidance(params.prompt, generation.negative_prompt)
         run = DenoiseRun(self, generation.model_copy(update={"prompt": params.prompt}), embeds)
         source = base.cache.reader(self.model.device)
         dense_steps = params.mask_steps
@@ -332,6 +370,7 @@ class Engine:
             sparse_step_mac_fraction=sparse_macs.fraction if sparse else None,
             latency_s=timer.seconds,
             total_latency_s=sum(timer.seconds.values()),
+            truncated_prompt=self.model.truncated_prompt(params.prompt),
             graph_capture_s=run.capture_s,
             cache_bytes=run.record.nbytes,
         )
@@ -361,6 +400,10 @@ class EditSession:
     @property
     def image(self) -> np.ndarray:
         return self.current.image
+
+    @property
+    def pil_image(self) -> Image.Image:
+        return self.current.pil_image
 
     @property
     def prompts(self) -> list[str]:
@@ -410,5 +453,5 @@ class EditSession:
         params = EditParams(prompt=prompt, mask_steps=mask_steps)
         if mask is None:
             return params, None
-        latent_hw = tuple(model.latent_shape[1:])
+        latent_hw = model.latent_shape_at(self.params.height, self.params.width)[1:]
         return params, load_mask(mask, latent_hw, model.vae_scale_factor)

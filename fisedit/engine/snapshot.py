@@ -223,4 +223,5 @@ def _session(engine: Engine, manifest: Manifest, tensors: dict[str, torch.Tensor
     ]
     history[-1].cache = cache
     recipe = manifest.recipe
-    return EditSession(engine, recipe.params, history[-1], id=recipe.session_id, history=history)
+    params = engine.filled_in(recipe.params)
+    return EditSession(engine, params, history[-1], id=recipe.session_id, history=history)

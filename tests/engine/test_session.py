@@ -16,6 +16,8 @@ from fisedit.engine import (
 )
 from fisedit.engine.images import psnr
 from fisedit.engine.kernels.launch import interpreting
+from fisedit.engine.models import PromptTruncatedWarning
+from fisedit.engine.recipe import rebuild, recipe_of
 
 CAT, DOG = "a photo of a cat sitting on a bench", "a photo of a dog sitting on a bench"
 STEPS, K = 12, 4
@@ -203,7 +205,7 @@ def _state(session):
     [
         ({"prompt": ""}, "at least 1 character"),
         ({"prompt": "   "}, "only whitespace"),
-        ({"prompt": "x" * 90}, "takes at most 75"),
+        ({"prompt": "a dog\x00"}, "control character '\\\\x00' at position 5"),
         ({"prompt": DOG, "mask_steps": STEPS}, "must be smaller than the session's steps"),
         ({"prompt": DOG, "mask_steps": 0}, "needs mask_steps >= 1, or a mask"),
         ({"prompt": DOG, "mask": np.ones((31, 32))}, "matches neither the latent size"),
@@ -223,7 +225,15 @@ def test_bad_edit_input_is_a_clear_error_and_leaves_the_session_unchanged(engine
 
 @pytest.mark.parametrize(
     ("kwargs", "field"),
-    [({"guidance": 50.0}, "guidance"), ({"guidance": 0.5}, "guidance"), ({"steps": 1}, "steps")],
+    [
+        ({"guidance": 50.0}, "guidance"),
+        ({"guidance": 0.5}, "guidance"),
+        ({"steps": 1}, "steps"),
+        ({"num_inference_steps": 1}, "steps"),
+        ({"steps": 4, "num_inference_steps": 4}, "give steps or its alias num_inference_steps"),
+        ({"stpes": 4}, "stpes"),
+        ({"negative_prompt": "blurry\x1b[0m"}, "negative_prompt"),
+    ],
 )
 def test_bad_generation_parameters_are_clear_errors(engine, kwargs, field):
     with pytest.raises(ValidationError, match=field):
@@ -269,3 +279,55 @@ def test_feature_maps_run_and_are_cached_channels_last_by_default(tiny_model_dir
     torch.testing.assert_close(
         nhwc_edit.cache.tensors["latents"], nchw_edit.cache.tensors["latents"], atol=1e-4, rtol=0
     )
+
+
+def test_height_and_width_set_the_image_size_and_a_rebuild_keeps_them(engine):
+    session = engine.generate(CAT, steps=6, seed=10, height=64, width=96)
+    mask = torch.zeros(16, 24, dtype=torch.bool)
+    mask[4:10, 6:14] = True
+
+    edit = session.edit(DOG, mask=mask, mask_steps=2)
+    rebuilt = rebuild(engine, recipe_of(session))
+
+    assert session.history[0].image.shape == edit.image.shape == (64, 96, 3)
+    assert (session.params.height, session.params.width) == (64, 96)
+    assert edit.mask.shape == (16, 24) and edit.report.mask_ratio == 48 / 384
+    assert np.array_equal(rebuilt.image, edit.image)
+    assert session.pil_image.size == (96, 64) and session.pil_image.mode == "RGB"
+    assert np.array_equal(np.asarray(edit.pil_image), edit.image)
+
+
+def test_size_and_scheduler_default_to_the_checkpoint_and_are_recorded(engine):
+    session = engine.generate(CAT, num_inference_steps=3, guidance_scale=5.0)
+
+    params = session.params
+    assert (params.height, params.width) == (128, 128) and session.image.shape == (128, 128, 3)
+    # The tiny model ships DPMSolverMultistepScheduler.
+    assert params.scheduler == "dpm++"
+    assert (params.steps, params.guidance) == (3, 5.0)
+    assert recipe_of(session).params == params
+
+
+def test_image_sides_the_unet_cannot_run_at_are_a_clear_error(engine):
+    with pytest.raises(ValueError, match="multiples of 16 for this model .* not 100x128"):
+        engine.generate(CAT, steps=2, height=100)
+
+
+def test_an_overlong_prompt_is_truncated_with_a_warning_and_reported(engine, capfd):
+    prompt = "a photo of a cat " * 7  # 84 tokens of the tiny character-level tokenizer
+
+    with pytest.warns(PromptTruncatedWarning, match="longer than the text encoder's 75 tokens"):
+        session = engine.generate(prompt, steps=2)
+
+    kept = session.current.report.truncated_prompt
+    assert prompt.startswith(kept) and len(kept) < len(prompt.strip())
+    assert engine.generate(CAT, steps=2).current.report.truncated_prompt is None
+    # transformers' own warning (that the prompt cannot be encoded) would mislead.
+    assert "Token indices sequence length" not in capfd.readouterr().err
+
+
+def test_tabs_and_line_breaks_in_prompts_become_spaces(engine):
+    session = engine.generate("a photo of\ta cat\non a bench", steps=2, negative_prompt="dark\r\n")
+
+    assert session.params.prompt == "a photo of a cat on a bench"
+    assert session.params.negative_prompt == "dark  "
