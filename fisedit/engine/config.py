@@ -32,8 +32,11 @@ class SparseConfig(BaseModel):
     active_only_attention: bool = Field(
         False, description="Self-attention keys and values from active tokens only."
     )
-    kernels: Literal["auto", "triton", "reference"] = Field(
-        "auto", description="Fused Triton kernels or the PyTorch reference; auto: Triton on CUDA."
+    kernels: Literal["auto", "triton", "reference", "dense"] = Field(
+        "auto",
+        description="Fused Triton kernels or their PyTorch references; auto: Triton on CUDA. "
+        "dense: each layer computed whole, the cached maps pasted outside the region (the "
+        "slow reference of what the sparse layers compute).",
     )
 
     @classmethod

@@ -5,6 +5,11 @@ and the output head (GroupNorm, SiLU, conv_out) inside a UNet2DConditionModel, s
 UNet's own forward drives them. Dense calls run the diffusers module itself; forward hooks
 record what the sparse pass will read. Sparse calls compute only the active pixels of the
 layer's output and take every other pixel from the cache of the same step.
+
+With `SparseConfig(kernels="dense")` sparse calls are done the slow way, as a reference:
+the whole diffusers module runs, and hooks paste the cached map outside the active region
+wherever the sparse call reads one from the cache (the layer's output, and inside it the
+inputs of resnets' second norm and of transformer blocks).
 """
 
 from collections.abc import Callable
@@ -86,6 +91,8 @@ class SparseLayer(nn.Module):
         self.inner = inner
         self.state = state
         self._packed: dict[nn.Module, Any] = {}
+        self.region: torch.Tensor | None = None
+        """While a sparse call runs densely (kernels="dense"): its active pixels, [H, W]."""
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
         state = self.state
@@ -93,6 +100,9 @@ class SparseLayer(nn.Module):
         geometry = state.plan.at(hw) if state.sparse and hw is not None else None
         if geometry is None or geometry.dense:
             out = self.dense(x, *args, **kwargs)
+            executed = None
+        elif state.config.kernels == "dense":
+            out = self.dense_pasted(x, geometry, *args, **kwargs)
             executed = None
         elif geometry.empty:
             # Nothing to recompute: the next version's cache equals this one here.
@@ -118,6 +128,18 @@ class SparseLayer(nn.Module):
 
     def sparse(self, x: torch.Tensor, geometry: LayerGeometry, *args, **kwargs) -> torch.Tensor:
         raise NotImplementedError
+
+    def dense_pasted(
+        self, x: torch.Tensor, geometry: LayerGeometry, *args, **kwargs
+    ) -> torch.Tensor:
+        """What `sparse` computes, the slow way: the whole layer, with the cached maps pasted
+        outside the active region (here the output, inside it by hooks)."""
+        self.region = geometry.region
+        try:
+            out = self.dense(x, *args, **kwargs)
+        finally:
+            self.region = None
+        return self.pasted("out", out, geometry.region)
 
     def macs(self, x: torch.Tensor, active: int, **kwargs) -> int:
         raise NotImplementedError
@@ -202,15 +224,43 @@ class SparseLayer(nn.Module):
         if self.state.record is not None:
             self.state.record.put(f"{self.name}.{key}", self.state.step, value)
 
+    def pasted(self, key: str, value: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+        """`value` (a map [B, C, H, W] or token rows [B, H * W, D]) in the active `region`
+        [H, W], this step's cached `key` elsewhere."""
+        if value.dim() == 3:
+            region = region.reshape(-1, 1)
+        return torch.where(region, value, self.cached(key))
+
     def record_input(self, module: nn.Module, key: str) -> None:
-        """Records the input of `module` (a sub-layer) under `key` in dense calls."""
-        module.register_forward_pre_hook(lambda _, args: self.save(key, args[0]))
+        """Records the input of `module` (a sub-layer) under `key` in dense calls; in a
+        sparse call run densely, the input is first pasted into the cached one."""
+
+        def hook(_, args):
+            if self.region is None:
+                self.save(key, args[0])
+                return None
+            value = self.pasted(key, args[0], self.region)
+            self.save(key, value)
+            return (value, *args[1:])
+
+        # First of the module's hooks, so that the others (its norm's statistics) see the
+        # pasted input.
+        module.register_forward_pre_hook(hook, prepend=True)
 
     def record_norm(self, norm: nn.GroupNorm, key: str) -> None:
-        """Records the GroupNorm statistics of `norm` as a (scale, shift) affine."""
+        """Records the GroupNorm statistics of `norm` as a (scale, shift) affine; in a sparse
+        call run densely with cached statistics, `norm` applies the cached ones."""
         norm.register_forward_pre_hook(
             lambda _, args: self.save(key, self.group_norm_affine(norm, args[0]))
         )
+
+        def cached_statistics(_, args, out):
+            if self.region is None or not self.state.config.cached_group_norm:
+                return None
+            scale, shift = self.cached(key)[..., None, None]
+            return args[0] * scale + shift
+
+        norm.register_forward_hook(cached_statistics)
 
     def norm_affine(self, key: str, norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
         """GroupNorm statistics for a sparse call: cached, or exact over the mixed map."""
@@ -310,6 +360,13 @@ class SparseTransformer(SparseLayer):
 
     def dense(self, x, *args, **kwargs):
         return self.inner(x, *args, **{**kwargs, "return_dict": False})[0]
+
+    def dense_pasted(self, x, geometry, *args, **kwargs):
+        if self.state.config.active_only_attention:
+            # Self-attention keys at active tokens only: the others are masked out.
+            keep = geometry.region.reshape(1, -1).expand(x.shape[0], -1)
+            kwargs = {**kwargs, "attention_mask": keep.to(x.dtype)}
+        return super().dense_pasted(x, geometry, *args, **kwargs)
 
     def wrap(self, out, return_dict: bool = True, **kwargs):
         return Transformer2DModelOutput(sample=out) if return_dict else (out,)
