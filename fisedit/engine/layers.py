@@ -214,7 +214,9 @@ class SparseLayer(nn.Module):
         return gather(rows, index, norm.weight, norm.bias, norm.eps)
 
     def group_norm_affine(self, norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
-        """GroupNorm statistics of the map `x` as a [2, B, C] (scale, shift) affine."""
+        """GroupNorm statistics of the map `x` as a [2, B, C] (scale, shift) affine. A sparse
+        call computes them over its whole input, fresh in the region and cached elsewhere, as
+        the layer run densely on that input would: exact, and nothing for the cache to keep."""
         return self.kernel(norm_kernels, "group_norm_affine", x)(norm, x)
 
     def cached(self, key: str, writable: bool = False) -> torch.Tensor:
@@ -243,32 +245,7 @@ class SparseLayer(nn.Module):
             self.save(key, value)
             return (value, *args[1:])
 
-        # First of the module's hooks, so that the others (its norm's statistics) see the
-        # pasted input.
-        module.register_forward_pre_hook(hook, prepend=True)
-
-    def record_norm(self, norm: nn.GroupNorm, key: str) -> None:
-        """Records the GroupNorm statistics of `norm` as a (scale, shift) affine; in a sparse
-        call run densely with cached statistics, `norm` applies the cached ones."""
-        norm.register_forward_pre_hook(
-            lambda _, args: self.save(key, self.group_norm_affine(norm, args[0]))
-        )
-
-        def cached_statistics(_, args, out):
-            if self.region is None or not self.state.config.cached_group_norm:
-                return None
-            scale, shift = self.cached(key)[..., None, None]
-            return args[0] * scale + shift
-
-        norm.register_forward_hook(cached_statistics)
-
-    def norm_affine(self, key: str, norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
-        """GroupNorm statistics for a sparse call: cached, or exact over the mixed map."""
-        use_cache = self.state.config.cached_group_norm
-        exact = None if use_cache and self.state.record is None else self.group_norm_affine(norm, x)
-        if exact is not None:
-            self.save(key, exact)
-        return self.cached(key) if use_cache else exact
+        module.register_forward_pre_hook(hook)
 
 
 def _time_bias(block: ResnetBlock2D) -> torch.Tensor | None:
@@ -282,12 +259,10 @@ def _time_bias(block: ResnetBlock2D) -> torch.Tensor | None:
 class SparseResnet(SparseLayer):
     """ResnetBlock2D: GN -> SiLU -> conv1 (+temb) -> GN -> SiLU -> conv2, plus the shortcut."""
 
-    recorded = ("out", "norm1", "norm2", "norm2_in")
+    recorded = ("out", "norm2_in")
 
     def __init__(self, name: str, inner: ResnetBlock2D, state: StepState) -> None:
         super().__init__(name, inner, state)
-        self.record_norm(inner.norm1, "norm1")
-        self.record_norm(inner.norm2, "norm2")
         self.record_input(inner.norm2, "norm2_in")
 
     @staticmethod
@@ -309,13 +284,13 @@ class SparseResnet(SparseLayer):
             # The time embedding adds a per-sample constant to conv1: it becomes the bias.
             t = temb if block.skip_time_act else block.nonlinearity(temb)
             bias = F.linear(t, block.time_emb_proj.weight, self.packed(block, _time_bias))
-        affine = self.norm_affine("norm1", block.norm1, x)
+        affine = self.group_norm_affine(block.norm1, x)
         mid = self.conv_active(x, block.conv1, taps, affine, bias=bias, into=("norm2_in", index))
         self.save("norm2_in", mid)
         skip, _ = self.gather(x, index)
         if block.conv_shortcut is not None:
             skip = pointwise(block.conv_shortcut, skip)
-        affine = self.norm_affine("norm2", block.norm2, mid)
+        affine = self.group_norm_affine(block.norm2, mid)
         scale = 1 / block.output_scale_factor
         return self.conv_active(mid, block.conv2, taps, affine, skip, scale, into=("out", index))
 
@@ -337,8 +312,7 @@ class SparseTransformer(SparseLayer):
 
     def __init__(self, name: str, inner: Transformer2DModel, state: StepState) -> None:
         super().__init__(name, inner, state)
-        self.recorded = ("out", "norm", *self._block_keys)
-        self.record_norm(inner.norm, "norm")
+        self.recorded = ("out", *self._block_keys)
         for key, block in zip(self._block_keys, inner.transformer_blocks, strict=True):
             self.record_input(block, key)
 
@@ -373,7 +347,7 @@ class SparseTransformer(SparseLayer):
 
     def sparse(self, x, geometry, encoder_hidden_states=None, *args, **kwargs):
         model, index = self.inner, geometry.index
-        affine = self.norm_affine("norm", model.norm, x)
+        affine = self.group_norm_affine(model.norm, x)
         residual, normed = self.gather(x, index, affine)
         h = pointwise(model.proj_in, normed)
         for key, block in zip(self._block_keys, model.transformer_blocks, strict=True):
@@ -424,9 +398,6 @@ class SparseConv(SparseLayer):
     ) -> None:
         super().__init__(name, inner, state)
         self.conv, self.norm, self.upsample = conv, norm, upsample
-        if norm is not None:
-            self.recorded = ("out", "norm")
-            self.record_norm(norm, "norm")
 
     def output_hw(self, x, *args, output_size=None, **kwargs):
         height, width = x.shape[-2:]
@@ -436,7 +407,7 @@ class SparseConv(SparseLayer):
 
     def sparse(self, x, geometry, *args, **kwargs):
         taps = self.state.plan.taps(self.conv, tuple(x.shape[-2:]), geometry.hw, self.upsample)
-        affine = None if self.norm is None else self.norm_affine("norm", self.norm, x)
+        affine = None if self.norm is None else self.group_norm_affine(self.norm, x)
         return self.conv_active(x, self.conv, taps, affine, into=("out", geometry.index))
 
     def macs(self, x, active, **kwargs):

@@ -80,13 +80,8 @@ LAYERS = [
 
 @pytest.mark.parametrize(
     "config",
-    [
-        SparseConfig(),
-        SparseConfig.exact(),
-        SparseConfig(kernels="triton"),
-        SparseConfig.exact(kernels="dense"),
-    ],
-    ids=["cached", "exact", "triton", "dense"],
+    [SparseConfig(), SparseConfig(kernels="triton"), SparseConfig(kernels="dense")],
+    ids=["default", "triton", "dense"],
 )
 @pytest.mark.parametrize(("name", "kind"), LAYERS)
 def test_sparse_layer_equals_dense_layer_on_active_region(engine, recorded, name, kind, config):
