@@ -43,26 +43,27 @@ DType = Literal["float32", "float16", "bfloat16"]
 class SparseConfig(BaseModel):
     """How sparse steps recompute the edited region and which approximations they use."""
 
-    model_config = ConfigDict(frozen=True)
+    # Forbidden extras: a config naming a dropped option (cached_group_norm) fails loudly.
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     block_size: int = Field(2, ge=1, description="Side of the output blocks a layer computes.")
     dense_below: int = Field(
         16, ge=1, description="Layers whose feature map side is below this run dense."
     )
-    cached_group_norm: bool = Field(
-        True, description="Use the GroupNorm statistics recorded in the cached generation."
-    )
     active_only_attention: bool = Field(
         False, description="Self-attention keys and values from active tokens only."
     )
-    kernels: Literal["auto", "triton", "reference"] = Field(
-        "auto", description="Fused Triton kernels or the PyTorch reference; auto: Triton on CUDA."
+    kernels: Literal["auto", "triton", "reference", "dense"] = Field(
+        "auto",
+        description="Fused Triton kernels or their PyTorch references; auto: Triton on CUDA. "
+        "dense: each layer computed whole, the cached maps pasted outside the region (the "
+        "slow reference of what the sparse layers compute).",
     )
 
     @classmethod
     def exact(cls, **overrides) -> "SparseConfig":
         """Every approximation off: a full mask reproduces the dense pass."""
-        return cls(cached_group_norm=False, active_only_attention=False, **overrides)
+        return cls(active_only_attention=False, **overrides)
 
 
 class EditConfig(BaseModel):

@@ -5,6 +5,11 @@ and the output head (GroupNorm, SiLU, conv_out) inside a UNet2DConditionModel, s
 UNet's own forward drives them. Dense calls run the diffusers module itself; forward hooks
 record what the sparse pass will read. Sparse calls compute only the active pixels of the
 layer's output and take every other pixel from the cache of the same step.
+
+With `SparseConfig(kernels="dense")` sparse calls are done the slow way, as a reference:
+the whole diffusers module runs, and hooks paste the cached map outside the active region
+wherever the sparse call reads one from the cache (the layer's output, and inside it the
+inputs of resnets' second norm and of transformer blocks).
 """
 
 from collections.abc import Callable
@@ -86,6 +91,8 @@ class SparseLayer(nn.Module):
         self.inner = inner
         self.state = state
         self._packed: dict[nn.Module, Any] = {}
+        self.region: torch.Tensor | None = None
+        """While a sparse call runs densely (kernels="dense"): its active pixels, [H, W]."""
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
         state = self.state
@@ -93,6 +100,9 @@ class SparseLayer(nn.Module):
         geometry = state.plan.at(hw) if state.sparse and hw is not None else None
         if geometry is None or geometry.dense:
             out = self.dense(x, *args, **kwargs)
+            executed = None
+        elif state.config.kernels == "dense":
+            out = self.dense_pasted(x, geometry, *args, **kwargs)
             executed = None
         elif geometry.empty:
             # Nothing to recompute: the next version's cache equals this one here.
@@ -118,6 +128,18 @@ class SparseLayer(nn.Module):
 
     def sparse(self, x: torch.Tensor, geometry: LayerGeometry, *args, **kwargs) -> torch.Tensor:
         raise NotImplementedError
+
+    def dense_pasted(
+        self, x: torch.Tensor, geometry: LayerGeometry, *args, **kwargs
+    ) -> torch.Tensor:
+        """What `sparse` computes, the slow way: the whole layer, with the cached maps pasted
+        outside the active region (here the output, inside it by hooks)."""
+        self.region = geometry.region
+        try:
+            out = self.dense(x, *args, **kwargs)
+        finally:
+            self.region = None
+        return self.pasted("out", out, geometry.region)
 
     def macs(self, x: torch.Tensor, active: int, **kwargs) -> int:
         raise NotImplementedError
@@ -193,7 +215,10 @@ class SparseLayer(nn.Module):
 
     def group_norm_affine(self, norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
         """GroupNorm statistics of the map `x` as a [2, B, C] (scale, shift) affine, in fp32
-        whatever the map's dtype (an fp16 shift loses precision when the mean is large)."""
+        whatever the map's dtype (an fp16 shift loses precision when the mean is large). A
+        sparse call computes them over its whole input, fresh in the region and cached
+        elsewhere, as the layer run densely on that input would: exact, and nothing for the
+        cache to keep."""
         return self.kernel(norm_kernels, "group_norm_affine", x)(norm, x)
 
     def cached(self, key: str, writable: bool = False) -> torch.Tensor:
@@ -203,23 +228,26 @@ class SparseLayer(nn.Module):
         if self.state.record is not None:
             self.state.record.put(f"{self.name}.{key}", self.state.step, value)
 
+    def pasted(self, key: str, value: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+        """`value` (a map [B, C, H, W] or token rows [B, H * W, D]) in the active `region`
+        [H, W], this step's cached `key` elsewhere."""
+        if value.dim() == 3:
+            region = region.reshape(-1, 1)
+        return torch.where(region, value, self.cached(key))
+
     def record_input(self, module: nn.Module, key: str) -> None:
-        """Records the input of `module` (a sub-layer) under `key` in dense calls."""
-        module.register_forward_pre_hook(lambda _, args: self.save(key, args[0]))
+        """Records the input of `module` (a sub-layer) under `key` in dense calls; in a
+        sparse call run densely, the input is first pasted into the cached one."""
 
-    def record_norm(self, norm: nn.GroupNorm, key: str) -> None:
-        """Records the GroupNorm statistics of `norm` as a (scale, shift) affine."""
-        norm.register_forward_pre_hook(
-            lambda _, args: self.save(key, self.group_norm_affine(norm, args[0]))
-        )
+        def hook(_, args):
+            if self.region is None:
+                self.save(key, args[0])
+                return None
+            value = self.pasted(key, args[0], self.region)
+            self.save(key, value)
+            return (value, *args[1:])
 
-    def norm_affine(self, key: str, norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
-        """GroupNorm statistics for a sparse call: cached, or exact over the mixed map."""
-        use_cache = self.state.config.cached_group_norm
-        exact = None if use_cache and self.state.record is None else self.group_norm_affine(norm, x)
-        if exact is not None:
-            self.save(key, exact)
-        return self.cached(key) if use_cache else exact
+        module.register_forward_pre_hook(hook)
 
 
 def _time_bias(block: ResnetBlock2D) -> torch.Tensor | None:
@@ -233,12 +261,10 @@ def _time_bias(block: ResnetBlock2D) -> torch.Tensor | None:
 class SparseResnet(SparseLayer):
     """ResnetBlock2D: GN -> SiLU -> conv1 (+temb) -> GN -> SiLU -> conv2, plus the shortcut."""
 
-    recorded = ("out", "norm1", "norm2", "norm2_in")
+    recorded = ("out", "norm2_in")
 
     def __init__(self, name: str, inner: ResnetBlock2D, state: StepState) -> None:
         super().__init__(name, inner, state)
-        self.record_norm(inner.norm1, "norm1")
-        self.record_norm(inner.norm2, "norm2")
         self.record_input(inner.norm2, "norm2_in")
 
     @staticmethod
@@ -260,13 +286,13 @@ class SparseResnet(SparseLayer):
             # The time embedding adds a per-sample constant to conv1: it becomes the bias.
             t = temb if block.skip_time_act else block.nonlinearity(temb)
             bias = F.linear(t, block.time_emb_proj.weight, self.packed(block, _time_bias))
-        affine = self.norm_affine("norm1", block.norm1, x)
+        affine = self.group_norm_affine(block.norm1, x)
         mid = self.conv_active(x, block.conv1, taps, affine, bias=bias, into=("norm2_in", index))
         self.save("norm2_in", mid)
         skip, _ = self.gather(x, index)
         if block.conv_shortcut is not None:
             skip = pointwise(block.conv_shortcut, skip)
-        affine = self.norm_affine("norm2", block.norm2, mid)
+        affine = self.group_norm_affine(block.norm2, mid)
         scale = 1 / block.output_scale_factor
         return self.conv_active(mid, block.conv2, taps, affine, skip, scale, into=("out", index))
 
@@ -288,8 +314,7 @@ class SparseTransformer(SparseLayer):
 
     def __init__(self, name: str, inner: Transformer2DModel, state: StepState) -> None:
         super().__init__(name, inner, state)
-        self.recorded = ("out", "norm", *self._block_keys)
-        self.record_norm(inner.norm, "norm")
+        self.recorded = ("out", *self._block_keys)
         for key, block in zip(self._block_keys, inner.transformer_blocks, strict=True):
             self.record_input(block, key)
 
@@ -312,12 +337,19 @@ class SparseTransformer(SparseLayer):
     def dense(self, x, *args, **kwargs):
         return self.inner(x, *args, **{**kwargs, "return_dict": False})[0]
 
+    def dense_pasted(self, x, geometry, *args, **kwargs):
+        if self.state.config.active_only_attention:
+            # Self-attention keys at active tokens only: the others are masked out.
+            keep = geometry.region.reshape(1, -1).expand(x.shape[0], -1)
+            kwargs = {**kwargs, "attention_mask": keep.to(x.dtype)}
+        return super().dense_pasted(x, geometry, *args, **kwargs)
+
     def wrap(self, out, return_dict: bool = True, **kwargs):
         return Transformer2DModelOutput(sample=out) if return_dict else (out,)
 
     def sparse(self, x, geometry, encoder_hidden_states=None, *args, **kwargs):
         model, index = self.inner, geometry.index
-        affine = self.norm_affine("norm", model.norm, x)
+        affine = self.group_norm_affine(model.norm, x)
         residual, normed = self.gather(x, index, affine)
         h = pointwise(model.proj_in, normed)
         for key, block in zip(self._block_keys, model.transformer_blocks, strict=True):
@@ -368,9 +400,6 @@ class SparseConv(SparseLayer):
     ) -> None:
         super().__init__(name, inner, state)
         self.conv, self.norm, self.upsample = conv, norm, upsample
-        if norm is not None:
-            self.recorded = ("out", "norm")
-            self.record_norm(norm, "norm")
 
     def output_hw(self, x, *args, output_size=None, **kwargs):
         height, width = x.shape[-2:]
@@ -380,7 +409,7 @@ class SparseConv(SparseLayer):
 
     def sparse(self, x, geometry, *args, **kwargs):
         taps = self.state.plan.taps(self.conv, tuple(x.shape[-2:]), geometry.hw, self.upsample)
-        affine = None if self.norm is None else self.norm_affine("norm", self.norm, x)
+        affine = None if self.norm is None else self.group_norm_affine(self.norm, x)
         return self.conv_active(x, self.conv, taps, affine, into=("out", geometry.index))
 
     def macs(self, x, active, **kwargs):

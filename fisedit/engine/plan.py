@@ -26,6 +26,13 @@ class LayerGeometry:
     def pixels(self) -> int:
         return self.hw[0] * self.hw[1]
 
+    @property
+    def region(self) -> torch.Tensor:
+        """The active pixels as a [H, W] boolean map."""
+        region = torch.zeros(self.pixels, dtype=torch.bool, device=self.index.device)
+        region[self.index] = True
+        return region.reshape(self.hw)
+
 
 @dataclass
 class SparsePlan:
@@ -45,10 +52,7 @@ class SparsePlan:
     @property
     def region(self) -> torch.Tensor:
         """The latent pixels the sparse steps recompute: the mask grown to whole blocks."""
-        geometry = self.at(tuple(self.mask.shape))
-        region = torch.zeros(geometry.pixels, dtype=torch.bool, device=geometry.index.device)
-        region[geometry.index] = True
-        return region.reshape(geometry.hw)
+        return self.at(tuple(self.mask.shape)).region
 
     def at(self, hw: tuple[int, int]) -> LayerGeometry:
         if hw not in self._geometry:

@@ -47,6 +47,12 @@ def default_scheduler(config: dict) -> SchedulerName:
     return next((name for name, (cls, _) in SCHEDULERS.items() if cls.__name__ == own), "dpm++")
 
 
+ReferenceMode = Literal["steps", "layers"]
+"""How `reference_edit` computes a sparse edit's reference: dense steps with the previous
+latents pasted outside the mask, or dense layers with the cached maps pasted outside their
+regions."""
+
+
 class StaleVersionError(ValueError):
     """An edit extends a version that is no longer the session's current one."""
 
@@ -279,15 +285,18 @@ class Engine:
         source: ActivationCache | HostPrefetcher | None = None,
         record: ActivationCache | StepSlots | None = None,
     ) -> Iterator[None]:
-        """UNet calls inside run as denoise step `step`: sparse over `plan` reading `source`
-        (dense without a plan), recording into `record` when given, counting into `macs`."""
+        """UNet calls inside run as denoise step `step`: sparse over `plan` reading `source`,
+        as the plan's config says (dense without a plan), recording into `record` when given,
+        counting into `macs`."""
         state = self.state
         state.step, state.plan, state.source = step, plan, source
         state.record, state.macs = record, macs
+        state.config = self.config.sparse if plan is None else plan.config
         try:
             yield
         finally:
             state.plan = state.source = state.record = None
+            state.config = self.config.sparse
 
     @property
     def graphs(self) -> bool:
@@ -302,12 +311,15 @@ class Engine:
         session: "EditSession",
         params: EditParams,
         mask: torch.Tensor | None,
-        sparse: bool = True,
+        reference: ReferenceMode | None = None,
     ) -> Version:
         """Edits the session's current version into a new one, without changing the session.
 
-        With `sparse=False` this is the masked-dense reference: the same mask, every step
-        dense, and the previous latents pasted outside the mask after each step.
+        With a `reference` mode it computes a reference of the sparse edit instead, over the
+        same mask: "steps" runs every step dense and pastes the previous latents outside the
+        mask after each (the edit the sparse steps approximate); "layers" runs every layer
+        dense and pastes the previous version's cached maps outside each layer's region
+        (what the sparse steps compute, done the slow way).
         """
         base, generation, user_mask = session.current, session.params, mask
         if params.mask_steps >= generation.steps:
@@ -331,21 +343,25 @@ class Engine:
             if mask is None:
                 mask = target_area_capture(diffs)
         mask_ratio = float(mask.float().mean())
-        plan = SparsePlan(mask.to(self.model.device), self.config.sparse, self.model.device)
+        config = self.config.sparse
+        if reference == "layers":
+            config = config.model_copy(update={"kernels": "dense"})
+        plan = SparsePlan(mask.to(self.model.device), config, self.model.device)
         mask = plan.region
+        dense_reference = reference == "steps"
         with timer("sparse"):
             if dense_steps:
                 run.reset_outside(mask, source, dense_steps - 1)
-            label = "edit: sparse" if sparse else "edit: masked-dense reference"
+            label = "edit: sparse" if reference is None else f"edit: {reference} reference"
             for step in self._steps(range(dense_steps, generation.steps), label):
-                if sparse:
+                if dense_reference:
+                    run.step(step, macs)
+                    run.reset_outside(mask, source, step)
+                else:
                     step_macs = MacCount()
                     run.step(step, step_macs, plan, source)
                     macs.add(step_macs.dense, step_macs.executed)
                     sparse_macs.add(step_macs.dense, step_macs.executed)
-                else:
-                    run.step(step, macs)
-                    run.reset_outside(mask, source, step)
         with timer("decode"):
             image = self.model.decode(run.latents)
         edit = self.config.edit
@@ -367,7 +383,7 @@ class Engine:
             dense_macs=macs.dense,
             executed_macs=macs.executed,
             mac_fraction=macs.fraction,
-            sparse_step_mac_fraction=sparse_macs.fraction if sparse else None,
+            sparse_step_mac_fraction=None if dense_reference else sparse_macs.fraction,
             latency_s=timer.seconds,
             total_latency_s=sum(timer.seconds.values()),
             truncated_prompt=self.model.truncated_prompt(params.prompt),
@@ -438,12 +454,21 @@ class EditSession:
         self.history.append(version)
         return version
 
-    def reference_edit(self, prompt: str, mask=None, mask_steps: int | None = None) -> Version:
-        """The masked-dense reference of `edit(prompt, mask)`: the same mask (captured the
-        same way when not given), every step dense, the previous latents pasted outside the
-        mask. Returns the would-be version; the session is unchanged."""
+    def reference_edit(
+        self,
+        prompt: str,
+        mask=None,
+        mask_steps: int | None = None,
+        mode: ReferenceMode = "steps",
+    ) -> Version:
+        """A reference of `edit(prompt, mask)` over the same mask (captured the same way when
+        not given). Mode "steps", the masked-dense reference: every step dense, the previous
+        latents pasted outside the mask; the sparse edit approximates it. Mode "layers": every
+        layer dense, the previous version's cached maps pasted outside each layer's region;
+        the sparse edit computes exactly this. Returns the would-be version; the session is
+        unchanged."""
         params, user_mask = self._validate(prompt, mask, mask_steps)
-        return self.engine.run_edit(self, params, user_mask, sparse=False)
+        return self.engine.run_edit(self, params, user_mask, reference=mode)
 
     def _validate(self, prompt: str, mask, mask_steps: int | None):
         model = self.engine.model

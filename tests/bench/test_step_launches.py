@@ -34,3 +34,16 @@ def test_a_sparse_step_launches_triton_kernels_and_no_host_sync(sd15):
         assert not {"nonzero", "_local_scalar_dense", "item"} & set(row.other_ops)
     # The mask changes grids (and K splits), not which PyTorch ops run.
     assert all(row.other_ops == sparse[0].other_ops for row in sparse)
+
+
+def test_steps_record_no_group_norm_statistics(sd15):
+    """Sparse layers compute exact GroupNorm statistics over their input, so no step records
+    statistics for later: the dense step launches no statistics kernel, and a sparse step one
+    per GroupNorm of a sparse layer (46 of the 61; the low-resolution layers run dense)."""
+    rows, launches = sd15
+    dense, *sparse = rows
+
+    statistics = [launch for launch in launches if launch.kernel.fn.__name__.startswith("_group")]
+    assert dense.triton_launches == 0
+    assert len(statistics) == 46 * len(sparse)
+    assert all(row.other_ops["native_group_norm"] == 61 - 46 for row in sparse)

@@ -90,10 +90,10 @@ on_cpu_triton = pytest.mark.skipif(
     "config",
     [
         SparseConfig(),
-        SparseConfig.exact(),
         pytest.param(SparseConfig(kernels="triton"), marks=on_cpu_triton),
+        SparseConfig(kernels="dense"),
     ],
-    ids=["cached", "exact", "triton"],
+    ids=["default", "triton", "dense"],
 )
 @pytest.mark.parametrize(("name", "kind"), LAYERS)
 def test_sparse_layer_equals_dense_layer_on_active_region(engine, recorded, name, kind, config):
