@@ -55,6 +55,17 @@ def _engine(model: str, args: argparse.Namespace):
     return Engine.from_pretrained(model, config)
 
 
+def _check_device(device: str) -> None:
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as error:
+        raise UsageError(f"--device: {error}") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: no CUDA device is available here")
+
+
 def _load_engine(model: str, args: argparse.Namespace):
     """The engine, once the input is known to be good; loading takes minutes on a real model."""
     _log(f"loading model {model} on {args.device}")
@@ -70,21 +81,28 @@ class UsageError(ValueError):
     """An option, the session directory or a file named by an option is not usable."""
 
 
+def _option(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
 def _options(model: type[BaseModel], **values) -> BaseModel:
     """`model` validated from options named like its fields; errors name the options."""
     try:
         return model(**values)
     except ValidationError as error:
-        raise UsageError(_describe(error, lambda field: "--" + field.replace("_", "-"))) from None
+        raise UsageError(_describe(error, _option)) from None
 
 
 def _describe(error: ValidationError, name=lambda field: field) -> str:
-    """One line per problem, without pydantic's documentation URL."""
+    """The problems on one line, without pydantic's documentation URL."""
     problems = []
     for problem in error.errors(include_url=False):
         field = ".".join(str(part) for part in problem["loc"])
         message = problem["msg"].removeprefix("Value error, ")
-        problems.append(f"{name(field)}: {message} (got {problem['input']!r})")
+        value = problem["input"]
+        if problem["type"] != "missing" and not isinstance(value, dict | list):
+            message += f" (got {value!r:.80})"
+        problems.append(f"{name(field)}: {message}")
     return "; ".join(problems)
 
 
@@ -115,6 +133,7 @@ def demo(args: argparse.Namespace) -> None:
         steps=args.steps,
         scheduler=args.scheduler,
     )
+    _check_device(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     engine = _load_engine(args.model, args)
@@ -280,6 +299,7 @@ def generate(args: argparse.Namespace) -> None:
         raise UsageError(f"{out} already holds a session; choose another --out or remove it")
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file, not a directory")
+    _check_device(args.device)
     out.mkdir(parents=True, exist_ok=True)
     engine = _load_engine(args.model, args)
     session = engine.generate(**params.model_dump())
@@ -301,12 +321,13 @@ def edit(args: argparse.Namespace) -> None:
     try:
         params = EditParams.for_session(args.prompt, args.mask_steps, has_mask, steps, EditConfig())
     except ValidationError as error:
-        raise UsageError(_describe(error, lambda field: "--" + field.replace("_", "-"))) from None
+        raise UsageError(_describe(error, _option)) from None
     mask = None
     if args.mask is not None:
         from fisedit.engine.masks import load_mask
 
         mask = load_mask(args.mask, saved.latent_size, saved.vae_scale_factor)
+    _check_device(args.device)
     engine = _load_engine(saved.model, args)
     session = _open_session(engine, directory, saved)
     before = session.version
@@ -344,6 +365,7 @@ def bench(args: argparse.Namespace) -> None:
         _options(GenerationParams, prompt="bench", steps=args.steps)
     if args.repeats < 1:
         raise UsageError(f"--repeats: must be at least 1 (got {args.repeats})")
+    _check_device(args.device)
     import torch
 
     from fisedit.bench.edit_bench import MODELS, run_benchmark

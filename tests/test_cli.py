@@ -163,6 +163,10 @@ def _blank_png(path: Path, size: int) -> str:
             "--steps: Input should be greater than or equal to 2 (got 1)",
         ),
         (lambda s, t: ["generate", "--out", str(s), "--prompt", "a"], "already holds a session"),
+        (
+            lambda s, t: ["generate", "--out", str(t / "new"), "--prompt", "a", "--device", "gpu"],
+            "--device: Expected one of",
+        ),
         (lambda s, t: ["edit", "--session", str(s), "--prompt", ""], "--prompt: String should"),
         (
             lambda s, t: ["edit", "--session", str(s), "--prompt", "a", "--mask-steps", STEPS],
@@ -205,6 +209,7 @@ def _blank_png(path: Path, size: int) -> str:
         "blank-prompt",
         "steps",
         "existing-session",
+        "device",
         "empty-edit-prompt",
         "mask-steps",
         "not-a-session",

@@ -49,8 +49,8 @@ def test_a_row_shows_each_spread_and_flags_a_noisy_case():
     steady = table_row(_run(dense_step=0.02, sparse_step=0.1, end_to_end=0.05))
     noisy = table_row(_run(dense_step=0.02, sparse_step=0.9, end_to_end=0.05))
 
-    assert "600.0 ±   2%" in steady and "200.0 ±  10%" in steady and "NOISY" not in steady
-    assert "200.0 ±  90%" in noisy and noisy.endswith("NOISY")
+    assert "600.0 ±  2%" in steady and "200.0 ± 10%" in steady and "NOISY" not in steady
+    assert "200.0 ± 90%" in noisy and noisy.endswith("NOISY")
 
 
 def test_cpu_smoke_run_writes_well_formed_results(tmp_path):
