@@ -6,6 +6,7 @@ before it loads a model, so bad input fails at once.
 """
 
 import argparse
+import inspect
 import json
 import os
 import sys
@@ -359,8 +360,9 @@ def history(args: argparse.Namespace) -> None:
 
 def bench(args: argparse.Namespace) -> None:
     """Benchmarks dense eager, dense compiled and FISEdit edits side by side, printing each
-    case as it finishes; on CPU every timing is repeated and reported as a median with its
-    spread, and cases whose spread hides the differences are flagged."""
+    case as it finishes. Every timing is a median over repeats (on CPU the end-to-end runs
+    are repeated too) shown with its spread; a case whose spread hides the differences
+    between cases is flagged NOISY."""
     if args.steps is not None:
         _options(GenerationParams, prompt="bench", steps=args.steps)
     if args.repeats < 1:
@@ -393,13 +395,13 @@ def bench(args: argparse.Namespace) -> None:
 
 
 def _bounds(model: type[BaseModel], field: str) -> str:
-    """A pydantic field's range, e.g. "2 to 1000"."""
+    """An integer or float pydantic field's inclusive range, e.g. "2 to 1000"."""
     low = high = None
     for constraint in model.model_fields[field].metadata:
         low = getattr(constraint, "ge", low)
         high = getattr(constraint, "le", high)
-        if getattr(constraint, "lt", None) is not None:
-            high = f"{constraint.lt} (exclusive)"
+        if getattr(constraint, "lt", None) is not None:  # only integer fields use lt
+            high = constraint.lt - 1
     return f"{low} to {high}"
 
 
@@ -413,7 +415,7 @@ def _parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(
             name,
             help=help,
-            description=function.__doc__,
+            description=inspect.cleandoc(function.__doc__),
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         sub.set_defaults(function=function)
