@@ -1,12 +1,23 @@
-"""`fisedit` command line: demo, generate and edit."""
+"""`fisedit` command line: try the engine (demo), keep an editable session in a directory
+(generate, edit, history) and benchmark edits against dense diffusers (bench).
+
+Every command checks its options, and the session directory and mask file it is given,
+before it loads a model, so bad input fails at once.
+"""
 
 import argparse
+import inspect
 import json
 import os
 import sys
+import time
+import warnings
 from pathlib import Path
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from fisedit.engine.config import EditConfig, EditParams, GenerationParams
 
 DEMO_PROMPTS = [
     "a photo of a cat sitting on a wooden bench in a park",
@@ -14,6 +25,9 @@ DEMO_PROMPTS = [
     "a photo of a dog sitting on a red bench in a park",
     "a photo of a dog sitting on a red bench in a park at night",
 ]
+SESSION_FILE = "session.json"
+STORE_DIR = "store"
+"""The session directory's local object store, which holds the newest version's snapshot."""
 
 
 def _quiet_libraries() -> None:
@@ -34,6 +48,57 @@ def _engine(model: str, args: argparse.Namespace):
     return Engine.from_pretrained(model, EngineConfig(device=args.device, dtype=args.dtype))
 
 
+def _check_device(device: str) -> None:
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as error:
+        raise UsageError(f"--device: {error}") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: no CUDA device is available here")
+
+
+def _load_engine(model: str, args: argparse.Namespace):
+    """The engine, once the input is known to be good; loading takes minutes on a real model."""
+    _log(f"loading model {model} on {args.device}")
+    _quiet_libraries()
+    return _engine(model, args)
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+class UsageError(ValueError):
+    """An option, the session directory or a file named by an option is not usable."""
+
+
+def _option(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def _options(model: type[BaseModel], **values) -> BaseModel:
+    """`model` validated from options named like its fields; errors name the options."""
+    try:
+        return model(**values)
+    except ValidationError as error:
+        raise UsageError(_describe(error, _option)) from None
+
+
+def _describe(error: ValidationError, name=lambda field: field) -> str:
+    """The problems on one line, without pydantic's documentation URL."""
+    problems = []
+    for problem in error.errors(include_url=False):
+        field = ".".join(str(part) for part in problem["loc"])
+        message = problem["msg"].removeprefix("Value error, ")
+        value = problem["input"]
+        if problem["type"] != "missing" and not isinstance(value, dict | list):
+            message += f" (got {value!r:.80})"
+        problems.append(f"{name(field)}: {message}")
+    return "; ".join(problems)
+
+
 def _save_png(path: Path, image: np.ndarray) -> None:
     from PIL import Image
 
@@ -41,20 +106,32 @@ def _save_png(path: Path, image: np.ndarray) -> None:
     print(f"wrote {path}")
 
 
-def _save_edit(out: Path, version) -> None:
-    from fisedit.engine.masks import overlay_mask
+def _save_edit(out: Path, version, edit: EditConfig) -> None:
+    """edit_<n>.png and mask_<n>.png: the recomputed region in red, the blended seam (the rest
+    of the pixels that may differ) in yellow."""
+    from fisedit.engine.images import blend_weight, preview_edit
 
-    _save_png(out / f"edit_{version.number}.png", version.image)
-    _save_png(out / f"mask_{version.number}.png", overlay_mask(version.image, version.mask))
+    image, mask = version.image, version.mask
+    weight = blend_weight(mask, image.shape[:2], edit.seam_dilation, edit.seam_feather)
+    _save_png(out / f"edit_{version.number}.png", image)
+    _save_png(out / f"mask_{version.number}.png", preview_edit(image, mask, weight))
 
 
 def demo(args: argparse.Namespace) -> None:
     """Generates a base image and runs a chain of prompt edits, reporting each edit."""
-    from fisedit.engine.images import psnr
-
+    _options(
+        GenerationParams,
+        prompt=DEMO_PROMPTS[0],
+        seed=args.seed,
+        steps=args.steps,
+        scheduler=args.scheduler,
+    )
+    _check_device(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    engine = _engine(args.model, args)
+    engine = _load_engine(args.model, args)
+    from fisedit.engine.images import psnr
+
     session = engine.generate(
         DEMO_PROMPTS[0], seed=args.seed, steps=args.steps, scheduler=args.scheduler
     )
@@ -64,13 +141,14 @@ def demo(args: argparse.Namespace) -> None:
         previous = session.image
         masked_dense = session.reference_edit(prompt).image
         version = session.edit(prompt)
-        _save_edit(out, version)
+        _save_edit(out, version, engine.config.edit)
         report = version.report
         edits.append(
             {
                 "prompt": prompt,
                 "mask_ratio": report.mask_ratio,
                 "region_ratio": report.region_ratio,
+                "changed_pixel_ratio": report.changed_pixel_ratio,
                 "mac_fraction": report.mac_fraction,
                 "sparse_step_mac_fraction": report.sparse_step_mac_fraction,
                 "latency_s": report.total_latency_s,
@@ -82,9 +160,9 @@ def demo(args: argparse.Namespace) -> None:
             }
         )
         print(
-            f"edit {number}: mask {report.mask_ratio:.1%} (recomputed {report.region_ratio:.1%}), "
-            f"MACs {report.mac_fraction:.1%} of "
-            f"dense, {report.total_latency_s:.2f} s, "
+            f"edit {number}: mask {report.mask_ratio:.1%} (recomputed {report.region_ratio:.1%},"
+            f" pixels that may differ {report.changed_pixel_ratio:.1%}), "
+            f"MACs {report.mac_fraction:.1%} of dense, {report.total_latency_s:.2f} s, "
             f"PSNR vs masked-dense {edits[-1]['fidelity']['psnr_vs_masked_dense_db']:.1f} dB"
         )
     summary = {
@@ -99,58 +177,199 @@ def demo(args: argparse.Namespace) -> None:
     print(f"wrote {out / 'report.json'}")
 
 
-def _write_session(out: Path, model: str, session) -> None:
+class RecipeHead(BaseModel):
+    """The part of a session recipe checked before the engine is imported; the whole
+    recipe (fisedit.engine.recipe.SessionRecipe) is validated once it is."""
+
+    model_config = ConfigDict(extra="allow")
+
+    params: GenerationParams
+
+
+class SessionFile(BaseModel):
+    """session.json: the model, what is needed to check an edit before loading it, the
+    recipe that recomputes the session, and every version's report."""
+
+    model: str
+    latent_size: tuple[int, int]
+    vae_scale_factor: int
+    recipe: RecipeHead
+    versions: list[dict]
+    """Each version's EditReport, oldest first."""
+
+
+def _read_session(directory: Path) -> SessionFile:
+    path = directory / SESSION_FILE
+    if not path.is_file():
+        raise UsageError(
+            f"{path} not found: {directory} is not a session directory; "
+            f"run `fisedit generate --out {directory}` first"
+        )
+    try:
+        saved = SessionFile.model_validate_json(path.read_text())
+    except ValidationError as error:
+        raise UsageError(f"{path} is not a fisedit session: {_describe(error)}") from None
+    return saved
+
+
+def _write_session(directory: Path, model: str, session) -> None:
+    """Writes session.json in one step, so a reader never sees half of it."""
     from fisedit.engine.recipe import recipe_of
 
-    recipe = recipe_of(session).model_dump(mode="json")
-    (out / "session.json").write_text(json.dumps({"model": model, "recipe": recipe}, indent=2))
-    print(f"wrote {out / 'session.json'}")
+    engine_model = session.engine.model
+    saved = SessionFile(
+        model=model,
+        latent_size=engine_model.latent_shape[1:],
+        vae_scale_factor=engine_model.vae_scale_factor,
+        recipe=recipe_of(session).model_dump(mode="json"),
+        versions=[v.report.model_dump() for v in session.history],
+    )
+    path = directory / SESSION_FILE
+    partial = path.with_suffix(".json.partial")
+    partial.write_text(saved.model_dump_json(indent=2))
+    os.replace(partial, path)
+    print(f"wrote {path}")
+
+
+def _store(directory: Path):
+    from fisedit.storage import LocalConfig, LocalObjectStore
+
+    return LocalObjectStore(LocalConfig(root=directory / STORE_DIR))
+
+
+def _keep_newest_snapshot(directory: Path, model: str, session) -> None:
+    """Snapshots the session's current version, records it in session.json, then deletes the
+    snapshots of earlier versions (their images, masks and reports stay in the new one)."""
+    from fisedit.engine.snapshot import delete_snapshot, snapshot, snapshot_versions
+
+    store = _store(directory)
+    for version in snapshot_versions(store, session.id):
+        if version >= session.version:  # left by a command interrupted after its snapshot
+            delete_snapshot(store, session.id, version)
+    snapshot(session, store)
+    _write_session(directory, model, session)
+    for version in snapshot_versions(store, session.id):
+        if version < session.version:
+            delete_snapshot(store, session.id, version)
+
+
+def _open_session(engine, directory: Path, saved: SessionFile):
+    """The session at its newest version: restored from its snapshot, or rebuilt from the
+    recipe (and snapshotted again) when the snapshot is missing or damaged."""
+    from fisedit.engine.recipe import SessionRecipe, rebuild
+    from fisedit.engine.snapshot import SnapshotError, restore
+
+    recipe = SessionRecipe.model_validate(saved.recipe.model_dump(mode="json"))
+    version, start = len(recipe.edits), time.perf_counter()
+    try:
+        session = restore(engine, _store(directory), recipe.session_id, version)
+    except SnapshotError as error:
+        _log(
+            f"cannot restore version {version} from {directory / STORE_DIR}: {error}; "
+            f"rebuilding it from the recipe (the generation and {version} edits)"
+        )
+        session = rebuild(engine, recipe)
+        _keep_newest_snapshot(directory, saved.model, session)
+        return session
+    _log(f"restored version {version} from its snapshot in {time.perf_counter() - start:.2f} s")
+    return session
 
 
 def generate(args: argparse.Namespace) -> None:
-    """Generates a base image and writes the session recipe that `fisedit edit` extends."""
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    session = _engine(args.model, args).generate(
-        args.prompt,
+    """Generates a base image and starts a session in --out: base.png, session.json (the
+    recipe and reports) and the snapshot of the newest version under store/."""
+    params = _options(
+        GenerationParams,
+        prompt=args.prompt,
         negative_prompt=args.negative_prompt,
         seed=args.seed,
         steps=args.steps,
         guidance=args.guidance,
         scheduler=args.scheduler,
     )
+    out = Path(args.out)
+    if (out / SESSION_FILE).exists():
+        raise UsageError(f"{out} already holds a session; choose another --out or remove it")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a directory")
+    _check_device(args.device)
+    out.mkdir(parents=True, exist_ok=True)
+    engine = _load_engine(args.model, args)
+    session = engine.generate(**params.model_dump())
     _save_png(out / "base.png", session.image)
-    _write_session(out, args.model, session)
+    _keep_newest_snapshot(out, args.model, session)
 
 
 def edit(args: argparse.Namespace) -> None:
-    """Applies one more edit to a session written by `fisedit generate`."""
-    from fisedit.engine.recipe import SessionRecipe, rebuild
+    """Applies one more edit to a session written by `fisedit generate`.
 
-    out = Path(args.session)
-    path = out / "session.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found; run `fisedit generate --out {out}` first")
-    saved = json.loads(path.read_text())
-    recipe = SessionRecipe.model_validate(saved["recipe"])
-    engine = _engine(saved["model"], args)
-    if recipe.edits:
-        print(f"rebuilding the session from its recipe ({len(recipe.edits)} edits)")
-    session = rebuild(engine, recipe)
-    version = session.edit(args.prompt, mask=args.mask, mask_steps=args.mask_steps)
-    _save_edit(out, version)
-    _write_session(out, saved["model"], session)
+    The newest version is restored from the snapshot in the session directory, or rebuilt
+    from session.json when the snapshot is missing or damaged. Only the new version's
+    snapshot is kept: earlier versions' snapshots are deleted to save disk (their images,
+    masks and reports stay). A prompt that encodes like the current one makes no version.
+    """
+    directory = Path(args.session)
+    saved = _read_session(directory)
+    steps, has_mask = saved.recipe.params.steps, args.mask is not None
+    try:
+        params = EditParams.for_session(args.prompt, args.mask_steps, has_mask, steps, EditConfig())
+    except ValidationError as error:
+        raise UsageError(_describe(error, _option)) from None
+    mask = None
+    if args.mask is not None:
+        from fisedit.engine.masks import load_mask
+
+        mask = load_mask(args.mask, saved.latent_size, saved.vae_scale_factor)
+    _check_device(args.device)
+    engine = _load_engine(saved.model, args)
+    session = _open_session(engine, directory, saved)
+    before = session.version
+    version = session.edit(params.prompt, mask=mask, mask_steps=params.mask_steps)
+    if version.number == before:
+        _log(f"no new version: the session stays at version {before}")
+        return
+    _save_edit(directory, version, engine.config.edit)
+    _keep_newest_snapshot(directory, saved.model, session)
     print(json.dumps(version.report.model_dump(), indent=2))
 
 
+def history(args: argparse.Namespace) -> None:
+    """Lists a session's versions: prompt, mask and changed-pixel ratios, MAC fraction (of a
+    dense generation) and latency. Reads session.json only; loads no model."""
+    saved = _read_session(Path(args.session))
+    if args.json:
+        print(json.dumps(saved.versions, indent=2))
+        return
+    print(f"{'version':>7}  {'mask':>6}  {'pixels':>6}  {'MACs':>6}  {'latency':>8}  prompt")
+    for report in saved.versions:
+        mask = "-" if report["base_version"] is None else f"{report['mask_ratio']:.1%}"
+        print(
+            f"{report['version']:>7}  {mask:>6}  {report['changed_pixel_ratio']:>6.1%}  "
+            f"{report['mac_fraction']:>6.1%}  {report['total_latency_s']:>6.2f} s  "
+            f"{report['prompt']}"
+        )
+
+
 def bench(args: argparse.Namespace) -> None:
-    """Benchmarks dense eager, dense compiled and FISEdit edits side by side."""
+    """Benchmarks dense eager, dense compiled and FISEdit edits side by side, printing each
+    case as it finishes. Every timing is a median over repeats (on CPU the end-to-end runs
+    are repeated too) shown with its spread; a case whose spread hides the differences
+    between cases is flagged NOISY."""
+    if args.steps is not None:
+        _options(GenerationParams, prompt="bench", steps=args.steps)
+    if args.repeats < 1:
+        raise UsageError(f"--repeats: must be at least 1 (got {args.repeats})")
+    _check_device(args.device)
     import torch
 
     from fisedit.bench.edit_bench import MODELS, run_benchmark
     from fisedit.engine.config import EngineConfig, SparseConfig
+    from fisedit.engine.model_shapes import UNET_SHAPES
 
     models = ("tiny",) if args.tiny else tuple(args.models.split(",") if args.models else MODELS)
+    unknown = [name for name in models if name not in UNET_SHAPES and name != "tiny"]
+    if unknown:
+        raise UsageError(f"--models: unknown {unknown}; known: {', '.join(UNET_SHAPES)}")
     run_benchmark(
         device=args.device,
         models=models,
@@ -167,58 +386,171 @@ def bench(args: argparse.Namespace) -> None:
     )
 
 
+def _bounds(model: type[BaseModel], field: str) -> str:
+    """An integer or float pydantic field's inclusive range, e.g. "2 to 1000"."""
+    low = high = None
+    for constraint in model.model_fields[field].metadata:
+        low = getattr(constraint, "ge", low)
+        high = getattr(constraint, "le", high)
+        if getattr(constraint, "lt", None) is not None:  # only integer fields use lt
+            high = constraint.lt - 1
+    return f"{low} to {high}"
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fisedit", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="fisedit", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, function, help: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help, description=function.__doc__)
+        sub = commands.add_parser(
+            name,
+            help=help,
+            description=inspect.cleandoc(function.__doc__),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         sub.set_defaults(function=function)
-        sub.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-        sub.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
         return sub
+
+    def placement(sub: argparse.ArgumentParser, device: str = "cpu") -> None:
+        sub.add_argument(
+            "--device", default=device, help="torch device, e.g. cpu, cuda (default: %(default)s)"
+        )
+
+    def engine_options(sub: argparse.ArgumentParser) -> None:
+        placement(sub)
+        sub.add_argument(
+            "--dtype",
+            default="float32",
+            choices=["float32", "float16", "bfloat16"],
+            help="weights and activations (default: %(default)s)",
+        )
 
     def sampling(sub: argparse.ArgumentParser) -> None:
         sub.add_argument(
             "--model",
             default="tiny",
-            help="diffusers directory or hub id; tiny, tiny-sd2, tiny-sdxl build a small "
-            "random model locally (default: tiny)",
+            help="diffusers directory or hub id available offline; tiny, tiny-sd2, tiny-sdxl "
+            "build a small random model locally (default: %(default)s)",
         )
-        sub.add_argument("--seed", type=int, default=0)
-        sub.add_argument("--steps", type=int, default=50)
-        sub.add_argument("--scheduler", default="dpm++", choices=["dpm++", "ddim", "euler"])
+        sub.add_argument(
+            "--seed",
+            type=int,
+            default=0,
+            help=f"seed of the initial noise, {_bounds(GenerationParams, 'seed')} "
+            "(default: %(default)s)",
+        )
+        sub.add_argument(
+            "--steps",
+            type=int,
+            default=50,
+            help=f"denoise steps, {_bounds(GenerationParams, 'steps')}; edits run a fifth of "
+            "them dense (default: %(default)s)",
+        )
+        sub.add_argument(
+            "--scheduler",
+            default="dpm++",
+            choices=["dpm++", "ddim", "euler"],
+            help="denoise scheduler (default: %(default)s)",
+        )
+
+    prompt_help = "prompt text, not blank, at most 2000 characters (required)"
 
     sub = command("demo", demo, "generate a base image and run a chain of edits")
-    sub.add_argument("--out", required=True, help="directory for images and report.json")
+    sub.add_argument("--out", required=True, help="directory for images and report.json (required)")
     sampling(sub)
+    engine_options(sub)
 
     sub = command("generate", generate, "generate a base image and start a session")
-    sub.add_argument("--out", required=True, help="session directory")
-    sub.add_argument("--prompt", required=True)
-    sub.add_argument("--negative-prompt", default="")
-    sub.add_argument("--guidance", type=float, default=7.5)
+    sub.add_argument("--out", required=True, help="new session directory (required)")
+    sub.add_argument("--prompt", required=True, help=prompt_help)
+    sub.add_argument(
+        "--negative-prompt",
+        default="",
+        help="what to steer away from, at most 2000 characters (default: none)",
+    )
+    sub.add_argument(
+        "--guidance",
+        type=float,
+        default=7.5,
+        help=f"classifier-free guidance scale, {_bounds(GenerationParams, 'guidance')} "
+        "(default: %(default)s)",
+    )
     sampling(sub)
+    engine_options(sub)
 
-    sub = commands.add_parser("bench", help="benchmark edits against dense baselines")
-    sub.set_defaults(function=bench)
-    sub.add_argument("--device", default="cuda", help="torch device (default: cuda)")
-    sub.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
-    sub.add_argument("--models", help="comma-separated: sd15-512,sd21-768,sdxl-1024 (default)")
-    sub.add_argument("--tiny", action="store_true", help="the tiny model only (CPU smoke run)")
-    sub.add_argument("--steps", type=int, default=None, help="denoise steps (default 50)")
+    sub = command("edit", edit, "edit the newest version of a session")
+    sub.add_argument(
+        "--session", required=True, help="directory written by `fisedit generate` (required)"
+    )
+    sub.add_argument("--prompt", required=True, help=prompt_help)
+    sub.add_argument(
+        "--mask",
+        help="region to edit, a PNG at latent or image size, white where to edit; replaces "
+        "the captured region and skips the dense capture steps (default: none)",
+    )
+    sub.add_argument(
+        "--mask-steps",
+        type=int,
+        default=None,
+        help="dense steps before the sparse ones (k), 0 to the session's steps - 1; without "
+        "--mask they capture the edited region (default: a fifth of the session's steps, "
+        "0 with --mask)",
+    )
+    engine_options(sub)
+
+    sub = command("history", history, "list a session's versions and their reports")
+    sub.add_argument(
+        "--session", required=True, help="directory written by `fisedit generate` (required)"
+    )
+    sub.add_argument(
+        "--json", action="store_true", help="print the full reports as JSON (default: a table)"
+    )
+
+    sub = command("bench", bench, "benchmark edits against dense baselines")
+    placement(sub, device="cuda")
+    sub.add_argument(
+        "--dtype",
+        choices=["float32", "float16", "bfloat16"],
+        default=None,
+        help="weights and activations (default: float16 on CUDA, float32 on CPU)",
+    )
+    sub.add_argument(
+        "--models",
+        help="comma-separated model shapes among sd15-512, sd21-768, sdxl-1024 "
+        "(default: all three)",
+    )
+    sub.add_argument(
+        "--tiny",
+        action="store_true",
+        help="the tiny model only, a CPU smoke run (default: off)",
+    )
+    sub.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help=f"denoise steps, {_bounds(GenerationParams, 'steps')} "
+        "(default: 50, or 20 with --tiny)",
+    )
     sub.add_argument(
         "--compile",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="also run dense torch.compile (default: on GPU only)",
     )
-    sub.add_argument("--repeats", type=int, default=10, help="timed calls per step median")
+    sub.add_argument(
+        "--repeats",
+        type=int,
+        default=10,
+        help="timed calls per step median, at least 1 (default: %(default)s)",
+    )
     sub.add_argument(
         "--kernels",
         choices=["auto", "triton", "reference"],
         default="auto",
-        help="sparse kernels: Triton or the PyTorch reference (default: Triton on CUDA)",
+        help="sparse kernels: Triton or the PyTorch reference; auto: Triton on CUDA "
+        "(default: %(default)s)",
     )
     sub.add_argument(
         "--channels-last",
@@ -232,28 +564,29 @@ def _parser() -> argparse.ArgumentParser:
         default=True,
         help="replay FISEdit's UNet steps from CUDA graphs (default: on)",
     )
-    sub.add_argument("--out", default="bench/results", help="directory for the JSON and PNG")
-
-    sub = command("edit", edit, "edit the newest version of a session")
-    sub.add_argument("--session", required=True, help="directory written by `fisedit generate`")
-    sub.add_argument("--prompt", required=True)
-    sub.add_argument("--mask", help="mask image (PNG) at latent or image size; skips capture")
-    sub.add_argument("--mask-steps", type=int, default=None, help="dense capture steps (k)")
+    sub.add_argument(
+        "--out",
+        default="bench/results",
+        help="directory for the JSON and PNG (default: %(default)s)",
+    )
     return parser
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    _log(f"warning: {message}")
 
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    _quiet_libraries()
-    from pydantic import ValidationError
-
-    from fisedit.engine.models import ModelLoadError
-
+    warnings.showwarning = _show_warning
     try:
         args.function(args)
-    except (ValidationError, ModelLoadError, ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except ValidationError as error:
+        _log(f"error: {_describe(error)}")
+        raise SystemExit(2) from error
+    except (ValueError, OSError) as error:
+        _log(f"error: {error}")
         raise SystemExit(2) from error
 
 

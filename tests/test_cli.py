@@ -1,21 +1,56 @@
 """The `fisedit` command line, run as a user would, on the tiny model."""
 
+import argparse
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
+from fisedit.cli import _parser
+from fisedit.engine.images import REGION_COLOUR, SEAM_COLOUR
 
-def _fisedit(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+STEPS = "4"
+
+
+def _fisedit(*args: str, check: bool = True, flags: tuple[str, ...] = ()):
     return subprocess.run(
-        [sys.executable, "-m", "fisedit.cli", *args],
+        [sys.executable, *flags, "-m", "fisedit.cli", *args],
         capture_output=True,
         text=True,
         timeout=1200,
         check=check,
     )
+
+
+def _report(result: subprocess.CompletedProcess) -> dict:
+    return json.loads(result.stdout[result.stdout.index("{") :])
+
+
+def _png(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+def _snapshots(directory: Path) -> list[str]:
+    """The session directory's complete snapshots, as v<n>."""
+    return sorted(p.parent.name for p in directory.glob("store/sessions/*/v*/manifest.json"))
+
+
+@pytest.fixture(scope="module")
+def session_dir(tmp_path_factory) -> Path:
+    """A session generated once; tests edit copies of it."""
+    directory = tmp_path_factory.mktemp("session") / "s"
+    _fisedit("generate", "--out", str(directory), "--prompt", "a cat", "--steps", STEPS)
+    return directory
+
+
+def _copy(session_dir: Path, target: Path) -> Path:
+    shutil.copytree(session_dir, target)
+    return target
 
 
 def test_demo_writes_images_masks_and_a_report(tmp_path):
@@ -26,38 +61,196 @@ def test_demo_writes_images_masks_and_a_report(tmp_path):
     for number, edit in enumerate(report["edits"], start=1):
         for name in (f"edit_{number}.png", f"mask_{number}.png"):
             assert Image.open(tmp_path / name).size == (128, 128)
-        assert 0 <= edit["mask_ratio"] <= 1
+        assert 0 <= edit["mask_ratio"] <= edit["region_ratio"] <= edit["changed_pixel_ratio"]
         assert 0 < edit["mac_fraction"] <= 1
         assert edit["latency_s"] > 0
         assert edit["fidelity"]["psnr_vs_masked_dense_db"] > 30
     assert Image.open(tmp_path / "base.png").size == (128, 128)
 
 
-def test_generate_then_edit_extends_the_session(tmp_path):
-    _fisedit("generate", "--out", str(tmp_path), "--prompt", "a cat", "--steps", "12")
+def test_edits_restore_the_newest_snapshot_and_history_lists_the_versions(session_dir, tmp_path):
+    directory = _copy(session_dir, tmp_path / "s")
     mask = np.zeros((32, 32), dtype=np.uint8)
-    mask[4:12, 4:12] = 255
+    mask[4:12, 4:12] = 255  # image pixels 16..47
     Image.fromarray(mask).save(tmp_path / "region.png")
 
-    first = _fisedit("edit", "--session", str(tmp_path), "--prompt", "a dog", "--mask-steps", "4")
+    first = _fisedit("edit", "--session", str(directory), "--prompt", "a dog")
     second = _fisedit(
-        "edit", "--session", str(tmp_path), "--prompt", "a red dog",
+        "edit", "--session", str(directory), "--prompt", "a red dog",
+        "--mask", str(tmp_path / "region.png"),
+    )  # fmt: skip
+    table = _fisedit("history", "--session", str(directory)).stdout
+    reports = json.loads(_fisedit("history", "--session", str(directory), "--json").stdout)
+
+    assert "restored version 0 from its snapshot" in first.stderr
+    assert "restored version 1 from its snapshot" in second.stderr
+    assert "rebuilding" not in first.stderr + second.stderr
+    # k follows the steps: a fifth of 4, at least 1, leaving sparse steps.
+    assert (_report(first)["dense_steps"], _report(first)["sparse_steps"]) == (1, 3)
+    report = _report(second)
+    assert report["version"] == 2 and report["mask_source"] == "user"
+    assert report["mask_ratio"] == 64 / 1024
+    # The 32 px square and the 8 px seam around it: 48 x 48 pixels may differ.
+    assert report["changed_pixel_ratio"] == 48 * 48 / 128**2
+    assert _snapshots(directory) == ["v2"]
+    recipe = json.loads((directory / "session.json").read_text())["recipe"]
+    assert [e["params"]["prompt"] for e in recipe["edits"]] == ["a dog", "a red dog"]
+    assert [r["prompt"] for r in reports] == ["a cat", "a dog", "a red dog"]
+    assert reports[2] == report
+    rows = table.splitlines()[1:]
+    assert len(rows) == 3 and rows[2].split()[:3] == ["2", "6.2%", "14.1%"]
+    assert rows[2].endswith("a red dog")
+
+
+def test_the_mask_image_shows_the_recomputed_region_and_the_seam(session_dir, tmp_path):
+    directory = _copy(session_dir, tmp_path / "s")
+    mask = np.zeros((128, 128), dtype=np.uint8)
+    mask[16:48, 16:48] = 255
+    Image.fromarray(mask).save(tmp_path / "region.png")
+
+    _fisedit(
+        "edit", "--session", str(directory), "--prompt", "a dog",
         "--mask", str(tmp_path / "region.png"),
     )  # fmt: skip
 
-    assert json.loads(first.stdout[first.stdout.index("{") :])["version"] == 1
-    report = json.loads(second.stdout[second.stdout.index("{") :])
-    assert report["version"] == 2 and report["mask_source"] == "user"
-    assert report["mask_ratio"] == 64 / 1024
-    recipe = json.loads((tmp_path / "session.json").read_text())["recipe"]
-    assert [e["params"]["prompt"] for e in recipe["edits"]] == ["a dog", "a red dog"]
-    assert recipe["edits"][0]["user_mask"] is None and recipe["edits"][1]["user_mask"]
-    assert (tmp_path / "edit_2.png").exists() and (tmp_path / "mask_2.png").exists()
+    edited = _png(directory / "edit_1.png").astype(np.uint16)
+    preview = _png(directory / "mask_1.png")
+    region = (edited + REGION_COLOUR) // 2
+    seam = (edited + SEAM_COLOUR) // 2
+    assert np.array_equal(preview[16:48, 16:48], region[16:48, 16:48])
+    assert np.array_equal(preview[8:16, 8:56], seam[8:16, 8:56])  # the seam above it
+    assert np.array_equal(preview[56:], edited[56:])  # beyond the seam, the image as is
 
 
-def test_bad_input_exits_with_a_clear_message(tmp_path):
-    missing = _fisedit("demo", "--out", str(tmp_path), "--model", "/no/such/model", check=False)
-    empty = _fisedit("generate", "--out", str(tmp_path), "--prompt", "", check=False)
+def test_a_damaged_snapshot_is_rebuilt_from_the_recipe_with_the_same_result(session_dir, tmp_path):
+    intact = _copy(session_dir, tmp_path / "intact")
+    damaged = _copy(session_dir, tmp_path / "damaged")
+    (shard,) = damaged.glob("store/sessions/*/v0/*.safetensors")
+    shard.write_bytes(shard.read_bytes()[:-16] + bytes(16))
 
-    assert missing.returncode == 2 and "cannot load a Stable Diffusion pipeline" in missing.stderr
-    assert empty.returncode == 2 and "prompt" in empty.stderr
+    restored = _fisedit("edit", "--session", str(intact), "--prompt", "a dog")
+    rebuilt = _fisedit("edit", "--session", str(damaged), "--prompt", "a dog")
+
+    assert "corrupted" in rebuilt.stderr and "rebuilding it from the recipe" in rebuilt.stderr
+    assert np.array_equal(_png(damaged / "edit_1.png"), _png(intact / "edit_1.png"))
+    assert _report(rebuilt)["mask_ratio"] == _report(restored)["mask_ratio"]
+    assert _snapshots(damaged) == ["v1"]
+
+
+def test_an_edit_that_changes_nothing_makes_no_version(session_dir, tmp_path):
+    directory = _copy(session_dir, tmp_path / "s")
+
+    result = _fisedit("edit", "--session", str(directory), "--prompt", "A  cat ")
+
+    assert result.returncode == 0
+    assert "warning: 'A  cat ' has the same text embeddings as version 0" in result.stderr
+    assert "no new version: the session stays at version 0" in result.stderr
+    assert not (directory / "edit_1.png").exists() and _snapshots(directory) == ["v0"]
+    assert (directory / "session.json").read_text() == (session_dir / "session.json").read_text()
+
+
+def _blank_png(path: Path, size: int) -> str:
+    Image.fromarray(np.zeros((size, size), dtype=np.uint8)).save(path)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("make_args", "message"),
+    [
+        (lambda s, t: ["generate", "--out", str(t / "new"), "--prompt", " "], "--prompt: prompt"),
+        (
+            lambda s, t: ["generate", "--out", str(t / "new"), "--prompt", "a", "--steps", "1"],
+            "--steps: Input should be greater than or equal to 2 (got 1)",
+        ),
+        (lambda s, t: ["generate", "--out", str(s), "--prompt", "a"], "already holds a session"),
+        (
+            lambda s, t: ["generate", "--out", str(t / "new"), "--prompt", "a", "--device", "gpu"],
+            "--device: Expected one of",
+        ),
+        (lambda s, t: ["edit", "--session", str(s), "--prompt", ""], "--prompt: String should"),
+        (
+            lambda s, t: ["edit", "--session", str(s), "--prompt", "a", "--mask-steps", STEPS],
+            f"mask_steps ({STEPS}) must be smaller than the session's steps ({STEPS})",
+        ),
+        (
+            lambda s, t: ["edit", "--session", str(t), "--prompt", "a dog"],
+            "is not a session directory",
+        ),
+        (
+            lambda s, t: ["edit", "--session", str(s), "--prompt", "a", "--mask", f"{t}/no.png"],
+            "mask file not found",
+        ),
+        (
+            lambda s, t: [
+                "edit",
+                "--session",
+                str(s),
+                "--prompt",
+                "a",
+                "--mask",
+                _blank_png(t / "empty.png", 128),
+            ],
+            "the mask is empty",
+        ),  # fmt: skip
+        (
+            lambda s, t: [
+                "edit",
+                "--session",
+                str(s),
+                "--prompt",
+                "a",
+                "--mask",
+                _blank_png(t / "odd.png", 100),
+            ],
+            "mask size (100, 100) matches neither the latent size (32, 32)",
+        ),  # fmt: skip
+    ],
+    ids=[
+        "blank-prompt",
+        "steps",
+        "existing-session",
+        "device",
+        "empty-edit-prompt",
+        "mask-steps",
+        "not-a-session",
+        "missing-mask",
+        "empty-mask",
+        "mask-size",
+    ],
+)
+def test_bad_input_fails_before_the_model_loads(session_dir, tmp_path, make_args, message):
+    # -X importtime lists every module the command imports: diffusers, which every model
+    # load needs, must not be among them.
+    result = _fisedit(*make_args(session_dir, tmp_path), check=False, flags=("-X", "importtime"))
+
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0]
+    assert "errors.pydantic.dev" not in result.stderr
+    assert "loading model" not in result.stderr
+    assert not [line for line in result.stderr.splitlines() if "| diffusers" in line]
+
+
+def test_a_model_that_cannot_load_is_a_clear_error(tmp_path):
+    result = _fisedit("demo", "--out", str(tmp_path), "--model", "/no/such/model", check=False)
+
+    assert result.returncode == 2 and "cannot load a Stable Diffusion pipeline" in result.stderr
+
+
+def test_help_lists_every_command_and_every_option_has_a_default_or_is_required():
+    top = _fisedit("--help").stdout
+    parser = _parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+
+    assert set(commands.choices) == {"demo", "generate", "edit", "history", "bench"}
+    for name, sub in commands.choices.items():
+        assert f"    {name} " in top and sub.description, name
+        for action in sub._actions:
+            if action.dest == "help":
+                continue
+            assert action.help and ("default" in action.help or "required" in action.help), (
+                name,
+                action.dest,
+            )
+    bench_steps = next(a for a in commands.choices["bench"]._actions if a.dest == "steps")
+    assert "or 20 with --tiny" in bench_steps.help and "2 to 1000" in bench_steps.help

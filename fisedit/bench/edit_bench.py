@@ -3,8 +3,12 @@
 Dense diffusers eager, dense torch.compile with CUDA graphs (mode reduce-overhead) and
 FISEdit, on full-size UNet shapes with random weights (no downloads), for masks covering
 5%, 15% and 30% of the latent (centred squares and one irregular mask), with supplied masks
-(no dense steps) and with k dense mask steps. Writes `<device>-<date>.json` and a PNG of
-speedup against mask ratio with the MAC limit, and prints a table.
+(no dense steps) and with k dense mask steps. Prints each case as it finishes, writes
+`<device>-<date>.json` and a PNG of speedup against mask ratio with the MAC limit.
+
+Every timing is a median over repeats, reported with its spread; on CPU, where other
+processes disturb timings most, end-to-end runs are repeated too. A case whose timings
+spread more than NOISY_SPREAD is flagged noisy: its comparisons are not meaningful.
 """
 
 import datetime
@@ -17,6 +21,7 @@ import time
 import traceback
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,6 +45,25 @@ PROMPT = "a photo of a cat sitting on a wooden bench in a park"
 EDIT = "a photo of a dog sitting on a wooden bench in a park"
 MODELS = ("sd15-512", "sd21-768", "sdxl-1024")
 MASK_RATIOS = (0.05, 0.15, 0.30)
+CPU_END_TO_END_REPEATS = 3
+"""End-to-end runs per case on CPU (one on GPU, where they are long and steady)."""
+NOISY_SPREAD = 0.25
+"""A timing whose repeats spread (max - min) over more than this fraction of its median
+cannot tell cases apart that differ by less, e.g. the speedups at 5, 15 and 30% masks."""
+
+
+@dataclass(frozen=True)
+class Timing:
+    """The median of repeated wall times and their spread."""
+
+    median_ms: float
+    spread: float
+    """(max - min) / median over the repeats; 0 for a single run."""
+
+    @classmethod
+    def of(cls, samples_ms: list[float]) -> "Timing":
+        median = statistics.median(samples_ms)
+        return cls(median, (max(samples_ms) - min(samples_ms)) / median)
 
 
 class BenchRun(BaseModel):
@@ -62,6 +86,15 @@ class BenchRun(BaseModel):
     """The case's first edit, which also compiles the kernels its mask needs."""
     graph_capture_ms: float | None = None
     """Part of end_to_end_ms spent capturing the edit's CUDA graphs."""
+    spread: dict[str, float] = {}
+    """Each timing's spread over its repeats, (max - min) / median: dense_step (for FISEdit,
+    of the dense step it is compared with), sparse_step, end_to_end."""
+    noisy: bool = False
+    """Some timing spread more than NOISY_SPREAD: the case's comparisons are not meaningful."""
+
+
+def _is_noisy(spread: dict[str, float]) -> bool:
+    return any(value > NOISY_SPREAD for value in spread.values())
 
 
 class LayerProfile(BaseModel):
@@ -151,12 +184,13 @@ def irregular_mask(side: int, ratio: float) -> torch.Tensor:
 
 
 class Clock:
-    """Median wall time of a callable: CUDA events on GPU, perf_counter on CPU."""
+    """Repeated wall time of a callable: CUDA events on GPU, perf_counter on CPU."""
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
+        self.end_to_end_repeats = 1 if self.cuda else CPU_END_TO_END_REPEATS
 
-    def ms(self, fn: Callable[[], object], repeats: int = 10, warmup: int = 3) -> float:
+    def ms(self, fn: Callable[[], object], repeats: int = 10, warmup: int = 3) -> Timing:
         for _ in range(warmup):
             fn()
         times = []
@@ -172,10 +206,7 @@ class Clock:
                 begin = time.perf_counter()
                 fn()
                 times.append((time.perf_counter() - begin) * 1000)
-        return statistics.median(times)
-
-    def once_ms(self, fn: Callable[[], object]) -> float:
-        return self.ms(fn, repeats=1, warmup=0)
+        return Timing.of(times)
 
 
 def _model(name: str, device: str, dtype: torch.dtype, workdir: str) -> DiffusionModel:
@@ -288,19 +319,23 @@ class ModelBench:
             with torch.no_grad():
                 pipeline(PROMPT, num_inference_steps=self.steps, output_type="np")
 
-        step_ms = self.clock.ms(self.unet_call(unet), repeats=repeats)
-        generate()  # warm-up: compilation and graph capture happen here
+        step = self.clock.ms(self.unet_call(unet), repeats=repeats)
+        # The warm-up run is where compilation and graph capture happen.
+        end_to_end = self.clock.ms(generate, self.clock.end_to_end_repeats, warmup=1)
+        spread = {"dense_step": step.spread, "end_to_end": end_to_end.spread}
         return BenchRun(
             model=self.name,
             method=method,
             mask=None,
             mask_ratio=1.0,
             k=0,
-            dense_step_ms=step_ms,
+            dense_step_ms=step.median_ms,
             sparse_step_ms=None,
-            end_to_end_ms=self.clock.once_ms(generate),
+            end_to_end_ms=end_to_end.median_ms,
             mac_fraction=1.0,
             peak_memory_bytes=_peak_memory(self.model.device),
+            spread=spread,
+            noisy=_is_noisy(spread),
         )
 
     def fisedit(
@@ -310,32 +345,44 @@ class ModelBench:
         mask_name: str,
         mask: torch.Tensor,
         k: int,
-        best_dense_ms: float,
+        dense_step: Timing,
         repeats: int,
     ) -> BenchRun:
+        """FISEdit's edit over `mask` after k dense steps, compared with `dense_step`."""
         params = EditParams(prompt=EDIT, mask_steps=k)
         # Timed like the dense baselines: after a warm-up that compiles what this mask needs.
         first = engine.run_edit(base, params, mask).report
         _reset_peak_memory(engine.model.device)
-        report = engine.run_edit(base, params, mask).report
-        sparse_ms = self.clock.ms(self.sparse_call(engine, base, mask), repeats=repeats)
+        reports = [
+            engine.run_edit(base, params, mask).report for _ in range(self.clock.end_to_end_repeats)
+        ]
+        report = reports[-1]
+        end_to_end = Timing.of([r.total_latency_s * 1000 for r in reports])
+        sparse = self.clock.ms(self.sparse_call(engine, base, mask), repeats=repeats)
         fraction = report.sparse_step_mac_fraction
+        spread = {
+            "dense_step": dense_step.spread,
+            "sparse_step": sparse.spread,
+            "end_to_end": end_to_end.spread,
+        }
         return BenchRun(
             model=self.name,
             method="fisedit",
             mask=mask_name,
             mask_ratio=report.mask_ratio,
             k=k,
-            dense_step_ms=best_dense_ms,
-            sparse_step_ms=sparse_ms,
-            end_to_end_ms=report.total_latency_s * 1000,
+            dense_step_ms=dense_step.median_ms,
+            sparse_step_ms=sparse.median_ms,
+            end_to_end_ms=end_to_end.median_ms,
             mac_fraction=report.mac_fraction,
             sparse_step_mac_fraction=fraction,
-            sparse_step_efficiency=best_dense_ms * fraction / sparse_ms,
+            sparse_step_efficiency=dense_step.median_ms * fraction / sparse.median_ms,
             cache_bytes=report.cache_bytes,
             peak_memory_bytes=_peak_memory(engine.model.device),
             first_edit_ms=first.total_latency_s * 1000,
             graph_capture_ms=report.graph_capture_s * 1000,
+            spread=spread,
+            noisy=_is_noisy(spread),
         )
 
 
@@ -364,22 +411,26 @@ def bench_model(
     errors: list[dict],
 ) -> tuple[list[BenchRun], list[LayerProfile]]:
     """Dense eager, dense compiled (optional) and FISEdit runs for one model shape, and a
-    per-layer profile of a dense and a sparse step at a 15% mask. A measurement that fails
-    is recorded in `errors` and the others go on."""
+    per-layer profile of a dense and a sparse step at a 15% mask. Each run is printed as it
+    finishes. A measurement that fails is recorded in `errors` and the others go on."""
     with tempfile.TemporaryDirectory() as workdir:
         model = _model(name, device, dtype, workdir)
     clock = Clock(model.device)
     bench = ModelBench(name, model, steps, clock)
+    print(TABLE_HEADER, flush=True)
     _reset_peak_memory(model.device)
-    runs = [bench.dense("dense-eager", model.unet, repeats)]
+    runs = _printed([bench.dense("dense-eager", model.unet, repeats)])
     if compile:
         _reset_peak_memory(model.device)
         compiled = torch.compile(model.unet, mode="reduce-overhead")
-        runs += _attempt(
-            errors, f"{name} dense-compiled", bench.dense, "dense-compiled", compiled, repeats
+        runs += _printed(
+            _attempt(
+                errors, f"{name} dense-compiled", bench.dense, "dense-compiled", compiled, repeats
+            )
         )
         torch._dynamo.reset()
-    best_dense_ms = min(run.dense_step_ms for run in runs)
+    best = min(runs, key=lambda run: run.dense_step_ms)
+    dense_step = Timing(best.dense_step_ms, best.spread["dense_step"])
     config = engine_config.model_copy(
         update={"device": device, "dtype": _dtype_name(dtype), "progress": False}
     )
@@ -391,8 +442,10 @@ def bench_model(
     cases += [("square-15", square_mask(side, 0.15), k) for k in (3, 10) if k < steps]
     for mask_name, mask, k in cases:
         what = f"{name} fisedit {mask_name} k={k}"
-        runs += _attempt(
-            errors, what, bench.fisedit, engine, base, mask_name, mask, k, best_dense_ms, repeats
+        runs += _printed(
+            _attempt(
+                errors, what, bench.fisedit, engine, base, mask_name, mask, k, dense_step, repeats
+            )
         )
     mask = square_mask(side, 0.15)
     layers = _attempt(
@@ -470,16 +523,34 @@ def plot(runs: list[BenchRun], path: Path, title: str) -> None:
     pyplot.close(figure)
 
 
-def print_table(runs: list[BenchRun]) -> None:
-    header = "model       method          mask          k  dense ms  sparse ms  e2e ms  MACs   eff"
-    print(header)
-    for r in runs:
-        sparse = f"{r.sparse_step_ms:9.2f}" if r.sparse_step_ms is not None else " " * 9
-        eff = f"{r.sparse_step_efficiency:5.2f}" if r.sparse_step_efficiency else ""
-        print(
-            f"{r.model:11} {r.method:15} {r.mask or '-':12} {r.k:2} {r.dense_step_ms:9.2f} "
-            f"{sparse}  {r.end_to_end_ms:7.1f} {r.mac_fraction:5.2f} {eff}"
-        )
+TABLE_HEADER = (
+    "model       method          mask          k  dense step ms    sparse step ms  "
+    "end-to-end ms     MACs   eff"
+)
+
+
+def table_row(run: BenchRun) -> str:
+    """One case: each time as median ± spread, and NOISY where comparisons are meaningless."""
+
+    def timing(ms: float | None, spread_key: str, width: int) -> str:
+        if ms is None:
+            return " " * (width + 6)
+        return f"{ms:{width}.1f} ±{run.spread.get(spread_key, 0.0):4.0%}"
+
+    eff = f"{run.sparse_step_efficiency:5.2f}" if run.sparse_step_efficiency else " " * 5
+    return (
+        f"{run.model:11} {run.method:15} {run.mask or '-':12} {run.k:2} "
+        f"{timing(run.dense_step_ms, 'dense_step', 9)}  "
+        f"{timing(run.sparse_step_ms, 'sparse_step', 9)}  "
+        f"{timing(run.end_to_end_ms, 'end_to_end', 9)}  "
+        f"{run.mac_fraction:5.2f} {eff}" + ("  NOISY" if run.noisy else "")
+    )
+
+
+def _printed(runs: list[BenchRun]) -> list[BenchRun]:
+    for run in runs:
+        print(table_row(run), flush=True)
+    return runs
 
 
 def run_benchmark(
@@ -513,7 +584,13 @@ def run_benchmark(
         for model_runs, model_layers in _attempt(errors, name, bench_model, *args):
             runs += model_runs
             layers += model_layers
-        print_table(runs)
         path = write_results(runs, layers, device, out, {**meta, "errors": errors})
+    noisy = sum(run.noisy for run in runs)
+    if noisy:
+        print(
+            f"{noisy} of {len(runs)} cases are NOISY: a timing varied by more than "
+            f"{NOISY_SPREAD:.0%} of its median between repeats, so their comparisons are not "
+            "meaningful; rerun them on a quiet machine"
+        )
     print(f"wrote {path} and {path.with_suffix('.png')}")
     return path

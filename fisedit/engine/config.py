@@ -71,12 +71,27 @@ class EditConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    mask_steps: int = Field(10, ge=1, description="Dense steps that capture the edited region (k).")
+    mask_steps: int | None = Field(
+        None,
+        ge=1,
+        description="Dense steps that capture the edited region (k); None follows the "
+        "session's steps (default_mask_steps: 10 of 50).",
+    )
     preserve_background: bool = Field(
         True, description="Keep pixels outside the dilated mask identical to the previous image."
     )
     seam_dilation: int = Field(8, ge=0, description="Image pixels the mask grows before blending.")
     seam_feather: int = Field(4, ge=0, description="Width in image pixels of the blended seam.")
+
+    def mask_steps_for(self, steps: int) -> int:
+        """k for a session of `steps` denoise steps."""
+        return default_mask_steps(steps) if self.mask_steps is None else self.mask_steps
+
+
+def default_mask_steps(steps: int) -> int:
+    """FISEdit's k: a fifth of the steps (10 of 50), at least 1. Sessions have at least 2
+    steps, so at least one sparse step remains."""
+    return max(1, steps // 5)
 
 
 class EngineConfig(BaseModel):
@@ -147,3 +162,22 @@ class EditParams(BaseModel):
     mask_steps: int = Field(
         10, ge=0, description="Dense steps before the sparse ones; without a mask they find it."
     )
+
+    @classmethod
+    def for_session(
+        cls, prompt: str, mask_steps: int | None, has_mask: bool, steps: int, edit: EditConfig
+    ) -> "EditParams":
+        """The request for an edit of a session of `steps` steps, checked against it.
+
+        `mask_steps` defaults to the configured k without a mask and to none with one."""
+        if mask_steps is None:
+            mask_steps = 0 if has_mask else edit.mask_steps_for(steps)
+        params = cls(prompt=prompt, mask_steps=mask_steps)
+        if mask_steps >= steps:
+            raise ValueError(
+                f"mask_steps ({mask_steps}) must be smaller than the session's "
+                f"steps ({steps}) so that sparse steps remain"
+            )
+        if not has_mask and mask_steps == 0:
+            raise ValueError("capturing the edited region needs mask_steps >= 1, or a mask")
+        return params

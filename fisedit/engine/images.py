@@ -6,32 +6,50 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+REGION_COLOUR = (255, 0, 0)
+"""Red: the pixels over the recomputed latent region, in an edit preview."""
+SEAM_COLOUR = (255, 255, 0)
+"""Yellow: the pixels of the blended seam around it."""
 
-def preserve_background(
-    edited: np.ndarray,
-    previous: np.ndarray,
-    mask: torch.Tensor,
-    dilation: int,
-    feather: int,
+
+def blend_weight(
+    mask: torch.Tensor, size: tuple[int, int], dilation: int, feather: int
 ) -> np.ndarray:
-    """Keeps `previous` outside the dilated, upsampled mask, bit for bit.
+    """Float [H, W] weight of the edited image in the composite for a latent `mask`.
 
-    Inside, `edited` shows through, blended over a seam `feather` pixels wide that ends at
-    the dilated mask's edge: the blend weight is a box blur of the mask grown by
-    `dilation - feather`, so it is exactly zero farther out than `dilation`.
+    It is 1 over the mask upsampled to `size` and falls to 0 over a seam `feather` pixels
+    wide that ends `dilation` pixels out: a box blur of the mask grown by
+    `dilation - feather`. Where it is 0 the previous image is kept bit for bit.
     """
-    height, width = edited.shape[:2]
-    region = F.interpolate(mask[None, None].float().cpu(), size=(height, width), mode="nearest")
+    region = F.interpolate(mask[None, None].float().cpu(), size=size, mode="nearest")
     core = max(dilation - feather, 0)
     if core:
         region = F.max_pool2d(region, 2 * core + 1, stride=1, padding=core)
-    weight = region
     if feather:
-        size = 2 * feather + 1
-        weight = F.avg_pool2d(region, size, stride=1, padding=feather, count_include_pad=False)
-    weight = weight[0, 0, :, :, None].numpy()
+        box = 2 * feather + 1
+        region = F.avg_pool2d(region, box, stride=1, padding=feather, count_include_pad=False)
+    return region[0, 0].numpy()
+
+
+def preserve_background(edited: np.ndarray, previous: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """`edited` blended over `previous` by `weight` (blend_weight); `previous` bit for bit
+    where the weight is 0."""
+    weight = weight[:, :, None]
     blended = np.rint(weight * edited + (1 - weight) * previous).astype(np.uint8)
     return np.where(weight > 0, blended, previous)
+
+
+def preview_edit(image: np.ndarray, mask: torch.Tensor, weight: np.ndarray) -> np.ndarray:
+    """The edited uint8 [H, W, 3] image with the recomputed latent `mask` (upsampled, nearest)
+    tinted 50% red and the rest of the pixels that may differ (weight > 0: the blended
+    seam) tinted 50% yellow."""
+    region = F.interpolate(mask[None, None].float().cpu(), size=image.shape[:2], mode="nearest")
+    region = region[0, 0].numpy() > 0
+    tint = np.zeros_like(image)
+    tint[weight > 0] = SEAM_COLOUR
+    tint[region] = REGION_COLOUR
+    blended = ((image.astype(np.uint16) + tint) // 2).astype(np.uint8)
+    return np.where((region | (weight > 0))[:, :, None], blended, image)
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:

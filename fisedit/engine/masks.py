@@ -13,7 +13,6 @@ from PIL import Image
 
 # OpenCV skips split points whose class weight is within FLT_EPSILON of 0 or 1.
 _FLT_EPSILON = float(np.finfo(np.float32).eps)
-_RED = np.array([255, 0, 0], dtype=np.uint16)
 
 
 def latent_difference(edited: torch.Tensor, cached: torch.Tensor) -> torch.Tensor:
@@ -134,7 +133,8 @@ def load_mask(
     Image files and PIL images are active above gray level 127; float arrays above 0.5; integer
     and bool arrays where nonzero. Arrays may carry a leading singleton dim, or a trailing
     channel dim (active where any channel is). A mask at image size (latent size * vae_scale)
-    is max-pooled, so a latent pixel is active if any image pixel under it is.
+    is max-pooled, so a latent pixel is active if any image pixel under it is. A mask with
+    no active pixel is an error: it would make a version equal to the previous one.
     """
     if isinstance(source, str | Path):
         mask = _read_image(Path(source))
@@ -153,14 +153,17 @@ def load_mask(
     if mask.dim() != 2:
         raise ValueError(f"mask must be 2-D (optionally with a channel dim), got shape {got}")
     image_hw = (latent_hw[0] * vae_scale, latent_hw[1] * vae_scale)
-    if got == tuple(latent_hw):
-        return mask
-    if got == image_hw:
-        return pool_mask(mask, latent_hw)
-    raise ValueError(
-        f"mask size {got} matches neither the latent size {tuple(latent_hw)} "
-        f"nor the image size {image_hw}"
-    )
+    if got not in (tuple(latent_hw), image_hw):
+        raise ValueError(
+            f"mask size {got} matches neither the latent size {tuple(latent_hw)} "
+            f"nor the image size {image_hw}"
+        )
+    if not mask.any():
+        raise ValueError(
+            "the mask is empty (no pixel above grey level 127, or no nonzero value): "
+            "it selects nothing to edit"
+        )
+    return mask if got == tuple(latent_hw) else pool_mask(mask, latent_hw)
 
 
 def pool_mask(mask: torch.Tensor, side: tuple[int, int]) -> torch.Tensor:
@@ -170,17 +173,3 @@ def pool_mask(mask: torch.Tensor, side: tuple[int, int]) -> torch.Tensor:
     if h % sh or w % sw:
         raise ValueError(f"mask size {(h, w)} is not a multiple of {(sh, sw)}")
     return mask.reshape(sh, h // sh, sw, w // sw).any(dim=3).any(dim=1)
-
-
-def overlay_mask(image: np.ndarray, mask: torch.Tensor) -> np.ndarray:
-    """Preview: blend masked pixels of a uint8 [H, W, 3] image 50% with red (rounded down).
-
-    The latent-size mask is upsampled to the image by nearest neighbour.
-    """
-    h, w = image.shape[:2]
-    small = mask.detach().cpu().numpy().astype(bool)
-    rows = np.arange(h) * small.shape[0] // h
-    cols = np.arange(w) * small.shape[1] // w
-    full = small[rows[:, None], cols[None, :]]
-    blended = ((image.astype(np.uint16) + _RED) // 2).astype(np.uint8)
-    return np.where(full[..., None], blended, image)

@@ -7,6 +7,7 @@ in the remaining steps and reads everything else from the previous version's cac
 
 import time
 import uuid
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from tqdm.auto import tqdm
 from fisedit.engine.cache import ActivationCache, HostPrefetcher, StepSlots
 from fisedit.engine.config import EditParams, EngineConfig, GenerationParams, SchedulerName
 from fisedit.engine.graphs import CapturedUNetStep
-from fisedit.engine.images import preserve_background
+from fisedit.engine.images import blend_weight, preserve_background
 from fisedit.engine.layers import MacCount, StepState, wrap_unet
 from fisedit.engine.masks import latent_difference, load_mask, target_area_capture
 from fisedit.engine.models import DiffusionModel, PromptEmbeddings, load_model
@@ -57,6 +58,15 @@ class StaleVersionError(ValueError):
     """An edit extends a version that is no longer the session's current one."""
 
 
+class NoChangeWarning(UserWarning):
+    """An edit's prompt encodes to the current version's text embeddings: the edit would
+    reproduce the current version, so it returns that version and makes no new one."""
+
+
+class UneditableSessionWarning(UserWarning):
+    """A generation's settings leave its edits no sparse steps: edits without a mask fail."""
+
+
 class EditReport(BaseModel):
     """What one generation or edit cost and what it changed."""
 
@@ -68,6 +78,9 @@ class EditReport(BaseModel):
     """Fraction of the latent the captured or supplied mask covers."""
     region_ratio: float
     """Fraction the sparse steps recompute: the mask grown to whole blocks."""
+    changed_pixel_ratio: float
+    """Fraction of image pixels that may differ from the previous version: the recomputed
+    region and the blended seam around it (every pixel without background preservation)."""
     dense_steps: int
     sparse_steps: int
     dense_macs: int
@@ -231,6 +244,16 @@ class Engine:
         truncated with a PromptTruncatedWarning, and the report says what was read.
         """
         params = self.filled_in(GenerationParams(prompt=prompt, **params))
+        mask_steps = self.config.edit.mask_steps_for(params.steps)
+        if mask_steps >= params.steps:
+            warnings.warn(
+                UneditableSessionWarning(
+                    f"EditConfig.mask_steps ({mask_steps}) is not smaller than steps "
+                    f"({params.steps}): edits of this session without a mask will fail; "
+                    "leave mask_steps unset to take a fifth of the steps"
+                ),
+                stacklevel=2,
+            )
         timer, macs = PhaseTimer(self.model.device), MacCount()
         with timer("text"):
             embeds = self.model.encode_for_guidance(params.prompt, params.negative_prompt)
@@ -247,6 +270,7 @@ class Engine:
             mask_source="none",
             mask_ratio=1.0,
             region_ratio=1.0,
+            changed_pixel_ratio=1.0,
             dense_steps=params.steps,
             sparse_steps=0,
             dense_macs=macs.dense,
@@ -303,6 +327,15 @@ class Engine:
         """Whether UNet calls are captured and replayed as CUDA graphs."""
         return self.config.cuda_graphs and self.model.device.type == "cuda"
 
+    def same_text_embeddings(self, prompt: str, other: str) -> bool:
+        """Whether two prompts condition the UNet identically (the text encoder may map
+        different strings, e.g. differing in case or spacing, to the same embeddings)."""
+        if prompt == other:
+            return True
+        first, second = (self.model.encode_prompts([p]) for p in (prompt, other))
+        same_pooled = first.pooled is None or torch.equal(first.pooled, second.pooled)
+        return same_pooled and torch.equal(first.hidden, second.hidden)
+
     def _steps(self, steps: range, label: str) -> Iterator[int]:
         return tqdm(steps, desc=label, disable=not self.config.progress, leave=False)
 
@@ -320,15 +353,9 @@ class Engine:
         mask after each (the edit the sparse steps approximate); "layers" runs every layer
         dense and pastes the previous version's cached maps outside each layer's region
         (what the sparse steps compute, done the slow way).
+        `params` must be valid for the session (EditParams.for_session).
         """
         base, generation, user_mask = session.current, session.params, mask
-        if params.mask_steps >= generation.steps:
-            raise ValueError(
-                f"mask_steps ({params.mask_steps}) must be smaller than the session's "
-                f"steps ({generation.steps}) so that sparse steps remain"
-            )
-        if mask is None and params.mask_steps == 0:
-            raise ValueError("capturing the edited region needs mask_steps >= 1, or a mask")
         timer, macs, sparse_macs = PhaseTimer(self.model.device), MacCount(), MacCount()
         with timer("text"):
             embeds = self.model.encode_for_guidance(params.prompt, generation.negative_prompt)
@@ -364,12 +391,12 @@ class Engine:
                     sparse_macs.add(step_macs.dense, step_macs.executed)
         with timer("decode"):
             image = self.model.decode(run.latents)
-        edit = self.config.edit
+        edit, changed_pixel_ratio = self.config.edit, 1.0
         if edit.preserve_background:
             with timer("compose"):
-                image = preserve_background(
-                    image, base.image, mask, edit.seam_dilation, edit.seam_feather
-                )
+                weight = blend_weight(mask, image.shape[:2], edit.seam_dilation, edit.seam_feather)
+                image = preserve_background(image, base.image, weight)
+            changed_pixel_ratio = float((weight > 0).mean())
         number = base.number + 1
         report = EditReport(
             version=number,
@@ -378,6 +405,7 @@ class Engine:
             mask_source="user" if user_mask is not None else "capture",
             mask_ratio=mask_ratio,
             region_ratio=float(mask.float().mean()),
+            changed_pixel_ratio=changed_pixel_ratio,
             dense_steps=dense_steps,
             sparse_steps=generation.steps - dense_steps,
             dense_macs=macs.dense,
@@ -438,8 +466,13 @@ class EditSession:
         never runs on stale state (StaleVersionError).
 
         `mask` (a PNG path, array or tensor, at latent or image size) replaces Target Area
-        Capture. `mask_steps` dense steps run first: by default the configured k without a
-        mask and none with one. On any error the session stays at its current version.
+        Capture. `mask_steps` dense steps run first: by default the configured k (a fifth of
+        the steps unless set) without a mask and none with one. On any error the session
+        stays at its current version.
+
+        A prompt with the current version's text embeddings changes nothing: the current
+        version itself is returned at once, no new version is made, and NoChangeWarning is
+        issued (compare the returned version's number with the one you extended).
         """
         if extends is not None and extends != self.version:
             raise StaleVersionError(
@@ -447,6 +480,16 @@ class EditSession:
                 "fetch the current version before editing"
             )
         params, user_mask = self._validate(prompt, mask, mask_steps)
+        if self.engine.same_text_embeddings(params.prompt, self.current.prompt):
+            warnings.warn(
+                NoChangeWarning(
+                    f"{params.prompt!r} has the same text embeddings as version "
+                    f"{self.version}'s prompt {self.current.prompt!r}: nothing to edit, "
+                    f"the session stays at version {self.version}"
+                ),
+                stacklevel=2,
+            )
+            return self.current
         version = self.engine.run_edit(self, params, user_mask)
         # Only the newest version keeps its cache; older ones keep image, mask and report.
         self.current.cache = None
@@ -471,11 +514,10 @@ class EditSession:
         return self.engine.run_edit(self, params, user_mask, reference=mode)
 
     def _validate(self, prompt: str, mask, mask_steps: int | None):
-        model = self.engine.model
-        default_steps = self.engine.config.edit.mask_steps
-        if mask_steps is None:
-            mask_steps = default_steps if mask is None else 0
-        params = EditParams(prompt=prompt, mask_steps=mask_steps)
+        model, config = self.engine.model, self.engine.config.edit
+        params = EditParams.for_session(
+            prompt, mask_steps, mask is not None, self.params.steps, config
+        )
         if mask is None:
             return params, None
         latent_hw = model.latent_shape_at(self.params.height, self.params.width)[1:]

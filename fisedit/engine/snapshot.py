@@ -144,6 +144,15 @@ def snapshot_versions(store: ObjectStore, session_id: str) -> list[int]:
     return sorted(versions)
 
 
+def delete_snapshot(store: ObjectStore, session_id: str, version: int) -> None:
+    """Removes a version's snapshot: its manifest first, so that no reader ever finds a
+    manifest whose shards are gone."""
+    prefix = _prefix(session_id, version)
+    store.delete(prefix + "manifest.json")
+    for key in store.list(prefix):
+        store.delete(key)
+
+
 def restore(
     engine: Engine, store: ObjectStore, session_id: str, version: int | None = None
 ) -> EditSession:

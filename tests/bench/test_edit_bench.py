@@ -7,7 +7,15 @@ import sys
 import pytest
 import torch
 
-from fisedit.bench.edit_bench import irregular_mask, run_benchmark, square_mask
+from fisedit.bench.edit_bench import (
+    NOISY_SPREAD,
+    BenchRun,
+    Timing,
+    irregular_mask,
+    run_benchmark,
+    square_mask,
+    table_row,
+)
 
 
 @pytest.mark.parametrize("ratio", [0.05, 0.15, 0.30])
@@ -23,9 +31,38 @@ def test_square_masks_are_aligned_to_blocks():
     assert rows[0] % 2 == 0 and len(rows) % 2 == 0
 
 
+def test_timings_are_medians_with_their_relative_spread():
+    assert Timing.of([10.0, 12.0, 11.0]) == Timing(11.0, 2 / 11)
+    assert Timing.of([5.0]) == Timing(5.0, 0.0)
+
+
+def _run(**spread: float) -> BenchRun:
+    noisy = any(value > NOISY_SPREAD for value in spread.values())
+    return BenchRun(
+        model="tiny", method="fisedit", mask="square-5", mask_ratio=0.05, k=0,
+        dense_step_ms=600.0, sparse_step_ms=200.0, end_to_end_ms=1000.0, mac_fraction=0.14,
+        spread=spread, noisy=noisy,
+    )  # fmt: skip
+
+
+def test_a_row_shows_each_spread_and_flags_a_noisy_case():
+    steady = table_row(_run(dense_step=0.02, sparse_step=0.1, end_to_end=0.05))
+    noisy = table_row(_run(dense_step=0.02, sparse_step=0.9, end_to_end=0.05))
+
+    assert "600.0 ±  2%" in steady and "200.0 ± 10%" in steady and "NOISY" not in steady
+    assert "200.0 ± 90%" in noisy and noisy.endswith("NOISY")
+
+
 def test_cpu_smoke_run_writes_well_formed_results(tmp_path):
     command = [sys.executable, "-m", "fisedit.cli", "bench", "--device", "cpu", "--tiny"]
-    subprocess.run([*command, "--out", str(tmp_path)], check=True, timeout=1200)
+    with subprocess.Popen(
+        [*command, "--out", str(tmp_path)], stdout=subprocess.PIPE, text=True
+    ) as bench:
+        # Each case is printed as it finishes: the first arrives while the others still run.
+        first_case = next(line for line in bench.stdout if line.startswith("tiny "))
+        still_running = bench.poll() is None
+        rest = bench.stdout.read()
+    assert bench.returncode == 0 and still_running and "dense-eager" in first_case
 
     (result,) = tmp_path.glob("cpu-*.json")
     assert result.with_suffix(".png").stat().st_size > 10_000
@@ -35,6 +72,13 @@ def test_cpu_smoke_run_writes_well_formed_results(tmp_path):
     assert data["channels_last"] is True and data["cuda_graphs"] is True
     assert data["errors"] == []
     runs = data["runs"]
+    assert len([line for line in rest.splitlines() if line.startswith("tiny ")]) == len(runs) - 1
+    for run in runs:  # medians with their spread, noisy exactly where a spread is too wide
+        sparse = {"sparse_step"} if run["method"] == "fisedit" else set()
+        expected = {"dense_step", "end_to_end"} | sparse
+        assert set(run["spread"]) == expected and all(v >= 0 for v in run["spread"].values())
+        assert run["noisy"] == any(v > NOISY_SPREAD for v in run["spread"].values())
+        assert run["spread"]["end_to_end"] > 0  # repeated on CPU
     assert {r["method"] for r in runs} == {"dense-eager", "fisedit"}
     assert all(r["model"] == "tiny" for r in runs)
     edits = [r for r in runs if r["method"] == "fisedit"]

@@ -12,7 +12,6 @@ from fisedit.engine.masks import (
     latent_difference,
     load_mask,
     otsu_threshold,
-    overlay_mask,
     pool_mask,
     target_area_capture,
 )
@@ -306,6 +305,12 @@ def test_load_mask_rejects_other_sizes_naming_both_accepted_sizes():
         load_mask(np.zeros((5, 5)), (4, 6), vae_scale=8)
 
 
+@pytest.mark.parametrize("shape", [(4, 6), (32, 48)], ids=["latent-size", "image-size"])
+def test_an_empty_mask_is_a_clear_error(shape):
+    with pytest.raises(ValueError, match="the mask is empty"):
+        load_mask(np.zeros(shape, dtype=np.uint8), (4, 6), vae_scale=8)
+
+
 def test_load_mask_reports_missing_and_unreadable_files(tmp_path):
     missing = tmp_path / "missing.png"
     broken = tmp_path / "broken.png"
@@ -337,20 +342,3 @@ def test_pool_mask_marks_a_cell_active_if_any_pixel_in_it_is():
 def test_pool_mask_rejects_sizes_that_do_not_divide():
     with pytest.raises(ValueError, match=re.escape("(4, 6) is not a multiple of (3, 3)")):
         pool_mask(torch.zeros(4, 6, dtype=torch.bool), (3, 3))
-
-
-# overlay_mask
-
-
-def test_overlay_mask_blends_masked_pixels_half_with_red():
-    image = np.zeros((4, 4, 3), dtype=np.uint8)
-    image[...] = (10, 20, 30)
-    mask = torch.tensor([[False, True], [False, False]])  # covers image rows 0-1, columns 2-3
-
-    preview = overlay_mask(image, mask)
-
-    assert preview.dtype == np.uint8
-    assert preview.shape == (4, 4, 3)
-    assert preview[1, 3].tolist() == [132, 10, 15]
-    assert preview[2, 0].tolist() == [10, 20, 30]
-    assert int((preview != image).any(axis=2).sum()) == 4

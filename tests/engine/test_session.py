@@ -11,9 +11,12 @@ from fisedit.engine import (
     Engine,
     EngineConfig,
     ModelLoadError,
+    NoChangeWarning,
     SparseConfig,
     StaleVersionError,
+    UneditableSessionWarning,
 )
+from fisedit.engine.config import EditParams
 from fisedit.engine.images import psnr
 from fisedit.engine.kernels.launch import interpreting
 from fisedit.engine.models import PromptTruncatedWarning
@@ -74,11 +77,13 @@ def test_full_mask_without_approximations_reproduces_the_dense_denoise(
     assert psnr(edit.image, dense.image) > 45
 
 
-def test_empty_mask_returns_the_previous_image_exactly(raw_engine):
+def test_empty_region_reproduces_the_previous_image_exactly(raw_engine):
+    """The engine underneath: sessions refuse empty user masks (test below)."""
     session = raw_engine.generate(CAT, steps=STEPS, seed=1)
     base_latents = session.current.cache.tensors["latents"]
+    params = EditParams(prompt=DOG, mask_steps=0)
 
-    edit = session.edit(DOG, mask=np.zeros((32, 32), dtype=bool))
+    edit = raw_engine.run_edit(session, params, torch.zeros(32, 32, dtype=torch.bool))
 
     assert np.array_equal(edit.image, session.history[0].image)
     assert torch.equal(edit.cache.tensors["latents"], base_latents)
@@ -119,6 +124,7 @@ def test_background_outside_the_dilated_mask_is_bit_identical(engine):
     dilated[32 - margin : 80 + margin, 40 - margin : 88 + margin] = True
     assert np.array_equal(edit.image[~dilated], previous[~dilated])
     assert not np.array_equal(edit.image[dilated], previous[dilated])
+    assert edit.report.changed_pixel_ratio == dilated.mean() == 64 * 64 / 128**2
 
 
 def test_captured_mask_is_sparse_and_accounted(engine):
@@ -181,11 +187,44 @@ def test_chained_edits_diff_against_the_previous_version(engine):
     assert [v.report.base_version for v in versions] == [0, 1, 2]
     assert session.version == 3 and session.prompts == [CAT, *prompts]
     assert session.history[:-1] and all(v.cache is None for v in session.history[:-1])
-    # Repeating the newest prompt finds nothing to change, because the edit diffs against
-    # version 3, not against the original generation.
-    again = session.edit(prompts[-1])
-    assert again.report.mask_ratio == 0.0
-    assert np.array_equal(again.image, versions[-1].image)
+    # Repeating the newest prompt changes nothing, because the edit diffs against version 3,
+    # not against the original generation: no new version.
+    with pytest.warns(NoChangeWarning, match="stays at version 3"):
+        again = session.edit(prompts[-1])
+    assert again is versions[-1] and session.version == 3
+
+
+def test_a_prompt_with_the_current_text_embeddings_makes_no_version(engine):
+    session = engine.generate(CAT, steps=STEPS, seed=7)
+    edit = session.edit(DOG, mask=_square())
+
+    # CLIP's tokenizer ignores case and extra spaces, so the embeddings are the same.
+    with pytest.warns(NoChangeWarning, match="same text embeddings as version 1"):
+        same = session.edit("A photo of a  DOG sitting on a bench ", mask=_square())
+
+    assert same is edit and session.version == 1 and len(session.history) == 2
+    assert session.edit(CAT).number == 2
+
+
+def test_mask_steps_follow_the_steps_unless_set(tiny_model_dir):
+    engine = Engine.from_pretrained(tiny_model_dir, EngineConfig(progress=False))
+
+    short = engine.generate(CAT, steps=4, seed=1).edit(DOG)
+    default = engine.generate(CAT, steps=10, seed=1).edit(DOG)
+
+    assert engine.config.edit.mask_steps is None
+    assert (short.report.dense_steps, short.report.sparse_steps) == (1, 3)
+    assert (default.report.dense_steps, default.report.sparse_steps) == (2, 8)
+    assert EditConfig().mask_steps_for(50) == 10 and EditConfig().mask_steps_for(2) == 1
+
+
+def test_a_set_k_that_leaves_no_sparse_steps_is_warned_at_generate_time(engine):
+    with pytest.warns(UneditableSessionWarning, match=r"mask_steps \(4\) is not smaller"):
+        session = engine.generate(CAT, steps=K, seed=1)
+
+    with pytest.raises(ValueError, match="must be smaller than the session's steps"):
+        session.edit(DOG)
+    assert session.edit(DOG, mask=_square()).number == 1
 
 
 def test_an_edit_of_a_stale_version_is_refused(engine):
@@ -210,6 +249,7 @@ def _state(session):
         ({"prompt": DOG, "mask_steps": STEPS}, "must be smaller than the session's steps"),
         ({"prompt": DOG, "mask_steps": 0}, "needs mask_steps >= 1, or a mask"),
         ({"prompt": DOG, "mask": np.ones((31, 32))}, "matches neither the latent size"),
+        ({"prompt": DOG, "mask": np.zeros((32, 32))}, "the mask is empty"),
         ({"prompt": DOG, "mask": "/no/such/mask.png"}, "no/such/mask.png"),
     ],
 )

@@ -9,6 +9,7 @@ from fisedit.engine.recipe import ModelMismatchError, rebuild, recipe_of
 from fisedit.engine.snapshot import (
     Manifest,
     SnapshotError,
+    delete_snapshot,
     restore,
     snapshot,
     snapshot_versions,
@@ -136,6 +137,19 @@ def test_restore_takes_the_newest_complete_version(engine, local_store):
         restore(engine, local_store, session.id, version=2)
     with pytest.raises(SnapshotError, match="no complete snapshot of session 'nobody'"):
         restore(engine, local_store, "nobody")
+
+
+def test_a_deleted_snapshot_leaves_the_other_versions(engine, local_store):
+    session = engine.generate(CAT, steps=STEPS, seed=14)
+    snapshot(session, local_store)
+    session.edit(DOG)
+    snapshot(session, local_store)
+
+    delete_snapshot(local_store, session.id, 0)
+
+    assert local_store.list(f"sessions/{session.id}/v0/") == []
+    assert snapshot_versions(local_store, session.id) == [1]
+    assert restore(engine, local_store, session.id).prompts == [CAT, DOG]
 
 
 def _shard_key(store, session) -> str:
