@@ -24,11 +24,13 @@ class StoreConfig(BaseModel):
     endpoint_url: str | None = Field(None, description="S3 endpoint (MinIO, Ceph); None for AWS.")
     region: str | None = None
 
-    def open(self) -> ObjectStore:
-        if not self.url.startswith("s3://"):
-            return open_store(self.url)
+    def open(self, prefix: str = "") -> ObjectStore:
+        """The store, or the part of it under `prefix` (keys then start below it)."""
+        url = f"{self.url.rstrip('/')}/{validate_key(prefix)}" if prefix else self.url
+        if not url.startswith("s3://"):
+            return open_store(url)
         options = {"endpoint_url": self.endpoint_url, "region": self.region}
-        return open_store(self.url, **{k: v for k, v in options.items() if v is not None})
+        return open_store(url, **{k: v for k, v in options.items() if v is not None})
 
 
 class WorkerResources(BaseModel):
@@ -50,6 +52,13 @@ class QueueLimits(BaseModel):
     max_pending_jobs: int = Field(1000, ge=1, description="Queued plus running jobs.")
     max_running_jobs: int = Field(8, ge=1, description="Jobs whose edits run concurrently.")
     max_edits_per_job: int = Field(100, ge=1)
+    migrate_above: int | None = Field(
+        None,
+        ge=0,
+        description="Bounded load: an edit moves its session off a holder with more calls in "
+        "flight than this, to a less-loaded worker, if the session's current version has a "
+        "snapshot (so the move costs one restore). None: sessions never move while alive.",
+    )
 
 
 class RetryPolicy(BaseModel):
