@@ -15,6 +15,7 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Literal, TypeVar
 
@@ -144,6 +145,7 @@ class JobQueue:
         self._slots: asyncio.Semaphore | None = None
         self._resumed: asyncio.Task | None = None
         self._router_handle = None
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="job-records")
 
     async def submit(self, spec: ChainSpec) -> str:
         """Queues a job; returns its id (an existing job's, for a known idempotency key)."""
@@ -155,16 +157,24 @@ class JobQueue:
             session_id, base_version = job_id, 0
         else:
             session_id, base_version = spec.session_id, await self._version(spec.session_id)
-        if spec.idempotency_key is not None:
-            by_key = f"jobs/by-key/{spec.idempotency_key}"
-            try:
-                self.store.put(by_key, job_id.encode(), create_only=True)
-            except ObjectExistsError:
-                return self.store.get(by_key).decode()
         record = JobRecord(
             job_id=job_id, spec=spec, session_id=session_id, base_version=base_version
         )
-        self._event(record, "queued")
+        record.events.append(JobEvent(at=time.time(), kind="queued"))
+        by_key = spec.idempotency_key and f"jobs/by-key/{spec.idempotency_key}"
+        if by_key:
+            try:
+                await asyncio.to_thread(self.store.put, by_key, job_id.encode(), create_only=True)
+            except ObjectExistsError:
+                return (await asyncio.to_thread(self.store.get, by_key)).decode()
+        try:
+            # Durable before the caller learns the id: a restarted queue then still has it.
+            data = record.model_dump_json().encode()
+            await asyncio.to_thread(self.store.put, f"jobs/{job_id}.json", data)
+        except BaseException:
+            if by_key:
+                await asyncio.to_thread(self.store.delete, by_key)
+            raise
         self._start(record)
         return job_id
 
@@ -218,7 +228,6 @@ class JobQueue:
 
     def _start(self, record: JobRecord) -> None:
         self.jobs[record.job_id] = record
-        self._save(record)
         self._tasks[record.job_id] = asyncio.ensure_future(self._run(record))
 
     async def _run(self, record: JobRecord) -> None:
@@ -295,12 +304,17 @@ class JobQueue:
         self._event(record, state, message=message)
 
     def _save(self, record: JobRecord) -> None:
+        """Writes the record in the background, in order, off the event loop."""
+        key, data = f"jobs/{record.job_id}.json", record.model_dump_json().encode()
+        self._writer.submit(self._write, key, data)
+
+    def _write(self, key: str, data: bytes) -> None:
         # Best effort: while the store is down the record lives on here and is saved with
         # its next change; edits themselves are committed by the workers.
         try:
-            self.store.put(f"jobs/{record.job_id}.json", record.model_dump_json().encode())
+            self.store.put(key, data)
         except TRANSIENT as error:
-            log.warning("job %s: record not saved (%s)", record.job_id, error)
+            log.warning("%s not saved: %s", key, error)
 
     async def _ready(self) -> None:
         if self._resumed is None:
@@ -309,16 +323,20 @@ class JobQueue:
 
     async def _resume(self) -> None:
         """Loads every stored job; unfinished ones run again from their last result."""
-        for key in self.store.list("jobs/"):
-            if key.count("/") != 1 or not key.endswith(".json"):
-                continue
-            try:
-                record = JobRecord.model_validate_json(self.store.get(key))
-            except (ObjectNotFoundError, ValueError) as error:
-                log.warning("skipping unreadable job record %s: %s", key, error)
-                continue
+        for record in await asyncio.to_thread(self._stored_jobs):
             if record.state in FINISHED:
                 self.jobs[record.job_id] = record
             else:
                 record.state = "queued"
                 self._start(record)
+
+    def _stored_jobs(self) -> list[JobRecord]:
+        records = []
+        for key in self.store.list("jobs/"):
+            if key.count("/") != 1 or not key.endswith(".json"):
+                continue
+            try:
+                records.append(JobRecord.model_validate_json(self.store.get(key)))
+            except (ObjectNotFoundError, ValueError) as error:
+                log.warning("skipping unreadable job record %s: %s", key, error)
+        return records

@@ -44,7 +44,11 @@ class Placement:
 
 
 class SessionRouter:
-    """The Ray actor (named, see `service.deploy`) that sends each session's calls to its holder."""
+    """The Ray actor (named, see `service.deploy`) that sends each session's calls to its holder.
+
+    Store calls run in threads: a slow or unreachable store must not stall the event loop
+    that answers every other session.
+    """
 
     def __init__(self, config: ServiceConfig) -> None:
         self.config = config
@@ -63,7 +67,7 @@ class SessionRouter:
         await self._ready()
         session_id = check_session_id(session_id or uuid.uuid4().hex)
         async with self._locks[session_id]:
-            committed = stored_result(self.store, session_id, 0)
+            committed = await asyncio.to_thread(stored_result, self.store, session_id, 0)
             if committed is not None:
                 return committed
             result = await self._dispatch(None, "generate", session_id, params)
@@ -79,7 +83,7 @@ class SessionRouter:
         """
         await self._ready()
         async with self._locks[session_id]:
-            placement = self._placement(session_id)
+            placement = await self._placement(session_id)
             if request.extends is not None and request.extends != placement.version:
                 raise StaleVersionError(
                     f"session {session_id} is at version {placement.version}, not "
@@ -99,7 +103,7 @@ class SessionRouter:
         """Has the holder snapshot the session's current version; returns the manifest key."""
         await self._ready()
         async with self._locks[session_id]:
-            placement = self._placement(session_id)
+            placement = await self._placement(session_id)
             if placement.worker_id is None:
                 raise UnknownSessionError(f"session {session_id!r} is held by no worker")
             return await self._dispatch(placement, "snapshot", session_id)
@@ -107,26 +111,26 @@ class SessionRouter:
     async def version(self, session_id: str) -> int:
         """The session's newest committed version."""
         await self._ready()
-        return self._placement(session_id).version
+        return (await self._placement(session_id)).version
 
     async def history(self, session_id: str) -> list[EditResult]:
         """Every committed version of the session, oldest first."""
-        versions = committed_versions(self.store, check_session_id(session_id))
+        return await asyncio.to_thread(self._history, check_session_id(session_id))
+
+    def _history(self, session_id: str) -> list[EditResult]:
+        versions = committed_versions(self.store, session_id)
         if not versions:
             raise UnknownSessionError(f"unknown session {session_id!r}")
         return [stored_result(self.store, session_id, v) for v in versions]
 
     async def result(self, session_id: str, version: int) -> EditResult | None:
-        return stored_result(self.store, check_session_id(session_id), version)
+        return await asyncio.to_thread(
+            stored_result, self.store, check_session_id(session_id), version
+        )
 
     async def read(self, key: str) -> bytes:
         """An object of this tenant's part of the store (an image, mask or report)."""
-        return self.store.get(validate_key(key))
-
-    async def placement(self, session_id: str) -> tuple[str | None, int]:
-        await self._ready()
-        placement = self._placement(session_id)
-        return placement.worker_id, placement.version
+        return await asyncio.to_thread(self.store.get, validate_key(key))
 
     async def stats(self) -> dict:
         await self._ready()
@@ -144,7 +148,8 @@ class SessionRouter:
         limit, holder = self.config.queue.migrate_above, placement.worker_id
         if limit is None or holder is None or self.in_flight[holder] <= limit:
             return placement
-        if placement.version not in snapshot_versions(self.store, session_id):
+        snapshots = await asyncio.to_thread(snapshot_versions, self.store, session_id)
+        if placement.version not in snapshots:
             return placement
         try:
             target = await self._least_loaded(exclude={holder})
@@ -155,10 +160,10 @@ class SessionRouter:
         self.migrations += 1
         return Placement(target, placement.version)
 
-    def _placement(self, session_id: str) -> Placement:
+    async def _placement(self, session_id: str) -> Placement:
         placement = self.placements.get(check_session_id(session_id))
         if placement is None:
-            versions = committed_versions(self.store, session_id)
+            versions = await asyncio.to_thread(committed_versions, self.store, session_id)
             if not versions:
                 raise UnknownSessionError(f"unknown session {session_id!r}")
             placement = self.placements[session_id] = Placement(None, versions[-1])
@@ -181,7 +186,9 @@ class SessionRouter:
                 self._lost(worker_id, error)
                 if placement is not None:
                     # It may have committed before it died: then that is the result.
-                    committed = stored_result(self.store, session_id, placement.version + 1)
+                    committed = await asyncio.to_thread(
+                        stored_result, self.store, session_id, placement.version + 1
+                    )
                     if committed is not None:
                         return committed
                     placement = Placement(None, placement.version)

@@ -2,6 +2,7 @@
 affinity, stale versions, bad input, jobs, idempotency, cancellation, and failover."""
 
 import io
+import time
 import uuid
 
 import numpy as np
@@ -258,6 +259,47 @@ def test_a_chain_on_s3_leaves_its_record_and_images_in_the_bucket(
     keys = {item["Key"].removeprefix(f"{prefix}/tenants/local/") for item in listing["Contents"]}
     assert f"jobs/{job}.json" in keys
     assert {record.results[0].image_key, record.results[0].recipe_key} <= keys
+
+
+def _serve_s3(port: int):
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    return server
+
+
+def test_jobs_ride_out_a_store_outage_without_losing_or_repeating_an_edit(
+    ray_cluster, tiny_model_dir
+):
+    import boto3
+
+    server = _serve_s3(0)
+    port = server.get_host_and_port()[1]
+    endpoint = f"http://127.0.0.1:{port}"
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="outage")
+    # Short S3 timeouts: requests on connections the stopped server leaves open fail fast.
+    store = StoreConfig(
+        url="s3://outage/x", endpoint_url=endpoint, max_attempts=2, read_timeout_s=2
+    )
+    config = _config(tiny_model_dir, store, 1)
+    deploy.start(config)
+    try:
+        client = Client(config=config, timeout_s=TIMEOUT)
+        job = client.submit_chain(_chain(CHAIN[:3], seed=17))
+        client.wait(job, timeout=TIMEOUT, until=lambda r: bool(r.results))
+        server.stop()
+        server._server.server_close()  # refuse connections instead of leaving them hanging
+        time.sleep(3)
+        server = _serve_s3(port)  # moto keeps the bucket's objects in this process
+        record = client.wait(job, timeout=TIMEOUT)
+        history = client.history(record.session_id)
+    finally:
+        deploy.stop(config)
+        server.stop()
+
+    assert record.state == "succeeded" and [r.version for r in record.results] == [1, 2, 3]
+    assert [r.version for r in history] == [0, 1, 2, 3]
 
 
 def test_a_chain_survives_the_death_of_its_worker_with_identical_images(client, config):
