@@ -32,9 +32,13 @@ def start(config: ServiceConfig) -> None:
         .remote(config, worker_name(index))
         for index in range(config.workers)
     ]
-    for name, actor in ((ROUTER, SessionRouter), (JOB_QUEUE, JobQueue)):
+    router, queue = (
         ray.remote(actor).options(name=name, num_cpus=0, max_restarts=-1, **common).remote(config)
-    ray.get([worker.health.remote() for worker in workers], timeout=config.call_timeout_s)
+        for name, actor in ((ROUTER, SessionRouter), (JOB_QUEUE, JobQueue))
+    )
+    # The router maps what the workers hold, the queue resumes unfinished jobs.
+    ready = [*(worker.health.remote() for worker in workers), router.stats.remote()]
+    ray.get([*ready, queue.list_jobs.remote()], timeout=config.call_timeout_s)
 
 
 def stop(config: ServiceConfig) -> None:

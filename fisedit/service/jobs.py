@@ -29,7 +29,7 @@ from fisedit.service.config import ServiceConfig
 from fisedit.service.names import ROUTER
 from fisedit.service.results import EditRequest, EditResult, EditSpec, check_session_id
 from fisedit.service.router import NoWorkerError
-from fisedit.storage import ObjectExistsError, ObjectNotFoundError, StorageError, validate_key
+from fisedit.storage import ObjectExistsError, ObjectNotFoundError, StorageError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -135,7 +135,11 @@ def _cause(error: BaseException) -> BaseException:
 
 
 class JobQueue:
-    """The Ray actor (named, see `service.deploy`) that runs edit-chain jobs through the router."""
+    """The Ray actor (named, see `service.deploy`) that runs edit-chain jobs through the router.
+
+    After a (re)start it loads the stored jobs on its first call and resumes the unfinished
+    ones; `deploy.start` makes that call.
+    """
 
     def __init__(self, config: ServiceConfig) -> None:
         self.config = config
@@ -216,9 +220,6 @@ class JobQueue:
         pending = sum(r.state not in FINISHED for r in self.jobs.values())
         if pending >= self.config.queue.max_pending_jobs:
             raise QueueFullError(f"the queue holds {pending} pending jobs, its maximum")
-        for edit in spec.edits:
-            if edit.mask_key is not None:
-                validate_key(edit.mask_key)
 
     def _record(self, job_id: str) -> JobRecord:
         try:
@@ -246,9 +247,9 @@ class JobQueue:
                 self._finish(record, "failed", record.error)
 
     async def _steps(self, record: JobRecord) -> None:
-        router, spec = self._router(), record.spec
+        spec = record.spec
         if spec.session_id is None and record.generated is None:
-            generate = partial(router.generate.remote, spec.generation(), record.session_id)
+            generate = partial(self._generate, spec.generation(), record.session_id)
             record.generated = await self._retrying(record, None, generate)
             self._event(record, "generated", version=record.generated.version)
         for index in range(len(record.results), len(spec.edits)):
@@ -261,6 +262,9 @@ class JobQueue:
             record.results.append(result)
             self._event(record, "edited", index, version=result.version)
         self._finish(record, "succeeded")
+
+    async def _generate(self, params: GenerationParams, session_id: str) -> EditResult:
+        return await self._router().generate.remote(params, session_id)
 
     async def _edit(self, session_id: str, version: int, edit: EditSpec) -> EditResult:
         """Makes `version` of the session with `edit`, unless a try before already did."""

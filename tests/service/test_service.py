@@ -240,27 +240,6 @@ def test_a_restarted_job_queue_resumes_its_jobs_without_repeating_an_edit(client
     assert [r.version for r in client.history(record.session_id)] == [0, 1, 2, 3]
 
 
-def test_a_chain_on_s3_leaves_its_record_and_images_in_the_bucket(
-    ray_cluster, tiny_model_dir, s3_endpoint, s3_client
-):
-    prefix = f"service-{uuid.uuid4().hex[:8]}"
-    store = StoreConfig(url=f"s3://fisedit-test/{prefix}", endpoint_url=s3_endpoint)
-    config = _config(tiny_model_dir, store, workers=1)
-    deploy.start(config)
-    try:
-        client = Client(config=config, timeout_s=TIMEOUT)
-        job = client.submit_chain(_chain(CHAIN[:1]))
-        record = client.wait(job, timeout=TIMEOUT)
-    finally:
-        deploy.stop(config)
-
-    assert record.state == "succeeded"
-    listing = s3_client.list_objects_v2(Bucket="fisedit-test", Prefix=f"{prefix}/tenants/local/")
-    keys = {item["Key"].removeprefix(f"{prefix}/tenants/local/") for item in listing["Contents"]}
-    assert f"jobs/{job}.json" in keys
-    assert {record.results[0].image_key, record.results[0].recipe_key} <= keys
-
-
 def _serve_s3(port: int):
     from moto.server import ThreadedMotoServer
 
@@ -269,7 +248,7 @@ def _serve_s3(port: int):
     return server
 
 
-def test_jobs_ride_out_a_store_outage_without_losing_or_repeating_an_edit(
+def test_a_chain_on_s3_rides_out_a_store_outage_without_losing_or_repeating_an_edit(
     ray_cluster, tiny_model_dir
 ):
     import boto3
@@ -277,7 +256,8 @@ def test_jobs_ride_out_a_store_outage_without_losing_or_repeating_an_edit(
     server = _serve_s3(0)
     port = server.get_host_and_port()[1]
     endpoint = f"http://127.0.0.1:{port}"
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="outage")
+    bucket = boto3.client("s3", endpoint_url=endpoint)
+    bucket.create_bucket(Bucket="outage")
     # Short S3 timeouts: requests on connections the stopped server leaves open fail fast.
     store = StoreConfig(
         url="s3://outage/x", endpoint_url=endpoint, max_attempts=2, read_timeout_s=2
@@ -294,12 +274,16 @@ def test_jobs_ride_out_a_store_outage_without_losing_or_repeating_an_edit(
         server = _serve_s3(port)  # moto keeps the bucket's objects in this process
         record = client.wait(job, timeout=TIMEOUT)
         history = client.history(record.session_id)
+        listing = bucket.list_objects_v2(Bucket="outage", Prefix="x/tenants/local/")["Contents"]
     finally:
         deploy.stop(config)
         server.stop()
 
     assert record.state == "succeeded" and [r.version for r in record.results] == [1, 2, 3]
     assert [r.version for r in history] == [0, 1, 2, 3]
+    keys = {item["Key"].removeprefix("x/tenants/local/") for item in listing}
+    assert f"jobs/{job}.json" in keys
+    assert {key for r in record.results for key in (r.image_key, r.recipe_key)} <= keys
 
 
 def test_a_chain_survives_the_death_of_its_worker_with_identical_images(client, config):
