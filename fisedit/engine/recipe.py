@@ -74,9 +74,38 @@ def rebuild(engine: Engine, recipe: SessionRecipe) -> EditSession:
     session = engine.generate(params.pop("prompt"), **params)
     session.id = recipe.session_id
     for edit in recipe.edits:
-        mask = None if edit.user_mask is None else edit.user_mask.unpack()
-        session.edit(edit.params.prompt, mask=mask, mask_steps=edit.params.mask_steps)
+        _apply(session, edit)
     return session
+
+
+def replay(session: EditSession, recipe: SessionRecipe) -> int:
+    """Brings a session (e.g. restored from an older snapshot) up to its recipe by running
+    only the edits after its current version: a partial rebuild. Returns how many ran.
+
+    Raises ValueError if the recipe is of another session, is older than the session, or
+    records other edits than the session's history.
+    """
+    if recipe.session_id != session.id:
+        raise ValueError(f"recipe of session {recipe.session_id!r} cannot replay {session.id!r}")
+    check_model(session.engine, recipe)
+    if session.version > len(recipe.edits):
+        raise ValueError(
+            f"session {session.id!r} is at version {session.version}, newer than its recipe "
+            f"(version {len(recipe.edits)})"
+        )
+    made = [v.edit for v in session.history[1:]]
+    recorded = [edit.params for edit in recipe.edits[: session.version]]
+    if session.params != recipe.params or made != recorded:
+        raise ValueError(f"session {session.id!r} has another history than its recipe")
+    later = recipe.edits[session.version :]
+    for edit in later:
+        _apply(session, edit)
+    return len(later)
+
+
+def _apply(session: EditSession, edit: RecipeEdit) -> None:
+    mask = None if edit.user_mask is None else edit.user_mask.unpack()
+    session.edit(edit.params.prompt, mask=mask, mask_steps=edit.params.mask_steps)
 
 
 def check_model(engine: Engine, recipe: SessionRecipe) -> None:

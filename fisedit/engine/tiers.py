@@ -5,13 +5,14 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from fisedit.engine.recipe import SessionRecipe, rebuild, recipe_of
+from fisedit.engine.recipe import SessionRecipe, rebuild, recipe_of, replay
 from fisedit.engine.session import EditSession, Engine, Version
-from fisedit.engine.snapshot import restore, snapshot
+from fisedit.engine.snapshot import SnapshotError, restore, snapshot, snapshot_versions
 from fisedit.storage import ObjectStore
 
 Tier = Literal["device", "host", "store", "recipe"]
 TIERS: tuple[Tier, ...] = ("device", "host", "store", "recipe")
+AdoptPath = Literal["restore", "restore+replay", "rebuild"]
 
 
 class TierConfig(BaseModel):
@@ -54,10 +55,26 @@ class SessionPool:
         self._tier: dict[str, Tier] = {}
         self._recipes: dict[str, SessionRecipe] = {}
 
-    def generate(self, prompt: str, **params) -> EditSession:
+    def generate(self, prompt: str, session_id: str | None = None, **params) -> EditSession:
         session = self.engine.generate(prompt, **params)
+        if session_id is not None:
+            session.id = session_id
         self._admit(session)
         return session
+
+    def adopt(self, recipe: SessionRecipe) -> tuple[EditSession, AdoptPath]:
+        """Takes over a session another engine lost (see `adopt`), replacing any copy here."""
+        self.drop(recipe.session_id)
+        session, path = adopt(self.engine, recipe, self.store)
+        self._admit(session)
+        return session, path
+
+    def __contains__(self, session_id: str) -> bool:
+        return session_id in self._tier
+
+    @property
+    def session_ids(self) -> list[str]:
+        return list(self._tier)
 
     def edit(self, session_id: str, prompt: str, **options) -> Version:
         """Edits a session wherever it lives; its new version is on the device.
@@ -154,3 +171,23 @@ class SessionPool:
         else:
             self._recipes[session_id] = recipe_of(session)
             self._tier[session_id] = "recipe"
+
+
+def adopt(
+    engine: Engine, recipe: SessionRecipe, store: ObjectStore | None = None
+) -> tuple[EditSession, AdoptPath]:
+    """Recreates a session at its recipe's version as cheaply as the store allows.
+
+    The newest complete snapshot no newer than the recipe is restored and only the edits
+    after it are replayed; without a usable snapshot the whole recipe is recomputed. Every
+    path gives the same session, bit for bit; the returned path says which one ran.
+    """
+    newest = len(recipe.edits)
+    versions = snapshot_versions(store, recipe.session_id) if store is not None else []
+    for version in reversed([v for v in versions if v <= newest]):
+        try:
+            session = restore(engine, store, recipe.session_id, version)
+        except SnapshotError:
+            continue  # a damaged snapshot: an older one, or the recipe, still works
+        return session, "restore+replay" if replay(session, recipe) else "restore"
+    return rebuild(engine, recipe), "rebuild"

@@ -23,12 +23,17 @@ class StoreConfig(BaseModel):
     url: str = Field("fisedit-store", description="Directory, file:/// URL or s3://bucket/prefix.")
     endpoint_url: str | None = Field(None, description="S3 endpoint (MinIO, Ceph); None for AWS.")
     region: str | None = None
+    max_attempts: int | None = Field(None, ge=1, description="S3 tries per request.")
+    read_timeout_s: float | None = Field(None, gt=0, description="S3 read timeout.")
 
-    def open(self) -> ObjectStore:
-        if not self.url.startswith("s3://"):
-            return open_store(self.url)
-        options = {"endpoint_url": self.endpoint_url, "region": self.region}
-        return open_store(self.url, **{k: v for k, v in options.items() if v is not None})
+    def open(self, prefix: str = "") -> ObjectStore:
+        """The store, or the part of it under `prefix` (keys then start below it).
+        S3 options left at None keep the S3 backend's defaults."""
+        url = f"{self.url.rstrip('/')}/{validate_key(prefix)}" if prefix else self.url
+        if not url.startswith("s3://"):
+            return open_store(url)
+        options = self.model_dump(exclude={"url"}, exclude_none=True)
+        return open_store(url, **options)
 
 
 class WorkerResources(BaseModel):
@@ -50,6 +55,13 @@ class QueueLimits(BaseModel):
     max_pending_jobs: int = Field(1000, ge=1, description="Queued plus running jobs.")
     max_running_jobs: int = Field(8, ge=1, description="Jobs whose edits run concurrently.")
     max_edits_per_job: int = Field(100, ge=1)
+    migrate_above: int | None = Field(
+        None,
+        ge=0,
+        description="Bounded load: an edit moves its session off a holder with more calls in "
+        "flight than this, to a less-loaded worker, if the session's current version has a "
+        "snapshot (so the move costs one restore). None: sessions never move while alive.",
+    )
 
 
 class RetryPolicy(BaseModel):

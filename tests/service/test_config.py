@@ -57,7 +57,9 @@ def test_backoff_grows_to_its_cap():
 
 def test_store_config_opens_local_and_s3_stores(tmp_path, s3_endpoint):
     assert isinstance(StoreConfig(url=str(tmp_path)).open(), LocalObjectStore)
-    store = StoreConfig(url="s3://fisedit-test/service", endpoint_url=s3_endpoint).open()
-    assert isinstance(store, S3ObjectStore)
+    config = StoreConfig(url="s3://fisedit-test/service", endpoint_url=s3_endpoint, max_attempts=2)
+    store = config.open()
+    assert isinstance(store, S3ObjectStore) and store.config.max_attempts == 2
+    assert config.open("tenants/local").url == "s3://fisedit-test/service/tenants/local"
     store.put("probe", b"x")
     assert store.get("probe") == b"x"

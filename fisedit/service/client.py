@@ -1,0 +1,135 @@
+"""The Python client: edit-chain jobs and interactive edits, from a Ray driver or Ray Client.
+
+client = Client("auto")                       # a driver on the cluster (or a GCS address)
+client = Client("ray://head:10001")           # Ray Client, from another machine
+job = client.submit_chain({"prompt": "a cat", "edits": [{"prompt": "a dog"}]})
+record = client.wait(job, timeout=600)
+"""
+
+import time
+from collections.abc import Callable
+
+import ray
+from ray.exceptions import RayActorError
+
+from fisedit.engine.config import GenerationParams
+from fisedit.engine.session import StaleVersionError
+from fisedit.service.config import ServiceConfig
+from fisedit.service.jobs import FINISHED, ChainSpec, JobRecord, JobState
+from fisedit.service.names import JOB_QUEUE, ROUTER
+from fisedit.service.results import EditRequest, EditResult
+
+
+class Client:
+    """Talks to a running service's router and job queue (found by name in its namespace).
+
+    `address`: "auto" or a GCS address joins a running cluster, "ray://host:port" goes
+    through Ray Client, None starts a local Ray. An already connected driver is reused.
+    Errors raised in the service (StaleVersionError, bad input) arrive as those types.
+    """
+
+    def __init__(
+        self,
+        address: str | None = "auto",
+        config: ServiceConfig | None = None,
+        timeout_s: float | None = None,
+    ) -> None:
+        self.config = config or ServiceConfig()
+        self.timeout_s = timeout_s or self.config.call_timeout_s
+        if not ray.is_initialized():
+            ray.init(address=address, namespace=self.config.namespace)
+        self._actors: dict[str, ray.actor.ActorHandle] = {}
+
+    def _call(self, actor: str, method: str, *args):
+        """Calls a service actor, retrying while it restarts (per the config's policy)."""
+        policy = self.config.retry
+        for retry in range(policy.attempts):
+            if retry:
+                time.sleep(policy.delay(retry))
+            try:
+                if actor not in self._actors:
+                    self._actors[actor] = ray.get_actor(actor, namespace=self.config.namespace)
+                ref = getattr(self._actors[actor], method).remote(*args)
+                return ray.get(ref, timeout=self.timeout_s)
+            except RayActorError:
+                self._actors.pop(actor, None)  # it may come back as a new actor
+                if retry == policy.attempts - 1:
+                    raise
+
+    # Jobs
+
+    def submit_chain(self, spec: ChainSpec | dict) -> str:
+        """Queues an edit chain (validated here first); returns the job id."""
+        return self._call(JOB_QUEUE, "submit", ChainSpec.model_validate(spec))
+
+    def status(self, job_id: str) -> JobRecord:
+        return self._call(JOB_QUEUE, "status", job_id)
+
+    def wait(
+        self,
+        job_id: str,
+        timeout: float,
+        poll_s: float = 0.1,
+        on_progress: Callable[[JobRecord], None] | None = None,
+        until: Callable[[JobRecord], bool] | None = None,
+    ) -> JobRecord:
+        """Polls until the job finishes (or `until` holds); TimeoutError after `timeout`
+        seconds. `on_progress` sees every record whose progress or state changed."""
+        deadline, seen = time.monotonic() + timeout, None
+        while True:
+            record = self.status(job_id)
+            if on_progress is not None and (record.state, record.progress) != seen:
+                seen = (record.state, record.progress)
+                on_progress(record)
+            if record.state in FINISHED or (until is not None and until(record)):
+                return record
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"job {job_id} still {record.state} after {timeout} s "
+                    f"({record.progress[0]}/{record.progress[1]} edits)"
+                )
+            time.sleep(poll_s)
+
+    def cancel(self, job_id: str) -> JobRecord:
+        return self._call(JOB_QUEUE, "cancel", job_id)
+
+    def results(self, job_id: str) -> list[EditResult]:
+        """The job's results so far: one per edit done, in order."""
+        return self.status(job_id).results
+
+    def list_jobs(self, state: JobState | None = None) -> list[JobRecord]:
+        return self._call(JOB_QUEUE, "list_jobs", state)
+
+    # Interactive sessions
+
+    def generate(self, prompt: str, session_id: str | None = None, **params) -> EditResult:
+        params = GenerationParams(prompt=prompt, **params)
+        return self._call(ROUTER, "generate", params, session_id)
+
+    def edit(self, session_id: str, prompt: str, extends: int | None = None, **options):
+        """Edits a session; `extends` (its current version) guards against stale state;
+        options: mask (PNG bytes), mask_key, mask_steps."""
+        request = EditRequest(prompt=prompt, extends=extends, **options)
+        try:
+            return self._call(ROUTER, "edit", session_id, request)
+        except StaleVersionError:
+            # Retried after the router restarted mid-call, the edit may have committed at
+            # the first try: the same edit of the same version is then that result.
+            if extends is None:
+                raise
+            committed = self._call(ROUTER, "result", session_id, extends + 1)
+            if committed is None or committed.report.prompt != prompt:
+                raise
+            return committed
+
+    def snapshot(self, session_id: str) -> str:
+        """Snapshots the session's current version (a later failover then restores it
+        instead of recomputing); returns the manifest key."""
+        return self._call(ROUTER, "snapshot", session_id)
+
+    def history(self, session_id: str) -> list[EditResult]:
+        return self._call(ROUTER, "history", session_id)
+
+    def read(self, key: str) -> bytes:
+        """An image, mask or report named by a result's key."""
+        return self._call(ROUTER, "read", key)

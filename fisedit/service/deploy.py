@@ -1,0 +1,51 @@
+"""Start and stop the service's actors on a running Ray cluster: workers, router, job queue.
+
+`fisedit up` / `fisedit down` and the tests call these; every actor is named in the
+config's namespace, so any driver (or a Ray Jobs entrypoint) finds them again.
+"""
+
+import ray
+
+from fisedit.service.config import ServiceConfig
+from fisedit.service.jobs import JobQueue
+from fisedit.service.names import JOB_QUEUE, ROUTER, worker_name
+from fisedit.service.router import SessionRouter
+from fisedit.service.worker import EditWorker
+
+
+def start(config: ServiceConfig) -> None:
+    """Starts every actor the config names that is not running yet, and waits until the
+    workers have loaded the model. The actors are detached: they outlive the driver that
+    started them, until `stop` (or the cluster's end)."""
+    common = {"namespace": config.namespace, "get_if_exists": True, "lifetime": "detached"}
+    resources = config.worker_resources
+    workers = [
+        ray.remote(EditWorker)
+        .options(
+            name=worker_name(index),
+            num_cpus=resources.num_cpus,
+            num_gpus=resources.num_gpus,
+            resources=resources.resources,
+            max_restarts=-1,
+            **common,
+        )
+        .remote(config, worker_name(index))
+        for index in range(config.workers)
+    ]
+    router, queue = (
+        ray.remote(actor).options(name=name, num_cpus=0, max_restarts=-1, **common).remote(config)
+        for name, actor in ((ROUTER, SessionRouter), (JOB_QUEUE, JobQueue))
+    )
+    # The router maps what the workers hold, the queue resumes unfinished jobs.
+    ready = [*(worker.health.remote() for worker in workers), router.stats.remote()]
+    ray.get([*ready, queue.list_jobs.remote()], timeout=config.call_timeout_s)
+
+
+def stop(config: ServiceConfig) -> None:
+    """Kills the service's actors (the job records stay in the store)."""
+    names = [ROUTER, JOB_QUEUE, *(worker_name(i) for i in range(config.workers))]
+    for name in names:
+        try:
+            ray.kill(ray.get_actor(name, namespace=config.namespace), no_restart=True)
+        except ValueError:
+            continue

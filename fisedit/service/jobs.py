@@ -1,0 +1,346 @@
+"""JobQueue: durable edit-chain jobs (generate, then edit a few words at a time).
+
+A job record lives in the store (`jobs/<job>.json` under the tenant), rewritten at every
+step, so a restarted queue resumes unfinished jobs from their last committed version. The
+same idempotency key returns the existing job (`jobs/by-key/<key>`, written create-only).
+Transient failures (a worker died, the store timed out) retry with backoff; permanent ones
+(bad input, a stale version) fail the job with the reason. Cancel stops a job between edits.
+A retried edit never writes a second result: each edit's version is known in advance, and a
+version already committed is read back instead of made again.
+"""
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import Literal, TypeVar
+
+import ray
+from botocore.exceptions import BotoCoreError, ClientError
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from ray.exceptions import RayActorError, RayTaskError
+
+from fisedit.engine.config import GenerationParams, Prompt
+from fisedit.service.config import ServiceConfig
+from fisedit.service.names import ROUTER
+from fisedit.service.results import EditRequest, EditResult, EditSpec, check_session_id
+from fisedit.service.router import NoWorkerError
+from fisedit.storage import ObjectExistsError, ObjectNotFoundError, StorageError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+FINISHED: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
+IDEMPOTENCY_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+TRANSIENT = (
+    RayActorError,
+    NoWorkerError,
+    TimeoutError,
+    ConnectionError,
+    BotoCoreError,
+    ClientError,
+    StorageError,
+)
+"""Failures worth retrying: the next try may find a live worker or a reachable store."""
+
+
+def _transient(error: BaseException) -> bool:
+    # A missing object or an invalid key is a store error too, but no retry will fix it.
+    return isinstance(error, TRANSIENT) and not isinstance(error, KeyError | ValueError)
+
+
+class QueueFullError(RuntimeError):
+    """The queue holds its configured maximum of pending jobs."""
+
+
+class UnknownJobError(KeyError):
+    """No job with this id."""
+
+
+class ChainSpec(GenerationParams):
+    """An edit-chain job: generate from `prompt` (or continue `session_id`), then apply
+    `edits` in order. Generation fields are those of GenerationParams."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    prompt: Prompt | None = None
+    model: str | None = Field(None, description="Must be the service's model, if given.")
+    edits: list[EditSpec] = Field(default_factory=list)
+    session_id: str | None = Field(None, description="Continue this session instead.")
+    idempotency_key: str | None = None
+
+    @field_validator("session_id")
+    @classmethod
+    def _valid_session(cls, session_id: str | None) -> str | None:
+        return None if session_id is None else check_session_id(session_id)
+
+    @field_validator("idempotency_key")
+    @classmethod
+    def _valid_key(cls, key: str | None) -> str | None:
+        if key is not None and not IDEMPOTENCY_KEY.match(key):
+            raise ValueError("must be 1-128 letters, digits, '.', '-' or '_'")
+        return key
+
+    @model_validator(mode="after")
+    def _one_start(self) -> "ChainSpec":
+        if (self.prompt is None) == (self.session_id is None):
+            raise ValueError("give prompt (a new session) or session_id (continue one)")
+        return self
+
+    def generation(self) -> GenerationParams:
+        return GenerationParams(**self.model_dump(include=set(GenerationParams.model_fields)))
+
+
+class JobEvent(BaseModel):
+    """One step of a job's progress."""
+
+    at: float
+    kind: Literal[
+        "queued", "started", "generated", "edited", "retry", "succeeded", "failed", "cancelled"
+    ]
+    edit: int | None = None
+    message: str = ""
+
+
+class JobRecord(BaseModel):
+    """A job, its progress and its results, as stored."""
+
+    job_id: str
+    spec: ChainSpec
+    state: JobState = "queued"
+    session_id: str
+    base_version: int
+    """The session's version before the first edit (0 for a new session)."""
+    generated: EditResult | None = None
+    results: list[EditResult] = []
+    """One per edit done, in order."""
+    error: str | None = None
+    cancel_requested: bool = False
+    events: list[JobEvent] = []
+
+    @property
+    def progress(self) -> tuple[int, int]:
+        return len(self.results), len(self.spec.edits)
+
+
+def _cause(error: BaseException) -> BaseException:
+    while isinstance(error, RayTaskError) and error.cause is not None:
+        error = error.cause
+    return error
+
+
+class JobQueue:
+    """The Ray actor (named, see `service.deploy`) that runs edit-chain jobs through the router.
+
+    After a (re)start it loads the stored jobs on its first call and resumes the unfinished
+    ones; `deploy.start` makes that call.
+    """
+
+    def __init__(self, config: ServiceConfig) -> None:
+        self.config = config
+        self.store = config.store.open(f"tenants/{config.tenant}")
+        self.jobs: dict[str, JobRecord] = {}
+        self._tasks: dict[str, asyncio.Task] = {}
+        self._slots: asyncio.Semaphore | None = None
+        self._resumed: asyncio.Task | None = None
+        self._router_handle = None
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="job-records")
+
+    async def submit(self, spec: ChainSpec) -> str:
+        """Queues a job; returns its id (an existing job's, for a known idempotency key)."""
+        await self._ready()
+        spec = ChainSpec.model_validate(spec)
+        self._check(spec)
+        job_id = uuid.uuid4().hex
+        if spec.session_id is None:
+            session_id, base_version = job_id, 0
+        else:
+            session_id, base_version = spec.session_id, await self._version(spec.session_id)
+        record = JobRecord(
+            job_id=job_id, spec=spec, session_id=session_id, base_version=base_version
+        )
+        record.events.append(JobEvent(at=time.time(), kind="queued"))
+        by_key = spec.idempotency_key and f"jobs/by-key/{spec.idempotency_key}"
+        if by_key:
+            try:
+                await asyncio.to_thread(self.store.put, by_key, job_id.encode(), create_only=True)
+            except ObjectExistsError:
+                return (await asyncio.to_thread(self.store.get, by_key)).decode()
+        try:
+            # Durable before the caller learns the id: a restarted queue then still has it.
+            data = record.model_dump_json().encode()
+            await asyncio.to_thread(self.store.put, f"jobs/{job_id}.json", data)
+        except BaseException:
+            if by_key:
+                await asyncio.to_thread(self.store.delete, by_key)
+            raise
+        self._start(record)
+        return job_id
+
+    async def status(self, job_id: str) -> JobRecord:
+        await self._ready()
+        return self._record(job_id)
+
+    async def cancel(self, job_id: str) -> JobRecord:
+        """Stops the job before its next edit (at once, if it has not started)."""
+        await self._ready()
+        record = self._record(job_id)
+        if record.state not in FINISHED:
+            record.cancel_requested = True
+            if record.state == "queued":
+                self._finish(record, "cancelled")
+        return record
+
+    async def list_jobs(self, state: JobState | None = None) -> list[JobRecord]:
+        await self._ready()
+        return [r for r in self.jobs.values() if state is None or r.state == state]
+
+    async def _version(self, session_id: str) -> int:
+        try:
+            return await self._router().version.remote(session_id)
+        except Exception as error:
+            cause = _cause(error)
+            if isinstance(cause, KeyError):
+                raise ValueError(f"session_id: {cause.args[0]}") from None
+            raise
+
+    def _check(self, spec: ChainSpec) -> None:
+        if spec.model is not None and spec.model != self.config.model:
+            raise ValueError(
+                f"model: unknown model {spec.model!r}; this service runs {self.config.model!r}"
+            )
+        limit = self.config.queue.max_edits_per_job
+        if len(spec.edits) > limit:
+            raise ValueError(f"edits: {len(spec.edits)} edits, over the limit of {limit}")
+        pending = sum(r.state not in FINISHED for r in self.jobs.values())
+        if pending >= self.config.queue.max_pending_jobs:
+            raise QueueFullError(f"the queue holds {pending} pending jobs, its maximum")
+
+    def _record(self, job_id: str) -> JobRecord:
+        try:
+            return self.jobs[job_id]
+        except KeyError:
+            raise UnknownJobError(f"unknown job {job_id!r}") from None
+
+    def _start(self, record: JobRecord) -> None:
+        self.jobs[record.job_id] = record
+        self._tasks[record.job_id] = asyncio.ensure_future(self._run(record))
+
+    async def _run(self, record: JobRecord) -> None:
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.config.queue.max_running_jobs)
+        async with self._slots:
+            if record.state in FINISHED:
+                return
+            record.state = "running"
+            self._event(record, "started")
+            try:
+                await self._steps(record)
+            except Exception as error:  # permanent, or transient past the retry budget
+                cause = _cause(error)
+                record.error = f"{type(cause).__name__}: {cause}"
+                self._finish(record, "failed", record.error)
+
+    async def _steps(self, record: JobRecord) -> None:
+        spec = record.spec
+        if spec.session_id is None and record.generated is None:
+            generate = partial(self._generate, spec.generation(), record.session_id)
+            record.generated = await self._retrying(record, None, generate)
+            self._event(record, "generated", version=record.generated.version)
+        for index in range(len(record.results), len(spec.edits)):
+            if record.cancel_requested:
+                self._finish(record, "cancelled")
+                return
+            target = record.base_version + index + 1
+            edit = partial(self._edit, record.session_id, target, spec.edits[index])
+            result = await self._retrying(record, index, edit)
+            record.results.append(result)
+            self._event(record, "edited", index, version=result.version)
+        self._finish(record, "succeeded")
+
+    async def _generate(self, params: GenerationParams, session_id: str) -> EditResult:
+        return await self._router().generate.remote(params, session_id)
+
+    async def _edit(self, session_id: str, version: int, edit: EditSpec) -> EditResult:
+        """Makes `version` of the session with `edit`, unless a try before already did."""
+        router = self._router()
+        committed = await router.result.remote(session_id, version)
+        if committed is not None:
+            return committed
+        request = EditRequest(**edit.model_dump(), extends=version - 1)
+        return await router.edit.remote(session_id, request)
+
+    async def _retrying(
+        self, record: JobRecord, edit: int | None, attempt: Callable[[], Awaitable[T]]
+    ) -> T:
+        policy, retries = self.config.retry, 0
+        while True:
+            try:
+                return await asyncio.wait_for(attempt(), self.config.call_timeout_s)
+            except Exception as error:
+                cause = _cause(error)
+                retries += 1
+                if not _transient(cause) or retries >= policy.attempts:
+                    raise
+                if isinstance(cause, RayActorError):
+                    self._router_handle = None  # the router may have restarted elsewhere
+                self._event(record, "retry", edit, f"{type(cause).__name__}: {cause}")
+            await asyncio.sleep(policy.delay(retries))
+
+    def _router(self):
+        if self._router_handle is None:
+            self._router_handle = ray.get_actor(ROUTER, namespace=self.config.namespace)
+        return self._router_handle
+
+    def _event(self, record: JobRecord, kind: str, edit: int | None = None, message="", **extra):
+        if extra:
+            message = " ".join([message, *(f"{k}={v}" for k, v in extra.items())]).strip()
+        record.events.append(JobEvent(at=time.time(), kind=kind, edit=edit, message=message))
+        self._save(record)
+
+    def _finish(self, record: JobRecord, state: JobState, message: str = "") -> None:
+        record.state = state
+        self._event(record, state, message=message)
+
+    def _save(self, record: JobRecord) -> None:
+        """Writes the record in the background, in order, off the event loop."""
+        key, data = f"jobs/{record.job_id}.json", record.model_dump_json().encode()
+        self._writer.submit(self._write, key, data)
+
+    def _write(self, key: str, data: bytes) -> None:
+        # Best effort: while the store is down the record lives on here and is saved with
+        # its next change; edits themselves are committed by the workers.
+        try:
+            self.store.put(key, data)
+        except TRANSIENT as error:
+            log.warning("%s not saved: %s", key, error)
+
+    async def _ready(self) -> None:
+        if self._resumed is None:
+            self._resumed = asyncio.ensure_future(self._resume())
+        await asyncio.shield(self._resumed)
+
+    async def _resume(self) -> None:
+        """Loads every stored job; unfinished ones run again from their last result."""
+        for record in await asyncio.to_thread(self._stored_jobs):
+            if record.state in FINISHED:
+                self.jobs[record.job_id] = record
+            else:
+                record.state = "queued"
+                self._start(record)
+
+    def _stored_jobs(self) -> list[JobRecord]:
+        records = []
+        for key in self.store.list("jobs/"):
+            if key.count("/") != 1 or not key.endswith(".json"):
+                continue
+            try:
+                records.append(JobRecord.model_validate_json(self.store.get(key)))
+            except (ObjectNotFoundError, ValueError) as error:
+                log.warning("skipping unreadable job record %s: %s", key, error)
+        return records

@@ -1,0 +1,171 @@
+"""Edit requests and results, and what every committed version leaves in the store.
+
+Keys are relative to a tenant's part of the store (`tenants/<tenant>/`):
+
+    sessions/<session>/v<n>/image.png, mask.png, report.json, recipe.json
+
+written create-only once per version, recipe last: a version whose recipe.json exists is
+committed, and that recipe is what another worker adopts the session from.
+"""
+
+import contextlib
+import io
+import re
+from typing import Literal
+
+import numpy as np
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from fisedit.engine.config import Prompt
+from fisedit.engine.recipe import SessionRecipe, recipe_of
+from fisedit.engine.session import EditReport, EditSession
+from fisedit.storage import ObjectExistsError, ObjectNotFoundError, ObjectStore, validate_key
+
+CachePath = Literal["generate", "hit", "restore", "restore+replay", "rebuild"]
+"""How the worker came by the session it edited: `generate` made it; `hit` found it in
+memory; `restore` loaded its snapshot; `restore+replay` loaded an older snapshot and
+replayed the later edits; `rebuild` recomputed it from its recipe."""
+
+SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
+
+
+def check_session_id(session_id: str) -> str:
+    """Session ids become key segments, so only letters, digits, '-' and '_' pass."""
+    if not SESSION_ID.match(session_id):
+        raise ValueError(
+            f"session id {session_id!r} must be 1-128 letters, digits, '-' or '_', "
+            "starting with a letter or digit"
+        )
+    return session_id
+
+
+class EditSpec(BaseModel):
+    """One edit: its prompt and, optionally, a mask as PNG bytes (base64 in JSON, at latent
+    or image size) or as the key of a PNG in the tenant's store."""
+
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", ser_json_bytes="base64", val_json_bytes="base64"
+    )
+
+    prompt: Prompt
+    mask: bytes | None = None
+    mask_key: str | None = None
+    mask_steps: int | None = Field(None, ge=0)
+
+    @field_validator("mask_key")
+    @classmethod
+    def _valid_key(cls, key: str | None) -> str | None:
+        return None if key is None else validate_key(key)
+
+    @model_validator(mode="after")
+    def _one_mask(self) -> "EditSpec":
+        if self.mask is not None and self.mask_key is not None:
+            raise ValueError("give mask or mask_key, not both")
+        return self
+
+
+class EditRequest(EditSpec):
+    """An edit of a session. `extends` names the version it edits, so a chain never runs
+    on stale state."""
+
+    extends: int | None = Field(None, ge=0)
+
+
+class EditResult(BaseModel):
+    """A committed version: where its files are and what it cost. Keys are relative to the
+    tenant's part of the store."""
+
+    session_id: str
+    version: int
+    worker_id: str
+    cache_path: CachePath
+    image_key: str
+    mask_key: str | None
+    report_key: str
+    recipe_key: str
+    mask_ratio: float
+    mac_fraction: float
+    latency_s: float
+    """Seconds on the worker, bringing the session into memory included."""
+    report: EditReport
+
+
+def version_prefix(session_id: str, version: int) -> str:
+    return f"sessions/{session_id}/v{version}/"
+
+
+def recipe_key(session_id: str, version: int) -> str:
+    return version_prefix(session_id, version) + "recipe.json"
+
+
+def png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def commit(
+    store: ObjectStore,
+    session: EditSession,
+    worker_id: str,
+    cache_path: CachePath,
+    latency_s: float,
+) -> EditResult:
+    """Writes the session's current version (image, mask, report, then recipe) and returns
+    its result. Writes are create-only: a retry that finds a file keeps the first one."""
+    version = session.current
+    prefix = version_prefix(session.id, version.number)
+    mask_key = None if version.mask is None else prefix + "mask.png"
+    result = EditResult(
+        session_id=session.id,
+        version=version.number,
+        worker_id=worker_id,
+        cache_path=cache_path,
+        image_key=prefix + "image.png",
+        mask_key=mask_key,
+        report_key=prefix + "report.json",
+        recipe_key=recipe_key(session.id, version.number),
+        mask_ratio=version.report.mask_ratio,
+        mac_fraction=version.report.mac_fraction,
+        latency_s=latency_s,
+        report=version.report,
+    )
+    files = {result.image_key: png(version.image)}
+    if mask_key is not None:
+        files[mask_key] = png(version.mask.numpy().astype(np.uint8) * 255)
+    files[result.report_key] = result.model_dump_json().encode()
+    files[result.recipe_key] = recipe_of(session).model_dump_json().encode()
+    for key, data in files.items():
+        with contextlib.suppress(ObjectExistsError):
+            store.put(key, data, create_only=True)
+    return result
+
+
+def committed_versions(store: ObjectStore, session_id: str) -> list[int]:
+    """Versions of a session with a recipe in the store, oldest first."""
+    versions = []
+    for key in store.list(f"sessions/{session_id}/"):
+        parts = key.split("/")
+        if len(parts) == 4 and parts[3] == "recipe.json" and parts[2][1:].isdigit():
+            versions.append(int(parts[2][1:]))
+    return sorted(versions)
+
+
+def newest_recipe(store: ObjectStore, session_id: str) -> SessionRecipe | None:
+    """The recipe of the session's newest committed version, or None if it has none."""
+    versions = committed_versions(store, session_id)
+    if not versions:
+        return None
+    return SessionRecipe.model_validate_json(store.get(recipe_key(session_id, versions[-1])))
+
+
+def stored_result(store: ObjectStore, session_id: str, version: int) -> EditResult | None:
+    """The result of a committed version, or None if that version is not committed."""
+    if not store.exists(recipe_key(session_id, version)):
+        return None
+    try:
+        data = store.get(version_prefix(session_id, version) + "report.json")
+    except ObjectNotFoundError:
+        return None
+    return EditResult.model_validate_json(data)

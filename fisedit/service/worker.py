@@ -1,0 +1,212 @@
+"""EditWorker: a Ray actor per GPU that loads the model once and owns the sessions it serves.
+
+`SessionHost` is the worker without Ray: it edits sessions in a SessionPool, commits every
+version to the store, and adopts sessions other workers lost. `EditWorker` wraps it in an
+async actor whose engine work runs in one thread, so stats and health answer during an edit.
+"""
+
+import asyncio
+import io
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from fisedit.engine.config import GenerationParams
+from fisedit.engine.session import EditSession, Engine
+from fisedit.engine.tiers import SessionPool, UnknownSessionError
+from fisedit.service.config import ServiceConfig
+from fisedit.service.results import (
+    CachePath,
+    EditRequest,
+    EditResult,
+    check_session_id,
+    commit,
+    newest_recipe,
+    stored_result,
+)
+
+POOL_PATHS: dict[str, CachePath] = {
+    "device": "hit",
+    "host": "hit",
+    "store": "restore",
+    "recipe": "rebuild",
+}
+"""The cache path of an edit on a session the pool holds, by the tier it is in."""
+
+
+def load_engine(config: ServiceConfig) -> Engine:
+    """The engine for the configured model; tiny models are built locally (deterministically,
+    so every worker holds the same weights)."""
+    from fisedit.cli import TINY_MODELS
+    from fisedit.engine.models import build_tiny_model
+
+    if config.model in TINY_MODELS:
+        with tempfile.TemporaryDirectory() as workdir:
+            path = build_tiny_model(workdir, TINY_MODELS[config.model])
+            return Engine.from_pretrained(str(path), config.engine)
+    return Engine.from_pretrained(config.model, config.engine)
+
+
+class SessionHost:
+    """The sessions of one engine, each committed to the store after every version.
+
+    Not thread-safe: one caller at a time (the EditWorker's engine thread). `summary` is
+    replaced, never mutated, after every call, so other threads may read it.
+    """
+
+    def __init__(self, config: ServiceConfig, worker_id: str, engine: Engine | None = None):
+        self.config, self.worker_id = config, worker_id
+        self.engine = engine or load_engine(config)
+        self.store = config.store.open(f"tenants/{config.tenant}")
+        self.pool = SessionPool(self.engine, config.tiers, self.store)
+        self.versions: dict[str, int] = {}
+        self._adopted: dict[str, CachePath] = {}
+        """How sessions taken over by `adopt` came here; their next edit reports it."""
+        self.summary: dict = {}
+        self._publish()
+
+    def generate(self, session_id: str, params: GenerationParams) -> EditResult:
+        """Generates version 0 of a new session; a retry after it committed returns it."""
+        check_session_id(session_id)
+        committed = stored_result(self.store, session_id, 0)
+        if committed is not None:
+            return committed
+        started = time.perf_counter()
+        fields = params.model_dump()
+        session = self.pool.generate(fields.pop("prompt"), session_id=session_id, **fields)
+        return self._commit(session, "generate", started)
+
+    def edit(self, session_id: str, request: EditRequest) -> EditResult:
+        """Edits the session, first bringing it here if needed; on any error the session
+        stays at its last committed version."""
+        started = time.perf_counter()
+        mask = self._mask(request)
+        path = self._arrive(session_id, request.extends)
+        self.pool.edit(
+            session_id,
+            request.prompt,
+            mask=mask,
+            mask_steps=request.mask_steps,
+            extends=request.extends,
+        )
+        return self._commit(self.pool.get(session_id), path, started)
+
+    def adopt(self, session_id: str) -> tuple[int, CachePath]:
+        """Takes over a session from the store: its newest snapshot plus a replay of later
+        edits, or a rebuild. Returns the version and the path taken."""
+        recipe = newest_recipe(self.store, check_session_id(session_id))
+        if recipe is None:
+            raise UnknownSessionError(f"unknown session {session_id!r}: nothing committed")
+        session, path = self.pool.adopt(recipe)
+        self.versions[session_id] = session.version
+        self._adopted[session_id] = path
+        self._publish()
+        return session.version, path
+
+    def snapshot(self, session_id: str) -> str:
+        """Writes the session's current version as a snapshot; returns its manifest key."""
+        from fisedit.engine.snapshot import snapshot
+
+        return snapshot(self._held(session_id), self.store)
+
+    def drop(self, session_id: str) -> None:
+        self.pool.drop(session_id)
+        self.versions.pop(session_id, None)
+        self._adopted.pop(session_id, None)
+        self._publish()
+
+    def _held(self, session_id: str) -> EditSession:
+        if session_id not in self.pool:
+            raise UnknownSessionError(f"session {session_id!r} is not held by {self.worker_id}")
+        return self.pool.get(session_id)
+
+    def _arrive(self, session_id: str, extends: int | None) -> CachePath:
+        """Makes sure the pool holds the session's newest version; returns how it got it."""
+        held = self.versions.get(session_id)
+        if held is not None and (extends is None or extends <= held):
+            return self._adopted.pop(session_id, None) or POOL_PATHS[self.pool.tier(session_id)]
+        # Not here, or another worker committed newer versions since: take it from the store.
+        self.adopt(session_id)
+        return self._adopted.pop(session_id)
+
+    def _mask(self, request: EditRequest) -> np.ndarray | None:
+        data = request.mask
+        if request.mask_key is not None:
+            data = self.store.get(request.mask_key)
+        if data is None:
+            return None
+        try:
+            return np.array(Image.open(io.BytesIO(data)).convert("L"))
+        except (UnidentifiedImageError, OSError) as error:
+            raise ValueError(f"mask: not a readable image ({error})") from error
+
+    def _commit(self, session: EditSession, path: CachePath, started: float) -> EditResult:
+        try:
+            result = commit(
+                self.store, session, self.worker_id, path, time.perf_counter() - started
+            )
+        except BaseException:
+            # The store is the truth: a version it lacks must not live on here.
+            self.drop(session.id)
+            raise
+        self.versions[session.id] = session.version
+        self._publish()
+        return result
+
+    def _publish(self) -> None:
+        tiers = {tier: usage.model_dump() for tier, usage in self.pool.stats().items()}
+        self.summary = {
+            "worker_id": self.worker_id,
+            "sessions": dict(self.versions),
+            "tiers": tiers,
+            "cache_bytes": sum(usage["bytes"] for usage in tiers.values()),
+        }
+
+
+class EditWorker:
+    """The Ray actor around a SessionHost (created with `ray.remote` by `service.deploy`)."""
+
+    def __init__(self, config: ServiceConfig, worker_id: str) -> None:
+        self.worker_id = worker_id
+        self._host = SessionHost(config, worker_id)
+        self._engine_thread = ThreadPoolExecutor(1, thread_name_prefix=f"{worker_id}-engine")
+        self._queued = 0
+        self._served = 0
+
+    async def _run(self, method, *args):
+        self._queued += 1
+        try:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._engine_thread, method, *args)
+        finally:
+            self._queued -= 1
+            self._served += 1
+
+    async def generate(self, session_id: str, params: GenerationParams) -> EditResult:
+        return await self._run(self._host.generate, session_id, params)
+
+    async def edit(self, session_id: str, request: EditRequest) -> EditResult:
+        return await self._run(self._host.edit, session_id, request)
+
+    async def adopt(self, session_id: str) -> tuple[int, CachePath]:
+        return await self._run(self._host.adopt, session_id)
+
+    async def snapshot(self, session_id: str) -> str:
+        return await self._run(self._host.snapshot, session_id)
+
+    async def drop(self, session_id: str) -> None:
+        return await self._run(self._host.drop, session_id)
+
+    async def holds(self) -> dict:
+        """The sessions this worker holds (id -> version) and the bytes in each tier."""
+        return self._host.summary
+
+    async def stats(self) -> dict:
+        """Held sessions, bytes per tier, and queued calls (the one running included)."""
+        return {**self._host.summary, "queued": self._queued, "served": self._served}
+
+    async def health(self) -> str:
+        return "ok"

@@ -1,0 +1,306 @@
+"""The service on a real local Ray (CPU, two workers on a custom resource, tiny model):
+affinity, stale versions, bad input, jobs, idempotency, cancellation, and failover."""
+
+import io
+import time
+import uuid
+
+import numpy as np
+import pytest
+import ray
+from PIL import Image
+from pydantic import ValidationError
+
+from fisedit.engine import StaleVersionError
+from fisedit.engine.config import EditConfig, EngineConfig
+from fisedit.service import Client, deploy
+from fisedit.service.config import (
+    QueueLimits,
+    RetryPolicy,
+    ServiceConfig,
+    StoreConfig,
+    WorkerResources,
+)
+from fisedit.service.names import JOB_QUEUE, ROUTER, worker_name
+from fisedit.service.results import EditRequest
+
+STEPS = 4
+TIMEOUT = 240
+CHAIN = ["a dog on a bench", "a dog on a red bench", "a fox on a red bench", "a fox at night"]
+
+
+def _config(tiny_model_dir: str, store: StoreConfig, workers: int) -> ServiceConfig:
+    return ServiceConfig(
+        model=tiny_model_dir,
+        engine=EngineConfig(progress=False, edit=EditConfig(mask_steps=1)),
+        store=store,
+        namespace=f"test-{uuid.uuid4().hex[:8]}",
+        workers=workers,
+        worker_resources=WorkerResources(num_cpus=1, resources={"edit_slot": 1}),
+        retry=RetryPolicy(attempts=6, backoff_s=0.2),
+        queue=QueueLimits(migrate_above=0),
+        call_timeout_s=TIMEOUT,
+    )
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(s3_endpoint):
+    """One local Ray for the module; its workers inherit the S3 endpoint's credentials."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("RAY_AUTH_MODE", "disabled")
+        ray.init(
+            num_cpus=4,
+            resources={"edit_slot": 3},  # two workers here, one on S3
+            object_store_memory=200 * 2**20,
+            include_dashboard=False,
+            log_to_driver=False,
+        )
+        yield
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def config(ray_cluster, tiny_model_dir, tmp_path_factory) -> ServiceConfig:
+    config = _config(tiny_model_dir, StoreConfig(url=str(tmp_path_factory.mktemp("store"))), 2)
+    deploy.start(config)
+    yield config
+    deploy.stop(config)
+
+
+@pytest.fixture(scope="module")
+def client(config) -> Client:
+    return Client(config=config, timeout_s=TIMEOUT)
+
+
+def _chain(prompts=CHAIN, **fields) -> dict:
+    return {"prompt": "a cat on a bench", "steps": STEPS, "seed": 5, **fields} | {
+        "edits": [{"prompt": p} for p in prompts]
+    }
+
+
+def _image(client: Client, key: str) -> np.ndarray:
+    return np.array(Image.open(io.BytesIO(client.read(key))))
+
+
+def test_follow_up_edits_hit_the_worker_that_holds_the_session(client):
+    made = client.generate("a cat on a bench", steps=STEPS, seed=1)
+    first = client.edit(made.session_id, "a dog on a bench", extends=0)
+    second = client.edit(made.session_id, "a dog on a red bench", extends=1)
+
+    assert [first.cache_path, second.cache_path] == ["hit", "hit"]
+    assert made.worker_id == first.worker_id == second.worker_id
+    assert [r.version for r in client.history(made.session_id)] == [0, 1, 2]
+    assert _image(client, second.image_key).shape == (128, 128, 3)
+    assert 0 < second.mask_ratio <= 1 and 0 < second.mac_fraction < 1
+
+
+def test_a_snapshot_on_request_lands_in_the_store(client, config):
+    made = client.generate("a cat on a bench", steps=STEPS, seed=6)
+    client.edit(made.session_id, "a dog on a bench", extends=0)
+
+    key = client.snapshot(made.session_id)
+
+    assert key == f"sessions/{made.session_id}/v1/manifest.json"
+    assert config.store.open(f"tenants/{config.tenant}").exists(key)
+
+
+def test_an_edit_moves_off_a_busy_holder_when_a_snapshot_makes_it_cheap(client, config):
+    # Of three new sessions two share a worker.
+    made = [client.generate("a cat", steps=STEPS, seed=30 + i) for i in range(3)]
+    busy, moved = next(
+        (a, b) for a in made for b in made if a is not b and a.worker_id == b.worker_id
+    )
+    client.snapshot(moved.session_id)
+    router = ray.get_actor(ROUTER, namespace=config.namespace)
+
+    running = router.edit.remote(busy.session_id, EditRequest(prompt="a dog", extends=0))
+    edited = client.edit(moved.session_id, "a fox", extends=0)
+
+    assert (edited.cache_path, edited.version) == ("restore", 1)
+    assert edited.worker_id != moved.worker_id
+    assert ray.get(running, timeout=TIMEOUT).cache_path == "hit"
+    assert client.edit(moved.session_id, "a red fox", extends=1).cache_path == "hit"
+
+
+def test_new_sessions_go_to_the_worker_with_the_fewest_cache_bytes(client, config):
+    workers = [ray.get_actor(worker_name(i), namespace=config.namespace) for i in range(2)]
+    placed = []
+    for seed in range(2):
+        load = {
+            s["worker_id"]: s["cache_bytes"] for s in ray.get([w.stats.remote() for w in workers])
+        }
+        expected = min(load, key=lambda w: (load[w], w))
+        placed.append((client.generate("a cat", steps=STEPS, seed=seed).worker_id, expected))
+    assert [worker for worker, _ in placed] == [expected for _, expected in placed]
+
+
+def test_a_stale_version_is_refused_and_nothing_is_applied(client):
+    made = client.generate("a cat on a bench", steps=STEPS, seed=2)
+    client.edit(made.session_id, "a dog on a bench", extends=0)
+
+    with pytest.raises(StaleVersionError, match="at version 1, not 0"):
+        client.edit(made.session_id, "a fox on a bench", extends=0)
+
+    assert [r.version for r in client.history(made.session_id)] == [0, 1]
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"prompt": "   "}, "prompt"),
+        ({"steps": 0}, "steps"),
+        ({"edits": [{"prompt": ""}]}, "edits.0.prompt"),
+        ({"edits": [{"prompt": "a dog", "mask_key": "../x"}]}, "edits.0.mask_key"),
+        ({"session_id": "a/b", "prompt": None}, "session_id"),
+        ({"colour": "red"}, "colour"),
+    ],
+)
+def test_invalid_specs_fail_fast_naming_the_field(client, change, field):
+    with pytest.raises(ValidationError, match=field.replace(".", r"\.")):
+        client.submit_chain(_chain() | change)
+
+
+def test_unknown_models_and_sessions_are_refused_at_submission(client):
+    with pytest.raises(ValueError, match="model: unknown model 'sd-99'"):
+        client.submit_chain(_chain(model="sd-99"))
+    with pytest.raises(ValueError, match="session_id: .*unknown session 'nobody'"):
+        client.submit_chain({"session_id": "nobody", "edits": [{"prompt": "a dog"}]})
+
+
+def test_a_mask_that_is_not_an_image_fails_the_job_with_the_reason(client):
+    spec = _chain() | {"edits": [{"prompt": "a dog", "mask": b"not a png"}]}
+    record = client.wait(client.submit_chain(spec), timeout=TIMEOUT)
+
+    assert record.state == "failed" and "mask: not a readable image" in record.error
+    assert record.results == [] and record.generated is not None
+
+
+def test_a_chain_job_reports_every_edit(client):
+    seen = []
+    job = client.submit_chain(_chain(CHAIN[:2]))
+    record = client.wait(job, timeout=TIMEOUT, on_progress=lambda r: seen.append(r.progress))
+
+    assert record.state == "succeeded" and record.error is None
+    assert [r.version for r in record.results] == [1, 2]
+    assert {r.cache_path for r in record.results} == {"hit"}
+    for result in record.results:
+        assert result.image_key == f"sessions/{record.session_id}/v{result.version}/image.png"
+        assert result.mask_key.endswith("mask.png") and result.worker_id.startswith("worker-")
+        assert 0 < result.mask_ratio <= 1 and 0 < result.mac_fraction < 1
+        assert result.latency_s > 0
+    assert seen[-1] == (2, 2)
+    kinds = [e.kind for e in record.events]
+    assert kinds[:3] == ["queued", "started", "generated"] and kinds[-1] == "succeeded"
+    assert client.results(job) == record.results
+    assert job in {r.job_id for r in client.list_jobs("succeeded")}
+
+
+def test_resubmitting_with_the_same_key_returns_the_same_job(client):
+    spec = _chain(CHAIN[:1], idempotency_key=f"chain-{uuid.uuid4().hex}")
+    job = client.submit_chain(spec)
+
+    assert client.submit_chain(spec) == job
+    assert client.wait(job, timeout=TIMEOUT).state == "succeeded"
+    assert client.submit_chain(spec) == job
+    assert (
+        len([r for r in client.list_jobs() if r.spec.idempotency_key == spec["idempotency_key"]])
+        == 1
+    )
+
+
+def test_a_cancelled_job_stops_between_edits(client):
+    job = client.submit_chain(_chain())
+    client.cancel(job)
+
+    record = client.wait(job, timeout=TIMEOUT)
+    assert record.state == "cancelled" and len(record.results) < len(CHAIN)
+    assert client.cancel(job).state == "cancelled"
+
+
+def test_a_restarted_router_finds_the_holders_again(client, config):
+    made = client.generate("a cat on a bench", steps=STEPS, seed=8)
+    client.edit(made.session_id, "a dog on a bench", extends=0)
+
+    ray.kill(ray.get_actor(ROUTER, namespace=config.namespace), no_restart=False)
+
+    edited = client.edit(made.session_id, "a dog on a red bench", extends=1)
+    assert (edited.cache_path, edited.worker_id) == ("hit", made.worker_id)
+    with pytest.raises(StaleVersionError):
+        client.edit(made.session_id, "a fox", extends=1)
+
+
+def test_a_restarted_job_queue_resumes_its_jobs_without_repeating_an_edit(client, config):
+    job = client.submit_chain(_chain(CHAIN[:3], seed=13))
+    client.wait(job, timeout=TIMEOUT, until=lambda r: bool(r.results))
+
+    ray.kill(ray.get_actor(JOB_QUEUE, namespace=config.namespace), no_restart=False)
+
+    record = client.wait(job, timeout=TIMEOUT)
+    assert record.state == "succeeded" and [r.version for r in record.results] == [1, 2, 3]
+    assert [r.version for r in client.history(record.session_id)] == [0, 1, 2, 3]
+
+
+def _serve_s3(port: int):
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    return server
+
+
+def test_a_chain_on_s3_rides_out_a_store_outage_without_losing_or_repeating_an_edit(
+    ray_cluster, tiny_model_dir
+):
+    import boto3
+
+    server = _serve_s3(0)
+    port = server.get_host_and_port()[1]
+    endpoint = f"http://127.0.0.1:{port}"
+    bucket = boto3.client("s3", endpoint_url=endpoint)
+    bucket.create_bucket(Bucket="outage")
+    # Short S3 timeouts: requests on connections the stopped server leaves open fail fast.
+    store = StoreConfig(
+        url="s3://outage/x", endpoint_url=endpoint, max_attempts=2, read_timeout_s=2
+    )
+    config = _config(tiny_model_dir, store, 1)
+    deploy.start(config)
+    try:
+        client = Client(config=config, timeout_s=TIMEOUT)
+        job = client.submit_chain(_chain(CHAIN[:3], seed=17))
+        client.wait(job, timeout=TIMEOUT, until=lambda r: bool(r.results))
+        server.stop()
+        server._server.server_close()  # refuse connections instead of leaving them hanging
+        time.sleep(3)
+        server = _serve_s3(port)  # moto keeps the bucket's objects in this process
+        record = client.wait(job, timeout=TIMEOUT)
+        history = client.history(record.session_id)
+        listing = bucket.list_objects_v2(Bucket="outage", Prefix="x/tenants/local/")["Contents"]
+    finally:
+        deploy.stop(config)
+        server.stop()
+
+    assert record.state == "succeeded" and [r.version for r in record.results] == [1, 2, 3]
+    assert [r.version for r in history] == [0, 1, 2, 3]
+    keys = {item["Key"].removeprefix("x/tenants/local/") for item in listing}
+    assert f"jobs/{job}.json" in keys
+    assert {key for r in record.results for key in (r.image_key, r.recipe_key)} <= keys
+
+
+def test_a_chain_survives_the_death_of_its_worker_with_identical_images(client, config):
+    undisturbed = client.wait(client.submit_chain(_chain(seed=21)), timeout=TIMEOUT)
+    assert undisturbed.state == "succeeded"
+
+    job = client.submit_chain(_chain(seed=21))
+    first = client.wait(job, timeout=TIMEOUT, until=lambda r: bool(r.results))
+    holder = first.results[0].worker_id
+    ray.kill(ray.get_actor(holder, namespace=config.namespace), no_restart=True)
+    try:
+        record = client.wait(job, timeout=TIMEOUT)
+    finally:
+        deploy.start(config)  # the dead worker comes back for whatever runs next
+
+    assert record.state == "succeeded"
+    assert [r.version for r in record.results] == [1, 2, 3, 4]
+    assert any(r.cache_path == "rebuild" and r.worker_id != holder for r in record.results)
+    for lost, kept in zip(record.results, undisturbed.results, strict=True):
+        assert np.array_equal(_image(client, lost.image_key), _image(client, kept.image_key))

@@ -1,0 +1,113 @@
+"""SessionHost, the EditWorker without Ray: every version committed under deterministic keys,
+stale versions refused, lost sessions adopted from the store with the same images."""
+
+import io
+import uuid
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fisedit.engine import Engine, GenerationParams, StaleVersionError
+from fisedit.engine.config import EditConfig, EngineConfig
+from fisedit.engine.recipe import SessionRecipe
+from fisedit.service.config import ServiceConfig, StoreConfig
+from fisedit.service.results import EditRequest, EditResult, png
+from fisedit.service.worker import SessionHost
+
+ENGINE = EngineConfig(progress=False, edit=EditConfig(mask_steps=1))
+BASE = GenerationParams(prompt="a cat on a bench", steps=4, seed=3)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir) -> Engine:
+    return Engine.from_pretrained(tiny_model_dir, ENGINE)
+
+
+def _config(tiny_model_dir, store: StoreConfig) -> ServiceConfig:
+    return ServiceConfig(model=tiny_model_dir, engine=ENGINE, store=store)
+
+
+@pytest.fixture
+def config(tiny_model_dir, tmp_path) -> ServiceConfig:
+    return _config(tiny_model_dir, StoreConfig(url=str(tmp_path / "store")))
+
+
+def _image(host: SessionHost, result: EditResult) -> np.ndarray:
+    return np.array(Image.open(io.BytesIO(host.store.get(result.image_key))))
+
+
+def test_every_version_is_committed_under_deterministic_keys(engine, config):
+    host = SessionHost(config, "w0", engine)
+
+    made = host.generate("s1", BASE)
+    edited = host.edit("s1", EditRequest(prompt="a dog on a bench", extends=0))
+
+    assert (made.version, made.cache_path, made.mask_key) == (0, "generate", None)
+    assert (edited.version, edited.cache_path, edited.worker_id) == (1, "hit", "w0")
+    assert host.store.list("sessions/s1/v1/") == [
+        "sessions/s1/v1/image.png",
+        "sessions/s1/v1/mask.png",
+        "sessions/s1/v1/recipe.json",
+        "sessions/s1/v1/report.json",
+    ]
+    assert config.store.open().exists("tenants/local/sessions/s1/v1/recipe.json")
+    recipe = SessionRecipe.model_validate_json(host.store.get(edited.recipe_key))
+    assert [e.params.prompt for e in recipe.edits] == ["a dog on a bench"]
+    assert np.array_equal(_image(host, edited), host.pool.get("s1").image)
+    assert 0 < edited.mask_ratio <= 1 and 0 < edited.mac_fraction < 1
+    assert host.summary["sessions"] == {"s1": 1}
+
+
+def test_a_retried_generation_returns_the_committed_version(engine, config):
+    host = SessionHost(config, "w0", engine)
+    first = host.generate("s1", BASE)
+    assert host.generate("s1", BASE) == first
+
+
+def test_stale_versions_and_bad_masks_are_refused_and_the_session_stays(engine, config):
+    host = SessionHost(config, "w0", engine)
+    host.generate("s1", BASE)
+    host.edit("s1", EditRequest(prompt="a dog on a bench", extends=0))
+
+    with pytest.raises(StaleVersionError, match="at version 1, not 0"):
+        host.edit("s1", EditRequest(prompt="a fox on a bench", extends=0))
+    with pytest.raises(ValueError, match="mask: not a readable image"):
+        host.edit("s1", EditRequest(prompt="a fox", mask=b"not a png", extends=1))
+    with pytest.raises(ValueError, match="mask"):
+        host.edit("s1", EditRequest(prompt="a fox", mask=png(np.zeros((5, 7), np.uint8))))
+
+    assert host.pool.get("s1").version == 1 and host.summary["sessions"] == {"s1": 1}
+    assert host.store.list("sessions/s1/v2/") == []
+
+
+def test_another_worker_adopts_a_lost_session_and_edits_it_identically(engine, config):
+    holder = SessionHost(config, "w0", engine)
+    holder.generate("s1", BASE)
+    holder.edit("s1", EditRequest(prompt="a dog on a bench", extends=0))
+    holder.snapshot("s1")
+    holder.edit("s1", EditRequest(prompt="a dog on a red bench", extends=1))
+    undisturbed = holder.edit("s1", EditRequest(prompt="a fox on a red bench", extends=2))
+    expected = _image(holder, undisturbed)
+    holder.drop("s1")
+    for key in holder.store.list("sessions/s1/v3/"):
+        holder.store.delete(key)  # the holder died before committing version 3
+
+    other = SessionHost(config, "w1", engine)
+    adopted = other.edit("s1", EditRequest(prompt="a fox on a red bench", extends=2))
+
+    assert (adopted.version, adopted.cache_path, adopted.worker_id) == (3, "restore+replay", "w1")
+    assert np.array_equal(_image(other, adopted), other.pool.get("s1").image)
+    assert np.array_equal(_image(other, adopted), expected)
+    assert other.edit("s1", EditRequest(prompt="a fox", extends=3)).cache_path == "hit"
+
+
+def test_results_go_to_s3_the_same_way(engine, tiny_model_dir, s3_endpoint):
+    store = StoreConfig(url=f"s3://fisedit-test/{uuid.uuid4().hex}", endpoint_url=s3_endpoint)
+    host = SessionHost(_config(tiny_model_dir, store), "w0", engine)
+
+    host.generate("s1", BASE)
+    result = host.edit("s1", EditRequest(prompt="a dog on a bench", extends=0))
+
+    assert np.array_equal(_image(host, result), host.pool.get("s1").image)
+    assert store.open().exists(f"tenants/local/{result.recipe_key}")
