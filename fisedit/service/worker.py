@@ -7,7 +7,6 @@ async actor whose engine work runs in one thread, so stats and health answer dur
 
 import asyncio
 import io
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -38,15 +37,8 @@ POOL_PATHS: dict[str, CachePath] = {
 
 
 def load_engine(config: ServiceConfig) -> Engine:
-    """The engine for the configured model; tiny models are built locally (deterministically,
-    so every worker holds the same weights)."""
-    from fisedit.cli import TINY_MODELS
-    from fisedit.engine.models import build_tiny_model
-
-    if config.model in TINY_MODELS:
-        with tempfile.TemporaryDirectory() as workdir:
-            path = build_tiny_model(workdir, TINY_MODELS[config.model])
-            return Engine.from_pretrained(str(path), config.engine)
+    """The engine for the configured model; the tiny models are built locally, the same
+    on every worker (Engine.from_pretrained builds them deterministically)."""
     return Engine.from_pretrained(config.model, config.engine)
 
 
