@@ -1,5 +1,6 @@
-"""`fisedit` command line: try the engine (demo), keep an editable session in a directory
-(generate, edit, history) and benchmark edits against dense diffusers (bench).
+"""`fisedit` command line: try the service or the engine (demo), keep an editable session in
+a directory (generate, edit, history), benchmark edits against dense diffusers (bench),
+and run the Ray service on a cluster (up, down, submit).
 
 Every command checks its options, and the session directory and mask file it is given,
 before it loads a model, so bad input fails at once.
@@ -118,7 +119,11 @@ def _save_edit(out: Path, version, edit: EditConfig) -> None:
 
 
 def demo(args: argparse.Namespace) -> None:
-    """Generates a base image and runs a chain of prompt edits, reporting each edit."""
+    """Runs the service end to end on this machine: a local Ray with two edit workers, a
+    local directory store and the tiny model; submits a job that generates a base image and
+    edits it three times, and writes the images, region previews and report.json (each
+    edit's figures and the cache path the service took). With --engine-only the engine runs
+    alone in this process and the report adds each edit's fidelity to masked-dense."""
     _options(
         GenerationParams,
         prompt=DEMO_PROMPTS[0],
@@ -127,6 +132,16 @@ def demo(args: argparse.Namespace) -> None:
         scheduler=args.scheduler,
     )
     _check_device(args.device)
+    if args.engine_only:
+        _engine_demo(args)
+    else:
+        from fisedit.service.commands import demo as service_demo
+
+        _quiet_libraries()
+        service_demo(args, DEMO_PROMPTS)
+
+
+def _engine_demo(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     engine = _load_engine(args.model, args)
@@ -457,8 +472,13 @@ def _parser() -> argparse.ArgumentParser:
 
     prompt_help = "prompt text, not blank, at most 2000 characters (required)"
 
-    sub = command("demo", demo, "generate a base image and run a chain of edits")
+    sub = command("demo", demo, "run the service locally: a generation and a chain of edits")
     sub.add_argument("--out", required=True, help="directory for images and report.json (required)")
+    sub.add_argument(
+        "--engine-only",
+        action="store_true",
+        help="run the engine alone in this process, without Ray (default: the service)",
+    )
     sampling(sub)
     engine_options(sub)
 
@@ -569,6 +589,9 @@ def _parser() -> argparse.ArgumentParser:
         default="bench/results",
         help="directory for the JSON and PNG (default: %(default)s)",
     )
+    from fisedit.service.commands import add_commands
+
+    add_commands(commands)
     return parser
 
 

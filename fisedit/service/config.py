@@ -98,6 +98,12 @@ class ServiceConfig(BaseModel):
     worker_resources: WorkerResources = WorkerResources()
     queue: QueueLimits = QueueLimits()
     retry: RetryPolicy = RetryPolicy()
+    affinity: bool = Field(
+        True,
+        description="Send follow-up edits to the worker holding the session's cache; off "
+        "(the service benchmark's baseline) sends each edit to a random worker, which "
+        "restores the session from the snapshot its holder writes first.",
+    )
     call_timeout_s: float = Field(600.0, gt=0, description="Longest one actor call may take.")
 
     @model_validator(mode="after")

@@ -8,6 +8,7 @@ sessions no worker holds are found through their recipes in the store.
 """
 
 import asyncio
+import random
 import uuid
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -91,7 +92,10 @@ class SessionRouter:
                 )
             request = request.model_copy(update={"extends": placement.version})
             holder = placement.worker_id
-            placement = await self._bounded(session_id, placement)
+            if self.config.affinity:
+                placement = await self._bounded(session_id, placement)
+            else:
+                placement = await self._scattered(session_id, placement)
             result = await self._dispatch(placement, "edit", session_id, request)
             self.placements[session_id] = Placement(result.worker_id, result.version)
             self.paths[result.cache_path] += 1
@@ -158,6 +162,15 @@ class SessionRouter:
         if self.in_flight[target] >= self.in_flight[holder]:
             return placement
         self.migrations += 1
+        return Placement(target, placement.version)
+
+    async def _scattered(self, session_id: str, placement: Placement) -> Placement:
+        """Without affinity (the service benchmark's baseline) an edit goes to a random
+        worker; the holder snapshots the session first, so that worker restores it."""
+        await self._discover()
+        target = random.choice(sorted(self.workers))
+        if placement.worker_id not in (None, target):
+            await self._dispatch(placement, "snapshot", session_id)
         return Placement(target, placement.version)
 
     async def _placement(self, session_id: str) -> Placement:
