@@ -53,8 +53,25 @@ def _copy(session_dir: Path, target: Path) -> Path:
     return target
 
 
-def test_demo_writes_images_masks_and_a_report(tmp_path):
-    _fisedit("demo", "--out", str(tmp_path), "--steps", "14")
+def test_demo_runs_an_edit_chain_job_on_a_local_service(tmp_path):
+    _fisedit("demo", "--out", str(tmp_path), "--steps", STEPS)
+
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["state"] == "succeeded"
+    assert [edit["version"] for edit in report["edits"]] == [1, 2, 3]
+    # Every follow-up edit reached the worker holding the session's cache.
+    assert report["service"]["cache_paths"] == ["hit"] * 3
+    assert len(set(report["service"]["workers"])) == 1
+    for edit in report["edits"]:
+        assert 0 < edit["mac_fraction"] < 1 and edit["latency_s"] > 0
+        for name in (f"edit_{edit['version']}.png", f"mask_{edit['version']}.png"):
+            assert Image.open(tmp_path / name).size == (128, 128)
+    assert Image.open(tmp_path / "base.png").size == (128, 128)
+    assert (tmp_path / "store/tenants/local/sessions").is_dir()
+
+
+def test_engine_demo_writes_images_masks_and_a_report(tmp_path):
+    _fisedit("demo", "--engine-only", "--out", str(tmp_path), "--steps", "14")
 
     report = json.loads((tmp_path / "report.json").read_text())
     assert len(report["edits"]) >= 3
@@ -242,7 +259,10 @@ def test_help_lists_every_command_and_every_option_has_a_default_or_is_required(
     parser = _parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
 
-    assert set(commands.choices) == {"demo", "generate", "edit", "history", "bench"}
+    assert set(commands.choices) == {
+        *("demo", "generate", "edit", "history", "bench"),
+        *("up", "down", "submit"),
+    }
     for name, sub in commands.choices.items():
         assert f"    {name} " in top and sub.description, name
         for action in sub._actions:

@@ -228,6 +228,25 @@ def load_model(
         return _load(source, device, dtype)
 
 
+def check_model_source(source: str | os.PathLike) -> None:
+    """Raises ModelLoadError unless `source` is a tiny model's name or a pipeline whose
+    index loads: the cheap check made before starting workers that load the model."""
+    source = str(source)
+    if source in TINY_MODELS:
+        return
+    try:
+        DiffusionPipeline.load_config(source)
+    except (OSError, ValueError) as error:
+        raise _load_error(source, error) from error
+
+
+def _load_error(source: str, error: Exception) -> ModelLoadError:
+    return ModelLoadError(
+        f"cannot load a Stable Diffusion pipeline from {source!r}: expected a local "
+        f"directory written by save_pretrained or a hub id available offline ({error})"
+    )
+
+
 def _load(source: str, device: str, dtype: torch.dtype) -> DiffusionModel:
     try:
         index = DiffusionPipeline.load_config(source)
@@ -248,10 +267,7 @@ def _load(source: str, device: str, dtype: torch.dtype) -> DiffusionModel:
         ]
         scheduler_config = dict(DDIMScheduler.load_config(source, subfolder="scheduler"))
     except (OSError, ValueError, KeyError) as error:
-        raise ModelLoadError(
-            f"cannot load a Stable Diffusion pipeline from {source!r}: expected a local "
-            f"directory written by save_pretrained or a hub id available offline ({error})"
-        ) from error
+        raise _load_error(source, error) from error
     for module in [unet, vae, *encoders]:
         module.to(device).eval().requires_grad_(False)
     # The SDXL pipeline's default when model_index.json does not say.

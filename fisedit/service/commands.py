@@ -95,10 +95,12 @@ def demo(args: argparse.Namespace, prompts: list[str]) -> None:
     import ray
 
     from fisedit.engine.config import EngineConfig
+    from fisedit.engine.models import check_model_source
     from fisedit.service import deploy
     from fisedit.service.client import Client
     from fisedit.service.config import ServiceConfig, StoreConfig, WorkerResources
 
+    check_model_source(args.model)
     out = Path(args.out)
     config = ServiceConfig(
         model=args.model,
@@ -214,10 +216,15 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     cluster_command("up", up, "start the service's actors on a running Ray cluster")
     cluster_command("down", down, "stop the service's actors")
     sub = cluster_command("submit", submit, "run an edit-chain spec (JSON) on the service")
-    sub.add_argument("spec", help="edit-chain spec: JSON (see jobs/examples/)")
-    sub.add_argument("--out", help="directory for images, masks and report.json")
+    sub.add_argument("spec", help="edit-chain spec, JSON: see jobs/examples/ (required)")
     sub.add_argument(
-        "--start", action="store_true", help="start the service's actors if they are not up"
+        "--out",
+        help="directory for images, masks and report.json (default: print the job record)",
+    )
+    sub.add_argument(
+        "--start",
+        action="store_true",
+        help="start the service's actors if they are not up (default: off)",
     )
     sub.add_argument(
         "--timeout", type=float, default=3600.0, help="seconds to wait (default: 3600)"
