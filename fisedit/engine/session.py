@@ -119,7 +119,7 @@ class DenoiseRun:
         generator = torch.Generator("cpu").manual_seed(params.seed)
         noise = torch.randn((1, *model.latent_shape), generator=generator)
         self.latents = noise.to(model.device, model.dtype) * self.scheduler.init_noise_sigma
-        self.record = ActivationCache(params.steps)
+        self.record = ActivationCache(params.steps, channels_last=engine.config.channels_last)
         self.added = model.added_conditions(embeds)
         self.sparse_graphs: dict[int, CapturedUNetStep] = {}
         self.capture_s = 0.0
