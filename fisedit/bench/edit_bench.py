@@ -263,7 +263,7 @@ class ModelBench:
         CUDA graph where the engine captures graphs, recording the new version's state."""
         device, step, cache = engine.model.device, self.steps // 2, base.current.cache
         plan = SparsePlan(mask.to(device), engine.config.sparse, device)
-        record = ActivationCache(self.steps)
+        record = ActivationCache(self.steps, channels_last=engine.config.channels_last)
         if engine.graphs:
             graph = CapturedUNetStep(engine, plan, cache)
             args = (self.sample, self.timestep, step, self.embeds, self.added, record)

@@ -105,7 +105,7 @@ class MetaUNet:
             batch, shape.text_tokens, shape.context_dim, device="meta", dtype=dtype
         )
         self.added = shape.added_conditions(batch, "meta", dtype)
-        self.cache = ActivationCache(steps=1)
+        self.cache = ActivationCache(steps=1, channels_last=True)
 
     def step(self, plan: SparsePlan | None) -> tuple[MacCount, Counter[str], list[Launch]]:
         """One UNet call as the engine captures it: dense without a plan, else sparse over
@@ -113,7 +113,7 @@ class MetaUNet:
         state = self.state
         state.step = torch.tensor(0, device="meta")
         state.plan, state.source = plan, None if plan is None else self.cache
-        state.record, state.macs = StepSlots(), MacCount()
+        state.record, state.macs = StepSlots(channels_last=True), MacCount()
         counter = _OpCounter()
         with recording_launches(H100_SMS) as launches, _AttentionAsOneOp(counter), counter:
             self.unet(

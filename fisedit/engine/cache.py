@@ -3,14 +3,26 @@
 import torch
 
 
-def _steps_like(value: torch.Tensor, steps: int) -> torch.Tensor:
-    """An empty [steps, *value.shape] buffer whose steps lay out like `value` (a channels_last
-    map stays channels_last, so kernels reading the cache gather whole channel vectors)."""
-    if value.dim() == 4 and value.is_contiguous(memory_format=torch.channels_last):
-        strides = (value.numel(), *value.stride())
-        return torch.empty_strided(
-            (steps, *value.shape), strides, dtype=value.dtype, device=value.device
+def _nhwc(value: torch.Tensor, channels_last: bool) -> bool:
+    """Whether `value` is stored channels_last: a feature map [B, C, H, W] that arrives so, or
+    any one when `channels_last` (kernels reading the cache then gather whole channel
+    vectors, whatever layout the layer that made the map returned)."""
+    return value.dim() == 4 and (
+        channels_last or value.is_contiguous(memory_format=torch.channels_last)
+    )
+
+
+def _steps_like(value: torch.Tensor, steps: int, channels_last: bool) -> torch.Tensor:
+    """An empty [steps, *value.shape] buffer to record `value` in at each step."""
+    if _nhwc(value, channels_last):
+        batch, *map_shape = value.shape
+        buffer = torch.empty(
+            (steps * batch, *map_shape),
+            dtype=value.dtype,
+            device=value.device,
+            memory_format=torch.channels_last,
         )
+        return buffer.view(steps, *value.shape)
     return value.new_empty((steps, *value.shape))
 
 
@@ -22,16 +34,25 @@ def _maps_in_layout(maps: torch.Tensor, channels_last: bool) -> torch.Tensor:
 
 
 class ActivationCache:
-    """One dense [steps, ...] tensor per recorded name, indexed by denoise step."""
+    """One dense [steps, ...] tensor per recorded name, indexed by denoise step.
 
-    def __init__(self, steps: int, tensors: dict[str, torch.Tensor] | None = None) -> None:
+    With `channels_last`, every feature map recorded is stored NHWC within each step (the
+    copy into the cache converts it); otherwise maps keep the layout they arrive in."""
+
+    def __init__(
+        self,
+        steps: int,
+        tensors: dict[str, torch.Tensor] | None = None,
+        channels_last: bool = False,
+    ) -> None:
         self.steps = steps
         self.tensors: dict[str, torch.Tensor] = dict(tensors or {})
+        self.channels_last = channels_last
 
     def put(self, name: str, step: int, value: torch.Tensor) -> None:
         buffer = self.tensors.get(name)
         if buffer is None:
-            buffer = _steps_like(value, self.steps)
+            buffer = _steps_like(value, self.steps, self.channels_last)
             self.tensors[name] = buffer
         buffer[step].copy_(value)
 
@@ -39,7 +60,7 @@ class ActivationCache:
         """Records every tensor of `values` at `step`, in one batched copy."""
         for name, value in values.items():
             if name not in self.tensors:
-                self.tensors[name] = _steps_like(value, self.steps)
+                self.tensors[name] = _steps_like(value, self.steps, self.channels_last)
         targets = [self.tensors[name][step] for name in values]
         torch._foreach_copy_(targets, list(values.values()))
 
@@ -84,7 +105,8 @@ class ActivationCache:
             if channels_last is not None and tensor.dim() == 5:
                 tensor = _maps_in_layout(tensor, channels_last)
             moved[name] = tensor.pin_memory() if pin else tensor
-        return ActivationCache(self.steps, moved)
+        keep = self.channels_last if channels_last is None else channels_last
+        return ActivationCache(self.steps, moved, keep)
 
     def reader(self, device: torch.device | str) -> "ActivationCache | HostPrefetcher":
         """Something with `get(name, step)` that returns tensors on `device`."""
@@ -96,15 +118,19 @@ class ActivationCache:
 
 class StepSlots:
     """One step's recorded tensors in static buffers: what a captured UNet call writes,
-    whatever step it runs (`ActivationCache.put_step` files them under the step)."""
+    whatever step it runs (`ActivationCache.put_step` files them under the step). Feature
+    maps are laid out as in an `ActivationCache` with the same `channels_last`."""
 
-    def __init__(self) -> None:
+    def __init__(self, channels_last: bool = False) -> None:
         self.tensors: dict[str, torch.Tensor] = {}
+        self.channels_last = channels_last
 
     def put(self, name: str, step: int | torch.Tensor, value: torch.Tensor) -> None:
         slot = self.tensors.get(name)
         if slot is None:
-            self.tensors[name] = value.clone()
+            nhwc = _nhwc(value, self.channels_last)
+            layout = torch.channels_last if nhwc else torch.preserve_format
+            self.tensors[name] = value.clone(memory_format=layout)
         else:
             slot.copy_(value)
 

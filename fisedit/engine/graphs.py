@@ -30,7 +30,7 @@ class CapturedUNetStep:
         self, engine, plan: SparsePlan | None = None, source: ActivationCache | None = None
     ) -> None:
         self.engine, self.plan, self.source = engine, plan, source
-        self.slots = StepSlots()
+        self.slots = StepSlots(engine.config.channels_last)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.output: torch.Tensor | None = None
         self.step_macs = MacCount()

@@ -145,7 +145,7 @@ class DenoiseRun:
         shape = model.latent_shape_at(params.height, params.width)
         noise = torch.randn((1, *shape), generator=generator)
         self.latents = noise.to(model.device, model.dtype) * self.scheduler.init_noise_sigma
-        self.record = ActivationCache(params.steps)
+        self.record = ActivationCache(params.steps, channels_last=engine.config.channels_last)
         self.added = model.added_conditions(embeds, (params.height, params.width))
         self.sparse_graphs: dict[int, CapturedUNetStep] = {}
         self.capture_s = 0.0

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from fisedit.engine import EditConfig, Engine, EngineConfig
-from fisedit.engine.cache import ActivationCache, HostPrefetcher
+from fisedit.engine.cache import ActivationCache, HostPrefetcher, StepSlots
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -57,6 +57,24 @@ def test_put_step_files_a_step_of_slots_in_one_go():
     assert cache.tensors["map"][1].is_contiguous(memory_format=torch.channels_last)
     for name, value in slots.items():
         assert torch.equal(cache.get(name, 1), value)
+
+
+def test_a_channels_last_cache_stores_every_map_nhwc_whatever_layout_it_arrives_in():
+    nchw, tokens = torch.randn(2, 4, 3, 5), torch.randn(2, 15, 4)
+    slots = StepSlots(channels_last=True)
+    slots.put("map", 0, nchw)
+    slots.put("tokens", 0, tokens)
+    recorded, filed = ActivationCache(steps=2, channels_last=True), ActivationCache(steps=2)
+
+    recorded.put("map", 1, nchw)
+    filed.put_step(1, slots.tensors)
+
+    assert slots.tensors["map"].is_contiguous(memory_format=torch.channels_last)
+    for cache in (recorded, filed):
+        assert cache.tensors["map"][1].is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(cache.get("map", 1), nchw)
+    assert filed.tensors["tokens"].is_contiguous()
+    assert recorded.to("cpu").channels_last
 
 
 def test_unknown_names_are_clear_errors():

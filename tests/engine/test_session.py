@@ -22,6 +22,7 @@ from fisedit.engine.kernels.launch import interpreting
 from fisedit.engine.models import PromptTruncatedWarning
 from fisedit.engine.recipe import rebuild, recipe_of
 
+NHWC = torch.channels_last
 CAT, DOG = "a photo of a cat sitting on a bench", "a photo of a dog sitting on a bench"
 STEPS, K = 12, 4
 # Triton runs on CUDA tensors on a GPU machine, and interpreted on CPU tensors elsewhere.
@@ -372,3 +373,22 @@ def test_tabs_and_line_breaks_in_prompts_become_spaces(engine):
 
     assert session.params.prompt == "a photo of a cat on a bench"
     assert session.params.negative_prompt == "dark  "
+
+
+@pytest.mark.parametrize("variant", ["sd15", "sd2", "sdxl"])
+def test_every_cached_map_is_channels_last_on_every_model_shape(tiny_model_dirs, variant):
+    """Diffusers' Transformer2D with linear projections (SD 2, SDXL) returns NCHW maps, and
+    so do the layers after it; the cache stores every map NHWC anyway, in generations and
+    in edits (whose dense fallback layers record whole maps)."""
+    engine = _engine(tiny_model_dirs[variant], preserve=False)
+    session = engine.generate(CAT, steps=3, seed=4)
+    generated = session.current.cache
+
+    edited = session.edit(DOG, mask=_square()).cache
+
+    for version, cache in (("generation", generated), ("edit", edited)):
+        # Feature maps [steps, B, C, H, W]: every layer's output, at least.
+        maps = {name: t for name, t in cache.tensors.items() if t.dim() == 5}
+        assert len(maps) > len(engine.layers)
+        nchw = [n for n, t in maps.items() if not t[0].is_contiguous(memory_format=NHWC)]
+        assert not nchw, f"{version}: {len(nchw)} of {len(maps)} maps are NCHW: {nchw}"
