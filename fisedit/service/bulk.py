@@ -402,8 +402,8 @@ def add_bulk_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", help="Ray cluster address (default: connect or start local)")
 
 
-def run_bulk_cli(args: argparse.Namespace) -> BulkSummary:
-    """Runs `fisedit bulk` from parsed arguments and prints the summary."""
+def bulk_settings(args: argparse.Namespace) -> tuple[ServiceConfig, BulkOptions]:
+    """The service config (from --config, with the flags' overrides) and the run's options."""
     config = ServiceConfig.from_yaml(args.config) if args.config else ServiceConfig()
     updates: dict[str, Any] = {}
     if args.model:
@@ -416,14 +416,19 @@ def run_bulk_cli(args: argparse.Namespace) -> BulkSummary:
         edit = config.engine.edit.model_copy(update={"mask_steps": args.mask_steps})
         updates["engine"] = config.engine.model_copy(update={"edit": edit})
     config = ServiceConfig.model_validate({**config.model_dump(), **updates})
-    defaults = BulkDefaults(**({"steps": args.steps} if args.steps else {}))
     options = BulkOptions(
         run=args.run,
         workers=args.workers,
         actor_num_cpus=args.actor_cpus,
-        defaults=defaults,
+        defaults=BulkDefaults(**({"steps": args.steps} if args.steps else {})),
         max_groups=args.max_groups,
     )
+    return config, options
+
+
+def run_bulk_cli(args: argparse.Namespace) -> BulkSummary:
+    """Runs `fisedit bulk` from parsed arguments and prints the summary."""
+    config, options = bulk_settings(args)
     if not ray.is_initialized():
         ray.init(address=args.address)
     summary = run_bulk(args.input, config, options)
