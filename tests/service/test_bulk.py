@@ -214,8 +214,16 @@ def _check_against_the_engine(engine, store, layout, groups) -> None:
 @pytest.fixture(scope="module")
 def parquet_on_s3(cluster, s3_endpoint):
     records, _ = _records()
+    # A Parquet column has one type: here every variation is a {prompt, mask} struct.
+    for record in records:
+        if "variations" in record:
+            record["variations"] = [
+                v if isinstance(v, dict) else {"prompt": v, "mask": None}
+                for v in record["variations"]
+            ]
     buffer = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(records), buffer)
+    columns = dict.fromkeys(name for record in records for name in record)
+    pq.write_table(pa.table({n: [r.get(n) for r in records] for n in columns}), buffer)
     key = "bulk-inputs/variations.parquet"
     boto3.client("s3", endpoint_url=s3_endpoint).put_object(
         Bucket=BUCKET, Key=key, Body=buffer.getvalue()
