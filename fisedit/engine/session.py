@@ -10,7 +10,7 @@ import uuid
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import numpy as np
@@ -452,6 +452,15 @@ class EditSession:
     @property
     def prompts(self) -> list[str]:
         return [v.prompt for v in self.history]
+
+    def fork(self) -> "EditSession":
+        """A new session at this one's current version, sharing its cache read-only.
+
+        Edits of the fork never change this session: editing each of several forks of one
+        version gives independent variations of it, all from the one recorded cache.
+        """
+        start = replace(self.current)
+        return EditSession(self.engine, self.params, start, history=[start])
 
     def edit(
         self,

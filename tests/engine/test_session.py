@@ -228,6 +228,23 @@ def test_a_set_k_that_leaves_no_sparse_steps_is_warned_at_generate_time(engine):
     assert session.edit(DOG, mask=_square()).number == 1
 
 
+def test_forks_edit_one_version_independently_and_leave_the_original_as_it_was(engine):
+    session = engine.generate(CAT, steps=STEPS, seed=7)
+    base_image, base_cache = session.image.copy(), session.current.cache
+    prompts = [DOG, "a photo of a bird sitting on a bench"]
+
+    variations = [session.fork().edit(prompt) for prompt in prompts]
+
+    # Each fork's edit equals the same edit of a fresh session, so forks share nothing
+    # but the read-only cache of version 0.
+    for prompt, variation in zip(prompts, variations, strict=True):
+        alone = engine.generate(CAT, steps=STEPS, seed=7).edit(prompt)
+        assert variation.number == 1 and variation.report.base_version == 0
+        assert np.array_equal(variation.image, alone.image)
+    assert session.version == 0 and session.current.cache is base_cache
+    assert np.array_equal(session.image, base_image)
+
+
 def test_an_edit_of_a_stale_version_is_refused(engine):
     session = engine.generate(CAT, steps=STEPS, seed=7)
     session.edit(DOG, extends=0)
