@@ -40,7 +40,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from pydantic import Base64Bytes, BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.deployment import Application
@@ -60,7 +60,7 @@ from fisedit.service.jobs import (
 from fisedit.service.names import JOB_QUEUE, ROUTER, worker_name
 from fisedit.service.results import SESSION_ID, EditRequest, EditResult, EditSpec
 from fisedit.service.router import NoWorkerError
-from fisedit.storage import validate_key
+from fisedit.storage import ObjectNotFoundError, StorageError, validate_key
 
 log = logging.getLogger(__name__)
 
@@ -144,20 +144,12 @@ def _field_of(message: str) -> tuple[list[str], str]:
 # Request and response bodies
 
 
-class EditBody(BaseModel):
+class EditBody(EditSpec):
     """One edit: a new prompt and, optionally, a mask (PNG, base64) or the store key of a
     mask of one of your sessions (e.g. `sessions/<id>/v1/mask.png`)."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    prompt: Prompt
-    mask: Base64Bytes | None = None
-    mask_key: str | None = None
-    mask_steps: int | None = Field(None, ge=0, le=1000)
-
     def spec(self) -> EditSpec:
-        # Field values, not model_dump(): that would encode the mask back to base64.
-        return EditSpec(**{name: getattr(self, name) for name in EditBody.model_fields})
+        return EditSpec(**{name: getattr(self, name) for name in EditSpec.model_fields})
 
 
 class SessionEditBody(EditBody):
@@ -316,22 +308,27 @@ class Gateway:
         the server's own faults). `loc` names the input an invalid-input error is about."""
         try:
             handle = ray.get_actor(actor, namespace=self.config.namespace)
+        except ValueError:  # not started, or restarting
+            raise self.api_error(NoWorkerError(f"{actor} is not running"), loc) from None
+        try:
             ref = getattr(handle, method).remote(*args)
             return await asyncio.wait_for(ref, self.http.request_timeout_s)
         except Exception as error:
-            raise self._api_error(root_cause(error), loc) from error
+            raise self.api_error(root_cause(error), loc) from error
 
-    def _api_error(self, error: BaseException, loc: list[str] | None) -> BaseException:
+    def api_error(self, error: BaseException, loc: list[str] | None) -> BaseException:
         retry = {"Retry-After": str(self.http.retry_after_s)}
         if isinstance(error, StaleVersionError):
             return ApiError(409, loc or ["body", "extends"], str(error), "stale_version")
-        if isinstance(error, KeyError):  # unknown session, job or object
+        if isinstance(error, ObjectNotFoundError):  # its message names the store's URL
+            return ApiError(404, loc or ["path"], f"no file {error.key!r}", "not_found")
+        if isinstance(error, KeyError):  # an unknown session or job
             message = error.args[0] if error.args else str(error)
             return ApiError(404, loc or ["path"], str(message), "not_found")
         if isinstance(error, ValueError):
             field, reason = _field_of(str(error))
             return ApiError(422, loc or field, reason, "value_error")
-        if isinstance(error, QueueFullError | NoWorkerError | RayActorError):
+        if isinstance(error, QueueFullError | NoWorkerError | RayActorError | StorageError):
             return ApiError(503, [], f"{type(error).__name__}: {error}", "unavailable", retry)
         if isinstance(error, TimeoutError):
             return ApiError(
@@ -466,6 +463,13 @@ TenantDep = Annotated[str, Depends(caller)]
 @api.exception_handler(ApiError)
 async def _api_error(request: Request, error: ApiError) -> JSONResponse:
     return error.response()
+
+
+@api.exception_handler(StorageError)
+async def _store_unavailable(request: Request, error: StorageError) -> JSONResponse:
+    """The ingress's own store calls (ownership records) failing: retryable."""
+    log.warning("store error: %s", error)
+    return gateway().api_error(error, None).response()
 
 
 @api.exception_handler(RequestValidationError)
@@ -660,10 +664,7 @@ async def submit_job(
             )  # fmt: skip
         key = hash_key(f"{tenant}\0{idempotency_key}")  # a key is the tenant's own
     fields = body.model_dump(exclude={"edits"}, exclude_none=True)
-    try:
-        spec = ChainSpec(**fields, edits=[e.spec() for e in body.edits], idempotency_key=key)
-    except ValueError as error:
-        raise ApiError(422, ["body"], str(error), "value_error") from None
+    spec = ChainSpec(**fields, edits=[e.spec() for e in body.edits], idempotency_key=key)
     job_id = await _submit(gw, tenant, spec)
     return Job.of(await gw.call(JOB_QUEUE, "status", job_id))
 

@@ -3,6 +3,7 @@
 Sessions, edits (stale ones refused), images, jobs with their event stream, tenants, bad
 input, backpressure, metrics and the OpenAPI document."""
 
+import argparse
 import base64
 import io
 import json
@@ -26,7 +27,7 @@ from fisedit.service.config import (
     StoreConfig,
     WorkerResources,
 )
-from fisedit.service.http import build_app, hash_key
+from fisedit.service.http import add_serve_arguments, build_app, hash_key, local_config
 
 STEPS = 4
 TIMEOUT = 240
@@ -216,6 +217,10 @@ def test_invalid_edits_are_refused_naming_the_field(alice, session):
     assert _field(alice.post(edits, json={"prompt": "a dog", "mask": _png(big)}), 413)[-1] == "mask"
     foreign = {"prompt": "a dog", "mask_key": "sessions/someone-else/v1/mask.png"}
     assert _field(alice.post(edits, json=foreign), 422)[-1] == "mask_key"
+    both = alice.post(edits, json={"prompt": "a dog", "mask": not_png, "mask_key": "a.png"})
+    assert _field(both, 422) == ["body"] and "mask_key" in both.json()["detail"][0]["msg"]
+    escape = {"prompt": "a dog", "mask_key": f"sessions/{session['session_id']}/v0/.."}
+    assert _field(alice.post(edits, json=escape), 422)[-1] == "mask_key"
     bad_match = alice.post(edits, json={"prompt": "a dog"}, headers={"If-Match": "latest"})
     assert _field(bad_match, 422) == ["header", "If-Match"]
     assert _field(alice.post("/v1/sessions/no%20such/edits", json={"prompt": "x"}), 404)
@@ -297,3 +302,15 @@ def test_probes_metrics_and_openapi(base_url, alice, session):
         spec["paths"]
     )
     assert "HTTPBearer" in spec["components"]["securitySchemes"]
+
+
+def test_fisedit_serve_runs_the_embedded_defaults_anonymously_on_localhost():
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+
+    config = local_config(parser.parse_args(["--port", "9001"]))
+
+    assert (config.model, config.workers, config.store.url) == ("tiny", 1, "fisedit-store")
+    assert (config.http.host, config.http.port, config.http.anonymous) == ("127.0.0.1", 9001, True)
+    with pytest.raises(ValueError, match="localhost only"):
+        HttpConfig(host="0.0.0.0", anonymous=True)
