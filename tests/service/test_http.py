@@ -10,6 +10,7 @@ import json
 import socket
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import quote
 
 import httpx2 as httpx
 import numpy as np
@@ -314,3 +315,53 @@ def test_fisedit_serve_runs_the_embedded_defaults_anonymously_on_localhost():
     assert (config.http.host, config.http.port, config.http.anonymous) == ("127.0.0.1", 9001, True)
     with pytest.raises(ValueError, match="localhost only"):
         HttpConfig(host="0.0.0.0", anonymous=True)
+
+
+NASTY = [None, "", -1, 2**70, 1.5, "x" * 5000, "../../etc/passwd", "\u0000é", [], {"a": 1}, True]
+NASTY_IDS = ["..", "a/../b", "x" * 300, "ab cd", "é", "%00", "-1", "0" * 32]
+INVALID_BASE = {"prompt": "", "steps": 1, "mask_steps": -1}
+"""Two invalid fields in every body, so that changing one never starts real work."""
+
+
+def _operations(spec: dict):
+    for path, methods in spec["paths"].items():
+        for method, operation in methods.items():
+            yield path, method.upper(), operation
+
+
+def _body_fields(spec: dict, operation: dict) -> list[str]:
+    content = operation.get("requestBody", {}).get("content", {}).get("application/json")
+    if content is None:
+        return []
+    name = content["schema"]["$ref"].rsplit("/", 1)[1]
+    return list(spec["components"]["schemas"][name]["properties"])
+
+
+def test_no_input_a_client_can_send_gets_a_5xx(alice, session):
+    """A bounded sweep over the OpenAPI document: every operation, its path parameters and
+    body fields set to ill-typed, out-of-range and hostile values, and bodies that are not
+    JSON objects at all."""
+    spec = alice.get("/openapi.json").json()
+    ids = {"session_id": session["session_id"], "version": "0", "job_id": "0" * 32}
+    answers = []
+    for path, method, operation in _operations(spec):
+        for name in ids:
+            if "{" + name + "}" in path:
+                for value in NASTY_IDS:
+                    url = path.format(**ids | {name: quote(value, safe="")})
+                    answers.append(alice.request(method, url, json=INVALID_BASE))
+        url, fields = path.format(**ids), _body_fields(spec, operation)
+        base = {k: v for k, v in INVALID_BASE.items() if k in fields}
+        for field in fields:
+            for value in NASTY:
+                answers.append(alice.request(method, url, json=base | {field: value}))
+        if fields:
+            for raw in (b"not json", b"[1, 2]", b"1e999999", b"{" * 5000, b""):
+                headers = {"Content-Type": "application/json"}
+                answers.append(alice.request(method, url, content=raw, headers=headers))
+
+    assert len(answers) > 250
+    failures = [
+        (a.request.method, str(a.request.url), a.status_code, a.text[:200]) for a in answers
+    ]
+    assert [f for f in failures if f[2] >= 500] == []
