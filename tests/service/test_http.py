@@ -177,7 +177,11 @@ def test_a_stale_version_is_refused_and_the_session_is_unchanged(alice, session)
 
 def test_another_tenant_gets_404_and_no_key_401(base_url, alice, bob, session):
     session_id = session["session_id"]
-    job = alice.post("/v1/jobs", json={"prompt": "a cat", "steps": STEPS}).json()
+    chain, key = {"prompt": "a cat", "steps": STEPS}, {"Idempotency-Key": "same-key"}
+    job = alice.post("/v1/jobs", json=chain, headers=key).json()
+    bobs = bob.post("/v1/jobs", json=chain, headers=key).json()
+
+    assert bobs["job_id"] != job["job_id"]  # an idempotency key is its tenant's own
 
     assert bob.get(f"/v1/sessions/{session_id}").status_code == 404
     assert bob.get(session["image_url"]).status_code == 404
@@ -185,6 +189,8 @@ def test_another_tenant_gets_404_and_no_key_401(base_url, alice, bob, session):
     assert bob.delete(f"/v1/sessions/{session_id}").status_code == 404
     assert bob.get(f"/v1/jobs/{job['job_id']}").status_code == 404
     assert bob.post(f"/v1/jobs/{job['job_id']}/cancel").status_code == 404
+    assert bob.get(job["events_url"]).status_code == 404
+    assert bob.get(f"/v1/sessions/{job['session_id']}").status_code == 404
     assert job["job_id"] not in [j["job_id"] for j in bob.get("/v1/jobs").json()]
     assert job["job_id"] in [j["job_id"] for j in alice.get("/v1/jobs").json()]
     with _client(base_url, None) as nobody, _client(base_url, "bob", "wrong") as wrong:
