@@ -28,7 +28,14 @@ from fisedit.service.config import (
     StoreConfig,
     WorkerResources,
 )
-from fisedit.service.http import add_serve_arguments, build_app, hash_key, local_config
+from fisedit.service.http import (
+    ApiError,
+    Gateway,
+    add_serve_arguments,
+    build_app,
+    hash_key,
+    local_config,
+)
 
 STEPS = 4
 TIMEOUT = 240
@@ -371,3 +378,19 @@ def test_no_input_a_client_can_send_gets_a_5xx(alice, session):
         (a.request.method, str(a.request.url), a.status_code, a.text[:200]) for a in answers
     ]
     assert [f for f in failures if f[2] >= 500] == []
+
+
+def test_a_full_replica_answers_503_and_a_tenant_past_its_share_429(tmp_path):
+    http = HttpConfig(max_in_flight=2, max_in_flight_per_tenant=1, retry_after_s=3)
+    gateway = Gateway(ServiceConfig(store=StoreConfig(url=str(tmp_path)), http=http))
+
+    with gateway.admitted("alice"):
+        with pytest.raises(ApiError) as over_share, gateway.admitted("alice"):
+            pass
+        with gateway.admitted("bob"), pytest.raises(ApiError) as full, gateway.admitted("carol"):
+            pass
+    with gateway.admitted("alice"):  # every slot came back
+        pass
+
+    assert (over_share.value.status, full.value.status) == (429, 503)
+    assert over_share.value.headers == full.value.headers == {"Retry-After": "3"}
