@@ -79,6 +79,43 @@ class RetryPolicy(BaseModel):
         return min(self.backoff_s * self.backoff_factor ** (retry - 1), self.max_backoff_s)
 
 
+LOCALHOST = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+class HttpConfig(BaseModel):
+    """The HTTP API (a Ray Serve FastAPI ingress): where it listens, who may call it, and the
+    bounds that turn overload into 429/503 instead of a pile-up."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    replicas: int = Field(1, ge=1, description="Ingress replicas (they hold no session state).")
+    anonymous: bool = Field(
+        False,
+        description="Serve every request as the config's tenant, without API keys. Only for "
+        "`fisedit serve` on localhost.",
+    )
+    api_keys_file: str | None = Field(
+        None,
+        description='JSON {"tenant": "<sha256 hex of its key>" or [hashes]}; the environment '
+        "variable FISEDIT_API_KEYS (the same JSON) is read when this is unset.",
+    )
+    max_in_flight: int = Field(32, ge=1, description="Requests in flight per replica: 503.")
+    max_in_flight_per_tenant: int = Field(8, ge=1, description="Per tenant and replica: 429.")
+    retry_after_s: int = Field(2, ge=1, description="Retry-After of a 429 or 503.")
+    max_body_bytes: int = Field(8 << 20, ge=1024)
+    max_mask_bytes: int = Field(2 << 20, ge=64, description="A decoded mask PNG.")
+    max_prompt_chars: int = Field(1000, ge=1)
+    request_timeout_s: float = Field(600.0, gt=0, description="Longest wait on one call: 504.")
+
+    @model_validator(mode="after")
+    def _anonymous_only_on_localhost(self) -> "HttpConfig":
+        if self.anonymous and self.host not in LOCALHOST:
+            raise ValueError(f"anonymous mode listens on localhost only, not {self.host!r}")
+        return self
+
+
 class ServiceConfig(BaseModel):
     """The whole service: model, engine, cache budgets, store, workers, queue and retries."""
 
@@ -105,6 +142,7 @@ class ServiceConfig(BaseModel):
         "restores the session from the snapshot its holder writes first.",
     )
     call_timeout_s: float = Field(600.0, gt=0, description="Longest one actor call may take.")
+    http: HttpConfig = HttpConfig()
 
     @model_validator(mode="after")
     def _tenant_is_one_key_segment(self) -> "ServiceConfig":

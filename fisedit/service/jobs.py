@@ -128,7 +128,7 @@ class JobRecord(BaseModel):
         return len(self.results), len(self.spec.edits)
 
 
-def _cause(error: BaseException) -> BaseException:
+def root_cause(error: BaseException) -> BaseException:
     while isinstance(error, RayTaskError) and error.cause is not None:
         error = error.cause
     return error
@@ -204,7 +204,7 @@ class JobQueue:
         try:
             return await self._router().version.remote(session_id)
         except Exception as error:
-            cause = _cause(error)
+            cause = root_cause(error)
             if isinstance(cause, KeyError):
                 raise ValueError(f"session_id: {cause.args[0]}") from None
             raise
@@ -242,7 +242,7 @@ class JobQueue:
             try:
                 await self._steps(record)
             except Exception as error:  # permanent, or transient past the retry budget
-                cause = _cause(error)
+                cause = root_cause(error)
                 record.error = f"{type(cause).__name__}: {cause}"
                 self._finish(record, "failed", record.error)
 
@@ -283,7 +283,7 @@ class JobQueue:
             try:
                 return await asyncio.wait_for(attempt(), self.config.call_timeout_s)
             except Exception as error:
-                cause = _cause(error)
+                cause = root_cause(error)
                 retries += 1
                 if not _transient(cause) or retries >= policy.attempts:
                     raise

@@ -127,6 +127,17 @@ class SessionRouter:
             raise UnknownSessionError(f"unknown session {session_id!r}")
         return [stored_result(self.store, session_id, v) for v in versions]
 
+    async def delete(self, session_id: str) -> None:
+        """Forgets the session: its holder drops it and every file of it leaves the store."""
+        await self._ready()
+        async with self._locks[session_id]:
+            placement = self._placement(session_id)
+            if placement.worker_id in self.workers:
+                await self.workers[placement.worker_id].drop.remote(session_id)
+            del self.placements[session_id]
+            for key in self.store.list(f"sessions/{session_id}/"):
+                self.store.delete(key)
+
     async def result(self, session_id: str, version: int) -> EditResult | None:
         return await asyncio.to_thread(
             stored_result, self.store, check_session_id(session_id), version

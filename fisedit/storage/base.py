@@ -28,6 +28,9 @@ class ObjectNotFoundError(StorageError, KeyError):
     # KeyError.__str__ would wrap the message in quotes.
     __str__ = StorageError.__str__
 
+    def __reduce__(self):  # pickled as its arguments, so it crosses processes (Ray) intact
+        return type(self), (self.key, self.store)
+
 
 class ObjectExistsError(StorageError):
     """A create-only write found the key taken: another writer won."""
@@ -36,6 +39,9 @@ class ObjectExistsError(StorageError):
         super().__init__(f"{store}: object {key!r} already exists (create-only write)")
         self.key, self.store = key, store
 
+    def __reduce__(self):
+        return type(self), (self.key, self.store)
+
 
 class InvalidKeyError(StorageError, ValueError):
     """The key is not a safe relative POSIX path."""
@@ -43,6 +49,9 @@ class InvalidKeyError(StorageError, ValueError):
     def __init__(self, key: str, reason: str) -> None:
         super().__init__(f"invalid key {key!r}: {reason}")
         self.key, self.reason = key, reason
+
+    def __reduce__(self):
+        return type(self), (self.key, self.reason)
 
 
 def _key_problem(key: str) -> str | None:

@@ -1,6 +1,8 @@
+import pickle
+
 import pytest
 
-from fisedit.storage import InvalidKeyError, validate_key
+from fisedit.storage import InvalidKeyError, ObjectExistsError, ObjectNotFoundError, validate_key
 from fisedit.storage.base import validate_prefix
 
 BAD_KEYS = [
@@ -70,3 +72,17 @@ def test_list_prefix_may_be_empty_partial_or_end_with_a_slash(prefix):
 def test_bad_list_prefix_is_rejected(prefix):
     with pytest.raises(InvalidKeyError):
         validate_prefix(prefix)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        ObjectNotFoundError("a/b", "file:///store"),
+        ObjectExistsError("a/b", "file:///store"),
+        InvalidKeyError("../a", "leaves the store"),
+    ],
+)
+def test_errors_survive_pickling_so_they_cross_processes(error):
+    copy = pickle.loads(pickle.dumps(error))
+
+    assert type(copy) is type(error) and str(copy) == str(error) and copy.key == error.key

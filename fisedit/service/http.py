@@ -1,0 +1,807 @@
+"""The HTTP API: a FastAPI ingress on Ray Serve in front of the router and the job queue.
+
+The ingress holds no session state (any replica serves any request): it authenticates the
+caller, checks the request, calls the SessionRouter or the JobQueue (named actors in the
+config's namespace) and maps their answers and errors to HTTP.
+
+Tenants: an API key (a bearer token) names its tenant; keys are stored as sha256 hashes.
+What a tenant makes (sessions, jobs, and so their images) is recorded under
+`owners/<tenant>/` in the store, and every read checks that record: another tenant's id is
+answered 404, exactly as an unknown one.
+
+    serve run deploy/serve.yaml                  # the whole service from one ServiceConfig
+    serve run fisedit.service.http:app           # the same, config from $FISEDIT_CONFIG
+"""
+
+import argparse
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import ray
+from fastapi import Depends, FastAPI, Header, Request, Response
+from fastapi import Path as PathParam
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.deployment import Application
+
+from fisedit.engine.config import GenerationParams, Prompt
+from fisedit.engine.session import StaleVersionError
+from fisedit.service import deploy
+from fisedit.service.config import HttpConfig, ServiceConfig, StoreConfig
+from fisedit.service.jobs import (
+    FINISHED,
+    IDEMPOTENCY_KEY,
+    ChainSpec,
+    JobRecord,
+    QueueFullError,
+    root_cause,
+)
+from fisedit.service.names import JOB_QUEUE, ROUTER, worker_name
+from fisedit.service.results import SESSION_ID, EditRequest, EditResult, EditSpec
+from fisedit.service.router import NoWorkerError
+from fisedit.storage import ObjectNotFoundError, StorageError, validate_key
+
+log = logging.getLogger(__name__)
+
+CONFIG_ENV = "FISEDIT_CONFIG"
+API_KEYS_ENV = "FISEDIT_API_KEYS"
+UNLIMITED = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json", "/docs"})
+"""Paths outside the in-flight bounds: probes and scrapes must answer under load."""
+SSE_POLL_S = 0.25
+
+
+# API keys
+
+
+def hash_key(api_key: str) -> str:
+    """The sha256 hex digest under which a key is stored."""
+    return hashlib.sha256(api_key.encode()).hexdigest()
+
+
+class ApiKeys:
+    """Tenant of each API key, from hashes only; a lookup compares against every hash in
+    constant time, so neither a key's validity nor its tenant leaks through timing."""
+
+    def __init__(self, hashes: dict[str, str | list[str]]) -> None:
+        self._hashes: list[tuple[bytes, str]] = []
+        for tenant, digests in hashes.items():
+            if "/" in tenant:
+                raise ValueError(f"API keys: tenant {tenant!r} must not contain '/'")
+            validate_key(tenant)
+            for digest in [digests] if isinstance(digests, str) else digests:
+                if len(digest) != 64:
+                    raise ValueError(f"API keys: {tenant!r}: expected a sha256 hex digest")
+                self._hashes.append((digest.lower().encode(), tenant))
+
+    @classmethod
+    def load(cls, http: HttpConfig) -> "ApiKeys":
+        """From the config's keys file, else the FISEDIT_API_KEYS variable (same JSON)."""
+        if http.api_keys_file is not None:
+            text = Path(http.api_keys_file).read_text()
+        else:
+            text = os.environ.get(API_KEYS_ENV, "{}")
+        return cls(json.loads(text))
+
+    def tenant(self, api_key: str) -> str | None:
+        digest, found = hash_key(api_key).encode(), None
+        for stored, tenant in self._hashes:
+            if hmac.compare_digest(stored, digest):
+                found = tenant
+        return found
+
+
+# Errors
+
+
+class ApiError(Exception):
+    """A client error (or a retryable refusal), answered as FastAPI answers a bad request:
+    {"detail": [{"loc": [...], "msg": ..., "type": ...}]}."""
+
+    def __init__(
+        self, status: int, loc: list[str], msg: str, kind: str, headers: dict | None = None
+    ) -> None:
+        super().__init__(msg)
+        self.status, self.loc, self.msg, self.kind, self.headers = status, loc, msg, kind, headers
+
+    def response(self) -> JSONResponse:
+        detail = [{"loc": self.loc, "msg": self.msg, "type": self.kind}]
+        return JSONResponse({"detail": detail}, self.status, headers=self.headers)
+
+
+def _not_found(kind: str, ident: str) -> ApiError:
+    return ApiError(404, ["path", f"{kind}_id"], f"unknown {kind} {ident!r}", "not_found")
+
+
+def _field_of(message: str) -> tuple[list[str], str]:
+    """Service errors read "field: reason" when they know the field the client sent."""
+    field, sep, reason = message.partition(": ")
+    if sep and field.isidentifier():
+        return ["body", field], reason
+    return ["body"], message
+
+
+# Request and response bodies
+
+
+class EditBody(EditSpec):
+    """One edit: a new prompt and, optionally, a mask (PNG, base64) or the store key of a
+    mask of one of your sessions (e.g. `sessions/<id>/v1/mask.png`)."""
+
+    def spec(self) -> EditSpec:
+        return EditSpec(**{name: getattr(self, name) for name in EditSpec.model_fields})
+
+
+class SessionEditBody(EditBody):
+    extends: int | None = Field(
+        None, ge=0, description="The version this edit extends (or send it as If-Match)."
+    )
+
+
+class GenerateBody(GenerationParams):
+    """A new session's base image."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class JobBody(GenerateBody):
+    """An edit chain: generate from `prompt` (or continue `session_id`), then the edits."""
+
+    prompt: Prompt | None = None
+    session_id: str | None = Field(None, pattern=SESSION_ID.pattern)
+    edits: list[EditBody] = Field(default_factory=list)
+
+
+class Version(BaseModel):
+    """A committed version of a session and what it cost."""
+
+    session_id: str
+    version: int
+    prompt: str
+    image_url: str
+    mask_url: str | None
+    mask_ratio: float
+    mac_fraction: float
+    latency_s: float
+    cache_path: str
+    worker_id: str
+
+    @classmethod
+    def of(cls, result: EditResult) -> "Version":
+        base = f"/v1/sessions/{result.session_id}/versions/{result.version}"
+        return cls(
+            session_id=result.session_id,
+            version=result.version,
+            prompt=result.report.prompt,
+            image_url=f"{base}/image.png",
+            mask_url=None if result.mask_key is None else f"{base}/mask.png",
+            mask_ratio=result.mask_ratio,
+            mac_fraction=result.mac_fraction,
+            latency_s=result.latency_s,
+            cache_path=result.cache_path,
+            worker_id=result.worker_id,
+        )
+
+
+class History(BaseModel):
+    session_id: str
+    versions: list[Version]
+
+
+class Job(BaseModel):
+    job_id: str
+    state: str
+    session_id: str
+    done: int
+    total: int
+    generated: Version | None
+    results: list[Version]
+    error: str | None
+    events_url: str
+
+    @classmethod
+    def of(cls, record: JobRecord) -> "Job":
+        done, total = record.progress
+        return cls(
+            job_id=record.job_id,
+            state=record.state,
+            session_id=record.session_id,
+            done=done,
+            total=total,
+            generated=record.generated and Version.of(record.generated),
+            results=[Version.of(r) for r in record.results],
+            error=record.error,
+            events_url=f"/v1/jobs/{record.job_id}/events",
+        )
+
+
+class Accepted(BaseModel):
+    job_id: str
+    status_url: str
+
+
+# The per-replica state
+
+
+class Metrics:
+    """Request counts and latencies of this replica; service state is read at each scrape."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "fisedit_http_requests", "HTTP requests", ["method", "route", "status"],
+            registry=self.registry,
+        )  # fmt: skip
+        self.latency = Histogram(
+            "fisedit_http_request_seconds", "HTTP request latency", ["method", "route"],
+            registry=self.registry,
+        )  # fmt: skip
+        self.rejected = Counter(
+            "fisedit_http_rejected", "Requests refused by a bound", ["reason"],
+            registry=self.registry,
+        )  # fmt: skip
+
+
+class Gateway:
+    """What one ingress replica holds: keys, bounds, metrics, handles. No session state."""
+
+    def __init__(self, config: ServiceConfig) -> None:
+        self.config, self.http = config, config.http
+        self.keys = ApiKeys.load(self.http)
+        self.store = config.store.open(f"tenants/{config.tenant}")
+        self.metrics = Metrics()
+        self.in_flight = 0
+        self.in_flight_by_tenant: dict[str, int] = {}
+        if self.http.anonymous:
+            log.warning(
+                "fisedit HTTP API in anonymous mode: no API key is checked, every request "
+                "acts as tenant %r (for localhost only)",
+                config.tenant,
+            )
+
+    def tenant(self, api_key: str | None) -> str | None:
+        if self.http.anonymous:
+            return self.config.tenant
+        return None if api_key is None else self.keys.tenant(api_key)
+
+    @contextmanager
+    def admitted(self, tenant: str | None):
+        """Holds an in-flight slot; ApiError 503 (replica full) or 429 (tenant's share)."""
+        retry = {"Retry-After": str(self.http.retry_after_s)}
+        if self.in_flight >= self.http.max_in_flight:
+            self.metrics.rejected.labels("service_full").inc()
+            raise ApiError(503, [], "the service is at capacity; retry later", "busy", retry)
+        held = self.in_flight_by_tenant.get(tenant, 0)
+        if tenant is not None and held >= self.http.max_in_flight_per_tenant:
+            self.metrics.rejected.labels("tenant_limit").inc()
+            raise ApiError(429, [], f"over {held} requests in flight; retry later", "rate", retry)
+        self.in_flight += 1
+        self.in_flight_by_tenant[tenant] = held + 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+            self.in_flight_by_tenant[tenant] -= 1
+
+    async def call(self, actor: str, method: str, *args, loc: list[str] | None = None) -> Any:
+        """Calls a service actor; its errors come back as ApiErrors (or as themselves, for
+        the server's own faults). `loc` names the input an invalid-input error is about."""
+        try:
+            handle = ray.get_actor(actor, namespace=self.config.namespace)
+        except ValueError:  # not started, or restarting
+            raise self.api_error(NoWorkerError(f"{actor} is not running"), loc) from None
+        try:
+            ref = getattr(handle, method).remote(*args)
+            return await asyncio.wait_for(ref, self.http.request_timeout_s)
+        except Exception as error:
+            raise self.api_error(root_cause(error), loc) from error
+
+    def api_error(self, error: BaseException, loc: list[str] | None) -> BaseException:
+        retry = {"Retry-After": str(self.http.retry_after_s)}
+        if isinstance(error, StaleVersionError):
+            return ApiError(409, loc or ["body", "extends"], str(error), "stale_version")
+        if isinstance(error, ObjectNotFoundError):  # its message names the store's URL
+            return ApiError(404, loc or ["path"], f"no file {error.key!r}", "not_found")
+        if isinstance(error, KeyError):  # an unknown session or job
+            message = error.args[0] if error.args else str(error)
+            return ApiError(404, loc or ["path"], str(message), "not_found")
+        if isinstance(error, ValueError):
+            field, reason = _field_of(str(error))
+            return ApiError(422, loc or field, reason, "value_error")
+        if isinstance(error, QueueFullError | NoWorkerError | RayActorError | StorageError):
+            return ApiError(503, [], f"{type(error).__name__}: {error}", "unavailable", retry)
+        if isinstance(error, TimeoutError):
+            return ApiError(
+                504, [], "no answer in time; accepted work goes on, see the history", "timeout"
+            )
+        return error
+
+    # Ownership: owners/<tenant>/<kind>/<id>, an empty object per thing a tenant made.
+
+    def own(self, tenant: str, kind: str, ident: str) -> None:
+        self.store.put(f"owners/{tenant}/{kind}/{ident}", b"")
+
+    def owns(self, tenant: str, kind: str, ident: str) -> bool:
+        return bool(SESSION_ID.match(ident)) and self.store.exists(
+            f"owners/{tenant}/{kind}/{ident}"
+        )
+
+    def owned(self, tenant: str, kind: str) -> list[str]:
+        return [key.rsplit("/", 1)[1] for key in self.store.list(f"owners/{tenant}/{kind}/")]
+
+    def disown(self, tenant: str, kind: str, ident: str) -> None:
+        self.store.delete(f"owners/{tenant}/{kind}/{ident}")
+
+    def check_session(self, tenant: str, session_id: str) -> str:
+        if not self.owns(tenant, "sessions", session_id):
+            raise _not_found("session", session_id)
+        return session_id
+
+    def check_job(self, tenant: str, job_id: str) -> str:
+        if not self.owns(tenant, "jobs", job_id):
+            raise _not_found("job", job_id)
+        return job_id
+
+    def check_prompt(self, loc: list[str], prompt: str | None) -> None:
+        if prompt is not None and len(prompt) > self.http.max_prompt_chars:
+            raise ApiError(
+                422, loc, f"{len(prompt)} characters, over {self.http.max_prompt_chars}", "length"
+            )
+
+    def check_edit(self, tenant: str, loc: list[str], edit: EditBody) -> None:
+        self.check_prompt([*loc, "prompt"], edit.prompt)
+        if edit.mask is not None and len(edit.mask) > self.http.max_mask_bytes:
+            raise ApiError(
+                413, [*loc, "mask"], f"over {self.http.max_mask_bytes} bytes", "too_large"
+            )
+        if edit.mask_key is not None:
+            parts = edit.mask_key.split("/")
+            if not (
+                len(parts) == 4
+                and parts[0] == "sessions"
+                and self.owns(tenant, "sessions", parts[1])
+            ):
+                raise ApiError(
+                    422, [*loc, "mask_key"], "not a file of one of your sessions", "value_error"
+                )
+
+    async def scrape(self) -> bytes:
+        """This replica's request metrics plus the service's state, in Prometheus text."""
+        state = CollectorRegistry()
+        stats = await self.call(ROUTER, "stats")
+        jobs = await self.call(JOB_QUEUE, "list_jobs")
+        paths = Gauge("fisedit_cache_path", "Edits by cache path", ["path"], registry=state)
+        for path, count in stats["paths"].items():
+            paths.labels(path).set(count)
+        hits = sum(n for p, n in stats["paths"].items() if p == "hit")
+        edits = sum(n for p, n in stats["paths"].items() if p != "generate")
+        Gauge("fisedit_cache_hit_ratio", "Edits served from memory", registry=state).set(
+            hits / edits if edits else 0.0
+        )
+        sessions = Gauge("fisedit_sessions", "Sessions held", ["worker"], registry=state)
+        for worker in stats["workers"]:
+            sessions.labels(worker).set(stats["held"].get(worker, 0))
+        depth = Gauge("fisedit_jobs", "Jobs by state", ["state"], registry=state)
+        for job_state in ("queued", "running", "succeeded", "failed", "cancelled"):
+            depth.labels(job_state).set(sum(r.state == job_state for r in jobs))
+        tier_bytes = Gauge("fisedit_cache_bytes", "Cache bytes", ["worker", "tier"], registry=state)
+        for index in range(self.config.workers):
+            try:
+                summary = await self.call(worker_name(index), "stats")
+            except (ApiError, ValueError):
+                continue
+            for tier, usage in summary["tiers"].items():
+                tier_bytes.labels(summary["worker_id"], tier).set(usage["bytes"])
+        return generate_latest(self.metrics.registry) + generate_latest(state)
+
+
+_gateway: Gateway | None = None
+"""The replica's Gateway: one Ingress per replica process, made in its constructor."""
+
+
+def gateway() -> Gateway:
+    assert _gateway is not None, "the Ingress deployment makes the gateway"
+    return _gateway
+
+
+def _open_gateway(config: ServiceConfig) -> None:
+    # Module-level, so it sets this module's global: Serve ships the Ingress class by value,
+    # with its own copy of the globals its methods read.
+    global _gateway
+    deploy.start(config)  # idempotent: actors already up are found by name
+    _gateway = Gateway(config)
+
+
+# The FastAPI app
+
+api = FastAPI(
+    title="FISEdit",
+    version="1",
+    description="Text-to-image sessions edited a few words at a time, and edit-chain jobs.",
+)
+bearer = HTTPBearer(auto_error=False, description="An API key; its tenant owns what it makes.")
+GatewayDep = Annotated[Gateway, Depends(gateway)]
+
+
+def caller(
+    gw: GatewayDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> str:
+    """The caller's tenant; 401 without a valid API key."""
+    tenant = gw.tenant(credentials.credentials if credentials else None)
+    if tenant is None:
+        raise ApiError(
+            401, ["header", "Authorization"], "missing or unknown API key", "unauthorized",
+            {"WWW-Authenticate": "Bearer"},
+        )  # fmt: skip
+    return tenant
+
+
+TenantDep = Annotated[str, Depends(caller)]
+
+
+@api.exception_handler(ApiError)
+async def _api_error(request: Request, error: ApiError) -> JSONResponse:
+    return error.response()
+
+
+@api.exception_handler(StorageError)
+async def _store_unavailable(request: Request, error: StorageError) -> JSONResponse:
+    """The ingress's own store calls (ownership records) failing: retryable."""
+    log.warning("store error: %s", error)
+    return gateway().api_error(error, None).response()
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid(request: Request, error: RequestValidationError) -> JSONResponse:
+    detail = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in error.errors()]
+    return JSONResponse({"detail": detail}, 422)
+
+
+@api.middleware("http")
+async def _bounded_and_measured(request: Request, call_next: Callable) -> Response:
+    """Refuses oversized bodies and requests past the in-flight bounds; counts and times
+    every request by its route template."""
+    gw, started = gateway(), time.perf_counter()
+    try:
+        length = int(request.headers.get("content-length") or 0)
+    except ValueError:
+        length = 0
+    if length > gw.http.max_body_bytes:
+        response = ApiError(
+            413, ["body"], f"over {gw.http.max_body_bytes} bytes", "too_large"
+        ).response()
+    elif request.url.path in UNLIMITED:
+        response = await call_next(request)
+    else:
+        auth = request.headers.get("authorization", "")
+        token = auth[7:] if auth[:7].lower() == "bearer " else None
+        try:
+            with gw.admitted(gw.tenant(token)):
+                response = await call_next(request)
+        except ApiError as error:
+            response = error.response()
+    route = getattr(request.scope.get("route"), "path", "unmatched")
+    gw.metrics.requests.labels(request.method, route, response.status_code).inc()
+    gw.metrics.latency.labels(request.method, route).observe(time.perf_counter() - started)
+    return response
+
+
+@api.get("/healthz")
+async def healthz() -> dict:
+    """Liveness: this replica answers."""
+    return {"status": "ok"}
+
+
+@api.get("/readyz", responses={503: {"description": "No worker, or the store unreachable."}})
+async def readyz(gw: GatewayDep) -> JSONResponse:
+    """Readiness: workers up and the store reachable."""
+    try:
+        stats = await gw.call(ROUTER, "stats")
+        gw.store.exists("owners/readyz")
+    except Exception as error:
+        return JSONResponse({"status": "unavailable", "reason": str(error)}, 503)
+    if not stats["workers"]:
+        return JSONResponse({"status": "unavailable", "reason": "no worker"}, 503)
+    return JSONResponse({"status": "ready", "workers": stats["workers"]})
+
+
+@api.get("/metrics", response_class=Response)
+async def metrics(gw: GatewayDep) -> Response:
+    """Prometheus text: requests, latencies, queue depth, cache paths, sessions per worker."""
+    return Response(await gw.scrape(), media_type=CONTENT_TYPE_LATEST)
+
+
+@api.post("/v1/sessions", status_code=201)
+async def create_session(body: GenerateBody, tenant: TenantDep, gw: GatewayDep) -> Version:
+    """Generates a new session's base image (version 0)."""
+    gw.check_prompt(["body", "prompt"], body.prompt)
+    gw.check_prompt(["body", "negative_prompt"], body.negative_prompt)
+    session_id = os.urandom(16).hex()
+    gw.own(tenant, "sessions", session_id)  # before it exists: no window without an owner
+    params = GenerationParams(**body.model_dump())
+    return Version.of(await gw.call(ROUTER, "generate", params, session_id))
+
+
+def _if_match(if_match: str | None) -> int | None:
+    """A version from an If-Match header: 3, "3" or W/"3"."""
+    if if_match is None:
+        return None
+    text = if_match.strip().removeprefix("W/").strip('"')
+    if not text.isdigit():
+        raise ApiError(422, ["header", "If-Match"], "expected a version number", "value_error")
+    return int(text)
+
+
+@api.post(
+    "/v1/sessions/{session_id}/edits",
+    responses={202: {"model": Accepted}, 409: {"description": "A stale version."}},
+)
+async def edit_session(
+    session_id: str,
+    body: SessionEditBody,
+    tenant: TenantDep,
+    gw: GatewayDep,
+    if_match: Annotated[str | None, Header()] = None,
+    prefer: Annotated[str | None, Header()] = None,
+) -> Version:
+    """Edits the session to a new prompt; with `Prefer: respond-async`, queues it as a job
+    and answers 202 with the job's id."""
+    gw.check_session(tenant, session_id)
+    gw.check_edit(tenant, ["body"], body)
+    extends = _if_match(if_match)
+    if extends is not None and body.extends is not None and extends != body.extends:
+        raise ApiError(
+            422, ["header", "If-Match"], f"names {extends}, the body {body.extends}", "conflict"
+        )
+    extends = body.extends if extends is None else extends
+    if prefer is not None and "respond-async" in prefer.lower():
+        current = await gw.call(ROUTER, "version", session_id, loc=["path", "session_id"])
+        if extends is not None and extends != current:
+            raise ApiError(
+                409, ["body", "extends"], f"session {session_id} is at version {current}",
+                "stale_version",
+            )  # fmt: skip
+        spec = ChainSpec(session_id=session_id, edits=[body.spec()])
+        job_id = await _submit(gw, tenant, spec)
+        accepted = Accepted(job_id=job_id, status_url=f"/v1/jobs/{job_id}")
+        return JSONResponse(accepted.model_dump(), 202)
+    request = EditRequest(**dict(body.spec()), extends=extends)
+    return Version.of(await gw.call(ROUTER, "edit", session_id, request))
+
+
+@api.get("/v1/sessions/{session_id}")
+async def session_history(session_id: str, tenant: TenantDep, gw: GatewayDep) -> History:
+    """Every committed version of the session, oldest first."""
+    gw.check_session(tenant, session_id)
+    results = await gw.call(ROUTER, "history", session_id, loc=["path", "session_id"])
+    return History(session_id=session_id, versions=[Version.of(r) for r in results])
+
+
+async def _version_file(gw: Gateway, tenant: str, session_id: str, version: int, name: str):
+    gw.check_session(tenant, session_id)
+    key = f"sessions/{session_id}/v{version}/{name}"
+    data = await gw.call(ROUTER, "read", key, loc=["path", "version"])
+    return Response(data, media_type="image/png")
+
+
+PNG = {200: {"content": {"image/png": {}}, "description": "A PNG."}}
+
+
+@api.get("/v1/sessions/{session_id}/versions/{version}/image.png", responses=PNG)
+async def version_image(
+    session_id: str, version: Annotated[int, PathParam(ge=0)], tenant: TenantDep, gw: GatewayDep
+) -> Response:
+    return await _version_file(gw, tenant, session_id, version, "image.png")
+
+
+@api.get("/v1/sessions/{session_id}/versions/{version}/mask.png", responses=PNG)
+async def version_mask(
+    session_id: str, version: Annotated[int, PathParam(ge=0)], tenant: TenantDep, gw: GatewayDep
+) -> Response:
+    return await _version_file(gw, tenant, session_id, version, "mask.png")
+
+
+@api.delete("/v1/sessions/{session_id}", status_code=204)
+async def delete_session(session_id: str, tenant: TenantDep, gw: GatewayDep) -> Response:
+    """Deletes the session and every file of it."""
+    gw.check_session(tenant, session_id)
+    await gw.call(ROUTER, "delete", session_id, loc=["path", "session_id"])
+    gw.disown(tenant, "sessions", session_id)
+    return Response(status_code=204)
+
+
+async def _submit(gw: Gateway, tenant: str, spec: ChainSpec) -> str:
+    job_id = await gw.call(JOB_QUEUE, "submit", spec)
+    gw.own(tenant, "jobs", job_id)
+    if spec.session_id is None:
+        gw.own(tenant, "sessions", job_id)  # a job's new session has the job's id
+    return job_id
+
+
+@api.post("/v1/jobs", status_code=201)
+async def submit_job(
+    body: JobBody,
+    tenant: TenantDep,
+    gw: GatewayDep,
+    idempotency_key: Annotated[str | None, Header()] = None,
+) -> Job:
+    """Queues an edit chain. The same Idempotency-Key returns the same job."""
+    gw.check_prompt(["body", "prompt"], body.prompt)
+    limit = gw.config.queue.max_edits_per_job
+    if len(body.edits) > limit:
+        raise ApiError(422, ["body", "edits"], f"{len(body.edits)} edits, over {limit}", "length")
+    for index, edit in enumerate(body.edits):
+        gw.check_edit(tenant, ["body", "edits", str(index)], edit)
+    if body.session_id is not None:
+        gw.check_session(tenant, body.session_id)
+    key = None
+    if idempotency_key is not None:
+        if not IDEMPOTENCY_KEY.match(idempotency_key):
+            raise ApiError(
+                422, ["header", "Idempotency-Key"], "1-128 letters, digits, '.', '-' or '_'",
+                "value_error",
+            )  # fmt: skip
+        key = hash_key(f"{tenant}\0{idempotency_key}")  # a key is the tenant's own
+    fields = body.model_dump(exclude={"edits"}, exclude_none=True)
+    spec = ChainSpec(**fields, edits=[e.spec() for e in body.edits], idempotency_key=key)
+    job_id = await _submit(gw, tenant, spec)
+    return Job.of(await gw.call(JOB_QUEUE, "status", job_id))
+
+
+@api.get("/v1/jobs")
+async def list_jobs(tenant: TenantDep, gw: GatewayDep) -> list[Job]:
+    """The caller's jobs."""
+    mine = set(gw.owned(tenant, "jobs"))
+    return [Job.of(r) for r in await gw.call(JOB_QUEUE, "list_jobs") if r.job_id in mine]
+
+
+@api.get("/v1/jobs/{job_id}")
+async def job_status(job_id: str, tenant: TenantDep, gw: GatewayDep) -> Job:
+    gw.check_job(tenant, job_id)
+    return Job.of(await gw.call(JOB_QUEUE, "status", job_id, loc=["path", "job_id"]))
+
+
+@api.post("/v1/jobs/{job_id}/cancel")
+async def cancel_job(job_id: str, tenant: TenantDep, gw: GatewayDep) -> Job:
+    """Stops the job before its next edit."""
+    gw.check_job(tenant, job_id)
+    return Job.of(await gw.call(JOB_QUEUE, "cancel", job_id, loc=["path", "job_id"]))
+
+
+def _sse(kind: str, data: dict) -> bytes:
+    return f"event: {kind}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+async def _job_events(gw: Gateway, job_id: str) -> AsyncIterator[bytes]:
+    """Each event of the job as it happens (with the version it committed, if any), then
+    its end state, after which the stream closes."""
+    sent = 0
+    while True:
+        record: JobRecord = await gw.call(JOB_QUEUE, "status", job_id)
+        for event in record.events[sent:]:
+            data = event.model_dump() | {"done": record.progress[0], "total": record.progress[1]}
+            if event.kind == "generated" and record.generated is not None:
+                data["version"] = Version.of(record.generated).model_dump()
+            elif event.kind == "edited" and event.edit is not None:
+                data["version"] = Version.of(record.results[event.edit]).model_dump()
+            yield _sse(event.kind, data)
+        sent = len(record.events)
+        if record.state in FINISHED:
+            yield _sse("end", Job.of(record).model_dump())
+            return
+        await asyncio.sleep(SSE_POLL_S)
+
+
+@api.get(
+    "/v1/jobs/{job_id}/events",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}, "description": "Server-Sent Events."}},
+)
+async def job_events(job_id: str, tenant: TenantDep, gw: GatewayDep) -> StreamingResponse:
+    """Server-Sent Events: each step of the job (every committed version), then `end`."""
+    gw.check_job(tenant, job_id)
+    return StreamingResponse(_job_events(gw, job_id), media_type="text/event-stream")
+
+
+# The Serve application
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+@serve.ingress(api)
+class Ingress:
+    """The FastAPI app on Serve; the first replica starts the service's actors if needed."""
+
+    def __init__(self, config: ServiceConfig) -> None:
+        _open_gateway(config)
+
+
+def build_app(config: ServiceConfig) -> Application:
+    """The Serve application of the whole service, from its config."""
+    http = config.http
+    return Ingress.options(
+        num_replicas=http.replicas,
+        # The gateway's own bounds answer first (429/503 with Retry-After); these stop Serve
+        # from queueing without bound behind them.
+        max_ongoing_requests=http.max_in_flight + 8,
+        max_queued_requests=http.max_in_flight,
+    ).bind(config)
+
+
+def load_config(path: str | None = None) -> ServiceConfig:
+    """The config at `path`, else at $FISEDIT_CONFIG, else the defaults."""
+    path = path or os.environ.get(CONFIG_ENV)
+    return ServiceConfig.from_yaml(path) if path else ServiceConfig()
+
+
+def app_builder(args: dict) -> Application:
+    """For a Serve config file: `import_path: fisedit.service.http:app_builder` with
+    `args: {config: path/to/service.yaml}`."""
+    return build_app(load_config(args.get("config")))
+
+
+app = build_app(load_config())
+"""For `serve run fisedit.service.http:app` (config from $FISEDIT_CONFIG)."""
+
+
+# `fisedit serve`: the whole service on this machine
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="service config YAML (default: the embedded one)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--store", default="fisedit-store", help="store directory or URL")
+    parser.add_argument("--model", default="tiny", help="diffusers directory, hub id or tiny")
+
+
+def local_config(args: argparse.Namespace) -> ServiceConfig:
+    """The config `fisedit serve` runs: the file given, else one CPU worker on the local
+    store with the tiny model, anonymous on 127.0.0.1."""
+    if args.config:
+        return ServiceConfig.from_yaml(args.config)
+    return ServiceConfig(
+        model=args.model,
+        store=StoreConfig(url=args.store),
+        workers=1,
+        http=HttpConfig(host="127.0.0.1", port=args.port, anonymous=True),
+    )
+
+
+def serve_command(args: argparse.Namespace) -> None:
+    """Runs the service on this machine (local Ray and Serve) until Ctrl-C."""
+    config = local_config(args)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private, local cluster
+    ray.init(namespace=config.namespace, include_dashboard=False)
+    try:
+        serve.start(http_options={"host": config.http.host, "port": config.http.port})
+        serve.run(build_app(config), name="fisedit", route_prefix="/")
+        url = f"http://{config.http.host}:{config.http.port}"
+        print(f"FISEdit API at {url} (docs at {url}/docs); Ctrl-C stops it", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+        deploy.stop(config)
+        ray.shutdown()
