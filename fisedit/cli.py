@@ -1,6 +1,7 @@
 """`fisedit` command line: try the service or the engine (demo), keep an editable session in
 a directory (generate, edit, history), benchmark edits against dense diffusers (bench),
-and run the Ray service on a cluster (up, down, submit).
+run the Ray service on a cluster (up, down, submit), bulk-edit datasets (bulk) and serve
+the HTTP API on this machine (serve).
 
 Every command checks its options, and the session directory and mask file it is given,
 before it loads a model, so bad input fails at once.

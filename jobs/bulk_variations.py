@@ -9,7 +9,8 @@ Re-submitting the same --run resumes it: only missing variations are computed.
 import argparse
 import os
 
-from fisedit.service.bulk import add_bulk_arguments, run_bulk_cli
+from fisedit.service.bulk import run_bulk_cli
+from fisedit.service.commands import add_bulk_arguments
 
 
 def main() -> None:

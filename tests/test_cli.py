@@ -261,7 +261,7 @@ def test_help_lists_every_command_and_every_option_has_a_default_or_is_required(
 
     assert set(commands.choices) == {
         *("demo", "generate", "edit", "history", "bench"),
-        *("up", "down", "submit"),
+        *("up", "down", "submit", "bulk", "serve"),
     }
     for name, sub in commands.choices.items():
         assert f"    {name} " in top and sub.description, name

@@ -375,24 +375,6 @@ def _summary(
     )
 
 
-def add_bulk_arguments(parser: argparse.ArgumentParser) -> None:
-    """The arguments of `fisedit bulk IN --out URL` (and of jobs/bulk_variations.py)."""
-    parser.add_argument("input", help="JSONL or Parquet dataset: a local path or s3:// URL")
-    parser.add_argument(
-        "--out", help="store URL (directory or s3://bucket/prefix); default: the config's store"
-    )
-    parser.add_argument("--run", required=True, help="run id; re-running it resumes")
-    parser.add_argument("--config", help="ServiceConfig YAML (default: embedded defaults)")
-    parser.add_argument("--model", help="overrides the config's model")
-    parser.add_argument("--endpoint-url", help="S3 endpoint (MinIO, Ceph)")
-    parser.add_argument("--workers", type=int, default=1, help="actors (one per GPU)")
-    parser.add_argument("--actor-cpus", type=float, default=1.0, help="CPUs per actor without GPUs")
-    parser.add_argument("--steps", type=int, help="steps of records without their own")
-    parser.add_argument("--mask-steps", type=int, help="dense capture steps per edit (k)")
-    parser.add_argument("--max-groups", type=int, help="stop after this many groups")
-    parser.add_argument("--address", help="Ray cluster address (default: connect or start local)")
-
-
 def bulk_settings(args: argparse.Namespace) -> tuple[ServiceConfig, BulkOptions]:
     """The service config (from --config, with the flags' overrides) and the run's options."""
     config = ServiceConfig.from_yaml(args.config) if args.config else ServiceConfig()

@@ -198,8 +198,75 @@ def submit(args: argparse.Namespace) -> None:
         raise SystemExit(f"error: job {job_id} {record.state}: {record.error}")
 
 
+def add_bulk_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of `fisedit bulk` (and of jobs/bulk_variations.py)."""
+    parser.add_argument(
+        "input", help="JSONL or Parquet dataset: a local path or s3:// URL (required)"
+    )
+    parser.add_argument(
+        "--out",
+        help="store URL (directory or s3://bucket/prefix) (default: the config's store)",
+    )
+    parser.add_argument("--run", required=True, help="run id; re-running it resumes (required)")
+    parser.add_argument("--config", help="service config YAML (default: embedded defaults)")
+    parser.add_argument("--model", help="overrides the config's model (default: the config's)")
+    parser.add_argument("--endpoint-url", help="S3 endpoint, e.g. MinIO (default: AWS)")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="actors, one per GPU (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--actor-cpus",
+        type=float,
+        default=1.0,
+        help="CPUs per actor where there are no GPUs (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--steps", type=int, help="steps of records without their own (default: the config's)"
+    )
+    parser.add_argument(
+        "--mask-steps", type=int, help="dense capture steps per edit, k (default: steps / 5)"
+    )
+    parser.add_argument("--max-groups", type=int, help="stop after this many groups (default: all)")
+    parser.add_argument(
+        "--address", help="Ray cluster address (default: connect to one or start a local one)"
+    )
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of `fisedit serve`."""
+    parser.add_argument("--config", help="service config YAML (default: the embedded one)")
+    parser.add_argument(
+        "--port", type=int, default=8000, help="HTTP port on 127.0.0.1 (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--store", default="fisedit-store", help="store directory or URL (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--model",
+        default="tiny",
+        help="diffusers directory, hub id or tiny (default: %(default)s)",
+    )
+
+
+def bulk(args: argparse.Namespace) -> None:
+    """Bulk-edits a prompt-variation dataset with Ray Data: each base prompt is generated
+    once and every variation is a sparse edit of it; images, masks and a manifest go to the
+    store. Re-running the same --run resumes it."""
+    from fisedit.service.bulk import run_bulk_cli
+
+    run_bulk_cli(args)
+
+
+def serve(args: argparse.Namespace) -> None:
+    """Runs the HTTP service on this machine (local Ray and Serve on 127.0.0.1: the tiny
+    model, the local store, anonymous access) until Ctrl-C."""
+    from fisedit.service.http import serve_command
+
+    serve_command(args)
+
+
 def add_commands(commands: argparse._SubParsersAction) -> None:
-    """Adds up, down and submit to the CLI's subcommands."""
+    """Adds up, down, submit, bulk and serve to the CLI's subcommands."""
 
     def cluster_command(name: str, function, help: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help, description=function.__doc__)
@@ -229,3 +296,10 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     sub.add_argument(
         "--timeout", type=float, default=3600.0, help="seconds to wait (default: 3600)"
     )
+    for name, function, arguments, help in (
+        ("bulk", bulk, add_bulk_arguments, "bulk-edit a prompt-variation dataset with Ray Data"),
+        ("serve", serve, add_serve_arguments, "run the HTTP service on this machine"),
+    ):
+        sub = commands.add_parser(name, help=help, description=function.__doc__)
+        sub.set_defaults(function=function)
+        arguments(sub)

@@ -767,13 +767,6 @@ app = build_app(load_config())
 # `fisedit serve`: the whole service on this machine
 
 
-def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="service config YAML (default: the embedded one)")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--store", default="fisedit-store", help="store directory or URL")
-    parser.add_argument("--model", default="tiny", help="diffusers directory, hub id or tiny")
-
-
 def local_config(args: argparse.Namespace) -> ServiceConfig:
     """The config `fisedit serve` runs: the file given, else one CPU worker on the local
     store with the tiny model, anonymous on 127.0.0.1."""

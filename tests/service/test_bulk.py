@@ -28,12 +28,12 @@ from fisedit.engine.config import EditConfig, EngineConfig
 from fisedit.engine.session import Engine
 from fisedit.service.bulk import (
     BulkOptions,
-    add_bulk_arguments,
     bulk_settings,
     read_manifest,
     run_bulk,
 )
 from fisedit.service.bulk_records import BulkDefaults, BulkLayout, parse_records
+from fisedit.service.commands import add_bulk_arguments
 from fisedit.service.config import ServiceConfig, StoreConfig
 
 BUCKET = "fisedit-test"

@@ -21,6 +21,7 @@ from ray import serve
 
 from fisedit.engine.config import EditConfig, EngineConfig
 from fisedit.service import deploy
+from fisedit.service.commands import add_serve_arguments
 from fisedit.service.config import (
     HttpConfig,
     RetryPolicy,
@@ -31,7 +32,6 @@ from fisedit.service.config import (
 from fisedit.service.http import (
     ApiError,
     Gateway,
-    add_serve_arguments,
     build_app,
     hash_key,
     local_config,
