@@ -37,8 +37,22 @@ class Client:
         self.config = config or ServiceConfig()
         self.timeout_s = timeout_s or self.config.call_timeout_s
         if not ray.is_initialized():
-            ray.init(address=address, namespace=self.config.namespace)
+            self._connect(address)
         self._actors: dict[str, ray.actor.ActorHandle] = {}
+
+    def _connect(self, address: str | None) -> None:
+        """Joins the cluster, retrying (per the config's policy) when a Ray Client server
+        fails to start the session's server, which it may do under load."""
+        policy = self.config.retry
+        for retry in range(policy.attempts):
+            if retry:
+                time.sleep(policy.delay(retry))
+            try:
+                ray.init(address=address, namespace=self.config.namespace)
+                return
+            except ConnectionAbortedError:
+                if retry == policy.attempts - 1:
+                    raise
 
     def _call(self, actor: str, method: str, *args):
         """Calls a service actor, retrying while it restarts (per the config's policy)."""

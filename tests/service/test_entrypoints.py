@@ -3,6 +3,7 @@ through Ray Client (`ray://`), and the Ray Jobs entrypoint run through JobSubmis
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -17,6 +18,18 @@ from fisedit.service.jobs import ChainSpec
 ROOT = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).with_name("ray"))
 TIMEOUT = 600
+
+
+def _wait_for_ports(node: subprocess.Popen, ports: list[int]) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    for port in ports:
+        while True:
+            assert node.poll() is None, f"ray start exited with {node.returncode}"
+            assert time.monotonic() < deadline, f"port {port} not open after {TIMEOUT} s"
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.5)
 
 
 def _free_port() -> int:
@@ -50,7 +63,12 @@ def head(tmp_path_factory, tiny_model_dir):
         f"--temp-dir={temp_dir}",
         "--disable-usage-stats",
     ]
-    subprocess.run(start, check=True, env=env, timeout=TIMEOUT, capture_output=True)
+    # --block keeps the node's processes in this process group, so stopping the group stops
+    # this head alone (`ray stop` would stop every Ray on the machine).
+    node = subprocess.Popen(
+        [*start, "--block"], env=env, start_new_session=True, stdout=subprocess.DEVNULL
+    )
+    _wait_for_ports(node, [ports["client"], ports["dashboard"]])
     config = ServiceConfig.model_validate(
         {
             "model": tiny_model_dir,
@@ -73,9 +91,11 @@ def head(tmp_path_factory, tiny_model_dir):
             "root": root,
         }
     finally:
-        subprocess.run(
-            [RAY, "stop", "--force"], env={**env, "RAY_TMPDIR": str(temp_dir)}, timeout=120
-        )
+        os.killpg(node.pid, signal.SIGTERM)
+        try:
+            node.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(node.pid, signal.SIGKILL)
 
 
 def _spec(tmp_path: Path, key: str, steps: int = 4) -> Path:
