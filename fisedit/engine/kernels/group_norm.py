@@ -2,8 +2,9 @@
 
 The sparse pass applies GroupNorm as silu(x * scale + shift) inside its conv and gather
 kernels, so it needs only scale = weight * rstd and shift = bias - mean * scale per sample
-and channel. Edits record them for every norm at every step (the next edit reads them), so
-one launch replaces the handful of reductions and casts the PyTorch version takes. One
+and channel. A sparse step computes them for every norm over the layer's mixed input
+(fresh in the region, cached elsewhere), so one launch replaces the handful of reductions
+and casts the PyTorch version takes. One
 program reduces one (sample, group) over its channels and pixels in fp32, in two passes
 (mean, then the centred variance) for accuracy.
 
