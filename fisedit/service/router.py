@@ -131,12 +131,15 @@ class SessionRouter:
         """Forgets the session: its holder drops it and every file of it leaves the store."""
         await self._ready()
         async with self._locks[session_id]:
-            placement = self._placement(session_id)
+            placement = await self._placement(session_id)
             if placement.worker_id in self.workers:
                 await self.workers[placement.worker_id].drop.remote(session_id)
             del self.placements[session_id]
-            for key in self.store.list(f"sessions/{session_id}/"):
-                self.store.delete(key)
+            await asyncio.to_thread(self._delete_files, session_id)
+
+    def _delete_files(self, session_id: str) -> None:
+        for key in self.store.list(f"sessions/{session_id}/"):
+            self.store.delete(key)
 
     async def result(self, session_id: str, version: int) -> EditResult | None:
         return await asyncio.to_thread(
