@@ -76,6 +76,11 @@ class SessionPool:
     def session_ids(self) -> list[str]:
         return list(self._tier)
 
+    @property
+    def resident_ids(self) -> list[str]:
+        """Sessions whose cache is in memory (device or host), least recently used first."""
+        return list(self._resident)
+
     def edit(self, session_id: str, prompt: str, **options) -> Version:
         """Edits a session wherever it lives; its new version is on the device.
 

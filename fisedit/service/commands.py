@@ -168,7 +168,7 @@ def down(args: argparse.Namespace) -> None:
 
     config = service_config(args.config)
     ray.init(address=args.address, namespace=config.namespace)
-    deploy.stop(config)
+    deploy.stop(config, drain=args.drain)
     print(f"service in namespace {config.namespace!r} stopped")
 
 
@@ -281,7 +281,13 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         return sub
 
     cluster_command("up", up, "start the service's actors on a running Ray cluster")
-    cluster_command("down", down, "stop the service's actors")
+    sub = cluster_command("down", down, "stop the service's actors")
+    sub.add_argument(
+        "--drain",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="snapshot every session the workers hold before stopping them (default: on)",
+    )
     sub = cluster_command("submit", submit, "run an edit-chain spec (JSON) on the service")
     sub.add_argument("spec", help="edit-chain spec, JSON: see jobs/examples/ (required)")
     sub.add_argument(

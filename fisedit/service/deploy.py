@@ -41,9 +41,17 @@ def start(config: ServiceConfig) -> None:
     ray.get([*ready, queue.list_jobs.remote()], timeout=config.call_timeout_s)
 
 
-def stop(config: ServiceConfig) -> None:
-    """Kills the service's actors (the job records stay in the store)."""
+def stop(config: ServiceConfig, drain: bool = False) -> None:
+    """Kills the service's actors (the job records stay in the store). With `drain`, each
+    live worker first snapshots the sessions it holds, so they restore elsewhere later."""
     names = [ROUTER, JOB_QUEUE, *(worker_name(i) for i in range(config.workers))]
+    if drain:
+        for name in names[2:]:
+            try:
+                worker = ray.get_actor(name, namespace=config.namespace)
+            except ValueError:
+                continue
+            ray.get(worker.drain.remote(), timeout=config.call_timeout_s)
     for name in names:
         try:
             ray.kill(ray.get_actor(name, namespace=config.namespace), no_restart=True)

@@ -104,6 +104,14 @@ class SessionHost:
 
         return snapshot(self._held(session_id), self.store)
 
+    def drain(self) -> list[str]:
+        """Snapshots every session this worker holds in memory (before it stops), so the
+        workers that take them over restore them instead of recomputing; returns the
+        manifest keys."""
+        from fisedit.engine.snapshot import snapshot
+
+        return [snapshot(self.pool.get(i), self.store) for i in self.pool.resident_ids]
+
     def drop(self, session_id: str) -> None:
         self.pool.drop(session_id)
         self.versions.pop(session_id, None)
@@ -188,6 +196,9 @@ class EditWorker:
 
     async def snapshot(self, session_id: str) -> str:
         return await self._run(self._host.snapshot, session_id)
+
+    async def drain(self) -> list[str]:
+        return await self._run(self._host.drain)
 
     async def drop(self, session_id: str) -> None:
         return await self._run(self._host.drop, session_id)

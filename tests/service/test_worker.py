@@ -111,3 +111,17 @@ def test_results_go_to_s3_the_same_way(engine, tiny_model_dir, s3_endpoint):
 
     assert np.array_equal(_image(host, result), host.pool.get("s1").image)
     assert store.open().exists(f"tenants/local/{result.recipe_key}")
+
+
+def test_draining_snapshots_every_session_held_so_it_restores_elsewhere(engine, config):
+    holder = SessionHost(config, "w0", engine)
+    for session_id in ("s1", "s2"):
+        holder.generate(session_id, BASE)
+    holder.edit("s1", EditRequest(prompt="a dog on a bench", extends=0))
+
+    manifests = holder.drain()
+
+    assert sorted(manifests) == ["sessions/s1/v1/manifest.json", "sessions/s2/v0/manifest.json"]
+    other = SessionHost(config, "w1", engine)
+    edited = other.edit("s1", EditRequest(prompt="a fox on a bench", extends=1))
+    assert (edited.version, edited.cache_path) == (2, "restore")
