@@ -22,7 +22,6 @@ from pathlib import Path
 
 SUBJECTS = ["cat", "dog", "fox", "owl", "horse", "rabbit", "bear", "duck"]
 CHANGES = ["on a red bench", "on a red bench at night", "on a red bench in the snow"]
-WORKER_RESOURCE = "edit_slot"
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -82,15 +81,10 @@ def run_benchmark(
     from fisedit.engine.config import EngineConfig
     from fisedit.service import deploy
     from fisedit.service.client import Client
+    from fisedit.service.commands import DEMO_WORKER_RESOURCE, start_local_ray
     from fisedit.service.config import ServiceConfig, StoreConfig, WorkerResources
 
-    ray.init(
-        num_cpus=2,
-        resources={WORKER_RESOURCE: workers},
-        object_store_memory=200 * 2**20,
-        include_dashboard=False,
-        log_to_driver=False,
-    )
+    start_local_ray(workers)
     runs = []
     try:
         for affinity in (True, False):
@@ -101,7 +95,9 @@ def run_benchmark(
                     store=StoreConfig(url=store),
                     namespace=f"fisedit-bench-{'affinity' if affinity else 'random'}",
                     workers=workers,
-                    worker_resources=WorkerResources(num_cpus=0, resources={WORKER_RESOURCE: 1}),
+                    worker_resources=WorkerResources(
+                        num_cpus=0, resources={DEMO_WORKER_RESOURCE: 1}
+                    ),
                     affinity=affinity,
                 )
                 deploy.start(config)

@@ -15,6 +15,21 @@ from pathlib import Path
 DEMO_WORKER_RESOURCE = "edit_slot"
 
 
+def start_local_ray(workers: int, namespace: str | None = None) -> None:
+    """A local Ray sized for this machine, with one DEMO_WORKER_RESOURCE per edit worker
+    (the demo and the service benchmark place their workers on it)."""
+    import ray
+
+    ray.init(
+        num_cpus=2,
+        resources={DEMO_WORKER_RESOURCE: workers},
+        object_store_memory=200 * 2**20,
+        include_dashboard=False,
+        namespace=namespace,
+        log_to_driver=False,
+    )
+
+
 def service_config(path: str | None):
     """The service config from a YAML file, or the embedded defaults."""
     from fisedit.service.config import ServiceConfig
@@ -110,14 +125,7 @@ def demo(args: argparse.Namespace, prompts: list[str]) -> None:
         worker_resources=WorkerResources(num_cpus=0, resources={DEMO_WORKER_RESOURCE: 1}),
     )
     print("starting a local Ray with two edit workers", file=sys.stderr)
-    ray.init(
-        num_cpus=2,
-        resources={DEMO_WORKER_RESOURCE: config.workers},
-        object_store_memory=200 * 2**20,
-        include_dashboard=False,
-        namespace=config.namespace,
-        log_to_driver=False,
-    )
+    start_local_ray(config.workers, config.namespace)
     try:
         deploy.start(config)
         client = Client(config=config)
