@@ -311,8 +311,8 @@ def test_triton_kernels_give_the_reference_edit(tiny_model_dir):
     for kernels in ("reference", "triton"):
         sparse = SparseConfig(kernels=kernels)
         engine = _engine(tiny_model_dir, sparse, preserve=False, device=KERNEL_DEVICE)
-        session = engine.generate(CAT, steps=6, seed=9)
-        edits.append(session.edit(DOG, mask=_square(), mask_steps=2))
+        session = engine.generate(CAT, steps=4, seed=9)
+        edits.append(session.edit(DOG, mask=_square(), mask_steps=1))
     reference, triton = edits
 
     # On a GPU, tl.dot takes fp32 inputs as TF32.
