@@ -96,6 +96,8 @@ class EditReport(BaseModel):
     """The part of a prompt longer than the text encoder takes that it read; None if it fit."""
     graph_capture_s: float = 0.0
     """Part of the latency spent capturing CUDA graphs (each with one eager warm-up call)."""
+    host_bytes: int = 0
+    """Bytes copied from a host-resident cache to the device (0 when it was on the device)."""
     cache_bytes: int
 
 
@@ -189,10 +191,11 @@ class DenoiseRun:
             self.record.put("solver_history", step, self._history[-1])
 
     def _graph(self, plan: SparsePlan | None, source) -> CapturedUNetStep | None:
-        """The captured UNet call: the engine's dense one, or this run's for `plan`; none
-        unless the engine captures graphs and the source cache is on the device."""
+        """The captured UNet call: the engine's dense one, or this run's for `plan` (reading
+        the cache on the device, or a prefetcher's static buffers); none unless the engine
+        captures graphs."""
         engine = self.engine
-        if not engine.graphs or not (source is None or isinstance(source, ActivationCache)):
+        if not engine.graphs:
             return None
         if plan is None:
             shape = self.latents.shape
@@ -333,6 +336,10 @@ class Engine:
             state.plan = state.source = state.record = None
             state.config = self.config.sparse
 
+    def sparse_reads(self, plan: SparsePlan, cache: ActivationCache) -> frozenset[str]:
+        """The names in `cache` a sparse step over `plan` reads (its layers' maps)."""
+        return frozenset(name for layer in self.layers for name in layer.reads(plan, cache))
+
     @property
     def graphs(self) -> bool:
         """Whether UNet calls are captured and replayed as CUDA graphs."""
@@ -389,6 +396,8 @@ class Engine:
         plan = SparsePlan(mask.to(self.model.device), config, self.model.device)
         mask = plan.region
         dense_reference = reference == "steps"
+        prefetcher = source if isinstance(source, HostPrefetcher) else None
+        reads = self.sparse_reads(plan, base.cache) if prefetcher is not None else frozenset()
         with timer("sparse"):
             if dense_steps:
                 run.reset_outside(mask, source, dense_steps - 1)
@@ -398,6 +407,8 @@ class Engine:
                     run.step(step, macs)
                     run.reset_outside(mask, source, step)
                 else:
+                    if prefetcher is not None:
+                        prefetcher.load(step, reads)
                     step_macs = MacCount()
                     run.step(step, step_macs, plan, source)
                     macs.add(step_macs.dense, step_macs.executed)
@@ -429,6 +440,7 @@ class Engine:
             total_latency_s=sum(timer.seconds.values()),
             truncated_prompt=self.model.truncated_prompt(params.prompt),
             graph_capture_s=run.capture_s,
+            host_bytes=0 if prefetcher is None else prefetcher.copied_bytes,
             cache_bytes=run.record.nbytes,
         )
         return Version(

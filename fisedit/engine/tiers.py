@@ -44,8 +44,8 @@ class SessionPool:
     host memory, where edits read them with asynchronous prefetch. When host memory is over
     budget, they leave memory: their recipe is kept, and with a store they are snapshotted;
     on next use they are restored from the snapshot, or recomputed from the recipe. On a CPU
-    engine the device and host tiers are the same memory, so moving between them only
-    changes the accounting.
+    engine the device and host tiers are the same memory, but edits still read host-tier
+    caches through the prefetcher, as on a GPU.
     """
 
     def __init__(
@@ -164,7 +164,7 @@ class SessionPool:
 
     def _to_host(self, session_id: str) -> None:
         session = self._resident[session_id]
-        session.current.cache = session.current.cache.to("cpu")
+        session.current.cache = session.current.cache.to_host()
         self._tier[session_id] = "host"
 
     def _out_of_memory(self, session_id: str) -> None:
