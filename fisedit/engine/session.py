@@ -375,7 +375,8 @@ class Engine:
         (what the sparse steps compute, done the slow way).
         `params` must be valid for the session (EditParams.for_session).
         """
-        base, generation, user_mask = base or session.current, session.params, mask
+        base = session.current if base is None else base
+        generation, user_mask = session.params, mask
         timer, macs, sparse_macs = PhaseTimer(self.model.device), MacCount(), MacCount()
         with timer("text"):
             embeds = self.model.encode_for_guidance(params.prompt, generation.negative_prompt)
