@@ -276,7 +276,7 @@ def _open_session(engine, directory: Path, saved: SessionFile):
     from fisedit.engine.snapshot import SnapshotError, restore
 
     recipe = SessionRecipe.model_validate(saved.recipe.model_dump(mode="json"))
-    version, start = len(recipe.edits), time.perf_counter()
+    version, start = recipe.version, time.perf_counter()
     try:
         session = restore(engine, _store(directory), recipe.session_id, version)
     except SnapshotError as error:
@@ -350,17 +350,23 @@ def edit(args: argparse.Namespace) -> None:
 
 
 def history(args: argparse.Namespace) -> None:
-    """Lists a session's versions: prompt, mask and changed-pixel ratios, MAC fraction (of a
-    dense generation) and latency. Reads session.json only; loads no model."""
+    """Lists a session's versions: the version each was edited from (its parent), prompt,
+    mask and changed-pixel ratios, MAC fraction (of a dense generation) and latency. Reads
+    session.json only; loads no model."""
     saved = _read_session(Path(args.session))
     if args.json:
         print(json.dumps(saved.versions, indent=2))
         return
-    print(f"{'version':>7}  {'mask':>6}  {'pixels':>6}  {'MACs':>6}  {'latency':>8}  prompt")
+    print(
+        f"{'version':>7}  {'parent':>6}  {'mask':>6}  {'pixels':>6}  {'MACs':>6}  "
+        f"{'latency':>8}  prompt"
+    )
     for report in saved.versions:
-        mask = "-" if report["base_version"] is None else f"{report['mask_ratio']:.1%}"
+        parent = report["base_version"]
+        mask = "-" if parent is None else f"{report['mask_ratio']:.1%}"
         print(
-            f"{report['version']:>7}  {mask:>6}  {report['changed_pixel_ratio']:>6.1%}  "
+            f"{report['version']:>7}  {'-' if parent is None else parent:>6}  {mask:>6}  "
+            f"{report['changed_pixel_ratio']:>6.1%}  "
             f"{report['mac_fraction']:>6.1%}  {report['total_latency_s']:>6.2f} s  "
             f"{report['prompt']}"
         )

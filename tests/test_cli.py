@@ -115,7 +115,8 @@ def test_edits_restore_the_newest_snapshot_and_history_lists_the_versions(sessio
     assert [r["prompt"] for r in reports] == ["a cat", "a dog", "a red dog"]
     assert reports[2] == report
     rows = table.splitlines()[1:]
-    assert len(rows) == 3 and rows[2].split()[:3] == ["2", "6.2%", "14.1%"]
+    assert len(rows) == 3 and rows[2].split()[:4] == ["2", "1", "6.2%", "14.1%"]
+    assert rows[0].split()[:3] == ["0", "-", "-"]
     assert rows[2].endswith("a red dog")
 
 

@@ -48,6 +48,8 @@ class ActivationCache:
         self.steps = steps
         self.tensors: dict[str, torch.Tensor] = dict(tensors or {})
         self.channels_last = channels_last
+        self.host_resident = False
+        """Whether edits read this cache through a HostPrefetcher (see `to_host`)."""
 
     def put(self, name: str, step: int, value: torch.Tensor) -> None:
         buffer = self.tensors.get(name)
@@ -108,12 +110,19 @@ class ActivationCache:
         keep = self.channels_last if channels_last is None else channels_last
         return ActivationCache(self.steps, moved, keep)
 
+    def to_host(self) -> "ActivationCache":
+        """A copy in host memory (pinned where a GPU is) that edits read through a
+        HostPrefetcher, on any device (on a CPU, too, so that path runs there)."""
+        cache = self.to("cpu")
+        cache.host_resident = True
+        return cache
+
     def reader(self, device: torch.device | str) -> "ActivationCache | HostPrefetcher":
         """Something with `get(name, step)` that returns tensors on `device`."""
         device = torch.device(device)
-        if device.type != "cuda" or self.device.type == "cuda":
-            return self
-        return HostPrefetcher(self, device)
+        if self.host_resident or (device.type == "cuda" and self.device.type != "cuda"):
+            return HostPrefetcher(self, device)
+        return self
 
 
 class StepSlots:
@@ -136,44 +145,91 @@ class StepSlots:
 
 
 class HostPrefetcher:
-    """Reads a host-resident cache on a GPU: the first read of step t waits for its copy
-    and starts copying step t+1 on a side stream, so transfers overlap compute.
+    """Reads a host-resident cache on a device, copying only what each step reads.
 
-    Steps must be read in non-decreasing order, as the denoise loop does.
+    A sparse step names the maps it reads with `load(step, names)`: they are copied into
+    static device buffers, one per name, which `get` returns whatever step it is asked for,
+    so a CUDA graph captured over them replays on every step's data. While step t runs, the
+    same maps of step t+1 are copied into staging buffers on a side stream, and `load(t+1)`
+    then copies only device to device. Any other read (the latents a capture step diffs
+    against, the solver history) copies the one tensor it asks for. Without CUDA the copies
+    are synchronous, so the same path runs (and is tested) on a CPU.
     """
 
-    def __init__(self, cache: ActivationCache, device: torch.device) -> None:
-        self.cache, self.device = cache, device
-        self.stream = torch.cuda.Stream(device)
-        self.steps: dict[int, tuple[dict[str, torch.Tensor], torch.cuda.Event]] = {}
-        self.current = -1
+    def __init__(self, cache: ActivationCache, device: torch.device | str) -> None:
+        self.cache, self.device = cache, torch.device(device)
+        cuda = self.device.type == "cuda"
+        self.stream = torch.cuda.Stream(self.device) if cuda else None
+        self.buffers: dict[str, torch.Tensor] = {}
+        self.loaded: tuple[int, frozenset[str]] | None = None
+        """The step and names whose maps the static buffers hold."""
+        self._staging: dict[str, torch.Tensor] = {}
+        self._staged: tuple[int, frozenset[str], torch.cuda.Event | None] | None = None
+        self.copied: dict[int, dict[str, int]] = {}
+        """Bytes copied from host memory, by step and name (prefetches included)."""
 
-    def _copy(self, step: int) -> None:
-        if step >= self.cache.steps or step in self.steps:
+    @property
+    def copied_bytes(self) -> int:
+        return sum(sum(names.values()) for names in self.copied.values())
+
+    def load(self, step: int, names: frozenset[str]) -> None:
+        """Puts the maps `names` of `step` in the static buffers, and starts copying those
+        of step + 1. Steps are loaded in increasing order, as the denoise loop runs them."""
+        staged = self._staged
+        if staged is not None and staged[:2] == (step, names):
+            if staged[2] is not None:
+                torch.cuda.current_stream(self.device).wait_event(staged[2])
+            sources = self._staging
+        else:
+            sources = {name: self._on_host(name, step) for name in names}
+        for name in names:
+            self._buffer(self.buffers, name).copy_(sources[name], non_blocking=True)
+        self.loaded = (step, names)
+        self._prefetch(step + 1, names)
+
+    def get(self, name: str, step: int | torch.Tensor, writable: bool = False) -> torch.Tensor:
+        """`name` at `step`: a static buffer if `load` put it there (whatever `step` is when
+        it is an index tensor: a captured step replays over the buffers), else a copy."""
+        step_loaded, names = self.loaded or (None, frozenset())
+        if name in names and (isinstance(step, torch.Tensor) or step == step_loaded):
+            buffer = self.buffers[name]
+            return buffer.clone() if writable else buffer
+        if isinstance(step, torch.Tensor):
+            raise KeyError(
+                f"{name!r} is not among the maps loaded for this step: a captured step reads "
+                "only what `load` was given"
+            )
+        tensor = self._on_host(name, step).to(self.device, non_blocking=True)
+        return tensor.clone() if writable else tensor
+
+    def _on_host(self, name: str, step: int) -> torch.Tensor:
+        tensor = self.cache.get(name, step)
+        step_copies = self.copied.setdefault(step, {})
+        step_copies[name] = step_copies.get(name, 0) + tensor.numel() * tensor.element_size()
+        return tensor
+
+    def _buffer(self, buffers: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+        if name not in buffers:
+            # Laid out like one step of the cache (channels_last maps stay so).
+            buffers[name] = torch.empty_like(self.cache.tensors[name][0], device=self.device)
+        return buffers[name]
+
+    def _prefetch(self, step: int, names: frozenset[str]) -> None:
+        if step >= self.cache.steps:
+            self._staged = None
             return
+        if self.stream is None:
+            for name in names:
+                self._buffer(self._staging, name).copy_(self._on_host(name, step))
+            self._staged = (step, names, None)
+            return
+        staging = {name: self._buffer(self._staging, name) for name in names}
+        # The staging buffers are free once the main stream has copied them to the static ones.
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
-            tensors = {
-                name: t[step].to(self.device, non_blocking=True)
-                for name, t in self.cache.tensors.items()
-            }
+            for name, buffer in staging.items():
+                buffer.record_stream(self.stream)  # not freed before its copies are done
+                buffer.copy_(self._on_host(name, step), non_blocking=True)
             done = torch.cuda.Event()
             done.record(self.stream)
-        self.steps[step] = (tensors, done)
-
-    def get(self, name: str, step: int, writable: bool = False) -> torch.Tensor:
-        if step != self.current:
-            self._copy(step)
-            tensors, done = self.steps[step]
-            main = torch.cuda.current_stream(self.device)
-            main.wait_event(done)
-            for tensor in tensors.values():
-                # The copies were allocated on the side stream but are used on the main one.
-                tensor.record_stream(main)
-            self.steps = {s: v for s, v in self.steps.items() if s >= step}
-            self.current = step
-            self._copy(step + 1)
-        try:
-            tensor = self.steps[step][0][name]
-        except KeyError:
-            raise KeyError(f"nothing recorded under {name!r}") from None
-        return tensor.clone() if writable else tensor
+        self._staged = (step, names, done)

@@ -119,6 +119,14 @@ class SparseLayer(nn.Module):
         self.save("out", out)
         return self.wrap(out, **kwargs)
 
+    def reads(self, plan: SparsePlan, cache: ActivationCache) -> list[str]:
+        """The names in `cache` a sparse call over `plan` reads: every map this layer
+        records, unless its resolution runs dense (then none)."""
+        out = cache.tensors.get(f"{self.name}.out")
+        if out is None or plan.at(tuple(out.shape[-2:])).dense:
+            return []
+        return [f"{self.name}.{key}" for key in self.recorded]
+
     def output_hw(self, x: torch.Tensor, *args, **kwargs) -> tuple[int, int] | None:
         """The output resolution, or None when this call must run dense."""
         return tuple(x.shape[-2:])

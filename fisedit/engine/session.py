@@ -11,7 +11,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -28,6 +28,9 @@ from fisedit.engine.layers import MacCount, StepState, wrap_unet
 from fisedit.engine.masks import latent_difference, load_mask, target_area_capture
 from fisedit.engine.models import DiffusionModel, PromptEmbeddings, load_model
 from fisedit.engine.plan import SparsePlan
+
+if TYPE_CHECKING:  # the storage package imports boto3, which the engine needs only for S3
+    from fisedit.storage import ObjectStore
 
 SCHEDULERS: dict[SchedulerName, tuple[type, dict]] = {
     "ddim": (DDIMScheduler, {}),
@@ -54,8 +57,8 @@ latents pasted outside the mask, or dense layers with the cached maps pasted out
 regions."""
 
 
-class StaleVersionError(ValueError):
-    """An edit extends a version that is no longer the session's current one."""
+class UnknownVersionError(ValueError):
+    """A session has no version with this number."""
 
 
 class NoChangeWarning(UserWarning):
@@ -93,6 +96,8 @@ class EditReport(BaseModel):
     """The part of a prompt longer than the text encoder takes that it read; None if it fit."""
     graph_capture_s: float = 0.0
     """Part of the latency spent capturing CUDA graphs (each with one eager warm-up call)."""
+    host_bytes: int = 0
+    """Bytes copied from a host-resident cache to the device (0 when it was on the device)."""
     cache_bytes: int
 
 
@@ -111,6 +116,11 @@ class Version:
     """The request that made this version from the previous one."""
     user_mask: torch.Tensor | None = None
     """The mask the user supplied, if any, as given (before growing to blocks)."""
+
+    @property
+    def parent(self) -> int | None:
+        """The version this one was edited from (None for the generation)."""
+        return self.report.base_version
 
     @property
     def pil_image(self) -> Image.Image:
@@ -181,10 +191,11 @@ class DenoiseRun:
             self.record.put("solver_history", step, self._history[-1])
 
     def _graph(self, plan: SparsePlan | None, source) -> CapturedUNetStep | None:
-        """The captured UNet call: the engine's dense one, or this run's for `plan`; none
-        unless the engine captures graphs and the source cache is on the device."""
+        """The captured UNet call: the engine's dense one, or this run's for `plan` (reading
+        the cache on the device, or a prefetcher's static buffers); none unless the engine
+        captures graphs."""
         engine = self.engine
-        if not engine.graphs or not (source is None or isinstance(source, ActivationCache)):
+        if not engine.graphs:
             return None
         if plan is None:
             shape = self.latents.shape
@@ -254,6 +265,10 @@ class Engine:
                 ),
                 stacklevel=2,
             )
+        return EditSession(self, params, self.run_generation(params))
+
+    def run_generation(self, params: GenerationParams) -> Version:
+        """Generates version 0 of a session with `params` (filled in, see `filled_in`)."""
         timer, macs = PhaseTimer(self.model.device), MacCount()
         with timer("text"):
             embeds = self.model.encode_for_guidance(params.prompt, params.negative_prompt)
@@ -283,8 +298,7 @@ class Engine:
             graph_capture_s=run.capture_s,
             cache_bytes=run.record.nbytes,
         )
-        version = Version(0, params.prompt, image, run.record, report)
-        return EditSession(self, params, version)
+        return Version(0, params.prompt, image, run.record, report)
 
     def filled_in(self, params: GenerationParams) -> GenerationParams:
         """`params` with the model's defaults where they are None, the size checked (also
@@ -322,6 +336,10 @@ class Engine:
             state.plan = state.source = state.record = None
             state.config = self.config.sparse
 
+    def sparse_reads(self, plan: SparsePlan, cache: ActivationCache) -> frozenset[str]:
+        """The names in `cache` a sparse step over `plan` reads (its layers' maps)."""
+        return frozenset(name for layer in self.layers for name in layer.reads(plan, cache))
+
     @property
     def graphs(self) -> bool:
         """Whether UNet calls are captured and replayed as CUDA graphs."""
@@ -345,8 +363,10 @@ class Engine:
         params: EditParams,
         mask: torch.Tensor | None,
         reference: ReferenceMode | None = None,
+        base: Version | None = None,
     ) -> Version:
-        """Edits the session's current version into a new one, without changing the session.
+        """Edits the session's current version (or `base`, one of its versions with its cache)
+        into a new one, numbered after the session's newest, without changing the session.
 
         With a `reference` mode it computes a reference of the sparse edit instead, over the
         same mask: "steps" runs every step dense and pastes the previous latents outside the
@@ -355,7 +375,8 @@ class Engine:
         (what the sparse steps compute, done the slow way).
         `params` must be valid for the session (EditParams.for_session).
         """
-        base, generation, user_mask = session.current, session.params, mask
+        base = session.current if base is None else base
+        generation, user_mask = session.params, mask
         timer, macs, sparse_macs = PhaseTimer(self.model.device), MacCount(), MacCount()
         with timer("text"):
             embeds = self.model.encode_for_guidance(params.prompt, generation.negative_prompt)
@@ -376,6 +397,8 @@ class Engine:
         plan = SparsePlan(mask.to(self.model.device), config, self.model.device)
         mask = plan.region
         dense_reference = reference == "steps"
+        prefetcher = source if isinstance(source, HostPrefetcher) else None
+        reads = self.sparse_reads(plan, base.cache) if prefetcher is not None else frozenset()
         with timer("sparse"):
             if dense_steps:
                 run.reset_outside(mask, source, dense_steps - 1)
@@ -385,6 +408,8 @@ class Engine:
                     run.step(step, macs)
                     run.reset_outside(mask, source, step)
                 else:
+                    if prefetcher is not None:
+                        prefetcher.load(step, reads)
                     step_macs = MacCount()
                     run.step(step, step_macs, plan, source)
                     macs.add(step_macs.dense, step_macs.executed)
@@ -397,7 +422,7 @@ class Engine:
                 weight = blend_weight(mask, image.shape[:2], edit.seam_dilation, edit.seam_feather)
                 image = preserve_background(image, base.image, weight)
             changed_pixel_ratio = float((weight > 0).mean())
-        number = base.number + 1
+        number = len(session.history)
         report = EditReport(
             version=number,
             base_version=base.number,
@@ -416,6 +441,7 @@ class Engine:
             total_latency_s=sum(timer.seconds.values()),
             truncated_prompt=self.model.truncated_prompt(params.prompt),
             graph_capture_s=run.capture_s,
+            host_bytes=0 if prefetcher is None else prefetcher.copied_bytes,
             cache_bytes=run.record.nbytes,
         )
         return Version(
@@ -425,13 +451,25 @@ class Engine:
 
 @dataclass
 class EditSession:
-    """A generated image and its chain of edits; each edit diffs against the previous one."""
+    """A generated image and its tree of edits; each edit diffs against the version it
+    extends, by default the current one.
+
+    Versions are numbered in the order they were made: the generation is 0 and each edit
+    takes the next number, whichever version it extends, so `history[n]` is version n and
+    each version names its `parent`. Editing an older version makes a branch beside the
+    later ones, which stay in the history. Only the current version holds its cache; moving
+    to another version (`checkout`, `undo`, `edit(extends=n)`) restores that version's cache
+    from its snapshot in `snapshots`, or recomputes it from its nearest ancestor that holds
+    one (else from the generation), exactly as it was made.
+    """
 
     engine: Engine
     params: GenerationParams
     current: Version
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     history: list[Version] = field(default_factory=list)
+    snapshots: "ObjectStore | None" = None
+    """The store this session's snapshots are written to, if any (see engine.snapshot)."""
 
     def __post_init__(self) -> None:
         if not self.history:
@@ -451,6 +489,7 @@ class EditSession:
 
     @property
     def prompts(self) -> list[str]:
+        """Every version's prompt, by version number."""
         return [v.prompt for v in self.history]
 
     def fork(self) -> "EditSession":
@@ -459,8 +498,10 @@ class EditSession:
         Edits of the fork never change this session: editing each of several forks of one
         version gives independent variations of it, all from the one recorded cache.
         """
-        start = replace(self.current)
-        return EditSession(self.engine, self.params, start, history=[start])
+        history = [replace(v, cache=None) for v in self.history]
+        start = history[self.version]
+        start.cache = self.current.cache
+        return EditSession(self.engine, self.params, start, history=history)
 
     def edit(
         self,
@@ -469,42 +510,95 @@ class EditSession:
         mask_steps: int | None = None,
         extends: int | None = None,
     ) -> Version:
-        """Edits the current version; on success it becomes version n+1.
+        """Edits version `extends` (by default the current one); on success the new version,
+        numbered after the newest, becomes current.
 
-        `extends` names the version the caller believes is current: a chain of edits then
-        never runs on stale state (StaleVersionError).
+        Extending another version than the current one first moves the session to it (as
+        `checkout`), so the edit branches off there; the input is checked before that.
 
         `mask` (a PNG path, array or tensor, at latent or image size) replaces Target Area
         Capture. `mask_steps` dense steps run first: by default the configured k (a fifth of
-        the steps unless set) without a mask and none with one. On any error the session
-        stays at its current version.
+        the steps unless set) without a mask and none with one. On bad input the session
+        stays at its current version; an edit that fails after the move stays at `extends`.
 
-        A prompt with the current version's text embeddings changes nothing: the current
-        version itself is returned at once, no new version is made, and NoChangeWarning is
-        issued (compare the returned version's number with the one you extended).
+        A prompt with the extended version's text embeddings changes nothing: that version
+        itself is returned, no new version is made, and NoChangeWarning is issued (compare
+        the returned version's number with the one you extended).
         """
-        if extends is not None and extends != self.version:
-            raise StaleVersionError(
-                f"session {self.id} is at version {self.version}, not {extends}: "
-                "fetch the current version before editing"
-            )
+        base = self.current if extends is None else self._version(extends)
         params, user_mask = self._validate(prompt, mask, mask_steps)
-        if self.engine.same_text_embeddings(params.prompt, self.current.prompt):
+        self.checkout(base.number)
+        if self.engine.same_text_embeddings(params.prompt, base.prompt):
             warnings.warn(
                 NoChangeWarning(
                     f"{params.prompt!r} has the same text embeddings as version "
-                    f"{self.version}'s prompt {self.current.prompt!r}: nothing to edit, "
-                    f"the session stays at version {self.version}"
+                    f"{base.number}'s prompt {base.prompt!r}: nothing to edit, "
+                    f"the session stays at version {base.number}"
                 ),
                 stacklevel=2,
             )
-            return self.current
+            return base
         version = self.engine.run_edit(self, params, user_mask)
-        # Only the newest version keeps its cache; older ones keep image, mask and report.
-        self.current.cache = None
-        self.current = version
+        self._move_to(version, version.cache)
         self.history.append(version)
         return version
+
+    def checkout(self, number: int) -> Version:
+        """Makes version `number` current, with its cache (restored or recomputed)."""
+        version = self._version(number)
+        if version is not self.current:
+            self._move_to(version, self._cache_of(version))
+        return version
+
+    def undo(self) -> Version:
+        """Returns to the version the current one was edited from; later versions stay in
+        the history (`checkout` or `edit(extends=n)` goes back to them)."""
+        parent = self.current.parent
+        if parent is None:
+            raise UnknownVersionError(
+                f"session {self.id} is at version {self.version}, its generation: "
+                "there is nothing to undo"
+            )
+        return self.checkout(parent)
+
+    def _move_to(self, version: Version, cache: ActivationCache) -> None:
+        # Only the current version keeps its cache; others keep image, mask and report.
+        self.current.cache = None
+        version.cache = cache
+        self.current = version
+
+    def _version(self, number: int) -> Version:
+        if not 0 <= number < len(self.history):
+            raise UnknownVersionError(
+                f"session {self.id} has no version {number} "
+                f"(its versions are 0 to {len(self.history) - 1})"
+            )
+        return self.history[number]
+
+    def _cache_of(self, version: Version) -> ActivationCache:
+        """The cache `version` recorded: held, loaded from its snapshot, or recomputed from
+        its nearest ancestor that has either (else from the generation)."""
+        path = []  # the versions to recompute, newest first
+        cache = self._held_or_stored_cache(version)
+        while cache is None and version.parent is not None:
+            path.append(version)
+            version = self.history[version.parent]
+            cache = self._held_or_stored_cache(version)
+        if cache is None:
+            cache = self.engine.run_generation(self.params).cache
+        for later in reversed(path):
+            base = replace(version, cache=cache)
+            cache = self.engine.run_edit(self, later.edit, later.user_mask, base=base).cache
+            version = later
+        return cache
+
+    def _held_or_stored_cache(self, version: Version) -> ActivationCache | None:
+        if version.cache is not None or self.snapshots is None:
+            return version.cache
+        # Imported here: the snapshot module builds sessions, so it imports this one.
+        from fisedit.engine.snapshot import stored_cache
+
+        return stored_cache(self.engine, self.snapshots, self.id, version.number)
 
     def reference_edit(
         self,

@@ -93,7 +93,8 @@ def _shards(tensors: dict[str, torch.Tensor], limit: int) -> list[dict[str, torc
 def snapshot(session: EditSession, store: ObjectStore, shard_bytes: int = SHARD_BYTES) -> str:
     """Writes the session's current version to `store`; returns the manifest key.
 
-    Versions are immutable, so a version already snapshotted is left as it is.
+    Versions are immutable, so a version already snapshotted is left as it is (the history
+    it lists may lack versions made since, on other branches: the session's recipe has them).
     """
     prefix = _prefix(session.id, session.version)
     manifest_key = prefix + "manifest.json"
@@ -170,7 +171,27 @@ def restore(
             f"session {session_id!r} has no complete snapshot of version {version} "
             f"(complete versions: {available or 'none'})"
         )
-    prefix = _prefix(session_id, version)
+    manifest, tensors = _read(engine, store, _prefix(session_id, version))
+    return _session(engine, manifest, tensors, store)
+
+
+def stored_cache(
+    engine: Engine, store: ObjectStore, session_id: str, version: int
+) -> ActivationCache | None:
+    """The cache of a session's version from its snapshot; None if it has no complete and
+    intact one."""
+    if version not in snapshot_versions(store, session_id):
+        return None
+    try:
+        manifest, tensors = _read(engine, store, _prefix(session_id, version))
+    except SnapshotError:
+        return None
+    return _cache(engine, manifest, tensors)
+
+
+def _read(
+    engine: Engine, store: ObjectStore, prefix: str
+) -> tuple[Manifest, dict[str, torch.Tensor]]:
     try:
         manifest = Manifest.model_validate_json(store.get(prefix + "manifest.json"))
     except ValueError as error:
@@ -181,8 +202,7 @@ def restore(
         check_model(engine, manifest.recipe)
     except ModelMismatchError as error:
         raise SnapshotError(f"cannot restore {prefix}: {error}") from error
-    tensors = _load_shards(store, prefix, manifest, engine.model.device)
-    return _session(engine, manifest, tensors)
+    return manifest, _load_shards(store, prefix, manifest, engine.model.device)
 
 
 def _load_shards(
@@ -211,12 +231,17 @@ def _load_shards(
     return {k: t.to(device) if k.startswith("cache/") else t for k, t in tensors.items()}
 
 
-def _session(engine: Engine, manifest: Manifest, tensors: dict[str, torch.Tensor]) -> EditSession:
+def _cache(engine: Engine, manifest: Manifest, tensors: dict[str, torch.Tensor]):
     recorded = {k.removeprefix("cache/"): t for k, t in tensors.items() if k.startswith("cache/")}
     # Shards hold maps NCHW; the engine may run (and read its cache) NHWC.
-    cache = ActivationCache(manifest.steps, recorded).to(
+    return ActivationCache(manifest.steps, recorded).to(
         engine.model.device, channels_last=engine.config.channels_last
     )
+
+
+def _session(
+    engine: Engine, manifest: Manifest, tensors: dict[str, torch.Tensor], store: ObjectStore
+) -> EditSession:
     history = [
         Version(
             number=record.number,
@@ -230,7 +255,10 @@ def _session(engine: Engine, manifest: Manifest, tensors: dict[str, torch.Tensor
         )
         for record in manifest.versions
     ]
-    history[-1].cache = cache
     recipe = manifest.recipe
+    current = history[recipe.version]
+    current.cache = _cache(engine, manifest, tensors)
     params = engine.filled_in(recipe.params)
-    return EditSession(engine, params, history[-1], id=recipe.session_id, history=history)
+    return EditSession(
+        engine, params, current, id=recipe.session_id, history=history, snapshots=store
+    )

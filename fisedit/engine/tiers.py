@@ -42,9 +42,10 @@ class SessionPool:
 
     When device memory is over budget, the least recently used sessions move to (pinned)
     host memory, where edits read them with asynchronous prefetch. When host memory is over
-    budget, they are snapshotted to the object store and leave memory; without a store only
-    their recipe is kept, and they are recomputed on next use. On a CPU engine the device
-    and host tiers are the same memory, so moving between them only changes the accounting.
+    budget, they leave memory: their recipe is kept, and with a store they are snapshotted;
+    on next use they are restored from the snapshot, or recomputed from the recipe. On a CPU
+    engine the device and host tiers are the same memory, but edits still read host-tier
+    caches through the prefetcher, as on a GPU.
     """
 
     def __init__(
@@ -99,13 +100,10 @@ class SessionPool:
         if session_id in self._resident:
             self._resident.move_to_end(session_id)
             return self._resident[session_id]
-        tier = self._tier.get(session_id)
-        if tier == "store":
-            session = restore(self.engine, self.store, session_id)
-        elif tier == "recipe":
-            session = rebuild(self.engine, self._recipes.pop(session_id))
-        else:
+        if session_id not in self._recipes:
             raise UnknownSessionError(f"unknown session {session_id!r}")
+        # From its snapshot when it has one, at the version it was at (see `adopt`).
+        session, _ = adopt(self.engine, self._recipes.pop(session_id), self.store)
         self._admit(session)
         return session
 
@@ -130,6 +128,7 @@ class SessionPool:
         return usage
 
     def _admit(self, session: EditSession) -> None:
+        session.snapshots = self.store
         self._resident[session.id] = session
         self._tier[session.id] = "device"
         self._enforce(keep=session.id)
@@ -165,16 +164,16 @@ class SessionPool:
 
     def _to_host(self, session_id: str) -> None:
         session = self._resident[session_id]
-        session.current.cache = session.current.cache.to("cpu")
+        session.current.cache = session.current.cache.to_host()
         self._tier[session_id] = "host"
 
     def _out_of_memory(self, session_id: str) -> None:
         session = self._resident.pop(session_id)
+        self._recipes[session_id] = recipe_of(session)
         if self.store is not None:
             snapshot(session, self.store)
             self._tier[session_id] = "store"
         else:
-            self._recipes[session_id] = recipe_of(session)
             self._tier[session_id] = "recipe"
 
 
@@ -184,8 +183,9 @@ def adopt(
     """Recreates a session at its recipe's version as cheaply as the store allows.
 
     The newest complete snapshot no newer than the recipe is restored and only the edits
-    after it are replayed; without a usable snapshot the whole recipe is recomputed. Every
-    path gives the same session, bit for bit; the returned path says which one ran.
+    after it are replayed, then the session moves to the recipe's current version; without
+    a usable snapshot the whole recipe is recomputed. Every path gives the same session, bit
+    for bit; the returned path says which one ran.
     """
     newest = len(recipe.edits)
     versions = snapshot_versions(store, recipe.session_id) if store is not None else []

@@ -13,11 +13,10 @@ import ray
 from ray.exceptions import RayActorError
 
 from fisedit.engine.config import GenerationParams
-from fisedit.engine.session import StaleVersionError
 from fisedit.service.config import ServiceConfig
 from fisedit.service.jobs import FINISHED, ChainSpec, JobRecord, JobState
 from fisedit.service.names import JOB_QUEUE, ROUTER
-from fisedit.service.results import EditRequest, EditResult
+from fisedit.service.results import EditRequest, EditResult, StaleVersionError
 
 
 class Client:

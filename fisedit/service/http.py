@@ -46,7 +46,6 @@ from ray.exceptions import RayActorError
 from ray.serve.deployment import Application
 
 from fisedit.engine.config import GenerationParams, Prompt
-from fisedit.engine.session import StaleVersionError
 from fisedit.service import deploy
 from fisedit.service.config import HttpConfig, ServiceConfig, StoreConfig
 from fisedit.service.jobs import (
@@ -58,7 +57,13 @@ from fisedit.service.jobs import (
     root_cause,
 )
 from fisedit.service.names import JOB_QUEUE, ROUTER, worker_name
-from fisedit.service.results import SESSION_ID, EditRequest, EditResult, EditSpec
+from fisedit.service.results import (
+    SESSION_ID,
+    EditRequest,
+    EditResult,
+    EditSpec,
+    StaleVersionError,
+)
 from fisedit.service.router import NoWorkerError
 from fisedit.storage import ObjectNotFoundError, StorageError, validate_key
 

@@ -72,6 +72,21 @@ class EditRequest(EditSpec):
     extends: int | None = Field(None, ge=0)
 
 
+class StaleVersionError(ValueError):
+    """An edit extends a version that is no longer the session's current one. (The engine
+    would branch off an older version; the service edits only the current one, so that
+    concurrent clients never edit from under each other.)"""
+
+
+def check_current(session_id: str, current: int, extends: int | None) -> None:
+    """Raises StaleVersionError unless `extends` is None or the session's `current` version."""
+    if extends is not None and extends != current:
+        raise StaleVersionError(
+            f"session {session_id} is at version {current}, not {extends}: "
+            "fetch the current version before editing"
+        )
+
+
 class EditResult(BaseModel):
     """A committed version: where its files are and what it cost. Keys are relative to the
     tenant's part of the store."""

@@ -17,7 +17,6 @@ import ray
 from ray.exceptions import ActorDiedError, RayActorError
 
 from fisedit.engine.config import GenerationParams
-from fisedit.engine.session import StaleVersionError
 from fisedit.engine.snapshot import snapshot_versions
 from fisedit.engine.tiers import UnknownSessionError
 from fisedit.service.config import ServiceConfig
@@ -25,6 +24,7 @@ from fisedit.service.names import worker_name
 from fisedit.service.results import (
     EditRequest,
     EditResult,
+    check_current,
     check_session_id,
     committed_versions,
     stored_result,
@@ -85,11 +85,7 @@ class SessionRouter:
         await self._ready()
         async with self._locks[session_id]:
             placement = await self._placement(session_id)
-            if request.extends is not None and request.extends != placement.version:
-                raise StaleVersionError(
-                    f"session {session_id} is at version {placement.version}, not "
-                    f"{request.extends}: fetch the current version before editing"
-                )
+            check_current(session_id, placement.version, request.extends)
             request = request.model_copy(update={"extends": placement.version})
             holder = placement.worker_id
             if self.config.affinity:

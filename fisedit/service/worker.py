@@ -21,6 +21,7 @@ from fisedit.service.results import (
     CachePath,
     EditRequest,
     EditResult,
+    check_current,
     check_session_id,
     commit,
     newest_recipe,
@@ -72,18 +73,15 @@ class SessionHost:
         return self._commit(session, "generate", started)
 
     def edit(self, session_id: str, request: EditRequest) -> EditResult:
-        """Edits the session, first bringing it here if needed; on any error the session
-        stays at its last committed version."""
+        """Edits the session's current version, first bringing it here if needed: `extends`,
+        when given, must be that version (StaleVersionError otherwise; the service never
+        branches off older versions). On any error the session stays at its last committed
+        version."""
         started = time.perf_counter()
         mask = self._mask(request)
         path = self._arrive(session_id, request.extends)
-        self.pool.edit(
-            session_id,
-            request.prompt,
-            mask=mask,
-            mask_steps=request.mask_steps,
-            extends=request.extends,
-        )
+        check_current(session_id, self.pool.get(session_id).version, request.extends)
+        self.pool.edit(session_id, request.prompt, mask=mask, mask_steps=request.mask_steps)
         return self._commit(self.pool.get(session_id), path, started)
 
     def adopt(self, session_id: str) -> tuple[int, CachePath]:

@@ -4,6 +4,7 @@ import torch
 
 from fisedit.engine import EditConfig, Engine, EngineConfig
 from fisedit.engine.cache import ActivationCache, HostPrefetcher, StepSlots
+from fisedit.engine.plan import SparsePlan
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -89,14 +90,72 @@ def test_on_cpu_the_reader_is_the_cache_itself():
     assert cache.to("cpu").tensors["x"].device.type == "cpu"
 
 
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def test_the_prefetcher_copies_only_the_maps_a_step_loads_into_static_buffers():
+    maps = {name: torch.randn(3, 1, 4, 2, 2) for name in ("a", "b", "unread")}
+    cache = ActivationCache(steps=3, tensors={**maps, "latents": torch.randn(3, 1, 4, 2, 2)})
+    prefetcher = HostPrefetcher(cache.to_host(), "cpu")
+    step_bytes = _nbytes(maps["a"][0])
+
+    prefetcher.load(0, frozenset({"a", "b"}))
+    static = prefetcher.get("a", 0)
+    # Step 1's maps are copied ahead, while step 0 runs.
+    assert prefetcher.copied == {0: {"a": step_bytes, "b": step_bytes}, 1: prefetcher.copied[0]}
+    assert torch.equal(prefetcher.get("latents", 0), cache.tensors["latents"][0])
+    assert prefetcher.copied[0]["latents"] == step_bytes and "unread" not in prefetcher.copied[0]
+
+    prefetcher.load(1, frozenset({"a", "b"}))
+    assert prefetcher.get("a", 1) is static and torch.equal(static, maps["a"][1])
+    assert prefetcher.get("a", torch.tensor(2)) is static  # what a captured step reads
+    assert set(prefetcher.copied) == {0, 1, 2} and set(prefetcher.copied[2]) == {"a", "b"}
+    assert not prefetcher.get("b", 1, writable=True).add_(1).equal(prefetcher.get("b", 1))
+    with pytest.raises(KeyError, match="'unread' is not among the maps loaded"):
+        prefetcher.get("unread", torch.tensor(1))
+
+
+def test_a_host_resident_edit_reads_only_latents_in_capture_steps_and_equals_the_device_edit(
+    tiny_model_dir,
+):
+    steps, k = 6, 2
+    config = EngineConfig(progress=False, edit=EditConfig(mask_steps=k))
+    engine = Engine.from_pretrained(tiny_model_dir, config)
+    on_device = engine.generate("a cat on a bench", steps=steps, seed=3)
+    on_host = on_device.fork()
+    cache = on_host.current.cache = on_device.current.cache.to_host()
+
+    expected = on_device.edit("a dog on a bench")
+    edit = on_host.edit("a dog on a bench")
+
+    assert np.array_equal(edit.image, expected.image)
+    for name, tensor in expected.cache.tensors.items():
+        assert torch.equal(edit.cache.tensors[name], tensor), name
+    reads = engine.sparse_reads(SparsePlan(edit.mask, engine.config.sparse), cache)
+    step_bytes = {name: _nbytes(tensor[0]) for name, tensor in cache.tensors.items()}
+    read_bytes = sum(step_bytes[name] for name in reads)
+    # Layers whose resolution runs dense read nothing; nor do sparse steps read latents.
+    assert "latents" not in reads and read_bytes < cache.nbytes / steps
+    assert any(name.startswith("mid_block.") for name in step_bytes.keys() - reads)
+    # Capture steps read the latents; before the sparse steps the latents and the two
+    # solver outputs DPM-Solver++ keeps are reset outside the mask; sparse steps read `reads`.
+    latents = step_bytes["latents"]
+    assert edit.report.host_bytes == k * latents + 3 * latents + (steps - k) * read_bytes
+    assert expected.report.host_bytes == 0
+
+
 @needs_cuda
 def test_host_resident_edit_with_prefetch_equals_device_edit(tiny_model_dir):
     config = EngineConfig(device="cuda", progress=False, edit=EditConfig(mask_steps=2))
     engine = Engine.from_pretrained(tiny_model_dir, config)
     on_device = engine.generate("a cat", steps=6, seed=9)
     on_host = engine.generate("a cat", steps=6, seed=9)
-    on_host.current.cache = on_host.current.cache.to("cpu")
+    on_host.current.cache = on_host.current.cache.to_host()
 
     assert isinstance(on_host.current.cache.reader("cuda"), HostPrefetcher)
     expected = on_device.edit("a dog").image
-    assert np.array_equal(on_host.edit("a dog").image, expected)
+    edit = on_host.edit("a dog")
+    assert np.array_equal(edit.image, expected)
+    # The sparse steps replay a captured graph over the prefetcher's static buffers.
+    assert engine.graphs and edit.report.graph_capture_s > 0 and edit.report.host_bytes > 0

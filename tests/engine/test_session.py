@@ -13,7 +13,6 @@ from fisedit.engine import (
     ModelLoadError,
     NoChangeWarning,
     SparseConfig,
-    StaleVersionError,
     UneditableSessionWarning,
 )
 from fisedit.engine.config import EditParams
@@ -243,15 +242,6 @@ def test_forks_edit_one_version_independently_and_leave_the_original_as_it_was(e
         assert np.array_equal(variation.image, alone.image)
     assert session.version == 0 and session.current.cache is base_cache
     assert np.array_equal(session.image, base_image)
-
-
-def test_an_edit_of_a_stale_version_is_refused(engine):
-    session = engine.generate(CAT, steps=STEPS, seed=7)
-    session.edit(DOG, extends=0)
-
-    with pytest.raises(StaleVersionError, match="is at version 1, not 0"):
-        session.edit("a photo of a bird sitting on a bench", extends=0)
-    assert session.version == 1 and session.edit(CAT, extends=1).number == 2
 
 
 def _state(session):

@@ -11,7 +11,6 @@ import ray
 from PIL import Image
 from pydantic import ValidationError
 
-from fisedit.engine import StaleVersionError
 from fisedit.engine.config import EditConfig, EngineConfig
 from fisedit.service import Client, deploy
 from fisedit.service.config import (
@@ -22,7 +21,7 @@ from fisedit.service.config import (
     WorkerResources,
 )
 from fisedit.service.names import JOB_QUEUE, ROUTER, worker_name
-from fisedit.service.results import EditRequest
+from fisedit.service.results import EditRequest, StaleVersionError
 
 STEPS = 4
 TIMEOUT = 240

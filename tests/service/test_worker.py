@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fisedit.engine import Engine, GenerationParams, StaleVersionError
+from fisedit.engine import Engine, GenerationParams
 from fisedit.engine.config import EditConfig, EngineConfig
 from fisedit.engine.recipe import SessionRecipe
 from fisedit.service.config import ServiceConfig, StoreConfig
-from fisedit.service.results import EditRequest, EditResult, png
+from fisedit.service.results import EditRequest, EditResult, StaleVersionError, png
 from fisedit.service.worker import SessionHost
 
 ENGINE = EngineConfig(progress=False, edit=EditConfig(mask_steps=1))
