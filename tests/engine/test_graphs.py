@@ -79,7 +79,7 @@ def _similar_masks() -> list[torch.Tensor]:
 def _edits_of_one_version(engine: Engine):
     """A generation, and edits of forks of it (so all read its cache), one per similar mask;
     the session holds the cache while the caller looks at the captured steps."""
-    session = engine.generate("a cat", steps=4, seed=5)
+    session = engine.generate("a cat", steps=2, seed=5)
     return session, [session.fork().edit("a dog", mask=mask) for mask in _similar_masks()]
 
 
@@ -103,7 +103,7 @@ def test_edits_over_similar_masks_replay_one_captured_sparse_step(tiny_model_dir
 def test_a_captured_sparse_step_goes_with_the_cache_it_reads(tiny_model_dir):
     engine = StaticStepEngine.from_pretrained(tiny_model_dir, EngineConfig(progress=False))
     mask = _similar_masks()[0]
-    session = engine.generate("a cat", steps=4, seed=5)
+    session = engine.generate("a cat", steps=2, seed=5)
     session.fork().edit("a dog", mask=mask)
     session.fork().edit("a bird", mask=mask)
     assert len(engine.step_graphs.sparse) == 1
