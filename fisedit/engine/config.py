@@ -111,7 +111,9 @@ class EngineConfig(BaseModel):
     edit: EditConfig = EditConfig()
     progress: bool = Field(True, description="Show progress bars over denoise steps.")
     cuda_graphs: bool = Field(
-        True, description="On CUDA, capture each edit's sparse step once and replay it."
+        True,
+        description="On CUDA, capture UNet steps as graphs and replay them: the dense step "
+        "once, a sparse step once per plan signature and cache read (see graphs.py).",
     )
     channels_last: bool = Field(
         True,
