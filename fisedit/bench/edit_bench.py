@@ -34,7 +34,6 @@ from pydantic import BaseModel
 
 from fisedit.engine.cache import ActivationCache
 from fisedit.engine.config import EditParams, EngineConfig
-from fisedit.engine.graphs import CapturedUNetStep
 from fisedit.engine.layers import MacCount
 from fisedit.engine.model_shapes import UNET_SHAPES
 from fisedit.engine.models import DiffusionModel, build_tiny_model, load_model
@@ -244,7 +243,7 @@ class ModelBench:
         self.sample = torch.randn(2, 4, side, side, device=device, dtype=dtype)
         self.embeds = model.encode_for_guidance(PROMPT)
         self.added = model.added_conditions(self.embeds)
-        self.timestep = torch.tensor(500, device=device)
+        self.timestep = torch.tensor(500.0, device=device)
 
     def unet_call(self, unet) -> Callable[[], object]:
         def call():
@@ -265,9 +264,9 @@ class ModelBench:
         plan = SparsePlan(mask.to(device), engine.config.sparse, device)
         record = ActivationCache(self.steps, channels_last=engine.config.channels_last)
         if engine.graphs:
-            graph = CapturedUNetStep(engine, plan, cache)
+            graph = engine.step_graphs.sparse_step(self.sample[:1].shape, plan, cache)
             args = (self.sample, self.timestep, step, self.embeds, self.added, record)
-            return lambda: graph(*args, MacCount())
+            return lambda: graph(*args, MacCount(), source=cache)
 
         def call():
             with engine.unet_pass(step, MacCount(), plan, cache, record):

@@ -53,6 +53,12 @@ class SparseConfig(BaseModel):
     active_only_attention: bool = Field(
         False, description="Self-attention keys and values from active tokens only."
     )
+    bucketed: bool = Field(
+        True,
+        description="Pad each layer's active pixels up to a size bucket (repeating one of "
+        "them), so edits with similar masks share compiled kernels and captured graphs. "
+        "Not with active_only_attention, whose keys are the active tokens themselves.",
+    )
     kernels: Literal["auto", "triton", "reference", "dense"] = Field(
         "auto",
         description="Fused Triton kernels or their PyTorch references; auto: Triton on CUDA. "
@@ -105,7 +111,9 @@ class EngineConfig(BaseModel):
     edit: EditConfig = EditConfig()
     progress: bool = Field(True, description="Show progress bars over denoise steps.")
     cuda_graphs: bool = Field(
-        True, description="On CUDA, capture each edit's sparse step once and replay it."
+        True,
+        description="On CUDA, capture UNet steps as graphs and replay them: the dense step "
+        "once, a sparse step once per plan signature and cache read (see graphs.py).",
     )
     channels_last: bool = Field(
         True,

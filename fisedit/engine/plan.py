@@ -1,5 +1,13 @@
-"""The static geometry of one edit's sparse steps: which pixels each resolution computes."""
+"""The static geometry of one edit's sparse steps: which pixels each resolution computes.
 
+Each layer's active pixels are padded up to a size bucket by repeating one of them: the
+repeated rows compute and write the same values again, so results do not change, while the
+kernels' integer arguments, tile sizes and buffer shapes take only a few values. Edits with
+similar masks then run the same compiled kernels, and replay one captured graph after
+`SparsePlan.load_` puts the new pixels into its index tensors.
+"""
+
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -9,10 +17,23 @@ from torch import nn
 from fisedit.engine.config import SparseConfig
 from fisedit.engine.sparse_ops import conv_taps
 
+# The smallest bucket: one 64-row tile of the kernels (so tile sizes never depend on it).
+MIN_BUCKET = 64
+
+
+def bucket(active: int, pixels: int) -> int:
+    """`active` pixels of a `pixels`-pixel layer rounded up to a bucket: at least MIN_BUCKET,
+    then multiples of 16 spaced four to an octave (at most a quarter over), at most `pixels`."""
+    if active == 0:
+        return 0
+    step = max(16, (1 << (active - 1).bit_length()) // 8)
+    return min(pixels, max(MIN_BUCKET, -(-active // step) * step))
+
 
 @dataclass(frozen=True)
 class LayerGeometry:
-    """Active output pixels of the layers at one resolution."""
+    """Active output pixels of the layers at one resolution (`index` may repeat its last
+    pixel up to a bucket)."""
 
     hw: tuple[int, int]
     index: torch.Tensor
@@ -54,6 +75,19 @@ class SparsePlan:
         """The latent pixels the sparse steps recompute: the mask grown to whole blocks."""
         return self.at(tuple(self.mask.shape)).region
 
+    @functools.cached_property
+    def signature(self) -> tuple:
+        """Everything a sparse step's shapes and kernels depend on: the config, and at each
+        resolution of the mask pyramid the (padded) active count and the dense fallback.
+        Plans with one signature differ only in the values of their index tensors."""
+        levels, (height, width) = [], self.mask.shape
+        scale = 1
+        while height % scale == 0 and width % scale == 0 and scale <= min(height, width):
+            geometry = self.at((height // scale, width // scale))
+            levels.append((geometry.hw, geometry.index.numel(), geometry.dense))
+            scale *= 2
+        return (self.config, tuple(levels))
+
     def at(self, hw: tuple[int, int]) -> LayerGeometry:
         if hw not in self._geometry:
             self._geometry[hw] = self._build(hw)
@@ -64,8 +98,25 @@ class SparsePlan:
     ):
         key = (conv.kernel_size, conv.stride, conv.padding, in_hw, out_hw, upsample)
         if key not in self._taps:
-            self._taps[key] = conv_taps(self.at(out_hw).index, out_hw, in_hw, conv, upsample)
-        return self._taps[key]
+            taps = conv_taps(self.at(out_hw).index, out_hw, in_hw, conv, upsample)
+            self._taps[key] = (conv, taps)
+        return self._taps[key][1]
+
+    def load_(self, other: "SparsePlan") -> None:
+        """Copies `other`'s index and tap tensors into this plan's, in place, so a step
+        captured over this plan computes `other`'s pixels. Needs equal signatures."""
+        if other.signature != self.signature:
+            raise ValueError("a plan loads only a plan with the same signature")
+        for hw, geometry in self._geometry.items():
+            geometry.index.copy_(other.at(hw).index)
+        for (*_, in_hw, out_hw, upsample), (conv, taps) in self._taps.items():
+            taps.copy_(other.taps(conv, in_hw, out_hw, upsample))
+        self.mask = other.mask
+
+    @property
+    def _padded(self) -> bool:
+        # Self-attention over the active tokens alone would see repeated ones twice.
+        return self.config.bucketed and not self.config.active_only_attention
 
     def _build(self, hw: tuple[int, int]) -> LayerGeometry:
         height, width = self.mask.shape
@@ -82,4 +133,7 @@ class SparsePlan:
         dense = min(hw) < self.config.dense_below and index.numel() > 0
         if dense:
             index = torch.arange(hw[0] * hw[1])
+        elif self._padded and index.numel():
+            padding = bucket(index.numel(), hw[0] * hw[1]) - index.numel()
+            index = torch.cat([index, index[-1:].expand(padding)])
         return LayerGeometry(hw=hw, index=index.to(self.device), dense=dense)

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from fisedit.engine.cache import ActivationCache, HostPrefetcher, StepSlots
 from fisedit.engine.config import EditParams, EngineConfig, GenerationParams, SchedulerName
-from fisedit.engine.graphs import CapturedUNetStep
+from fisedit.engine.graphs import CapturedUNetStep, StepGraphs
 from fisedit.engine.images import blend_weight, preserve_background
 from fisedit.engine.layers import MacCount, StepState, wrap_unet
 from fisedit.engine.masks import latent_difference, load_mask, target_area_capture
@@ -157,7 +157,6 @@ class DenoiseRun:
         self.latents = noise.to(model.device, model.dtype) * self.scheduler.init_noise_sigma
         self.record = ActivationCache(params.steps, channels_last=engine.config.channels_last)
         self.added = model.added_conditions(embeds, (params.height, params.width))
-        self.sparse_graphs: dict[int, CapturedUNetStep] = {}
         self.capture_s = 0.0
         """Seconds this run spent capturing CUDA graphs."""
 
@@ -173,7 +172,8 @@ class DenoiseRun:
         graph = self._graph(plan, source)
         if graph is not None:
             captured = graph.captured
-            out = graph(model_in, unet_t, step, self.embeds, self.added, self.record, macs)
+            args = (model_in, unet_t, step, self.embeds, self.added, self.record, macs)
+            out = graph(*args, source=source)
             self.capture_s += 0.0 if captured else graph.capture_s
         else:
             with self.engine.unet_pass(step, macs, plan, source, self.record):
@@ -191,20 +191,14 @@ class DenoiseRun:
             self.record.put("solver_history", step, self._history[-1])
 
     def _graph(self, plan: SparsePlan | None, source) -> CapturedUNetStep | None:
-        """The captured UNet call: the engine's dense one, or this run's for `plan` (reading
-        the cache on the device, or a prefetcher's static buffers); none unless the engine
-        captures graphs."""
-        engine = self.engine
+        """The engine's captured UNet call, dense or for `plan` reading `source` (a cache on
+        the device, or a prefetcher's static buffers); none unless the engine captures graphs."""
+        engine, shape = self.engine, self.latents.shape
         if not engine.graphs:
             return None
         if plan is None:
-            shape = self.latents.shape
-            if shape not in engine.dense_graphs:
-                engine.dense_graphs[shape] = CapturedUNetStep(engine)
-            return engine.dense_graphs[shape]
-        if id(plan) not in self.sparse_graphs:
-            self.sparse_graphs[id(plan)] = CapturedUNetStep(engine, plan, source)
-        return self.sparse_graphs[id(plan)]
+            return engine.step_graphs.dense_step(shape)
+        return engine.step_graphs.sparse_step(shape, plan, source)
 
     @property
     def _history(self) -> list | None:
@@ -233,9 +227,8 @@ class Engine:
         self.config = config or EngineConfig()
         self.state = StepState(config=self.config.sparse)
         self.layers = wrap_unet(model.unet, self.state)
-        self.dense_graphs: dict[torch.Size, CapturedUNetStep] = {}
-        """The dense, recording UNet call per latent shape, captured once and replayed by
-        every run of that shape."""
+        self.step_graphs = StepGraphs(self)
+        """Captured UNet calls, replayed by every run (dense) and edit (sparse) they fit."""
         if self.config.channels_last:
             model.unet.to(memory_format=torch.channels_last)
 

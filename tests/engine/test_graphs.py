@@ -34,7 +34,7 @@ def test_the_static_step_path_records_exactly_what_eager_steps_record(tiny_model
     _, eager = _chain(tiny_model_dir)
     engine, static = _chain(tiny_model_dir, StaticStepEngine)
 
-    (dense_graph,) = engine.dense_graphs.values()
+    (dense_graph,) = engine.step_graphs.dense.values()
     assert dense_graph.captured and dense_graph.graph is None
     for (version, cache), (eager_version, eager_cache) in zip(static, eager, strict=True):
         assert cache.keys() == eager_cache.keys()
@@ -61,9 +61,85 @@ def test_graph_captured_steps_give_the_eager_latents(tiny_model_dir, dtype):
             assert torch.equal(version.mask, eager_version.mask)
             # Each edit captures its sparse step; the dense step was captured once.
             assert version.report.graph_capture_s > 0
-    (dense_graph,) = engine.dense_graphs.values()
+    (dense_graph,) = engine.step_graphs.dense.values()
     assert dense_graph.graph is not None
     assert captured[0][0].report.graph_capture_s > 0
+
+
+def _similar_masks() -> list[torch.Tensor]:
+    """Two squares of one size, a whole block of the coarsest sparse layer apart (2 x 2 at
+    16 x 16: 4 latent pixels), and a third one larger: two plan signatures."""
+    first = torch.zeros(32, 32, dtype=torch.bool)
+    first[4:14, 6:16] = True
+    larger = torch.zeros(32, 32, dtype=torch.bool)
+    larger[4:24, 6:26] = True
+    return [first, first.roll((8, 4), (0, 1)), larger]
+
+
+def _edits_of_one_version(engine: Engine):
+    """A generation, and edits of forks of it (so all read its cache), one per similar mask;
+    the session holds the cache while the caller looks at the captured steps."""
+    session = engine.generate("a cat", steps=2, seed=5)
+    return session, [session.fork().edit("a dog", mask=mask) for mask in _similar_masks()]
+
+
+def test_edits_over_similar_masks_replay_one_captured_sparse_step(tiny_model_dir):
+    config = EngineConfig(progress=False)
+    _, eager = _edits_of_one_version(Engine.from_pretrained(tiny_model_dir, config))
+    engine = StaticStepEngine.from_pretrained(tiny_model_dir, config)
+    _session, static = _edits_of_one_version(engine)
+
+    # The first two masks share a signature: the second edit loaded its indices into the
+    # first one's captured plan. The larger mask made its own step.
+    shared, larger = engine.step_graphs.sparse.values()
+    assert shared.loaded is not shared.plan and shared.plan.signature == shared.loaded.signature
+    assert larger.plan.signature != shared.plan.signature
+    for version, eager_version in zip(static, eager, strict=True):
+        assert version.report.executed_macs == eager_version.report.executed_macs
+        for name, tensor in eager_version.cache.tensors.items():
+            assert torch.equal(version.cache.tensors[name], tensor), (version.mask.sum(), name)
+
+
+def test_a_captured_sparse_step_goes_with_the_cache_it_reads(tiny_model_dir):
+    engine = StaticStepEngine.from_pretrained(tiny_model_dir, EngineConfig(progress=False))
+    mask = _similar_masks()[0]
+    session = engine.generate("a cat", steps=2, seed=5)
+    session.fork().edit("a dog", mask=mask)
+    session.fork().edit("a bird", mask=mask)
+    assert len(engine.step_graphs.sparse) == 1
+
+    session.edit("a dog", mask=mask)
+
+    # Only the newest version keeps its cache: version 0's went, and the step reading it.
+    assert not engine.step_graphs.sparse
+
+
+@needs_cuda
+def test_a_second_edit_over_a_similar_mask_captures_nothing(tiny_model_dir):
+    config = EngineConfig(device="cuda", progress=False)
+    eager_engine = Engine.from_pretrained(
+        tiny_model_dir, config.model_copy(update={"cuda_graphs": False})
+    )
+    _, eager = _edits_of_one_version(eager_engine)
+    engine = Engine.from_pretrained(tiny_model_dir, config)
+    _session, (first, second, larger) = _edits_of_one_version(engine)
+
+    assert first.report.graph_capture_s > 0 and larger.report.graph_capture_s > 0
+    assert second.report.graph_capture_s == 0
+    graphs = engine.step_graphs
+    captured = [*graphs.dense.values(), *graphs.sparse.values()]
+    assert len(captured) == 3
+    # Every capture allocated from one memory pool.
+    assert graphs.pool is not None
+    assert all(step.graph.pool() == graphs.pool for step in captured)
+    for version, eager_version in zip((first, second, larger), eager, strict=True):
+        assert version.report.executed_macs == eager_version.report.executed_macs
+        torch.testing.assert_close(
+            version.cache.tensors["latents"],
+            eager_version.cache.tensors["latents"],
+            atol=1e-3,
+            rtol=1e-3,
+        )
 
 
 # Every ordered pair of schedulers follows one another once: integer-timestep schedulers

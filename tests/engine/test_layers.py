@@ -109,6 +109,28 @@ def test_sparse_layer_equals_dense_layer_on_active_region(engine, recorded, name
     assert torch.count_nonzero(out.flatten(2)[:, :, inactive]) == 0
 
 
+@on_cpu_triton
+@pytest.mark.parametrize(
+    # Between them every kernel, and upsampled taps.
+    "name",
+    ["down_blocks.0.resnets.0", "down_blocks.0.attentions.0", "up_blocks.1.upsamplers.0"],
+)
+def test_padding_the_active_pixels_to_a_bucket_changes_no_value(engine, recorded, name):
+    # An L with arms off the 2 x 2 blocks: 144 active pixels at 32 x 32 padded to 160, 45 at
+    # 16 x 16 padded to 64 (repeats of the last one, computed and written again).
+    mask = torch.zeros(32, 32, dtype=torch.bool)
+    mask[5:25, 3:6] = True
+    mask[22:25, 3:20] = True
+    exact = SparseConfig(kernels="triton", bucketed=False)
+    _, _, unpadded, index = _sparse_call(engine, recorded, name, exact, mask)
+    _, _, padded, padded_index = _sparse_call(
+        engine, recorded, name, SparseConfig(kernels="triton"), mask
+    )
+
+    assert padded_index.numel() > index.numel()
+    assert torch.equal(padded, unpadded)
+
+
 def test_active_only_attention_changes_only_the_attention_context(engine, recorded):
     name = "down_blocks.0.attentions.0"
     mask = _square_mask()

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from fisedit.engine.config import SparseConfig
-from fisedit.engine.plan import SparsePlan
+from fisedit.engine.plan import MIN_BUCKET, SparsePlan, bucket
 
 
 def _mask(size: int, *pixels: tuple[int, int]) -> torch.Tensor:
@@ -47,7 +47,7 @@ def test_small_layers_fall_back_to_dense_unless_nothing_is_active():
     partial = SparsePlan(_mask(8, (0, 0)), config)
     empty = SparsePlan(_mask(8), config)
 
-    assert not partial.at((8, 8)).dense and partial.at((8, 8)).index.tolist() == [0]
+    assert not partial.at((8, 8)).dense and set(partial.at((8, 8)).index.tolist()) == {0}
     assert partial.at((2, 2)).dense and partial.at((2, 2)).index.tolist() == [0, 1, 2, 3]
     assert empty.at((2, 2)).empty and not empty.at((2, 2)).dense
 
@@ -57,3 +57,62 @@ def test_a_resolution_that_does_not_tile_the_mask_is_rejected():
 
     with pytest.raises(ValueError, match="does not tile"):
         plan.at((3, 3))
+
+
+def test_buckets_are_few_and_at_most_a_quarter_over_the_active_count():
+    buckets = [bucket(active, 4096) for active in range(1, 4097)]
+
+    assert sorted(set(buckets))[:9] == [64, 80, 96, 112, 128, 160, 192, 224, 256]
+    assert len(set(buckets)) == 25 and max(buckets) == 4096
+    assert all(b % 16 == 0 and b >= a for a, b in enumerate(buckets, start=1))
+    assert all(b <= 1.25 * a for a, b in enumerate(buckets, start=1) if a > MIN_BUCKET)
+    assert bucket(0, 4096) == 0 and bucket(3, 36) == 36
+
+
+def _square(side: int, top: int, left: int, size: int) -> torch.Tensor:
+    mask = torch.zeros(side, side, dtype=torch.bool)
+    mask[top : top + size, left : left + size] = True
+    return mask
+
+
+def test_the_index_is_padded_to_its_bucket_with_an_active_pixel():
+    mask = _square(32, 3, 5, 9)  # grows to 10 x 10 blocks of 2 x 2: 100 pixels
+    padded = SparsePlan(mask, SparseConfig(dense_below=1)).at((32, 32))
+    exact = SparsePlan(mask, SparseConfig(dense_below=1, bucketed=False)).at((32, 32))
+
+    assert exact.index.numel() == 100 and padded.index.numel() == bucket(100, 1024) == 112
+    assert torch.equal(padded.index[:100], exact.index)
+    assert set(padded.index[100:].tolist()) == {exact.index[-1].item()}
+    assert torch.equal(padded.region, exact.region)
+
+
+def test_similar_masks_share_a_signature_and_other_sizes_do_not():
+    config = SparseConfig()
+    first = SparsePlan(_square(64, 8, 8, 20), config)
+    # Moved by whole blocks of the coarsest sparse layer (2 x 2 at 16 x 16: 8 latent pixels).
+    moved = SparsePlan(_square(64, 32, 40, 20), config)
+    notched = _square(64, 8, 8, 20)
+    notched[8:10, 8:10] = False
+    larger = SparsePlan(_square(64, 8, 8, 28), config)
+
+    assert first.signature == moved.signature == SparsePlan(notched, config).signature
+    assert first.at((64, 64)).index.numel() == 448  # 400 active
+    assert larger.signature != first.signature
+    exact = config.model_copy(update={"bucketed": False})
+    assert SparsePlan(first.mask, exact).signature != first.signature
+
+
+def test_a_plan_loads_another_with_its_signature_in_place():
+    conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+    plan = SparsePlan(_square(32, 0, 0, 8), SparseConfig(dense_below=1))
+    other = SparsePlan(_square(32, 20, 18, 8), SparseConfig(dense_below=1))
+    index, taps = plan.at((16, 16)).index, plan.taps(conv, (32, 32), (16, 16))
+
+    plan.load_(other)
+
+    assert plan.at((16, 16)).index is index and plan.taps(conv, (32, 32), (16, 16)) is taps
+    assert torch.equal(index, other.at((16, 16)).index)
+    assert torch.equal(taps, other.taps(conv, (32, 32), (16, 16)))
+    assert torch.equal(plan.region, other.region)
+    with pytest.raises(ValueError, match="same signature"):
+        plan.load_(SparsePlan(_square(32, 0, 0, 20), SparseConfig(dense_below=1)))

@@ -15,7 +15,9 @@ child process started without TRITON_INTERPRET:
 """
 
 import argparse
+import functools
 import importlib
+import inspect
 import json
 import os
 import re
@@ -66,12 +68,40 @@ _TRITON_TYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 _TRITON_TYPES.update({f"int{n}": f"i{n}" for n in (8, 16, 32, 64)})
 
 
-def _specialise(param_names: list[str], constexpr_names: set[str], bound: dict[str, Any]):
+@dataclass(frozen=True)
+class _Parameter:
+    name: str
+    constexpr: bool
+    specialised: bool
+    """Whether Triton specialises an integer on its value (== 1) and divisibility by 16."""
+
+
+@functools.cache
+def _parameters(kernel: Any) -> list[_Parameter]:
+    """The parameters of a `triton.jit` function, compiled or interpreted (which keeps
+    jit's options in `kwargs`)."""
+    options = getattr(kernel, "kwargs", None) or {}
+    unspecialised = (
+        getattr(kernel, "do_not_specialize", None) or options.get("do_not_specialize") or ()
+    )
+    params = inspect.signature(kernel.fn).parameters.values()
+    return [
+        _Parameter(
+            p.name,
+            "constexpr" in str(p.annotation),
+            p.name not in unspecialised and position not in unspecialised,
+        )
+        for position, p in enumerate(params)
+    ]
+
+
+def _specialise(params: list[_Parameter], bound: dict[str, Any]):
     """Signature, constexprs and attributes as Triton's launcher derives them."""
     signature, constexprs, attrs = {}, {}, {}
-    for position, name in enumerate(param_names):
-        arg = bound[name]
-        if name in constexpr_names or (type(arg) is int and arg == 1):
+    for position, param in enumerate(params):
+        name, arg = param.name, bound[param.name]
+        specialised = param.specialised and type(arg) is int
+        if param.constexpr or (specialised and arg == 1):
             signature[name], constexprs[name] = "constexpr", arg
             continue
         if isinstance(arg, dict):
@@ -81,7 +111,7 @@ def _specialise(param_names: list[str], constexpr_names: set[str], bound: dict[s
             signature[name], divisible = "fp32", False
         else:
             signature[name] = "i32" if -(2**31) <= arg < 2**31 else "i64"
-            divisible = arg % 16 == 0
+            divisible = specialised and arg % 16 == 0
         if divisible:
             attrs[(position,)] = [["tt.divisibility", 16]]
     return signature, constexprs, attrs
@@ -118,15 +148,25 @@ def _variant(description: dict[str, Any]) -> tuple:
     Launches that differ only in unspecialised values share one variant."""
     module_name, name = description["kernel"].split(":")
     kernel = getattr(importlib.import_module(module_name), name)
-    param_names = [p.name for p in kernel.params]
-    constexpr_names = {p.name for p in kernel.params if p.is_constexpr}
+    params = _parameters(kernel)
+    param_names = [p.name for p in params]
     kwargs = description["kwargs"]
     bound = dict(zip(param_names, description["args"], strict=False))
     bound.update({k: v for k, v in kwargs.items() if k in param_names})
     options = {k: v for k, v in kwargs.items() if k not in param_names}
-    signature, constexprs, attrs = _specialise(param_names, constexpr_names, bound)
-    shown = {k: bound[k] for k in sorted(constexpr_names)}
+    signature, constexprs, attrs = _specialise(params, bound)
+    shown = {p.name: bound[p.name] for p in sorted(params, key=lambda p: p.name) if p.constexpr}
     return kernel, signature, constexprs, attrs, options, shown
+
+
+def _variant_key(variant: tuple) -> str:
+    return repr((variant[0].__name__, *variant[1:5]))
+
+
+def variant_key(launch: Launch) -> str:
+    """What tells one compiled variant of a kernel from another (Triton compiles each new
+    one on first launch): equal for launches that share a compiled kernel."""
+    return _variant_key(_variant(json.loads(json.dumps(describe(launch)))))
 
 
 def _compile(variant: tuple, arch: int) -> KernelResources:
@@ -174,8 +214,7 @@ def main() -> None:
     variants = {}
     for description in json.load(sys.stdin):
         variant = _variant(description)
-        key = repr((variant[0].__name__, *variant[1:5]))
-        variants.setdefault(key, variant)
+        variants.setdefault(_variant_key(variant), variant)
     print(json.dumps([asdict(_compile(v, args.arch)) for v in variants.values()]))
 
 

@@ -69,7 +69,9 @@ def sparse_conv2d_reference(
     return result if out is None else scatter_tokens_(out, out_index, result)
 
 
-@triton.jit
+# Counts that follow the mask: specialising on them (== 1, divisible by 16) would compile
+# new variants for new masks, and they only bound loops and masks.
+@triton.jit(do_not_specialize=["M", "P", "W_out", "chunks_per_split", "n_splits"])
 def _sparse_conv_kernel(
     x_ptr,
     taps_ptr,

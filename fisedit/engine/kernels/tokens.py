@@ -2,7 +2,8 @@
 
 Feature maps are [B, C, H, W] with any strides (NCHW or channels_last); `index` [P] holds the
 active flat pixel positions (row-major), shared by the batch. Token maps are [B, L, D].
-Arithmetic is fp32; results take the dtype of the map they come from or go into.
+Arithmetic is fp32; results take the dtype of the map they come from or go into. The token
+count P follows the mask, so no kernel specialises on it: a new mask compiles nothing new.
 """
 
 import torch
@@ -30,7 +31,7 @@ def gather_tokens_affine_reference(
     return tokens, (tokens.float() * scale + shift).to(x.dtype)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["P"])
 def _gather_tokens_affine_kernel(
     x_ptr,
     index_ptr,
@@ -114,7 +115,7 @@ def gather_rows_layernorm_reference(
     return normed.to(rows.dtype)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["P"])
 def _gather_rows_layernorm_kernel(
     rows_ptr,
     index_ptr,
@@ -195,7 +196,7 @@ def scatter_tokens_into_reference(
     return scatter_tokens_(out, index, values)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["P"])
 def _scatter_tokens_kernel(
     tokens_ptr,
     res_ptr,
