@@ -148,6 +148,7 @@ class ErrorBody(BaseModel):
 ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody, "description": text}
     for status, text in {
+        400: "A body that cannot be parsed.",
         401: "No API key, or an unknown one.",
         404: "No such thing of yours.",
         409: "A stale version.",
@@ -183,7 +184,14 @@ class EditBody(EditSpec):
         return EditSpec(**{name: getattr(self, name) for name in EditSpec.model_fields})
 
 
+def _example(**body) -> ConfigDict:
+    """An example body, for the docs page and for clients generated from the document."""
+    return ConfigDict(json_schema_extra={"examples": [body]})
+
+
 class SessionEditBody(EditBody):
+    model_config = _example(prompt="a dog on a bench", extends=0)
+
     extends: int | None = Field(
         None, ge=0, description="The version this edit extends (or send it as If-Match)."
     )
@@ -192,11 +200,13 @@ class SessionEditBody(EditBody):
 class GenerateBody(GenerationParams):
     """A new session's base image."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid") | _example(prompt="a cat", steps=4)
 
 
 class JobBody(GenerateBody):
     """An edit chain: generate from `prompt` (or continue `session_id`), then the edits."""
+
+    model_config = _example(prompt="a cat", steps=4, edits=[{"prompt": "a dog"}])
 
     prompt: Prompt | None = None
     session_id: str | None = Field(None, pattern=SESSION_ID.pattern)
@@ -515,6 +525,15 @@ TenantDep = Annotated[str, Depends(caller)]
 @api.exception_handler(ApiError)
 async def _api_error(request: Request, error: ApiError) -> JSONResponse:
     return error.response()
+
+
+@api.exception_handler(HTTPException)
+async def _refused(request: Request, error: HTTPException) -> JSONResponse:
+    """Starlette's own refusals (a body it cannot parse, an unknown path or method), in the
+    one error format."""
+    loc = ["body"] if error.status_code == 400 else []
+    refusal = ApiError(error.status_code, loc, str(error.detail), "refused", error.headers)
+    return refusal.response()
 
 
 @api.exception_handler(StorageError)

@@ -74,8 +74,12 @@ def test_stale_versions_and_bad_masks_are_refused_and_the_session_stays(engine, 
         host.edit("s1", EditRequest(prompt="a fox on a bench", extends=0))
     with pytest.raises(ValueError, match="mask: not a readable image"):
         host.edit("s1", EditRequest(prompt="a fox", mask=b"not a png", extends=1))
-    with pytest.raises(ValueError, match="mask"):
-        host.edit("s1", EditRequest(prompt="a fox", mask=png(np.zeros((5, 7), np.uint8))))
+    with pytest.raises(ValueError, match="mask: mask size .* matches neither"):
+        host.edit("s1", EditRequest(prompt="a fox", mask=png(np.ones((5, 7), np.uint8))))
+    with pytest.raises(ValueError, match="mask: the mask is empty"):
+        host.edit("s1", EditRequest(prompt="a fox", mask=png(np.zeros((32, 32), np.uint8))))
+    with pytest.raises(ValueError, match=r"mask: 4096x8 pixels, larger than the image"):
+        host.edit("s1", EditRequest(prompt="a fox", mask=png(np.ones((8, 4096), np.uint8))))
 
     assert host.pool.get("s1").version == 1 and host.summary["sessions"] == {"s1": 1}
     assert host.store.list("sessions/s1/v2/") == []
