@@ -46,6 +46,7 @@ from ray.exceptions import RayActorError
 from ray.serve.deployment import Application
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fisedit.engine.config import GenerationParams, Prompt
 from fisedit.engine.session import StaleVersionError
@@ -547,6 +548,42 @@ async def _store_unavailable(request: Request, error: StorageError) -> JSONRespo
 async def _invalid(request: Request, error: RequestValidationError) -> JSONResponse:
     detail = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in error.errors()]
     return JSONResponse({"detail": detail}, 422)
+
+
+class UndeclaredBodyLimit:
+    """Reads a body that declares no length (sent chunked) before the app does, refusing it
+    with 413 past the body limit; a declared length is checked before anything is read."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = dict(scope.get("headers", ()))
+        if scope["type"] != "http" or b"content-length" in headers:
+            return await self.app(scope, receive, send)
+        limit, chunks, size, more = gateway().http.max_body_bytes, [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            chunks.append(message.get("body", b""))
+            size, more = size + len(chunks[-1]), message.get("more_body", False)
+            if size > limit:
+                refusal = ApiError(413, ["body"], f"over {limit} bytes", "too_large").response()
+                return await refusal(scope, receive, send)
+        body: Message | None = {"type": "http.request", "body": b"".join(chunks)}
+
+        async def replay() -> Message:
+            nonlocal body
+            if body is None:
+                return await receive()
+            message, body = body, None
+            return message
+
+        await self.app(scope, replay, send)
+
+
+api.add_middleware(UndeclaredBodyLimit)  # inside the one below, which measures its answers
 
 
 @api.middleware("http")

@@ -87,6 +87,7 @@ def config(tiny_model_dir, tmp_path_factory, s3_endpoint, s3_client) -> ServiceC
             api_keys_file=str(keys_file),
             max_in_flight_per_tenant=2,
             max_prompt_chars=200,
+            max_body_bytes=1 << 16,
             max_mask_bytes=4096,
             max_steps=8,
             max_image_side=128,
@@ -270,6 +271,16 @@ def test_another_tenant_gets_404_and_no_key_401(base_url, alice, bob, session):
 )
 def test_invalid_generations_are_refused_naming_the_field(alice, body, status, field):
     assert _field(alice.post("/v1/sessions", json=body), status) == field
+
+
+def test_a_body_over_the_limit_is_refused_whether_or_not_it_declares_its_length(alice):
+    body = json.dumps({"prompt": "a cat", "negative_prompt": "x" * (1 << 16)}).encode()
+
+    declared = alice.post("/v1/sessions", content=body)
+    chunked = alice.post("/v1/sessions", content=iter([body[:1000], body[1000:]]))
+
+    assert "content-length" not in chunked.request.headers
+    assert _field(declared, 413) == _field(chunked, 413) == ["body"]
 
 
 def test_invalid_edits_are_refused_naming_the_field(alice, session):
