@@ -253,6 +253,7 @@ class JobQueue:
                 keys.append(f"jobs/by-key/{record.spec.idempotency_key}")
             deleted = self._writer.submit(self._delete, keys)  # after the pending saves
             self._changed(record)  # streams watching it learn it is gone
+            self._revisions.pop(record.job_id)
         if deleted is not None:
             await asyncio.wrap_future(deleted)
         return [r.job_id for r in forgotten]
