@@ -249,7 +249,9 @@ class Engine:
         dtype = getattr(torch, config.dtype)
         return cls(load_model(source, device=config.device, dtype=dtype), config)
 
-    def generate(self, prompt: str, on_step: StepCallback | None = None, **params) -> "EditSession":
+    def generate(
+        self, prompt: str, *, on_step: StepCallback | None = None, **params
+    ) -> "EditSession":
         """Generates an image and returns a session holding its recorded state (version 0).
 
         `params` are GenerationParams' fields (`height` and `width` in pixels, multiples of

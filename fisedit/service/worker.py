@@ -28,6 +28,9 @@ from fisedit.service.results import (
     stored_result,
 )
 
+UNREADABLE = (UnidentifiedImageError, OSError, ValueError, SyntaxError)
+"""What Pillow raises for bytes that are not a readable image (SyntaxError: a broken PNG)."""
+
 POOL_PATHS: dict[str, CachePath] = {
     "device": "hit",
     "host": "hit",
@@ -149,7 +152,7 @@ class SessionHost:
             return None
         try:
             image = Image.open(io.BytesIO(data))
-        except (UnidentifiedImageError, OSError) as error:
+        except UNREADABLE as error:
             raise ValueError(f"mask: not a readable image ({error})") from error
         height, width = session.params.height, session.params.width
         if image.height > height or image.width > width:  # checked before it is decoded
@@ -158,9 +161,11 @@ class SessionHost:
                 f"({width}x{height})"
             )
         try:
-            return session.load_mask(np.array(image.convert("L")))
-        except (UnidentifiedImageError, OSError) as error:
+            pixels = np.array(image.convert("L"))
+        except UNREADABLE as error:
             raise ValueError(f"mask: not a readable image ({error})") from error
+        try:
+            return session.load_mask(pixels)
         except ValueError as error:
             raise ValueError(f"mask: {error}") from error
 

@@ -315,6 +315,9 @@ def test_invalid_mask_uploads_are_refused_naming_the_field(alice, session):
     noise = np.random.default_rng(0).integers(0, 255, (128, 128), np.uint8)
     assert _field(upload(_png_bytes(noise)), 413) == ["body", "mask"]  # over max_mask_bytes
     assert _field(upload(b"not a png"), 422) == ["body", "mask"]
+    broken = bytearray(_png_bytes(np.ones((32, 32), bool)))
+    broken[broken.index(b"IDAT") - 1] = 3  # its image data claims 3 bytes: a broken PNG
+    assert _field(upload(bytes(broken)), 422) == ["body", "mask"]
     too_big = upload(_png_bytes(np.ones((2000, 2000), bool)))  # refused before decoding
     assert _field(too_big, 422) == ["body", "mask"] and "larger" in too_big.text
     wrong_size = upload(_png_bytes(np.ones((40, 40), bool)))
