@@ -8,7 +8,7 @@ in the remaining steps and reads everything else from the previous version's cac
 import time
 import uuid
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Literal
@@ -55,6 +55,11 @@ ReferenceMode = Literal["steps", "layers"]
 """How `reference_edit` computes a sparse edit's reference: dense steps with the previous
 latents pasted outside the mask, or dense layers with the cached maps pasted outside their
 regions."""
+
+
+StepCallback = Callable[[int, int], None]
+"""Called after every denoise step of a generation or an edit with the steps done so far
+and the steps in all (progress for a caller; it runs on the engine's thread)."""
 
 
 class UnknownVersionError(ValueError):
@@ -146,9 +151,15 @@ class PhaseTimer:
 class DenoiseRun:
     """One pass over the timesteps from the seed noise, recording every step it runs."""
 
-    def __init__(self, engine: "Engine", params: GenerationParams, embeds: PromptEmbeddings):
+    def __init__(
+        self,
+        engine: "Engine",
+        params: GenerationParams,
+        embeds: PromptEmbeddings,
+        on_step: StepCallback | None = None,
+    ):
         model = engine.model
-        self.engine, self.params, self.embeds = engine, params, embeds
+        self.engine, self.params, self.embeds, self.on_step = engine, params, embeds, on_step
         self.scheduler = make_scheduler(params.scheduler, model.scheduler_config)
         self.scheduler.set_timesteps(params.steps, device=model.device)
         generator = torch.Generator("cpu").manual_seed(params.seed)
@@ -189,6 +200,8 @@ class DenoiseRun:
         self.record.put("latents", step, self.latents)
         if self._history:
             self.record.put("solver_history", step, self._history[-1])
+        if self.on_step is not None:
+            self.on_step(step + 1, self.params.steps)
 
     def _graph(self, plan: SparsePlan | None, source) -> CapturedUNetStep | None:
         """The engine's captured UNet call, dense or for `plan` reading `source` (a cache on
@@ -240,12 +253,15 @@ class Engine:
         dtype = getattr(torch, config.dtype)
         return cls(load_model(source, device=config.device, dtype=dtype), config)
 
-    def generate(self, prompt: str, **params) -> "EditSession":
+    def generate(
+        self, prompt: str, *, on_step: StepCallback | None = None, **params
+    ) -> "EditSession":
         """Generates an image and returns a session holding its recorded state (version 0).
 
         `params` are GenerationParams' fields (`height` and `width` in pixels, multiples of
         the model's `size_multiple`). A prompt longer than the text encoder takes is
         truncated with a PromptTruncatedWarning, and the report says what was read.
+        `on_step` is called after every step.
         """
         params = self.filled_in(GenerationParams(prompt=prompt, **params))
         mask_steps = self.config.edit.mask_steps_for(params.steps)
@@ -258,14 +274,16 @@ class Engine:
                 ),
                 stacklevel=2,
             )
-        return EditSession(self, params, self.run_generation(params))
+        return EditSession(self, params, self.run_generation(params, on_step))
 
-    def run_generation(self, params: GenerationParams) -> Version:
+    def run_generation(
+        self, params: GenerationParams, on_step: StepCallback | None = None
+    ) -> Version:
         """Generates version 0 of a session with `params` (filled in, see `filled_in`)."""
         timer, macs = PhaseTimer(self.model.device), MacCount()
         with timer("text"):
             embeds = self.model.encode_for_guidance(params.prompt, params.negative_prompt)
-        run = DenoiseRun(self, params, embeds)
+        run = DenoiseRun(self, params, embeds, on_step)
         with timer("dense"):
             for step in self._steps(range(params.steps), "generate"):
                 run.step(step, macs)
@@ -357,6 +375,7 @@ class Engine:
         mask: torch.Tensor | None,
         reference: ReferenceMode | None = None,
         base: Version | None = None,
+        on_step: StepCallback | None = None,
     ) -> Version:
         """Edits the session's current version (or `base`, one of its versions with its cache)
         into a new one, numbered after the session's newest, without changing the session.
@@ -366,14 +385,16 @@ class Engine:
         mask after each (the edit the sparse steps approximate); "layers" runs every layer
         dense and pastes the previous version's cached maps outside each layer's region
         (what the sparse steps compute, done the slow way).
-        `params` must be valid for the session (EditParams.for_session).
+        `params` must be valid for the session (EditParams.for_session). `on_step` is
+        called after every step, dense or sparse.
         """
         base = session.current if base is None else base
         generation, user_mask = session.params, mask
         timer, macs, sparse_macs = PhaseTimer(self.model.device), MacCount(), MacCount()
         with timer("text"):
             embeds = self.model.encode_for_guidance(params.prompt, generation.negative_prompt)
-        run = DenoiseRun(self, generation.model_copy(update={"prompt": params.prompt}), embeds)
+        edited = generation.model_copy(update={"prompt": params.prompt})
+        run = DenoiseRun(self, edited, embeds, on_step)
         source = base.cache.reader(self.model.device)
         dense_steps = params.mask_steps
         with timer("mask"):
@@ -502,6 +523,7 @@ class EditSession:
         mask=None,
         mask_steps: int | None = None,
         extends: int | None = None,
+        on_step: StepCallback | None = None,
     ) -> Version:
         """Edits version `extends` (by default the current one); on success the new version,
         numbered after the newest, becomes current.
@@ -511,8 +533,9 @@ class EditSession:
 
         `mask` (a PNG path, array or tensor, at latent or image size) replaces Target Area
         Capture. `mask_steps` dense steps run first: by default the configured k (a fifth of
-        the steps unless set) without a mask and none with one. On bad input the session
-        stays at its current version; an edit that fails after the move stays at `extends`.
+        the steps unless set) without a mask and none with one. `on_step` is called after
+        every step. On bad input the session stays at its current version; an edit that
+        fails after the move stays at `extends`.
 
         A prompt with the extended version's text embeddings changes nothing: that version
         itself is returned, no new version is made, and NoChangeWarning is issued (compare
@@ -531,7 +554,7 @@ class EditSession:
                 stacklevel=2,
             )
             return base
-        version = self.engine.run_edit(self, params, user_mask)
+        version = self.engine.run_edit(self, params, user_mask, on_step=on_step)
         self._move_to(version, version.cache)
         self.history.append(version)
         return version
@@ -610,11 +633,15 @@ class EditSession:
         return self.engine.run_edit(self, params, user_mask, reference=mode)
 
     def _validate(self, prompt: str, mask, mask_steps: int | None):
-        model, config = self.engine.model, self.engine.config.edit
+        config = self.engine.config.edit
         params = EditParams.for_session(
             prompt, mask_steps, mask is not None, self.params.steps, config
         )
-        if mask is None:
-            return params, None
+        return params, None if mask is None else self.load_mask(mask)
+
+    def load_mask(self, mask) -> torch.Tensor:
+        """A mask as `edit` takes it, as a bool tensor at this session's latent size;
+        ValueError if it is empty or fits neither the latent nor the image size."""
+        model = self.engine.model
         latent_hw = model.latent_shape_at(self.params.height, self.params.width)[1:]
-        return params, load_mask(mask, latent_hw, model.vae_scale_factor)
+        return load_mask(mask, latent_hw, model.vae_scale_factor)

@@ -107,6 +107,8 @@ class HttpConfig(BaseModel):
     max_body_bytes: int = Field(8 << 20, ge=1024)
     max_mask_bytes: int = Field(2 << 20, ge=64, description="A decoded mask PNG.")
     max_prompt_chars: int = Field(1000, ge=1)
+    max_steps: int = Field(200, ge=2, description="Denoise steps of a generation.")
+    max_image_side: int = Field(2048, ge=8, description="Height or width of an image, pixels.")
     request_timeout_s: float = Field(600.0, gt=0, description="Longest wait on one call: 504.")
 
     @model_validator(mode="after")

@@ -40,10 +40,13 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.deployment import Application
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fisedit.engine.config import GenerationParams, Prompt
 from fisedit.service import deploy
@@ -73,7 +76,9 @@ CONFIG_ENV = "FISEDIT_CONFIG"
 API_KEYS_ENV = "FISEDIT_API_KEYS"
 UNLIMITED = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json", "/docs"})
 """Paths outside the in-flight bounds: probes and scrapes must answer under load."""
-SSE_POLL_S = 0.25
+SSE_WAIT_S = 15.0
+"""Longest wait of an event stream for its job's next change (then it asks again)."""
+FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 
 
 # API keys
@@ -134,6 +139,34 @@ class ApiError(Exception):
         return JSONResponse({"detail": detail}, self.status, headers=self.headers)
 
 
+class Problem(BaseModel):
+    loc: list[str | int] = Field(description="Where: body, path, query or header, then names.")
+    msg: str
+    type: str
+
+
+class ErrorBody(BaseModel):
+    """Every error answer: what was wrong, and where."""
+
+    detail: list[Problem]
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": text}
+    for status, text in {
+        400: "A body that cannot be parsed.",
+        401: "No API key, or an unknown one.",
+        404: "No such thing of yours.",
+        409: "A stale version.",
+        413: "A body or mask over its size limit.",
+        429: "Over the tenant's share of requests in flight; see Retry-After.",
+        503: "The service is full or a part of it unavailable; see Retry-After.",
+        504: "No answer in time (accepted work goes on).",
+    }.items()
+}
+"""The error answers every operation may give (422 is FastAPI's own)."""
+
+
 def _not_found(kind: str, ident: str) -> ApiError:
     return ApiError(404, ["path", f"{kind}_id"], f"unknown {kind} {ident!r}", "not_found")
 
@@ -157,7 +190,14 @@ class EditBody(EditSpec):
         return EditSpec(**{name: getattr(self, name) for name in EditSpec.model_fields})
 
 
+def _example(**body) -> ConfigDict:
+    """An example body, for the docs page and for clients generated from the document."""
+    return ConfigDict(json_schema_extra={"examples": [body]})
+
+
 class SessionEditBody(EditBody):
+    model_config = _example(prompt="a dog on a bench", extends=0)
+
     extends: int | None = Field(
         None, ge=0, description="The version this edit extends (or send it as If-Match)."
     )
@@ -166,11 +206,13 @@ class SessionEditBody(EditBody):
 class GenerateBody(GenerationParams):
     """A new session's base image."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid") | _example(prompt="a cat", steps=4)
 
 
 class JobBody(GenerateBody):
     """An edit chain: generate from `prompt` (or continue `session_id`), then the edits."""
+
+    model_config = _example(prompt="a cat", steps=4, edits=[{"prompt": "a dog"}])
 
     prompt: Prompt | None = None
     session_id: str | None = Field(None, pattern=SESSION_ID.pattern)
@@ -373,6 +415,17 @@ class Gateway:
                 422, loc, f"{len(prompt)} characters, over {self.http.max_prompt_chars}", "length"
             )
 
+    def check_generation(self, body: GenerateBody) -> None:
+        """Prompt lengths, and the steps and image sides this service allows."""
+        self.check_prompt(["body", "prompt"], body.prompt)
+        self.check_prompt(["body", "negative_prompt"], body.negative_prompt)
+        limits = {"steps": self.http.max_steps}
+        limits |= dict.fromkeys(("height", "width"), self.http.max_image_side)
+        for field, limit in limits.items():
+            value = getattr(body, field)
+            if value is not None and value > limit:
+                raise ApiError(422, ["body", field], f"{value}, over {limit}", "too_large")
+
     def check_edit(self, tenant: str, loc: list[str], edit: EditBody) -> None:
         self.check_prompt([*loc, "prompt"], edit.prompt)
         if edit.mask is not None and len(edit.mask) > self.http.max_mask_bytes:
@@ -409,14 +462,23 @@ class Gateway:
         depth = Gauge("fisedit_jobs", "Jobs by state", ["state"], registry=state)
         for job_state in ("queued", "running", "succeeded", "failed", "cancelled"):
             depth.labels(job_state).set(sum(r.state == job_state for r in jobs))
-        tier_bytes = Gauge("fisedit_cache_bytes", "Cache bytes", ["worker", "tier"], registry=state)
+        labels = ["worker", "tier"]
+        tier_bytes = Gauge("fisedit_cache_bytes", "Cache bytes", labels, registry=state)
+        tier_sessions = Gauge("fisedit_tier_sessions", "Sessions cached", labels, registry=state)
+        queued = Gauge(
+            "fisedit_worker_calls", "Calls queued or running on a worker", ["worker"],
+            registry=state,
+        )  # fmt: skip
         for index in range(self.config.workers):
             try:
                 summary = await self.call(worker_name(index), "stats")
             except (ApiError, ValueError):
                 continue
+            worker = summary["worker_id"]
+            queued.labels(worker).set(summary["queued"])
             for tier, usage in summary["tiers"].items():
-                tier_bytes.labels(summary["worker_id"], tier).set(usage["bytes"])
+                tier_bytes.labels(worker, tier).set(usage["bytes"])
+                tier_sessions.labels(worker, tier).set(usage["sessions"])
         return generate_latest(self.metrics.registry) + generate_latest(state)
 
 
@@ -443,6 +505,7 @@ api = FastAPI(
     title="FISEdit",
     version="1",
     description="Text-to-image sessions edited a few words at a time, and edit-chain jobs.",
+    responses=ERRORS,
 )
 bearer = HTTPBearer(auto_error=False, description="An API key; its tenant owns what it makes.")
 GatewayDep = Annotated[Gateway, Depends(gateway)]
@@ -470,6 +533,15 @@ async def _api_error(request: Request, error: ApiError) -> JSONResponse:
     return error.response()
 
 
+@api.exception_handler(HTTPException)
+async def _refused(request: Request, error: HTTPException) -> JSONResponse:
+    """Starlette's own refusals (a body it cannot parse, an unknown path or method), in the
+    one error format."""
+    loc = ["body"] if error.status_code == 400 else []
+    refusal = ApiError(error.status_code, loc, str(error.detail), "refused", error.headers)
+    return refusal.response()
+
+
 @api.exception_handler(StorageError)
 async def _store_unavailable(request: Request, error: StorageError) -> JSONResponse:
     """The ingress's own store calls (ownership records) failing: retryable."""
@@ -481,6 +553,42 @@ async def _store_unavailable(request: Request, error: StorageError) -> JSONRespo
 async def _invalid(request: Request, error: RequestValidationError) -> JSONResponse:
     detail = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in error.errors()]
     return JSONResponse({"detail": detail}, 422)
+
+
+class UndeclaredBodyLimit:
+    """Reads a body that declares no length (sent chunked) before the app does, refusing it
+    with 413 past the body limit; a declared length is checked before anything is read."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = dict(scope.get("headers", ()))
+        if scope["type"] != "http" or b"content-length" in headers:
+            return await self.app(scope, receive, send)
+        limit, chunks, size, more = gateway().http.max_body_bytes, [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            chunks.append(message.get("body", b""))
+            size, more = size + len(chunks[-1]), message.get("more_body", False)
+            if size > limit:
+                refusal = ApiError(413, ["body"], f"over {limit} bytes", "too_large").response()
+                return await refusal(scope, receive, send)
+        body: Message | None = {"type": "http.request", "body": b"".join(chunks)}
+
+        async def replay() -> Message:
+            nonlocal body
+            if body is None:
+                return await receive()
+            message, body = body, None
+            return message
+
+        await self.app(scope, replay, send)
+
+
+api.add_middleware(UndeclaredBodyLimit)  # inside the one below, which measures its answers
 
 
 @api.middleware("http")
@@ -540,8 +648,7 @@ async def metrics(gw: GatewayDep) -> Response:
 @api.post("/v1/sessions", status_code=201)
 async def create_session(body: GenerateBody, tenant: TenantDep, gw: GatewayDep) -> Version:
     """Generates a new session's base image (version 0)."""
-    gw.check_prompt(["body", "prompt"], body.prompt)
-    gw.check_prompt(["body", "negative_prompt"], body.negative_prompt)
+    gw.check_generation(body)
     session_id = os.urandom(16).hex()
     gw.own(tenant, "sessions", session_id)  # before it exists: no window without an owner
     params = GenerationParams(**body.model_dump())
@@ -558,20 +665,71 @@ def _if_match(if_match: str | None) -> int | None:
     return int(text)
 
 
+def _form_schema() -> dict:
+    """SessionEditBody as a form: the same fields, the mask a PNG file."""
+    schema = SessionEditBody.model_json_schema()
+    schema["properties"]["mask"] = {
+        "type": "string", "format": "binary", "description": "A PNG, at latent or image size.",
+    }  # fmt: skip
+    return schema
+
+
+EDIT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": SessionEditBody.model_json_schema()},
+            "multipart/form-data": {"schema": _form_schema()},
+        },
+    }
+}
+
+
+async def edit_body(request: Request, gw: GatewayDep) -> SessionEditBody:
+    """The edit a request sends: JSON (a mask as base64 or a store key) or a form with the
+    mask as a PNG file."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    try:
+        if content_type not in FORM_TYPES:
+            return SessionEditBody.model_validate_json(await request.body())
+        try:
+            form = await request.form(max_files=1, max_fields=len(SessionEditBody.model_fields))
+        except HTTPException as error:  # the form's own parse errors
+            raise ApiError(422, ["body"], str(error.detail), "form") from None
+        fields: dict[str, Any] = {}
+        for name, value in form.multi_items():
+            if not isinstance(value, UploadFile):
+                fields[name] = value
+            elif name != "mask":
+                raise ApiError(422, ["body", name], "only the mask is a file", "value_error")
+            elif (value.size or 0) > gw.http.max_mask_bytes:
+                raise ApiError(
+                    413, ["body", "mask"], f"over {gw.http.max_mask_bytes} bytes", "too_large"
+                )
+            else:
+                fields[name] = await value.read()
+        return SessionEditBody.model_validate(fields)
+    except ValidationError as error:
+        problems = [{**e, "loc": ("body", *e["loc"])} for e in error.errors(include_url=False)]
+        raise RequestValidationError(problems) from None
+
+
 @api.post(
     "/v1/sessions/{session_id}/edits",
-    responses={202: {"model": Accepted}, 409: {"description": "A stale version."}},
+    responses={202: {"model": Accepted}},
+    openapi_extra=EDIT_BODY,
 )
 async def edit_session(
     session_id: str,
-    body: SessionEditBody,
     tenant: TenantDep,
+    body: Annotated[SessionEditBody, Depends(edit_body)],
     gw: GatewayDep,
     if_match: Annotated[str | None, Header()] = None,
     prefer: Annotated[str | None, Header()] = None,
 ) -> Version:
     """Edits the session to a new prompt; with `Prefer: respond-async`, queues it as a job
-    and answers 202 with the job's id."""
+    and answers 202 with the job's id. The body is JSON, or a form whose `mask` is a PNG
+    file."""
     gw.check_session(tenant, session_id)
     gw.check_edit(tenant, ["body"], body)
     extends = _if_match(if_match)
@@ -629,9 +787,17 @@ async def version_mask(
 
 @api.delete("/v1/sessions/{session_id}", status_code=204)
 async def delete_session(session_id: str, tenant: TenantDep, gw: GatewayDep) -> Response:
-    """Deletes the session and every file of it."""
+    """Deletes the session, every file of it and every job on it. A job on it that has not
+    finished stops; an edit it runs when the session is deleted finishes and is deleted too."""
     gw.check_session(tenant, session_id)
-    await gw.call(ROUTER, "delete", session_id, loc=["path", "session_id"])
+    jobs = await gw.call(JOB_QUEUE, "forget_session", session_id)
+    try:
+        await gw.call(ROUTER, "delete", session_id, loc=["path", "session_id"])
+    except ApiError as error:
+        if error.status != 404:  # else nothing committed yet: only the records go
+            raise
+    for job_id in jobs:
+        gw.disown(tenant, "jobs", job_id)
     gw.disown(tenant, "sessions", session_id)
     return Response(status_code=204)
 
@@ -652,7 +818,7 @@ async def submit_job(
     idempotency_key: Annotated[str | None, Header()] = None,
 ) -> Job:
     """Queues an edit chain. The same Idempotency-Key returns the same job."""
-    gw.check_prompt(["body", "prompt"], body.prompt)
+    gw.check_generation(body)
     limit = gw.config.queue.max_edits_per_job
     if len(body.edits) > limit:
         raise ApiError(422, ["body", "edits"], f"{len(body.edits)} edits, over {limit}", "length")
@@ -699,11 +865,18 @@ def _sse(kind: str, data: dict) -> bytes:
 
 
 async def _job_events(gw: Gateway, job_id: str) -> AsyncIterator[bytes]:
-    """Each event of the job as it happens (with the version it committed, if any), then
-    its end state, after which the stream closes."""
-    sent = 0
+    """Each event of the job as it happens (with the version it committed, if any), each
+    denoise step it sees (`step`: the newest, when steps come faster than it reads), then
+    the end state, after which the stream closes. A failure (the job deleted with its
+    session, the queue unavailable) ends it with an `error` event."""
+    seen, sent, last_step = -1, 0, None
+    wait_s = min(SSE_WAIT_S, gw.http.request_timeout_s / 2)
     while True:
-        record: JobRecord = await gw.call(JOB_QUEUE, "status", job_id)
+        try:
+            seen, record = await gw.call(JOB_QUEUE, "watch", job_id, seen, wait_s)
+        except ApiError as error:
+            yield _sse("error", json.loads(error.response().body))
+            return
         for event in record.events[sent:]:
             data = event.model_dump() | {"done": record.progress[0], "total": record.progress[1]}
             if event.kind == "generated" and record.generated is not None:
@@ -715,7 +888,10 @@ async def _job_events(gw: Gateway, job_id: str) -> AsyncIterator[bytes]:
         if record.state in FINISHED:
             yield _sse("end", Job.of(record).model_dump())
             return
-        await asyncio.sleep(SSE_POLL_S)
+        step = record.step
+        if step is not None and step != last_step and step.edit == record.running_edit:
+            last_step = step
+            yield _sse("step", step.model_dump() | {"job_id": job_id})
 
 
 @api.get(
@@ -724,7 +900,9 @@ async def _job_events(gw: Gateway, job_id: str) -> AsyncIterator[bytes]:
     responses={200: {"content": {"text/event-stream": {}}, "description": "Server-Sent Events."}},
 )
 async def job_events(job_id: str, tenant: TenantDep, gw: GatewayDep) -> StreamingResponse:
-    """Server-Sent Events: each step of the job (every committed version), then `end`."""
+    """Server-Sent Events: `queued`, `started`, a `step` per denoise step seen (data: `edit`,
+    None for the base image, `step` and `steps`), `generated` and `edited` with each
+    committed version, `retry`, the final state, then `end` with the job."""
     gw.check_job(tenant, job_id)
     return StreamingResponse(_job_events(gw, job_id), media_type="text/event-stream")
 

@@ -5,23 +5,29 @@ step, so a restarted queue resumes unfinished jobs from their last committed ver
 same idempotency key returns the existing job (`jobs/by-key/<key>`, written create-only).
 Transient failures (a worker died, the store timed out) retry with backoff; permanent ones
 (bad input, a stale version) fail the job with the reason. Cancel stops a job between edits.
+Workers report every denoise step; a record keeps only the newest (in memory, saved with
+the next event), and `watch` answers as soon as a record changes, so a stream sees steps.
 A retried edit never writes a second result: each edit's version is known in advance, and a
 version already committed is read back instead of made again.
 """
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import partial
 from typing import Literal, TypeVar
 
 import ray
 from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from ray.actor import ActorHandle
 from ray.exceptions import RayActorError, RayTaskError
 
 from fisedit.engine.config import GenerationParams, Prompt
@@ -107,6 +113,14 @@ class JobEvent(BaseModel):
     message: str = ""
 
 
+class StepProgress(BaseModel):
+    """The newest denoise step of the edit a job runs (`edit` None: its base generation)."""
+
+    edit: int | None
+    step: int
+    steps: int
+
+
 class JobRecord(BaseModel):
     """A job, its progress and its results, as stored."""
 
@@ -122,10 +136,32 @@ class JobRecord(BaseModel):
     error: str | None = None
     cancel_requested: bool = False
     events: list[JobEvent] = []
+    step: StepProgress | None = None
+    """The newest step a worker reported (only the newest is kept)."""
 
     @property
     def progress(self) -> tuple[int, int]:
         return len(self.results), len(self.spec.edits)
+
+    @property
+    def running_edit(self) -> int | None:
+        """The edit the job runs now, or next; None while it generates its base image."""
+        if self.spec.session_id is None and self.generated is None:
+            return None
+        return len(self.results)
+
+
+@dataclass(frozen=True)
+class StepReporter:
+    """The per-step callback a worker calls for one edit of a job: it tells the queue
+    without waiting for it."""
+
+    queue: ActorHandle
+    job_id: str
+    edit: int | None
+
+    def __call__(self, step: int, steps: int) -> None:
+        self.queue.step.remote(self.job_id, self.edit, step, steps)
 
 
 def root_cause(error: BaseException) -> BaseException:
@@ -150,6 +186,10 @@ class JobQueue:
         self._resumed: asyncio.Task | None = None
         self._router_handle = None
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="job-records")
+        self._revisions: Counter[str] = Counter()
+        """Changes of each job (events and steps) since this queue started."""
+        self._changes: dict[str, asyncio.Event] = {}
+        """Set at a job's next change; `watch` calls wait on it."""
 
     async def submit(self, spec: ChainSpec) -> str:
         """Queues a job; returns its id (an existing job's, for a known idempotency key)."""
@@ -195,6 +235,49 @@ class JobQueue:
             if record.state == "queued":
                 self._finish(record, "cancelled")
         return record
+
+    async def forget_session(self, session_id: str) -> list[str]:
+        """Forgets every job on a session that is being deleted: an unfinished one stops
+        where it is (an edit its worker runs still commits, and goes with the session), and
+        each record leaves the store, its idempotency key too. Returns their ids."""
+        await self._ready()
+        forgotten = [r for r in self.jobs.values() if r.session_id == session_id]
+        deleted = None
+        for record in forgotten:
+            task = self._tasks.pop(record.job_id, None)
+            if task is not None:
+                task.cancel()
+            del self.jobs[record.job_id]
+            keys = [f"jobs/{record.job_id}.json"]
+            if record.spec.idempotency_key is not None:
+                keys.append(f"jobs/by-key/{record.spec.idempotency_key}")
+            deleted = self._writer.submit(self._delete, keys)  # after the pending saves
+            self._changed(record)  # streams watching it learn it is gone
+            self._revisions.pop(record.job_id)
+        if deleted is not None:
+            await asyncio.wrap_future(deleted)
+        return [r.job_id for r in forgotten]
+
+    async def watch(self, job_id: str, seen: int, timeout_s: float) -> tuple[int, JobRecord]:
+        """The job's revision and record once its revision is past `seen` (at once if it
+        is already), or after `timeout_s` without a change: a stream of the job's progress
+        that waits instead of polling."""
+        await self._ready()
+        self._record(job_id)
+        if self._revisions[job_id] <= seen:
+            change = self._changes.setdefault(job_id, asyncio.Event())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(change.wait(), timeout_s)
+        return self._revisions[job_id], self._record(job_id)
+
+    async def step(self, job_id: str, edit: int | None, step: int, steps: int) -> None:
+        """A worker ran `step` of `steps` of the job's `edit`; a report of an edit the job
+        no longer runs (a late one, or from a try that failed) is dropped."""
+        record = self.jobs.get(job_id)
+        if record is None or record.state != "running" or record.running_edit != edit:
+            return
+        record.step = StepProgress(edit=edit, step=step, steps=steps)
+        self._changed(record)
 
     async def list_jobs(self, state: JobState | None = None) -> list[JobRecord]:
         await self._ready()
@@ -249,7 +332,9 @@ class JobQueue:
     async def _steps(self, record: JobRecord) -> None:
         spec = record.spec
         if spec.session_id is None and record.generated is None:
-            generate = partial(self._generate, spec.generation(), record.session_id)
+            generate = partial(
+                self._generate, spec.generation(), record.session_id, self._reporter(record)
+            )
             record.generated = await self._retrying(record, None, generate)
             self._event(record, "generated", version=record.generated.version)
         for index in range(len(record.results), len(spec.edits)):
@@ -257,23 +342,31 @@ class JobQueue:
                 self._finish(record, "cancelled")
                 return
             target = record.base_version + index + 1
-            edit = partial(self._edit, record.session_id, target, spec.edits[index])
+            reporter = self._reporter(record, index)
+            edit = partial(self._edit, record.session_id, target, spec.edits[index], reporter)
             result = await self._retrying(record, index, edit)
             record.results.append(result)
             self._event(record, "edited", index, version=result.version)
         self._finish(record, "succeeded")
 
-    async def _generate(self, params: GenerationParams, session_id: str) -> EditResult:
-        return await self._router().generate.remote(params, session_id)
+    async def _generate(
+        self, params: GenerationParams, session_id: str, reporter: StepReporter
+    ) -> EditResult:
+        return await self._router().generate.remote(params, session_id, reporter)
 
-    async def _edit(self, session_id: str, version: int, edit: EditSpec) -> EditResult:
+    async def _edit(
+        self, session_id: str, version: int, edit: EditSpec, reporter: StepReporter
+    ) -> EditResult:
         """Makes `version` of the session with `edit`, unless a try before already did."""
         router = self._router()
         committed = await router.result.remote(session_id, version)
         if committed is not None:
             return committed
         request = EditRequest(**edit.model_dump(), extends=version - 1)
-        return await router.edit.remote(session_id, request)
+        return await router.edit.remote(session_id, request, reporter)
+
+    def _reporter(self, record: JobRecord, edit: int | None = None) -> StepReporter:
+        return StepReporter(ray.get_runtime_context().current_actor, record.job_id, edit)
 
     async def _retrying(
         self, record: JobRecord, edit: int | None, attempt: Callable[[], Awaitable[T]]
@@ -302,6 +395,13 @@ class JobQueue:
             message = " ".join([message, *(f"{k}={v}" for k, v in extra.items())]).strip()
         record.events.append(JobEvent(at=time.time(), kind=kind, edit=edit, message=message))
         self._save(record)
+        self._changed(record)
+
+    def _changed(self, record: JobRecord) -> None:
+        self._revisions[record.job_id] += 1
+        change = self._changes.pop(record.job_id, None)
+        if change is not None:
+            change.set()
 
     def _finish(self, record: JobRecord, state: JobState, message: str = "") -> None:
         record.state = state
@@ -311,6 +411,13 @@ class JobQueue:
         """Writes the record in the background, in order, off the event loop."""
         key, data = f"jobs/{record.job_id}.json", record.model_dump_json().encode()
         self._writer.submit(self._write, key, data)
+
+    def _delete(self, keys: list[str]) -> None:
+        try:
+            for key in keys:
+                self.store.delete(key)
+        except TRANSIENT as error:
+            log.warning("%s not deleted: %s", keys, error)
 
     def _write(self, key: str, data: bytes) -> None:
         # Best effort: while the store is down the record lives on here and is saved with

@@ -17,6 +17,7 @@ import ray
 from ray.exceptions import ActorDiedError, RayActorError
 
 from fisedit.engine.config import GenerationParams
+from fisedit.engine.session import StepCallback
 from fisedit.engine.snapshot import snapshot_versions
 from fisedit.engine.tiers import UnknownSessionError
 from fisedit.service.config import ServiceConfig
@@ -62,25 +63,34 @@ class SessionRouter:
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._map_rebuilt: asyncio.Task | None = None
 
-    async def generate(self, params: GenerationParams, session_id: str | None = None) -> EditResult:
+    async def generate(
+        self,
+        params: GenerationParams,
+        session_id: str | None = None,
+        on_step: StepCallback | None = None,
+    ) -> EditResult:
         """Generates a new session (version 0) on the least-loaded worker. Given an id that
-        already has a version 0, returns that: a retried generation makes nothing twice."""
+        already has a version 0, returns that: a retried generation makes nothing twice.
+        The worker calls `on_step` after every denoise step."""
         await self._ready()
         session_id = check_session_id(session_id or uuid.uuid4().hex)
         async with self._locks[session_id]:
             committed = await asyncio.to_thread(stored_result, self.store, session_id, 0)
             if committed is not None:
                 return committed
-            result = await self._dispatch(None, "generate", session_id, params)
+            result = await self._dispatch(None, "generate", session_id, params, on_step)
             self.placements[session_id] = Placement(result.worker_id, 0)
             self.paths[result.cache_path] += 1
             return result
 
-    async def edit(self, session_id: str, request: EditRequest) -> EditResult:
+    async def edit(
+        self, session_id: str, request: EditRequest, on_step: StepCallback | None = None
+    ) -> EditResult:
         """Edits a session on its holder; without one, another worker adopts it first.
 
         `request.extends`, when given, must be the session's current version
         (StaleVersionError otherwise); without it the edit extends the current version.
+        The worker calls `on_step` after every denoise step.
         """
         await self._ready()
         async with self._locks[session_id]:
@@ -92,7 +102,7 @@ class SessionRouter:
                 placement = await self._bounded(session_id, placement)
             else:
                 placement = await self._scattered(session_id, placement)
-            result = await self._dispatch(placement, "edit", session_id, request)
+            result = await self._dispatch(placement, "edit", session_id, request, on_step)
             self.placements[session_id] = Placement(result.worker_id, result.version)
             self.paths[result.cache_path] += 1
             if holder is not None and holder != result.worker_id and holder in self.workers:

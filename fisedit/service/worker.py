@@ -11,10 +11,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import torch
 from PIL import Image, UnidentifiedImageError
 
 from fisedit.engine.config import GenerationParams
-from fisedit.engine.session import EditSession, Engine
+from fisedit.engine.session import EditSession, Engine, StepCallback
 from fisedit.engine.tiers import SessionPool, UnknownSessionError
 from fisedit.service.config import ServiceConfig
 from fisedit.service.results import (
@@ -27,6 +28,9 @@ from fisedit.service.results import (
     newest_recipe,
     stored_result,
 )
+
+UNREADABLE = (UnidentifiedImageError, OSError, ValueError, SyntaxError)
+"""What Pillow raises for bytes that are not a readable image (SyntaxError: a broken PNG)."""
 
 POOL_PATHS: dict[str, CachePath] = {
     "device": "hit",
@@ -61,27 +65,39 @@ class SessionHost:
         self.summary: dict = {}
         self._publish()
 
-    def generate(self, session_id: str, params: GenerationParams) -> EditResult:
-        """Generates version 0 of a new session; a retry after it committed returns it."""
+    def generate(
+        self, session_id: str, params: GenerationParams, on_step: StepCallback | None = None
+    ) -> EditResult:
+        """Generates version 0 of a new session; a retry after it committed returns it.
+        `on_step` is called after every denoise step."""
         check_session_id(session_id)
         committed = stored_result(self.store, session_id, 0)
         if committed is not None:
             return committed
         started = time.perf_counter()
         fields = params.model_dump()
-        session = self.pool.generate(fields.pop("prompt"), session_id=session_id, **fields)
+        prompt = fields.pop("prompt")
+        session = self.pool.generate(prompt, session_id=session_id, on_step=on_step, **fields)
         return self._commit(session, "generate", started)
 
-    def edit(self, session_id: str, request: EditRequest) -> EditResult:
+    def edit(
+        self, session_id: str, request: EditRequest, on_step: StepCallback | None = None
+    ) -> EditResult:
         """Edits the session's current version, first bringing it here if needed: `extends`,
         when given, must be that version (StaleVersionError otherwise; the service never
         branches off older versions). On any error the session stays at its last committed
-        version."""
+        version. `on_step` is called after every denoise step."""
         started = time.perf_counter()
-        mask = self._mask(request)
         path = self._arrive(session_id, request.extends)
-        check_current(session_id, self.pool.get(session_id).version, request.extends)
-        self.pool.edit(session_id, request.prompt, mask=mask, mask_steps=request.mask_steps)
+        session = self.pool.get(session_id)
+        check_current(session_id, session.version, request.extends)
+        self.pool.edit(
+            session_id,
+            request.prompt,
+            mask=self._mask(request, session),
+            mask_steps=request.mask_steps,
+            on_step=on_step,
+        )
         return self._commit(self.pool.get(session_id), path, started)
 
     def adopt(self, session_id: str) -> tuple[int, CachePath]:
@@ -130,16 +146,32 @@ class SessionHost:
         self.adopt(session_id)
         return self._adopted.pop(session_id)
 
-    def _mask(self, request: EditRequest) -> np.ndarray | None:
+    def _mask(self, request: EditRequest, session: EditSession) -> torch.Tensor | None:
+        """The request's mask for `session`; a ValueError naming the field `mask` if it is
+        not an image, or not of the session's latent or image size."""
         data = request.mask
         if request.mask_key is not None:
             data = self.store.get(request.mask_key)
         if data is None:
             return None
         try:
-            return np.array(Image.open(io.BytesIO(data)).convert("L"))
-        except (UnidentifiedImageError, OSError) as error:
+            image = Image.open(io.BytesIO(data))
+        except UNREADABLE as error:
             raise ValueError(f"mask: not a readable image ({error})") from error
+        height, width = session.params.height, session.params.width
+        if image.height > height or image.width > width:  # checked before it is decoded
+            raise ValueError(
+                f"mask: {image.width}x{image.height} pixels, larger than the image "
+                f"({width}x{height})"
+            )
+        try:
+            pixels = np.array(image.convert("L"))
+        except UNREADABLE as error:
+            raise ValueError(f"mask: not a readable image ({error})") from error
+        try:
+            return session.load_mask(pixels)
+        except ValueError as error:
+            raise ValueError(f"mask: {error}") from error
 
     def _commit(self, session: EditSession, path: CachePath, started: float) -> EditResult:
         try:
@@ -183,11 +215,15 @@ class EditWorker:
             self._queued -= 1
             self._served += 1
 
-    async def generate(self, session_id: str, params: GenerationParams) -> EditResult:
-        return await self._run(self._host.generate, session_id, params)
+    async def generate(
+        self, session_id: str, params: GenerationParams, on_step: StepCallback | None = None
+    ) -> EditResult:
+        return await self._run(self._host.generate, session_id, params, on_step)
 
-    async def edit(self, session_id: str, request: EditRequest) -> EditResult:
-        return await self._run(self._host.edit, session_id, request)
+    async def edit(
+        self, session_id: str, request: EditRequest, on_step: StepCallback | None = None
+    ) -> EditResult:
+        return await self._run(self._host.edit, session_id, request, on_step)
 
     async def adopt(self, session_id: str) -> tuple[int, CachePath]:
         return await self._run(self._host.adopt, session_id)

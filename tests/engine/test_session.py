@@ -194,6 +194,21 @@ def test_chained_edits_diff_against_the_previous_version(engine):
     assert again is versions[-1] and session.version == 3
 
 
+def test_every_step_of_a_generation_and_an_edit_is_reported_as_it_runs(engine):
+    steps = []
+
+    session = engine.generate(CAT, on_step=lambda *done: steps.append(("generate", *done)), steps=6)
+    session.edit(DOG, on_step=lambda *done: steps.append(("edit", *done)))
+    session.edit(CAT, mask=_square(), on_step=lambda *done: steps.append(("masked", *done)))
+
+    # The edit without a mask runs K dense steps, then the sparse ones: every step counts.
+    assert steps == [
+        *(("generate", step, 6) for step in range(1, 7)),
+        *(("edit", step, 6) for step in range(1, 7)),
+        *(("masked", step, 6) for step in range(1, 7)),
+    ]
+
+
 def test_a_prompt_with_the_current_text_embeddings_makes_no_version(engine):
     session = engine.generate(CAT, steps=STEPS, seed=7)
     edit = session.edit(DOG, mask=_square())

@@ -1,29 +1,46 @@
-"""The HTTP API over real HTTP: Ray Serve on a local Ray, one worker, the tiny model.
+"""The HTTP API over real HTTP: Ray Serve on a local Ray, two workers, the tiny model, the
+store on S3 (moto's server over HTTP).
 
-Sessions, edits (stale ones refused), images, jobs with their event stream, tenants, bad
-input, backpressure, metrics and the OpenAPI document."""
+Sessions, edits (stale ones refused, masks uploaded), images, jobs with their event stream
+(steps included), tenants, bad input, backpressure, timeouts, a worker killed mid-edit, a
+session deleted under its job, metrics, and the OpenAPI document (schemathesis)."""
 
 import argparse
+import asyncio
 import base64
 import io
 import json
 import socket
+import time
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from urllib.parse import quote
 
 import httpx2 as httpx
 import numpy as np
 import pytest
 import ray
+import schemathesis
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis.errors import Unsatisfiable
 from PIL import Image
 from ray import serve
+from schemathesis import GenerationMode
+from schemathesis.checks import (
+    content_type_conformance,
+    not_a_server_error,
+    response_schema_conformance,
+    status_code_conformance,
+)
 
 from fisedit.engine.config import EditConfig, EngineConfig
 from fisedit.service import deploy
 from fisedit.service.commands import add_serve_arguments
 from fisedit.service.config import (
     HttpConfig,
+    QueueLimits,
     RetryPolicy,
     ServiceConfig,
     StoreConfig,
@@ -36,10 +53,12 @@ from fisedit.service.http import (
     hash_key,
     local_config,
 )
+from fisedit.service.names import JOB_QUEUE
 
 STEPS = 4
 TIMEOUT = 240
 KEYS = {"alice": "alice-secret-key", "bob": "bob-secret-key"}
+BUCKET = "http-api"
 
 
 def _free_port() -> int:
@@ -49,16 +68,18 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def config(tiny_model_dir, tmp_path_factory) -> ServiceConfig:
+def config(tiny_model_dir, tmp_path_factory, s3_endpoint, s3_client) -> ServiceConfig:
+    s3_client.create_bucket(Bucket=BUCKET)
     keys_file = tmp_path_factory.mktemp("secrets") / "api-keys.json"
     keys_file.write_text(json.dumps({tenant: hash_key(key) for tenant, key in KEYS.items()}))
     return ServiceConfig(
         model=tiny_model_dir,
         engine=EngineConfig(progress=False, edit=EditConfig(mask_steps=1)),
-        store=StoreConfig(url=str(tmp_path_factory.mktemp("store"))),
+        store=StoreConfig(url=f"s3://{BUCKET}/service", endpoint_url=s3_endpoint),
         namespace=f"test-{uuid.uuid4().hex[:8]}",
-        workers=1,
+        workers=2,
         worker_resources=WorkerResources(num_cpus=1),
+        queue=QueueLimits(max_edits_per_job=3),
         retry=RetryPolicy(attempts=3, backoff_s=0.2),
         call_timeout_s=TIMEOUT,
         http=HttpConfig(
@@ -66,14 +87,18 @@ def config(tiny_model_dir, tmp_path_factory) -> ServiceConfig:
             api_keys_file=str(keys_file),
             max_in_flight_per_tenant=2,
             max_prompt_chars=200,
+            max_body_bytes=1 << 16,
             max_mask_bytes=4096,
+            max_steps=8,
+            max_image_side=128,
         ),
     )
 
 
 @pytest.fixture(scope="module")
 def base_url(config) -> str:
-    """The service on one local Ray and Serve for the module."""
+    """The service on one local Ray and Serve for the module (its actors inherit the S3
+    endpoint's credentials from the environment)."""
     with pytest.MonkeyPatch.context() as env:
         env.setenv("RAY_AUTH_MODE", "disabled")
         ray.init(
@@ -117,10 +142,32 @@ def session(alice) -> dict:
     return made.json()
 
 
-def _png(array: np.ndarray) -> str:
+def _png_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
+    return buffer.getvalue()
+
+
+def _png(array: np.ndarray) -> str:
+    """A PNG as JSON carries it: base64."""
+    return base64.b64encode(_png_bytes(array)).decode()
+
+
+def _stored(s3_client, prefix: str) -> list[str]:
+    """Keys in the tenant's part of the bucket under `prefix`, read behind the service."""
+    root = "service/tenants/local/"
+    listing = s3_client.list_objects_v2(Bucket=BUCKET, Prefix=root + prefix)
+    return [item["Key"].removeprefix(root) for item in listing.get("Contents", [])]
+
+
+def _events(stream) -> Iterator[tuple[str, dict]]:
+    """(event, data) pairs of a Server-Sent Events stream, as they arrive."""
+    kind = None
+    for line in stream.iter_lines():
+        if line.startswith("event: "):
+            kind = line[7:]
+        elif line.startswith("data: "):
+            yield kind, json.loads(line[6:])
 
 
 def _image(response) -> np.ndarray:
@@ -135,7 +182,7 @@ def _field(response, status: int) -> list:
     return response.json()["detail"][0]["loc"]
 
 
-def test_a_whole_session_over_http(alice):
+def test_a_whole_session_over_http(alice, s3_client):
     made = alice.post("/v1/sessions", json={"prompt": "a cat on a bench", "steps": STEPS})
     assert made.status_code == 201, made.text
     session_id = made.json()["session_id"]
@@ -145,7 +192,8 @@ def test_a_whole_session_over_http(alice):
     mask = np.zeros((32, 32), np.uint8)  # the latent size
     mask[8:24, 8:24] = 255
     edits = f"/v1/sessions/{session_id}/edits"
-    first = alice.post(edits, json={"prompt": "a dog on a bench", "mask": _png(mask), "extends": 0})
+    upload = {"mask": ("mask.png", _png_bytes(mask), "image/png")}
+    first = alice.post(edits, data={"prompt": "a dog on a bench", "extends": "0"}, files=upload)
     second = alice.post(edits, json={"prompt": "a dog on a red bench"}, headers={"If-Match": '"1"'})
     mask_key = f"sessions/{session_id}/v1/mask.png"
     third = alice.post(edits, json={"prompt": "a fox on a red bench", "mask_key": mask_key})
@@ -161,11 +209,15 @@ def test_a_whole_session_over_http(alice):
         "a dog on a red bench",
         "a fox on a red bench",
     ]
-    assert set(np.unique(_image(alice.get(first.json()["mask_url"])))) <= {0, 255}
+    stored_mask = _image(alice.get(first.json()["mask_url"]))
+    assert set(np.unique(stored_mask)) == {0, 255}
+    assert stored_mask.mean() == pytest.approx(255 * first.json()["mask_ratio"])
 
     assert alice.delete(f"/v1/sessions/{session_id}").status_code == 204
     assert alice.get(f"/v1/sessions/{session_id}").status_code == 404
     assert alice.get(first.json()["image_url"]).status_code == 404
+    assert _stored(s3_client, f"sessions/{session_id}/") == []
+    assert _stored(s3_client, f"owners/alice/sessions/{session_id}") == []
 
 
 def test_a_stale_version_is_refused_and_the_session_is_unchanged(alice, session):
@@ -221,6 +273,16 @@ def test_invalid_generations_are_refused_naming_the_field(alice, body, status, f
     assert _field(alice.post("/v1/sessions", json=body), status) == field
 
 
+def test_a_body_over_the_limit_is_refused_whether_or_not_it_declares_its_length(alice):
+    body = json.dumps({"prompt": "a cat", "negative_prompt": "x" * (1 << 16)}).encode()
+
+    declared = alice.post("/v1/sessions", content=body)
+    chunked = alice.post("/v1/sessions", content=iter([body[:1000], body[1000:]]))
+
+    assert "content-length" not in chunked.request.headers
+    assert _field(declared, 413) == _field(chunked, 413) == ["body"]
+
+
 def test_invalid_edits_are_refused_naming_the_field(alice, session):
     edits = f"/v1/sessions/{session['session_id']}/edits"
     big = np.random.default_rng(0).integers(0, 255, (128, 128), np.uint8)
@@ -237,9 +299,43 @@ def test_invalid_edits_are_refused_naming_the_field(alice, session):
     assert _field(alice.post(edits, json=escape), 422)[-1] == "mask_key"
     bad_match = alice.post(edits, json={"prompt": "a dog"}, headers={"If-Match": "latest"})
     assert _field(bad_match, 422) == ["header", "If-Match"]
+    wrong_size = alice.post(edits, json={"prompt": "a dog", "mask": _png(np.ones((40, 40), bool))})
+    assert _field(wrong_size, 422)[-1] == "mask" and "size" in wrong_size.json()["detail"][0]["msg"]
     assert _field(alice.post("/v1/sessions/no%20such/edits", json={"prompt": "x"}), 404)
     assert _field(alice.post("/v1/jobs", json={"prompt": "a", "edits": [{}] * 2}), 422)
     assert len(alice.get(f"/v1/sessions/{session['session_id']}").json()["versions"]) >= 1
+
+
+def test_invalid_mask_uploads_are_refused_naming_the_field(alice, session):
+    edits = f"/v1/sessions/{session['session_id']}/edits"
+    versions = len(alice.get(f"/v1/sessions/{session['session_id']}").json()["versions"])
+
+    def upload(png: bytes, **fields):
+        files = {"mask": ("mask.png", png, "image/png")}
+        return alice.post(edits, data={"prompt": "a dog", **fields}, files=files)
+
+    noise = np.random.default_rng(0).integers(0, 255, (128, 128), np.uint8)
+    assert _field(upload(_png_bytes(noise)), 413) == ["body", "mask"]  # over max_mask_bytes
+    assert _field(upload(b"not a png"), 422) == ["body", "mask"]
+    broken = bytearray(_png_bytes(np.ones((32, 32), bool)))
+    broken[broken.index(b"IDAT") - 1] = 3  # its image data claims 3 bytes: a broken PNG
+    assert _field(upload(bytes(broken)), 422) == ["body", "mask"]
+    too_big = upload(_png_bytes(np.ones((2000, 2000), bool)))  # refused before decoding
+    assert _field(too_big, 422) == ["body", "mask"] and "larger" in too_big.text
+    wrong_size = upload(_png_bytes(np.ones((40, 40), bool)))
+    assert _field(wrong_size, 422) == ["body", "mask"] and "latent size" in wrong_size.text
+    empty = upload(_png_bytes(np.zeros((32, 32), bool)))
+    assert _field(empty, 422) == ["body", "mask"] and "empty" in empty.text
+    square = _png_bytes(np.ones((32, 32), bool))
+    assert _field(upload(square, extends="latest"), 422) == ["body", "extends"]
+    assert _field(upload(square, colour="red"), 422) == ["body", "colour"]
+    assert _field(upload(square, prompt=""), 422) == ["body", "prompt"]
+    two = alice.post(edits, data={"prompt": "a dog"}, files=[("mask", square), ("mask", square)])
+    assert _field(two, 422) == ["body"]
+    other_file = alice.post(edits, data={"prompt": "a dog"}, files={"x": square})
+    assert _field(other_file, 422) == ["body", "x"]
+    after = alice.get(f"/v1/sessions/{session['session_id']}").json()["versions"]
+    assert len(after) == versions  # nothing refused made a version
 
 
 def test_a_chain_job_streams_its_events_to_the_end(alice):
@@ -255,18 +351,27 @@ def test_a_chain_job_streams_its_events_to_the_end(alice):
     assert job.status_code == again.status_code == 201, job.text
     assert again.json()["job_id"] == job.json()["job_id"]
 
-    events = []
     with alice.stream("GET", job.json()["events_url"]) as stream:
         assert stream.headers["content-type"].startswith("text/event-stream")
-        for line in stream.iter_lines():
-            if line.startswith("event: "):
-                events.append(line[7:])
-            elif line.startswith("data: ") and events[-1] in ("edited", "end"):
-                last = json.loads(line[6:])
+        events = list(_events(stream))
 
-    assert events == ["queued", "started", "generated", "edited", "edited", "succeeded", "end"]
+    kinds = [kind for kind, _ in events if kind != "step"]
+    assert kinds == ["queued", "started", "generated", "edited", "edited", "succeeded", "end"]
+    last = events[-1][1]
     assert last["state"] == "succeeded" and [v["version"] for v in last["results"]] == [1, 2]
     assert _image(alice.get(last["results"][-1]["image_url"])).shape == (128, 128, 3)
+    # Each step event is of the edit running then (None: the base image), in order.
+    steps, running = [], None
+    for kind, data in events:
+        if kind == "generated":
+            running = 0
+        elif kind == "edited":
+            running = data["edit"] + 1
+        elif kind == "step":
+            assert data["edit"] == running and data["steps"] == STEPS, data
+            steps.append((data["edit"], data["step"]))
+    assert steps and steps == sorted(steps, key=lambda s: (-1 if s[0] is None else s[0], s[1]))
+    assert all(1 <= step <= STEPS for _, step in steps)
 
 
 def test_an_edit_with_prefer_respond_async_answers_202_with_a_job(alice, session):
@@ -304,7 +409,7 @@ def test_requests_past_a_tenants_bound_get_429_and_accepted_ones_finish(alice):
 def test_probes_metrics_and_openapi(base_url, alice, session):
     with _client(base_url, None) as anyone:
         assert anyone.get("/healthz").json() == {"status": "ok"}
-        assert anyone.get("/readyz").json()["workers"] == ["worker-0"]
+        assert anyone.get("/readyz").json()["workers"] == ["worker-0", "worker-1"]
         metrics = anyone.get("/metrics").text
         spec = anyone.get("/openapi.json").json()
         assert anyone.get("/docs").status_code == 200
@@ -312,10 +417,85 @@ def test_probes_metrics_and_openapi(base_url, alice, session):
     assert 'fisedit_http_requests_total{method="POST",route="/v1/sessions",status="201"}' in metrics
     assert 'fisedit_sessions{worker="worker-0"}' in metrics
     assert 'fisedit_jobs{state="queued"}' in metrics and "fisedit_cache_hit_ratio" in metrics
+    assert 'fisedit_worker_calls{worker="worker-1"}' in metrics
+    assert 'fisedit_tier_sessions{tier="device",worker="worker-0"}' in metrics
     assert {"/v1/sessions", "/v1/sessions/{session_id}/edits", "/v1/jobs/{job_id}/events"} <= set(
         spec["paths"]
     )
     assert "HTTPBearer" in spec["components"]["securitySchemes"]
+
+
+def test_deleting_a_session_stops_its_running_job_and_leaves_no_record(alice, s3_client):
+    chain = {"prompt": "a cat on a bench", "steps": 8, "seed": 4}
+    chain["edits"] = [{"prompt": p} for p in ("a dog on a bench", "a fox", "a fox at night")]
+    key = {"Idempotency-Key": f"doomed-{uuid.uuid4().hex}"}
+    job = alice.post("/v1/jobs", json=chain, headers=key).json()
+    session_id = job["session_id"]
+
+    with alice.stream("GET", job["events_url"]) as stream:
+        events = _events(stream)
+        next(kind for kind, _ in events if kind in ("step", "generated"))  # it runs
+        deleted = alice.delete(f"/v1/sessions/{session_id}")
+        rest = list(events)
+
+    # Defined behaviour: the job stops and goes with its session; its stream ends with a
+    # 404 error event; nothing of either is left in the store, ownership records included.
+    assert deleted.status_code == 204, deleted.text
+    assert rest[-1][0] == "error" and rest[-1][1]["detail"][0]["type"] == "not_found"
+    assert alice.get(f"/v1/jobs/{job['job_id']}").status_code == 404
+    assert job["job_id"] not in [j["job_id"] for j in alice.get("/v1/jobs").json()]
+    assert alice.get(f"/v1/sessions/{session_id}").status_code == 404
+    for prefix in (f"sessions/{session_id}/", f"jobs/{job['job_id']}", "owners/alice/jobs/"):
+        assert [k for k in _stored(s3_client, prefix) if job["job_id"] in k] == []
+    assert _stored(s3_client, f"owners/alice/sessions/{session_id}") == []
+    again = alice.post("/v1/jobs", json=chain | {"edits": []}, headers=key).json()
+    assert again["job_id"] != job["job_id"]  # its idempotency key went with it
+
+
+def test_a_worker_killed_during_a_synchronous_edit_fails_over_and_writes_nothing_half(
+    alice, config, s3_client
+):
+    made = alice.post("/v1/sessions", json={"prompt": "a cat on a bench", "steps": 8, "seed": 9})
+    session_id, holder = made.json()["session_id"], made.json()["worker_id"]
+    worker = ray.get_actor(holder, namespace=config.namespace)
+
+    with ThreadPoolExecutor(1) as pool:
+        edits = f"/v1/sessions/{session_id}/edits"
+        answer = pool.submit(alice.post, edits, json={"prompt": "a dog on a bench", "extends": 0})
+        while ray.get(worker.stats.remote())["queued"] == 0:  # until the holder runs it
+            assert not answer.done(), answer.result().text
+            time.sleep(0.01)
+        ray.kill(worker, no_restart=False)  # Ray restarts it, empty
+        edited = answer.result()
+
+    # The router retried on the other worker, which rebuilt the session from the store
+    # (unless the holder committed before it died: then that version is the answer).
+    assert edited.status_code == 200, edited.text
+    assert edited.json()["version"] == 1
+    history = alice.get(f"/v1/sessions/{session_id}").json()["versions"]
+    assert [(v["version"], v["prompt"]) for v in history] == [
+        (0, "a cat on a bench"),
+        (1, "a dog on a bench"),
+    ]
+    files = {"image.png", "report.json", "recipe.json"}
+    stored = _stored(s3_client, f"sessions/{session_id}/")
+    assert {k.split("/", 2)[2] for k in stored} >= {f"v{v}/{f}" for v in (0, 1) for f in files}
+    assert {k.split("/")[2] for k in stored} == {"v0", "v1"}
+    assert _image(alice.get(edited.json()["image_url"])).shape == (128, 128, 3)
+
+
+def test_a_call_past_the_request_timeout_answers_504_with_a_json_body(alice, config):
+    job = alice.post("/v1/jobs", json={"prompt": "a cat", "steps": STEPS}).json()
+    tight = config.http.model_copy(update={"request_timeout_s": 0.5})
+    gateway = Gateway(config.model_copy(update={"http": tight}))
+
+    # Waiting for a change past any revision the job will reach: no answer in time.
+    with pytest.raises(ApiError) as timed_out:
+        asyncio.run(gateway.call(JOB_QUEUE, "watch", job["job_id"], 2**62, 5.0))
+
+    answer = timed_out.value.response()
+    assert answer.status_code == 504 and answer.media_type == "application/json"
+    assert json.loads(answer.body)["detail"][0]["type"] == "timeout"
 
 
 def test_fisedit_serve_runs_the_embedded_defaults_anonymously_on_localhost():
@@ -346,8 +526,10 @@ def _body_fields(spec: dict, operation: dict) -> list[str]:
     content = operation.get("requestBody", {}).get("content", {}).get("application/json")
     if content is None:
         return []
-    name = content["schema"]["$ref"].rsplit("/", 1)[1]
-    return list(spec["components"]["schemas"][name]["properties"])
+    schema = content["schema"]
+    if "$ref" in schema:
+        schema = spec["components"]["schemas"][schema["$ref"].rsplit("/", 1)[1]]
+    return list(schema["properties"])
 
 
 def test_no_input_a_client_can_send_gets_a_5xx(alice, session):
@@ -394,3 +576,43 @@ def test_a_full_replica_answers_503_and_a_tenant_past_its_share_429(tmp_path):
 
     assert (over_share.value.status, full.value.status) == (429, 503)
     assert over_share.value.headers == full.value.headers == {"Retry-After": "3"}
+
+
+SCHEMA_CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_schema_conformance,
+]
+BOUNDED = settings(
+    max_examples=6,
+    deadline=timedelta(seconds=60),  # per example: a guard against a hang, not a benchmark
+    phases=[Phase.explicit, Phase.generate],
+    suppress_health_check=list(HealthCheck),
+    database=None,
+)
+
+
+def test_schemathesis_finds_no_5xx_and_every_answer_matches_the_openapi_document(base_url):
+    """The document's examples, then valid and invalid requests generated from it, a few per
+    operation (the service's small step and size limits keep any real work short)."""
+    schema = schemathesis.openapi.from_url(f"{base_url}/openapi.json")
+    auth = {"Authorization": f"Bearer {KEYS['alice']}"}
+    failures = {}
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+
+            @BOUNDED
+            @given(case=operation.as_strategy(mode))
+            def check(case):
+                case.call_and_validate(headers=auth, checks=SCHEMA_CHECKS, timeout=TIMEOUT)
+
+            try:
+                check()
+            except Unsatisfiable:
+                pass  # nothing invalid to send: no parameters, no body
+            except (Exception, BaseExceptionGroup) as error:  # schemathesis' FailureGroup
+                failures[f"{mode.value} {operation.label}"] = str(error)[:2000]
+
+    assert failures == {}

@@ -65,6 +65,15 @@ def test_a_retried_generation_returns_the_committed_version(engine, config):
     assert host.generate("s1", BASE) == first
 
 
+def _broken_png(array: np.ndarray) -> bytes:
+    """A PNG whose image data chunk claims 3 bytes: Pillow opens it, then fails decoding it
+    (with a SyntaxError, "broken PNG file")."""
+    data = bytearray(png(array))
+    start = data.index(b"IDAT")
+    data[start - 4 : start] = (3).to_bytes(4, "big")
+    return bytes(data)
+
+
 def test_stale_versions_and_bad_masks_are_refused_and_the_session_stays(engine, config):
     host = SessionHost(config, "w0", engine)
     host.generate("s1", BASE)
@@ -72,10 +81,15 @@ def test_stale_versions_and_bad_masks_are_refused_and_the_session_stays(engine, 
 
     with pytest.raises(StaleVersionError, match="at version 1, not 0"):
         host.edit("s1", EditRequest(prompt="a fox on a bench", extends=0))
-    with pytest.raises(ValueError, match="mask: not a readable image"):
-        host.edit("s1", EditRequest(prompt="a fox", mask=b"not a png", extends=1))
-    with pytest.raises(ValueError, match="mask"):
-        host.edit("s1", EditRequest(prompt="a fox", mask=png(np.zeros((5, 7), np.uint8))))
+    for unreadable in (b"not a png", _broken_png(np.ones((32, 32), np.uint8))):
+        with pytest.raises(ValueError, match="mask: not a readable image"):
+            host.edit("s1", EditRequest(prompt="a fox", mask=unreadable, extends=1))
+    with pytest.raises(ValueError, match="mask: mask size .* matches neither"):
+        host.edit("s1", EditRequest(prompt="a fox", mask=png(np.ones((5, 7), np.uint8))))
+    with pytest.raises(ValueError, match="mask: the mask is empty"):
+        host.edit("s1", EditRequest(prompt="a fox", mask=png(np.zeros((32, 32), np.uint8))))
+    with pytest.raises(ValueError, match=r"mask: 4096x8 pixels, larger than the image"):
+        host.edit("s1", EditRequest(prompt="a fox", mask=png(np.ones((8, 4096), np.uint8))))
 
     assert host.pool.get("s1").version == 1 and host.summary["sessions"] == {"s1": 1}
     assert host.store.list("sessions/s1/v2/") == []
