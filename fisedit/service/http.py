@@ -30,8 +30,9 @@ import ray
 from fastapi import Depends, FastAPI, Header, Request, Response
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -46,6 +47,7 @@ from ray.exceptions import RayActorError
 from ray.serve.deployment import Application
 
 from fisedit.engine.config import GenerationParams, Prompt
+from fisedit.engine.recipe import SessionRecipe
 from fisedit.engine.session import StaleVersionError
 from fisedit.service import deploy
 from fisedit.service.config import HttpConfig, ServiceConfig, StoreConfig
@@ -69,6 +71,8 @@ API_KEYS_ENV = "FISEDIT_API_KEYS"
 UNLIMITED = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json", "/docs"})
 """Paths outside the in-flight bounds: probes and scrapes must answer under load."""
 SSE_POLL_S = 0.25
+STUDIO = Path(__file__).with_name("studio")
+"""The edit studio's static page (served at `/`, its assets under /studio/)."""
 
 
 # API keys
@@ -183,6 +187,7 @@ class Version(BaseModel):
     mask_ratio: float
     mac_fraction: float
     latency_s: float
+    dense_estimate_s: float | None
     cache_path: str
     worker_id: str
 
@@ -198,6 +203,7 @@ class Version(BaseModel):
             mask_ratio=result.mask_ratio,
             mac_fraction=result.mac_fraction,
             latency_s=result.latency_s,
+            dense_estimate_s=result.dense_estimate_s,
             cache_path=result.cache_path,
             worker_id=result.worker_id,
         )
@@ -598,11 +604,13 @@ async def session_history(session_id: str, tenant: TenantDep, gw: GatewayDep) ->
     return History(session_id=session_id, versions=[Version.of(r) for r in results])
 
 
-async def _version_file(gw: Gateway, tenant: str, session_id: str, version: int, name: str):
+async def _version_file(
+    gw: Gateway, tenant: str, session_id: str, version: int, name: str, media: str = "image/png"
+):
     gw.check_session(tenant, session_id)
     key = f"sessions/{session_id}/v{version}/{name}"
     data = await gw.call(ROUTER, "read", key, loc=["path", "version"])
-    return Response(data, media_type="image/png")
+    return Response(data, media_type=media)
 
 
 PNG = {200: {"content": {"image/png": {}}, "description": "A PNG."}}
@@ -620,6 +628,20 @@ async def version_mask(
     session_id: str, version: Annotated[int, PathParam(ge=0)], tenant: TenantDep, gw: GatewayDep
 ) -> Response:
     return await _version_file(gw, tenant, session_id, version, "mask.png")
+
+
+@api.get(
+    "/v1/sessions/{session_id}/versions/{version}/recipe.json",
+    responses={200: {"model": SessionRecipe, "description": "The session's recipe."}},
+)
+async def version_recipe(
+    session_id: str, version: Annotated[int, PathParam(ge=0)], tenant: TenantDep, gw: GatewayDep
+) -> Response:
+    """The session's recipe at this version: the model, the generation settings and every
+    edit up to it, enough to recompute the version exactly."""
+    return await _version_file(
+        gw, tenant, session_id, version, "recipe.json", media="application/json"
+    )
 
 
 @api.delete("/v1/sessions/{session_id}", status_code=204)
@@ -722,6 +744,17 @@ async def job_events(job_id: str, tenant: TenantDep, gw: GatewayDep) -> Streamin
     """Server-Sent Events: each step of the job (every committed version), then `end`."""
     gw.check_job(tenant, job_id)
     return StreamingResponse(_job_events(gw, job_id), media_type="text/event-stream")
+
+
+# The edit studio: a static page calling the API above from the browser
+
+
+@api.get("/", include_in_schema=False)
+async def studio() -> FileResponse:
+    return FileResponse(STUDIO / "index.html")
+
+
+api.mount("/studio", StaticFiles(directory=STUDIO), name="studio")
 
 
 # The Serve application

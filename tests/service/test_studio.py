@@ -1,0 +1,404 @@
+"""The edit studio in a real browser: headless Chromium, driven by selenium, on the page that
+`fisedit serve` (the tiny model, anonymous on localhost) serves at `/`.
+
+One session, as a person would use it: enter an API key, send a bad setting, generate, edit
+twice, show the edited region, switch versions, download the recipe, cancel an edit, and
+look at the page 360 px wide. Checked in the DOM and in the HTTP traffic Chrome logs.
+
+FISEDIT_UPDATE_SCREENSHOT=1 also writes the README's screenshot, docs/studio.png."""
+
+import base64
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx2 as httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+CHROMIUM = shutil.which("chromium")
+CHROMEDRIVER = shutil.which("chromedriver")
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None or CHROMEDRIVER is None,
+    reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)",
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+SCREENSHOT_ENV = "FISEDIT_UPDATE_SCREENSHOT"
+START_TIMEOUT = 240
+TIMEOUT = 120
+STEPS = 2  # the fewest a session may have: one dense step finds the region, one is sparse
+API_KEY = "studio-test-key"
+PROMPTS = [
+    "a photo of a cat sitting on a wooden bench",
+    "a photo of a dog sitting on a wooden bench",
+    "a photo of a dog sitting on a red bench",
+]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1200,1000",
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _wait(condition: Callable[[], object], what: str, timeout: float = TIMEOUT):
+    """Polls `condition` until it returns something true; fails naming `what`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"no {what} after {timeout} s"
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def base_url(tmp_path_factory, tiny_model_dir):
+    """`fisedit serve` in its own process group (its Ray included), stopped by killing that
+    group: `ray stop` would stop every Ray on the machine."""
+    root = tmp_path_factory.mktemp("serve")
+    port = _free_port()
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    command = [sys.executable, "-m", "fisedit.cli", "serve", "--port", str(port)]
+    command += ["--store", str(root / "store"), "--model", tiny_model_dir]
+    log = root / "serve.log"
+    with log.open("wb") as out:
+        server = subprocess.Popen(
+            command, env=env, cwd=root, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        assert server.poll() is None, f"fisedit serve exited:\n{log.read_text()[-3000:]}"
+        try:
+            return httpx.get(f"{url}/readyz", timeout=5).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    try:
+        _wait(ready, "ready service", START_TIMEOUT)
+        yield url
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def downloads(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("downloads")
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory, downloads):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in CHROMIUM_FLAGS:
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}")
+    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
+    prefs = {"download.default_directory": str(downloads), "download.prompt_for_download": False}
+    options.add_experimental_option("prefs", prefs)
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(TIMEOUT)
+    driver.set_script_timeout(TIMEOUT)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+class Traffic:
+    """The page's HTTP exchanges, from Chrome's performance log: method, path, request
+    headers, status and content type of every request to the service."""
+
+    def __init__(self, driver, base_url: str) -> None:
+        self.driver, self.base_url = driver, base_url
+        self.requests: dict[str, dict] = {}
+
+    def exchanges(self) -> list[dict]:
+        for entry in self.driver.get_log("performance"):
+            message = json.loads(entry["message"])["message"]
+            params = message.get("params", {})
+            if message["method"] == "Network.requestWillBeSent":
+                request = params["request"]
+                if request["url"].startswith(self.base_url):
+                    self.requests[params["requestId"]] = {
+                        "method": request["method"],
+                        "path": urlsplit(request["url"]).path,
+                        "headers": {k.lower(): v for k, v in request["headers"].items()},
+                    }
+            elif (
+                message["method"] == "Network.responseReceived"
+                and params["requestId"] in self.requests
+            ):
+                response = params["response"]
+                self.requests[params["requestId"]].update(
+                    status=response["status"], type=response["mimeType"]
+                )
+        return [r for r in self.requests.values() if "status" in r]
+
+    def find(self, method: str, suffix: str) -> list[dict]:
+        found = self.exchanges()
+        return [r for r in found if r["method"] == method and r["path"].endswith(suffix)]
+
+
+def _text(driver, element_id: str) -> str:
+    return driver.find_element("id", element_id).text
+
+
+def _idle(driver) -> bool:
+    return driver.execute_script("return document.body.dataset.busy === 'false'")
+
+
+def _versions(driver) -> list:
+    return driver.find_elements("css selector", "#version-strip .version")
+
+
+def _loaded(driver, selector: str) -> bool:
+    """Every image the selector matches has loaded with a non-zero size."""
+    return driver.execute_script(
+        "const images = [...document.querySelectorAll(arguments[0])];"
+        "return images.length > 0 && images.every(i => i.complete && i.naturalWidth > 0);",
+        selector,
+    )
+
+
+def _submit(driver, element_id: str, text: str, *then: str) -> None:
+    """Types into a prompt box and presses Enter, as a person submits (then other keys)."""
+    from selenium.webdriver.common.keys import Keys
+
+    box = driver.find_element("id", element_id)
+    box.clear()
+    box.send_keys(text, Keys.ENTER, *then)
+
+
+def _watch_progress(driver) -> None:
+    """Records every value the progress bar takes (and when it shows), for the checks."""
+    driver.execute_script(
+        "window.progressSeen = [];"
+        "const bar = document.getElementById('progress');"
+        "new MutationObserver(() => window.progressSeen.push("
+        "  bar.hidden ? 'hidden' : bar.hasAttribute('value') ? bar.value : 'indeterminate'"
+        ")).observe(bar, {attributes: true});"
+    )
+
+
+def _progress_seen(driver) -> list:
+    return driver.execute_script("const seen = window.progressSeen; window.progressSeen = [];"
+                                 "return seen;")  # fmt: skip
+
+
+def _edit(driver, prompt: str, count: int) -> None:
+    _submit(driver, "edit-prompt", prompt)
+    _wait(lambda: len(_versions(driver)) == count and _idle(driver), f"version {count - 1}")
+    _wait(lambda: _loaded(driver, "#current-image, #version-strip img"), "loaded images")
+
+
+def _screenshot(driver, path: Path) -> None:
+    """The whole page, as tall as it is, in a PNG."""
+    size = driver.execute_script(
+        "const page = document.documentElement;"
+        "return {width: page.scrollWidth, height: page.scrollHeight};"
+    )
+    shot = driver.execute_cdp_cmd(
+        "Page.captureScreenshot",
+        {"captureBeyondViewport": True, "clip": {"x": 0, "y": 0, "scale": 1, **size}},
+    )
+    path.write_bytes(base64.b64decode(shot["data"]))
+
+
+def _session_id(driver) -> str:
+    return driver.execute_script("return location.hash").removeprefix("#session=")
+
+
+def _metrics(driver) -> dict[str, str]:
+    ids = ("mask-ratio", "mac-fraction", "latency", "dense", "cache-path")
+    return {name: _text(driver, f"m-{name}") for name in ids}
+
+
+def _percent(text: str) -> float:
+    assert text.endswith(" %"), text
+    return float(text.removesuffix(" %"))
+
+
+def test_a_session_in_the_studio(browser, base_url, downloads, tmp_path):
+    from selenium.webdriver.common.keys import Keys
+
+    driver, traffic = browser, Traffic(browser, base_url)
+    driver.get(f"{base_url}/")
+    assert driver.title == "FISEdit studio"
+    assert [r["status"] for r in traffic.find("GET", "/studio/studio.js")] == [200]
+
+    # Focus follows the page's order: the key, then the generation form.
+    driver.execute_script("document.getElementById('api-key').focus()")
+    order = []
+    for _ in range(9):
+        driver.switch_to.active_element.send_keys(Keys.TAB)
+        order.append(driver.switch_to.active_element.get_attribute("id"))
+    assert order == [
+        "key-save", "key-forget", "prompt", "negative-prompt",
+        "seed", "steps", "guidance", "scheduler", "generate-button",
+    ]  # fmt: skip
+
+    # The API key is entered once: kept for the tab, not shown, sent with every call.
+    driver.find_element("id", "api-key").send_keys(API_KEY, Keys.ENTER)
+    assert driver.execute_script("return sessionStorage.getItem('fisedit.apiKey')") == API_KEY
+    assert driver.find_element("id", "api-key").get_attribute("value") == ""
+    assert "key is set" in _text(driver, "key-state")
+
+    # A setting out of range: the service's 422 names the field, which gets the focus.
+    steps = driver.find_element("id", "steps")
+    steps.clear()
+    steps.send_keys("1")
+    driver.find_element("id", "generate-button").click()
+    error = _wait(lambda: _text(driver, "error"), "error message")
+    assert error.startswith("Invalid input (422): steps:"), error
+    assert steps.get_attribute("aria-invalid") == "true"
+    assert driver.switch_to.active_element.get_attribute("id") == "steps"
+    assert [r["status"] for r in traffic.find("POST", "/v1/jobs")] == [422]
+    _screenshot(driver, tmp_path / "1-validation-error.png")
+
+    # Generate (Enter in the prompt box submits), with the progress bar on the job's events.
+    steps.clear()
+    steps.send_keys(str(STEPS))
+    _watch_progress(driver)
+    _submit(driver, "prompt", PROMPTS[0])
+    _wait(lambda: len(_versions(driver)) == 1 and _idle(driver), "generated version")
+    _wait(lambda: _loaded(driver, "#current-image, #version-strip img"), "loaded images")
+    assert not driver.find_element("id", "error").is_displayed()
+    assert _text(driver, "status") == "Generation done: version 0."
+    seen = _progress_seen(driver)
+    assert "indeterminate" in seen and 1 in seen and seen[-1] == "hidden", seen
+    image = driver.find_element("id", "current-image")
+    assert image.get_attribute("alt") == f"Version 0: {PROMPTS[0]}"
+    assert driver.find_element("id", "edit-prompt").get_attribute("value") == PROMPTS[0]
+    base = _metrics(driver)
+    assert base["mask-ratio"] == "100.0 %" and base["mac-fraction"] == "100.0 %", base
+    assert base["latency"].endswith(" s") and base["dense"].endswith(" s"), base
+    assert driver.find_element("id", "overlay-toggle").get_attribute("disabled")
+    _screenshot(driver, tmp_path / "2-generated.png")
+
+    # Two edits, each a job whose events the page reads; each is a new version in the strip.
+    _edit(driver, PROMPTS[1], 2)
+    _edit(driver, PROMPTS[2], 3)
+    assert _text(driver, "status") == "Edit done: version 2."
+    assert "indeterminate" in _progress_seen(driver)
+    edited = _metrics(driver)
+    assert 0 < _percent(edited["mask-ratio"]) < 100, edited
+    assert 0 < _percent(edited["mac-fraction"]) < 100, edited
+    assert edited["cache-path"] == "hit", edited
+    assert driver.find_element("id", "edit-prompt").get_attribute("value") == PROMPTS[2]
+    pressed = [b.get_attribute("aria-pressed") for b in _versions(driver)]
+    assert pressed == ["false", "false", "true"]
+
+    # The edited region over the image: the pixels of the version's mask.png, coloured where
+    # it is set (the region the sparse steps recomputed).
+    driver.find_element("id", "overlay-toggle").click()
+    overlay = driver.find_element("id", "mask-overlay")
+    _wait(overlay.is_displayed, "mask overlay")
+    covered = driver.execute_script(
+        "const c = document.getElementById('mask-overlay');"
+        "const alpha = c.getContext('2d').getImageData(0, 0, c.width, c.height).data"
+        "  .filter((_, i) => i % 4 === 3);"
+        "return [c.width, alpha.filter(a => a > 0).length / alpha.length];"
+    )
+    assert covered[0] > 0 and 0 < covered[1] < 1, covered
+    mask_png = httpx.get(f"{base_url}/v1/sessions/{_session_id(driver)}/versions/2/mask.png")
+    mask = np.array(Image.open(io.BytesIO(mask_png.content)))
+    assert covered == [mask.shape[1], pytest.approx((mask > 127).mean())]
+    _screenshot(driver, tmp_path / "3-overlay.png")
+    if os.environ.get(SCREENSHOT_ENV):
+        _screenshot(driver, ROOT / "docs" / "studio.png")
+
+    # Switching versions: the base has no edited region, version 1 has its own.
+    _versions(driver)[0].click()
+    _wait(lambda: image.get_attribute("alt") == f"Version 0: {PROMPTS[0]}", "version 0 shown")
+    assert not overlay.is_displayed()
+    assert driver.find_element("id", "overlay-toggle").get_attribute("disabled")
+    assert _metrics(driver) == base
+    _versions(driver)[1].click()
+    _wait(lambda: image.get_attribute("alt") == f"Version 1: {PROMPTS[1]}", "version 1 shown")
+    _wait(overlay.is_displayed, "version 1's mask overlay")
+    assert _loaded(driver, "#current-image")
+    _screenshot(driver, tmp_path / "4-version-1.png")
+
+    # Downloads: version 1's recipe (the base settings and its one edit) and its mask.
+    driver.find_element("id", "download-recipe").click()
+    driver.find_element("id", "download-mask").click()
+    names = ("-v1-recipe.json", "-v1-mask.png")
+    files = _wait(
+        lambda: sorted(p for p in downloads.iterdir() if p.name.endswith(names)) or None,
+        "downloaded files",
+    )
+    _wait(lambda: len(list(downloads.glob("*-v1-*"))) == 2, "both downloads")
+    recipe = json.loads(next(downloads.glob("*-v1-recipe.json")).read_text())
+    assert recipe["params"]["prompt"] == PROMPTS[0] and recipe["params"]["steps"] == STEPS
+    assert [e["params"]["prompt"] for e in recipe["edits"]] == [PROMPTS[1]]
+    assert next(downloads.glob("*-v1-mask.png")).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", files
+
+    # Escape cancels the edit just sent: the queue cancels it, or it was already running.
+    _submit(driver, "edit-prompt", "a photo of a dog sitting on a blue bench", Keys.ESCAPE)
+    _wait(lambda: _idle(driver) and "cancel" in _text(driver, "status").lower(), "cancel")
+    status = _text(driver, "status")
+    if status == "Edit cancelled.":
+        assert len(_versions(driver)) == 3
+    else:
+        assert status == "Too late to cancel: it was running. Edit done: version 3.", status
+        assert len(_versions(driver)) == 4
+
+    # The HTTP traffic: jobs for the generation and edits (asynchronous), their event
+    # streams, the files, the cancel, all with the API key.
+    exchanges = traffic.exchanges()
+    assert [r["status"] for r in traffic.find("POST", "/v1/jobs")] == [422, 201]
+    edits = traffic.find("POST", "/edits")
+    assert [r["status"] for r in edits] == [202, 202, 202]
+    assert all(r["headers"]["prefer"] == "respond-async" for r in edits)
+    streams = traffic.find("GET", "/events")
+    assert len(streams) == 4 and {(r["status"], r["type"]) for r in streams} == {
+        (200, "text/event-stream")
+    }
+    assert [r["status"] for r in traffic.find("POST", "/cancel")] == [200]
+    images = {r["path"].split("/versions/")[1] for r in traffic.find("GET", "/image.png")}
+    assert {"0/image.png", "1/image.png", "2/image.png"} <= images
+    assert {r["status"] for r in traffic.find("GET", ".png")} == {200}
+    assert [r["status"] for r in traffic.find("GET", "/versions/1/recipe.json")] == [200]
+    api_calls = [r for r in exchanges if r["path"].startswith("/v1/")]
+    assert all(r["headers"].get("authorization") == f"Bearer {API_KEY}" for r in api_calls)
+
+    # 360 px wide: one column, nothing wider than the screen.
+    driver.set_window_size(360, 900)
+    _wait(lambda: driver.execute_script("return window.innerWidth") <= 360, "narrow window")
+    overflow = driver.execute_script(
+        "return document.documentElement.scrollWidth - window.innerWidth"
+    )
+    assert overflow <= 0
+    _screenshot(driver, tmp_path / "5-narrow.png")
