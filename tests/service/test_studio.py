@@ -394,6 +394,47 @@ def test_a_session_in_the_studio(browser, base_url, downloads, tmp_path):
     api_calls = [r for r in exchanges if r["path"].startswith("/v1/")]
     assert all(r["headers"].get("authorization") == f"Bearer {API_KEY}" for r in api_calls)
 
+    # Someone else edits the session behind the page's back: the page's next edit extends a
+    # stale version, gets 409, says so and reloads the history, which holds the other edit.
+    session_id, known = _session_id(driver), len(_versions(driver))
+    elsewhere = httpx.post(
+        f"{base_url}/v1/sessions/{session_id}/edits",
+        json={"prompt": "a photo of a dog sitting on a green bench"},
+        timeout=TIMEOUT,
+    )
+    assert elsewhere.status_code == 200, elsewhere.text
+    _submit(driver, "edit-prompt", "a photo of a dog sitting on a yellow bench")
+    error = _wait(lambda: _text(driver, "error"), "stale version message")
+    assert error.startswith(f"Stale version (409): extends: session {session_id} is at version")
+    _wait(lambda: len(_versions(driver)) == known + 1 and _idle(driver), "reloaded history")
+    assert image.get_attribute("alt") == f"Version {known}: {elsewhere.json()['prompt']}"
+    assert [r["status"] for r in traffic.find("POST", "/edits")][-1] == 409
+
+    # The messages for the refusals a loaded service answers, from the bodies and headers
+    # the API sends them with.
+    refusals = driver.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        "const refusal = (status, msg) => failureOf(new Response("
+        "  JSON.stringify({detail: [{loc: [], msg, type: 'busy'}]}),"
+        "  {status, headers: {'Retry-After': '2'}})).then(describe);"
+        "Promise.all([refusal(401, 'missing or unknown API key'),"
+        "  refusal(429, 'over 8 requests in flight; retry later'),"
+        "  refusal(503, 'the service is at capacity; retry later')]).then(done);"
+    )
+    assert refusals == [
+        "The API key is missing or unknown (401): enter a valid key above.",
+        "Too many requests in flight for your key (429). Retry in 2 s.",
+        "The service is busy or unavailable (503): the service is at capacity; retry later. "
+        "Retry in 2 s.",
+    ]
+
+    # A reload keeps the key (entered once) and reopens the session from the address.
+    driver.refresh()
+    _wait(lambda: len(_versions(driver)) == known + 1, "reopened session")
+    _wait(lambda: _loaded(driver, "#current-image, #version-strip img"), "loaded images")
+    assert _text(driver, "status") == "Session loaded."
+    assert "key is set" in _text(driver, "key-state")
+
     # 360 px wide: one column, nothing wider than the screen.
     driver.set_window_size(360, 900)
     _wait(lambda: driver.execute_script("return window.innerWidth") <= 360, "narrow window")
