@@ -287,14 +287,21 @@ function renderStripItem(version) {
 async function viewVersion(number) {
   const version = state.versions[number];
   state.viewed = number;
+  const [image, mask, recipe] = await Promise.all([
+    objectUrl(version.image_url),
+    version.mask_url && objectUrl(version.mask_url),
+    objectUrl(`/v1/sessions/${version.session_id}/versions/${number}/recipe.json`),
+  ]);
+  if (state.viewed !== number) return; // another version was picked meanwhile
+
   for (const button of document.querySelectorAll("#version-strip .version")) {
     button.setAttribute("aria-pressed", String(+button.dataset.version === number));
   }
   $("view-version").textContent = `v${number}`;
-  const image = $("current-image");
-  image.src = await objectUrl(version.image_url);
-  image.alt = `Version ${number}: ${version.prompt}`;
-  image.hidden = false;
+  const shown = $("current-image");
+  shown.src = image;
+  shown.alt = `Version ${number}: ${version.prompt}`;
+  shown.hidden = false;
   $("caption").textContent = version.prompt;
 
   $("m-mask-ratio").textContent = percent(version.mask_ratio);
@@ -305,24 +312,17 @@ async function viewVersion(number) {
   $("m-cache-path").textContent = version.cache_path;
 
   const name = `fisedit-${version.session_id.slice(0, 8)}-v${number}`;
-  setDownload($("download-image"), image.src, `${name}.png`);
-  const toggle = $("overlay-toggle");
-  toggle.disabled = version.mask_url === null;
-  if (version.mask_url === null) {
-    setDownload($("download-mask"), null);
-    $("mask-overlay").hidden = true;
-  } else {
-    setDownload($("download-mask"), await objectUrl(version.mask_url), `${name}-mask.png`);
-    await drawOverlay();
-  }
-  const recipe = `/v1/sessions/${version.session_id}/versions/${number}/recipe.json`;
-  setDownload($("download-recipe"), await objectUrl(recipe), `${name}-recipe.json`);
+  setDownload($("download-image"), image, `${name}.png`);
+  setDownload($("download-mask"), mask, `${name}-mask.png`);
+  setDownload($("download-recipe"), recipe, `${name}-recipe.json`);
+  $("overlay-toggle").disabled = !mask;
 
   const newest = state.versions.length - 1;
   $("edit-prompt").disabled = false;
   if (number === newest || !$("edit-prompt").value) $("edit-prompt").value = version.prompt;
   $("edit-extends").textContent = `(extends v${newest})`;
   $("edit-button").disabled = state.job !== null;
+  await drawOverlay();
 }
 
 function setDownload(anchor, url, filename) {
@@ -339,7 +339,8 @@ function setDownload(anchor, url, filename) {
 // The edited region in a translucent colour over the image, drawn from the mask's pixels.
 async function drawOverlay() {
   const canvas = $("mask-overlay");
-  const version = state.versions[state.viewed];
+  const number = state.viewed;
+  const version = state.versions[number];
   if (!$("overlay-toggle").checked || !version || version.mask_url === null) {
     canvas.hidden = true;
     return;
@@ -347,6 +348,7 @@ async function drawOverlay() {
   const mask = new Image();
   mask.src = await objectUrl(version.mask_url);
   await mask.decode();
+  if (state.viewed !== number) return; // another version is on show now
   canvas.width = mask.naturalWidth;
   canvas.height = mask.naturalHeight;
   const context = canvas.getContext("2d");
