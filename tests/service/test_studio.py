@@ -1,9 +1,10 @@
 """The edit studio in a real browser: headless Chromium, driven by selenium, on the page that
 `fisedit serve` (the tiny model, anonymous on localhost) serves at `/`.
 
-One session, as a person would use it: enter an API key, send a bad setting, generate, edit
-twice, show the edited region, switch versions, download the recipe, cancel an edit, and
-look at the page 360 px wide. Checked in the DOM and in the HTTP traffic Chrome logs.
+One session, as a person would use it: send a bad setting, generate (anonymously), enter an
+API key, edit twice, show the edited region, switch versions, download the recipe and the
+mask, cancel an edit, meet a stale version, reload, and look at the page 360 px wide.
+Checked in the DOM and in the HTTP traffic Chrome logs.
 
 FISEDIT_UPDATE_SCREENSHOT=1 also writes the README's screenshot, docs/studio.png."""
 
@@ -269,12 +270,6 @@ def test_a_session_in_the_studio(browser, base_url, downloads, tmp_path):
         "seed", "steps", "guidance", "scheduler", "generate-button",
     ]  # fmt: skip
 
-    # The API key is entered once: kept for the tab, not shown, sent with every call.
-    driver.find_element("id", "api-key").send_keys(API_KEY, Keys.ENTER)
-    assert driver.execute_script("return sessionStorage.getItem('fisedit.apiKey')") == API_KEY
-    assert driver.find_element("id", "api-key").get_attribute("value") == ""
-    assert "key is set" in _text(driver, "key-state")
-
     # A setting out of range: the service's 422 names the field, which gets the focus.
     steps = driver.find_element("id", "steps")
     steps.clear()
@@ -306,6 +301,15 @@ def test_a_session_in_the_studio(browser, base_url, downloads, tmp_path):
     assert base["latency"].endswith(" s") and base["dense"].endswith(" s"), base
     assert driver.find_element("id", "overlay-toggle").get_attribute("disabled")
     _screenshot(driver, tmp_path / "2-generated.png")
+
+    # So far anonymously, as `fisedit serve` allows. Now an API key, entered once: kept for
+    # the tab, not shown, sent with every later call.
+    anonymous = [r for r in traffic.exchanges() if r["path"].startswith("/v1/")]
+    assert anonymous and not any("authorization" in r["headers"] for r in anonymous)
+    driver.find_element("id", "api-key").send_keys(API_KEY, Keys.ENTER)
+    assert driver.execute_script("return sessionStorage.getItem('fisedit.apiKey')") == API_KEY
+    assert driver.find_element("id", "api-key").get_attribute("value") == ""
+    assert "key is set" in _text(driver, "key-state")
 
     # Two edits, each a job whose events the page reads; each is a new version in the strip.
     _edit(driver, PROMPTS[1], 2)
@@ -391,8 +395,8 @@ def test_a_session_in_the_studio(browser, base_url, downloads, tmp_path):
     assert {"0/image.png", "1/image.png", "2/image.png"} <= images
     assert {r["status"] for r in traffic.find("GET", ".png")} == {200}
     assert [r["status"] for r in traffic.find("GET", "/versions/1/recipe.json")] == [200]
-    api_calls = [r for r in exchanges if r["path"].startswith("/v1/")]
-    assert all(r["headers"].get("authorization") == f"Bearer {API_KEY}" for r in api_calls)
+    keyed = [r for r in exchanges if r["path"].startswith("/v1/")][len(anonymous) :]
+    assert all(r["headers"].get("authorization") == f"Bearer {API_KEY}" for r in keyed)
 
     # Someone else edits the session behind the page's back: the page's next edit extends a
     # stale version, gets 409, says so and reloads the history, which holds the other edit.
