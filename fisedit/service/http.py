@@ -822,7 +822,7 @@ def serve_command(args: argparse.Namespace) -> None:
         serve.start(http_options={"host": config.http.host, "port": config.http.port})
         serve.run(build_app(config), name="fisedit", route_prefix="/")
         url = f"http://{config.http.host}:{config.http.port}"
-        print(f"FISEdit API at {url} (docs at {url}/docs); Ctrl-C stops it", flush=True)
+        print(f"FISEdit studio at {url}/, API docs at {url}/docs; Ctrl-C stops it", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:

@@ -100,6 +100,7 @@ def base_url(tmp_path_factory, tiny_model_dir):
 
     try:
         _wait(ready, "ready service", START_TIMEOUT)
+        _wait(lambda: f"FISEdit studio at {url}/," in log.read_text(), "the printed address")
         yield url
     finally:
         os.killpg(server.pid, signal.SIGTERM)
