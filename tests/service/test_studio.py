@@ -433,6 +433,34 @@ def test_a_session_in_the_studio(browser, base_url, downloads, tmp_path):
         "Retry in 2 s.",
     ]
 
+    # The page's event-stream reader, on a stream cut mid-line and mid-CRLF, with the per-step
+    # events the service sends while a job computes.
+    stream = (
+        'event: step\r\ndata: {"step": 1, "steps": 2, "edit": null}\r\n\r\n'
+        ': a comment\nevent: end\ndata: {"state": "succeeded"}\n\n'
+    )
+    crlf = stream.index("\r\n\r\n") + 1
+    cuts = [[0, 9], [9, crlf], [crlf, crlf + 2], [crlf + 2, len(stream)]]
+    events = driver.execute_async_script(
+        "const [text, cuts, done] = arguments;"
+        "const encoder = new TextEncoder();"
+        "const body = new ReadableStream({start(stream) {"
+        "  for (const cut of cuts) stream.enqueue(encoder.encode(text.slice(...cut)));"
+        "  stream.close();"
+        "}});"
+        "(async () => {"
+        "  const seen = [];"
+        "  for await (const event of serverEvents(new Response(body))) seen.push(event);"
+        "  done(seen);"
+        "})();",
+        stream,
+        cuts,
+    )
+    assert events == [
+        {"event": "step", "data": {"step": 1, "steps": 2, "edit": None}},
+        {"event": "end", "data": {"state": "succeeded"}},
+    ]
+
     # A reload keeps the key (entered once) and reopens the session from the address.
     driver.refresh()
     _wait(lambda: len(_versions(driver)) == known + 1, "reopened session")

@@ -68,7 +68,7 @@ async function* serverEvents(response) {
   for (;;) {
     const { value, done } = await reader.read();
     if (done) return;
-    buffer += value.replace(/\r\n/g, "\n");
+    buffer = (buffer + value).replace(/\r\n/g, "\n"); // a CRLF may span two chunks
     let end;
     while ((end = buffer.indexOf("\n\n")) >= 0) {
       const block = buffer.slice(0, end);
