@@ -11,7 +11,7 @@ const state = {
   versions: [], // the session's Version objects, indexed by version number
   viewed: null, // the version number on show
   job: null, // the running job: {id, cancelling}
-  objectUrls: new Map(), // API path -> object URL of the fetched file
+  objectUrls: new Map(), // API path -> promise of the fetched file's object URL
 };
 
 // The API
@@ -41,22 +41,36 @@ async function failureOf(response) {
   return new ApiFailure(response.status, detail, response.headers.get("Retry-After"));
 }
 
+const GET_RETRIES = 3;
+const BUSY = [429, 503];
+
+// Reads (GETs) refused as busy are retried after the Retry-After the service names, so a
+// long history's many image fetches do not fail on the per-tenant bound.
 async function api(method, path, { body, headers = {} } = {}) {
   const init = { method, headers: authHeaders(headers) };
   if (body !== undefined) {
     init.body = JSON.stringify(body);
     init.headers["Content-Type"] = "application/json";
   }
-  const response = await fetch(path, init);
-  if (!response.ok) throw await failureOf(response);
-  return response;
+  for (let retries = method === "GET" ? GET_RETRIES : 0; ; retries--) {
+    const response = await fetch(path, init);
+    if (response.ok) return response;
+    if (!BUSY.includes(response.status) || retries === 0) throw await failureOf(response);
+    const wait = Number(response.headers.get("Retry-After")) || 1;
+    await new Promise((resolve) => setTimeout(resolve, 1000 * wait));
+  }
 }
 
 // Files behind the API key: <img> and <a> cannot send a header, so fetch them as blobs.
-async function objectUrl(path) {
+// Version files never change: each is fetched once (the promise is kept, so the strip and
+// the view asking at the same time share one request).
+function objectUrl(path) {
   if (!state.objectUrls.has(path)) {
-    const blob = await (await api("GET", path)).blob();
-    state.objectUrls.set(path, URL.createObjectURL(blob));
+    const url = api("GET", path)
+      .then((response) => response.blob())
+      .then((blob) => URL.createObjectURL(blob));
+    url.catch(() => state.objectUrls.delete(path)); // a failed fetch is tried again next time
+    state.objectUrls.set(path, url);
   }
   return state.objectUrls.get(path);
 }
@@ -254,7 +268,7 @@ function startSession(sessionId) {
   state.sessionId = sessionId;
   state.versions = [];
   state.viewed = null;
-  for (const url of state.objectUrls.values()) URL.revokeObjectURL(url);
+  for (const url of state.objectUrls.values()) url.then(URL.revokeObjectURL, () => {});
   state.objectUrls.clear();
   $("version-strip").replaceChildren();
   history.replaceState(null, "", `#session=${sessionId}`);
