@@ -68,8 +68,9 @@ log = logging.getLogger(__name__)
 
 CONFIG_ENV = "FISEDIT_CONFIG"
 API_KEYS_ENV = "FISEDIT_API_KEYS"
-UNLIMITED = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json", "/docs"})
-"""Paths outside the in-flight bounds: probes and scrapes must answer under load."""
+UNLIMITED = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json", "/docs", "/"})
+"""Paths outside the in-flight bounds: probes, scrapes and the studio's page (`/` and files
+under /studio/) must answer under load."""
 SSE_POLL_S = 0.25
 STUDIO = Path(__file__).with_name("studio")
 """The edit studio's static page (served at `/`, its assets under /studio/)."""
@@ -497,7 +498,7 @@ async def _bounded_and_measured(request: Request, call_next: Callable) -> Respon
         response = ApiError(
             413, ["body"], f"over {gw.http.max_body_bytes} bytes", "too_large"
         ).response()
-    elif request.url.path in UNLIMITED:
+    elif request.url.path in UNLIMITED or request.url.path.startswith("/studio/"):
         response = await call_next(request)
     else:
         auth = request.headers.get("authorization", "")

@@ -3,7 +3,8 @@
 
 One session, as a person would use it: send a bad setting, generate (anonymously), enter an
 API key, edit twice, show the edited region, switch versions, download the recipe and the
-mask, cancel an edit, meet a stale version, reload, and look at the page 360 px wide.
+mask, cancel an edit, meet a stale version and a busy service, reload, and look at the page
+360 px wide.
 Checked in the DOM and in the HTTP traffic Chrome logs.
 
 FISEDIT_UPDATE_SCREENSHOT=1 also writes the README's screenshot, docs/studio.png."""
@@ -17,8 +18,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -26,6 +29,8 @@ import httpx2 as httpx
 import numpy as np
 import pytest
 from PIL import Image
+
+from fisedit.service.config import HttpConfig
 
 CHROMIUM = shutil.which("chromium")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -40,6 +45,7 @@ START_TIMEOUT = 240
 TIMEOUT = 120
 STEPS = 2  # the fewest a session may have: one dense step finds the region, one is sparse
 API_KEY = "studio-test-key"
+BUSY_SLOTS = HttpConfig().max_in_flight_per_tenant  # fisedit serve's bound per tenant
 PROMPTS = [
     "a photo of a cat sitting on a wooden bench",
     "a photo of a dog sitting on a wooden bench",
@@ -415,6 +421,45 @@ def test_a_session_in_the_studio(browser, base_url, downloads, tmp_path):
     assert image.get_attribute("alt") == f"Version {known}: {elsewhere.json()['prompt']}"
     assert [r["status"] for r in traffic.find("POST", "/edits")][-1] == 409
 
+    # A busy tenant: requests whose bodies are still arriving hold all of its in-flight slots.
+    # The page's edit is refused with 429 and the page says when to retry; a reload's reads
+    # are retried after Retry-After, and pass once the slots are free.
+    history = f"/v1/sessions/{session_id}"
+    reloads_before = len(traffic.find("GET", history))
+    release = threading.Event()
+
+    def slow_body() -> Iterator[bytes]:
+        yield b'{"prompt": "a red car", '
+        release.wait(TIMEOUT)
+        yield b'"steps": 1}'  # answered 422 at once: nothing is generated
+
+    def hold_a_slot() -> int:
+        headers = {"Content-Type": "application/json"}
+        answer = httpx.post(
+            f"{base_url}/v1/sessions", content=slow_body(), headers=headers, timeout=TIMEOUT
+        )
+        return answer.status_code
+
+    def refused_reloads() -> list[int]:
+        statuses = [r["status"] for r in traffic.find("GET", history)][reloads_before:]
+        return [status for status in statuses if status == 429]
+
+    with ThreadPoolExecutor(BUSY_SLOTS) as pool:
+        holders = [pool.submit(hold_a_slot) for _ in range(BUSY_SLOTS)]
+        _wait(lambda: httpx.get(f"{base_url}/v1/jobs").status_code == 429, "a full tenant")
+        _submit(driver, "edit-prompt", "a photo of a dog sitting on a purple bench")
+        error = _wait(lambda: _text(driver, "error"), "busy message")
+        assert error == "Too many requests in flight for your key (429). Retry in 2 s."
+        driver.refresh()  # the page itself is served under load; its reads are refused
+        _wait(refused_reloads, "a refused read")
+        release.set()
+        assert [holder.result() for holder in holders] == [422] * BUSY_SLOTS
+    _wait(lambda: len(_versions(driver)) == known + 1, "reopened session")
+    assert [r["status"] for r in traffic.find("GET", history)][-1] == 200
+    _wait(lambda: _loaded(driver, "#current-image, #version-strip img"), "loaded images")
+    assert _text(driver, "status") == "Session loaded."
+    assert "key is set" in _text(driver, "key-state")
+
     # The messages for the refusals a loaded service answers, from the bodies and headers
     # the API sends them with.
     refusals = driver.execute_async_script(
@@ -460,13 +505,6 @@ def test_a_session_in_the_studio(browser, base_url, downloads, tmp_path):
         {"event": "step", "data": {"step": 1, "steps": 2, "edit": None}},
         {"event": "end", "data": {"state": "succeeded"}},
     ]
-
-    # A reload keeps the key (entered once) and reopens the session from the address.
-    driver.refresh()
-    _wait(lambda: len(_versions(driver)) == known + 1, "reopened session")
-    _wait(lambda: _loaded(driver, "#current-image, #version-strip img"), "loaded images")
-    assert _text(driver, "status") == "Session loaded."
-    assert "key is set" in _text(driver, "key-state")
 
     # 360 px wide: one column, nothing wider than the screen.
     driver.set_window_size(360, 900)

@@ -41,23 +41,25 @@ async function failureOf(response) {
   return new ApiFailure(response.status, detail, response.headers.get("Retry-After"));
 }
 
-const GET_RETRIES = 3;
 const BUSY = [429, 503];
+const READ_PATIENCE_S = 30;
 
-// Reads (GETs) refused as busy are retried after the Retry-After the service names, so a
-// long history's many image fetches do not fail on the per-tenant bound.
+// Reads (GETs) refused as busy are retried after the Retry-After the service names, for up
+// to READ_PATIENCE_S: a page reloading a long history must not fail on the tenant's bound.
 async function api(method, path, { body, headers = {} } = {}) {
   const init = { method, headers: authHeaders(headers) };
   if (body !== undefined) {
     init.body = JSON.stringify(body);
     init.headers["Content-Type"] = "application/json";
   }
-  for (let retries = method === "GET" ? GET_RETRIES : 0; ; retries--) {
+  for (let waited = 0; ; ) {
     const response = await fetch(path, init);
     if (response.ok) return response;
-    if (!BUSY.includes(response.status) || retries === 0) throw await failureOf(response);
     const wait = Number(response.headers.get("Retry-After")) || 1;
+    const retry = method === "GET" && BUSY.includes(response.status);
+    if (!retry || waited + wait > READ_PATIENCE_S) throw await failureOf(response);
     await new Promise((resolve) => setTimeout(resolve, 1000 * wait));
+    waited += wait;
   }
 }
 
