@@ -362,19 +362,18 @@ def test_a_session_in_the_studio(browser, base_url, downloads, tmp_path):
     assert _loaded(driver, "#current-image")
     _screenshot(driver, tmp_path / "4-version-1.png")
 
-    # Downloads: version 1's recipe (the base settings and its one edit) and its mask.
-    driver.find_element("id", "download-recipe").click()
-    driver.find_element("id", "download-mask").click()
-    names = ("-v1-recipe.json", "-v1-mask.png")
-    files = _wait(
-        lambda: sorted(p for p in downloads.iterdir() if p.name.endswith(names)) or None,
-        "downloaded files",
-    )
-    _wait(lambda: len(list(downloads.glob("*-v1-*"))) == 2, "both downloads")
-    recipe = json.loads(next(downloads.glob("*-v1-recipe.json")).read_text())
+    # Downloads: version 1's image, its mask and its recipe (the base settings, its one edit).
+    for button in ("download-image", "download-mask", "download-recipe"):
+        driver.find_element("id", button).click()
+    name = f"fisedit-{_session_id(driver)[:8]}-v1"
+    files = [downloads / f"{name}{suffix}" for suffix in (".png", "-mask.png", "-recipe.json")]
+    _wait(lambda: all(file.exists() for file in files), "the downloads")
+    image_file, mask_file, recipe_file = files
+    assert Image.open(image_file).size == (image.get_property("naturalWidth"),) * 2
+    assert Image.open(mask_file).size == tuple(covered[:1] * 2)
+    recipe = json.loads(recipe_file.read_text())
     assert recipe["params"]["prompt"] == PROMPTS[0] and recipe["params"]["steps"] == STEPS
     assert [e["params"]["prompt"] for e in recipe["edits"]] == [PROMPTS[1]]
-    assert next(downloads.glob("*-v1-mask.png")).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", files
 
     # Escape cancels the edit just sent: the queue cancels it, or it was already running.
     _submit(driver, "edit-prompt", "a photo of a dog sitting on a blue bench", Keys.ESCAPE)
