@@ -13,15 +13,14 @@ import base64
 import io
 import json
 import os
+import select
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -177,6 +176,37 @@ class Traffic:
     def find(self, method: str, suffix: str) -> list[dict]:
         found = self.exchanges()
         return [r for r in found if r["method"] == method and r["path"].endswith(suffix)]
+
+
+class SlowRequest:
+    """A POST whose body stops halfway, so the service holds it in flight (one of its
+    tenant's slots) until `finish` sends the rest: an invalid generation, refused with 422
+    at once, so nothing is computed."""
+
+    HEAD, REST = b'{"prompt": "a red car", ', b'"steps": 1}'
+
+    def __init__(self, base_url: str) -> None:
+        address = urlsplit(base_url)
+        self.socket = socket.create_connection((address.hostname, address.port), TIMEOUT)
+        length = len(self.HEAD) + len(self.REST)
+        self.socket.sendall(
+            b"POST /v1/sessions HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
+            % (address.netloc.encode(), length, self.HEAD)
+        )
+
+    def refused(self) -> bool:
+        """Answered before its body arrived: the service had no slot for it."""
+        if select.select([self.socket], [], [], 0)[0]:
+            self.socket.close()
+            return True
+        return False
+
+    def finish(self) -> int:
+        """Sends the rest of the body; the status of the answer."""
+        self.socket.sendall(self.REST)
+        with self.socket, self.socket.makefile("rb") as answer:
+            return int(answer.readline().split()[1])
 
 
 def _text(driver, element_id: str) -> str:
@@ -423,36 +453,28 @@ def test_a_session_in_the_studio(browser, base_url, downloads, tmp_path):
     # A busy tenant: requests whose bodies are still arriving hold all of its in-flight slots.
     # The page's edit is refused with 429 and the page says when to retry; a reload's reads
     # are retried after Retry-After, and pass once the slots are free.
+    _wait(lambda: _loaded(driver, "#current-image, #version-strip img"), "a quiet page")
     history = f"/v1/sessions/{session_id}"
     reloads_before = len(traffic.find("GET", history))
-    release = threading.Event()
+    holders: list[SlowRequest] = []
 
-    def slow_body() -> Iterator[bytes]:
-        yield b'{"prompt": "a red car", '
-        release.wait(TIMEOUT)
-        yield b'"steps": 1}'  # answered 422 at once: nothing is generated
-
-    def hold_a_slot() -> int:
-        headers = {"Content-Type": "application/json"}
-        answer = httpx.post(
-            f"{base_url}/v1/sessions", content=slow_body(), headers=headers, timeout=TIMEOUT
-        )
-        return answer.status_code
+    def tenant_full() -> bool:
+        for holder in [h for h in holders if h.refused()]:  # another request had the slot
+            holders.remove(holder)
+        holders.extend(SlowRequest(base_url) for _ in range(BUSY_SLOTS - len(holders)))
+        return httpx.get(f"{base_url}/v1/jobs").status_code == 429
 
     def refused_reloads() -> list[int]:
         statuses = [r["status"] for r in traffic.find("GET", history)][reloads_before:]
         return [status for status in statuses if status == 429]
 
-    with ThreadPoolExecutor(BUSY_SLOTS) as pool:
-        holders = [pool.submit(hold_a_slot) for _ in range(BUSY_SLOTS)]
-        _wait(lambda: httpx.get(f"{base_url}/v1/jobs").status_code == 429, "a full tenant")
-        _submit(driver, "edit-prompt", "a photo of a dog sitting on a purple bench")
-        error = _wait(lambda: _text(driver, "error"), "busy message")
-        assert error == "Too many requests in flight for your key (429). Retry in 2 s."
-        driver.refresh()  # the page itself is served under load; its reads are refused
-        _wait(refused_reloads, "a refused read")
-        release.set()
-        assert [holder.result() for holder in holders] == [422] * BUSY_SLOTS
+    _wait(tenant_full, "a tenant with every slot taken")
+    _submit(driver, "edit-prompt", "a photo of a dog sitting on a purple bench")
+    error = _wait(lambda: _text(driver, "error"), "busy message")
+    assert error == "Too many requests in flight for your key (429). Retry in 2 s."
+    driver.refresh()  # the page itself is served under load; its reads are refused
+    _wait(refused_reloads, "a refused read")
+    assert [holder.finish() for holder in holders] == [422] * BUSY_SLOTS
     _wait(lambda: len(_versions(driver)) == known + 1, "reopened session")
     assert [r["status"] for r in traffic.find("GET", history)][-1] == 200
     _wait(lambda: _loaded(driver, "#current-image, #version-strip img"), "loaded images")
