@@ -30,8 +30,9 @@ import ray
 from fastapi import Depends, FastAPI, Header, Request, Response
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -49,6 +50,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fisedit.engine.config import GenerationParams, Prompt
+from fisedit.engine.recipe import SessionRecipe
 from fisedit.service import deploy
 from fisedit.service.config import HttpConfig, ServiceConfig, StoreConfig
 from fisedit.service.jobs import (
@@ -74,11 +76,14 @@ log = logging.getLogger(__name__)
 
 CONFIG_ENV = "FISEDIT_CONFIG"
 API_KEYS_ENV = "FISEDIT_API_KEYS"
-UNLIMITED = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json", "/docs"})
-"""Paths outside the in-flight bounds: probes and scrapes must answer under load."""
+UNLIMITED = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json", "/docs", "/"})
+"""Paths outside the in-flight bounds: probes, scrapes and the studio's page (`/` and files
+under /studio/) must answer under load."""
 SSE_WAIT_S = 15.0
 """Longest wait of an event stream for its job's next change (then it asks again)."""
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+STUDIO = Path(__file__).with_name("studio")
+"""The edit studio's static page (served at `/`, its assets under /studio/)."""
 
 
 # API keys
@@ -230,6 +235,7 @@ class Version(BaseModel):
     mask_ratio: float
     mac_fraction: float
     latency_s: float
+    dense_estimate_s: float | None
     cache_path: str
     worker_id: str
 
@@ -245,6 +251,7 @@ class Version(BaseModel):
             mask_ratio=result.mask_ratio,
             mac_fraction=result.mac_fraction,
             latency_s=result.latency_s,
+            dense_estimate_s=result.dense_estimate_s,
             cache_path=result.cache_path,
             worker_id=result.worker_id,
         )
@@ -604,7 +611,7 @@ async def _bounded_and_measured(request: Request, call_next: Callable) -> Respon
         response = ApiError(
             413, ["body"], f"over {gw.http.max_body_bytes} bytes", "too_large"
         ).response()
-    elif request.url.path in UNLIMITED:
+    elif request.url.path in UNLIMITED or request.url.path.startswith("/studio/"):
         response = await call_next(request)
     else:
         auth = request.headers.get("authorization", "")
@@ -761,11 +768,13 @@ async def session_history(session_id: str, tenant: TenantDep, gw: GatewayDep) ->
     return History(session_id=session_id, versions=[Version.of(r) for r in results])
 
 
-async def _version_file(gw: Gateway, tenant: str, session_id: str, version: int, name: str):
+async def _version_file(
+    gw: Gateway, tenant: str, session_id: str, version: int, name: str, media: str = "image/png"
+):
     gw.check_session(tenant, session_id)
     key = f"sessions/{session_id}/v{version}/{name}"
     data = await gw.call(ROUTER, "read", key, loc=["path", "version"])
-    return Response(data, media_type="image/png")
+    return Response(data, media_type=media)
 
 
 PNG = {200: {"content": {"image/png": {}}, "description": "A PNG."}}
@@ -783,6 +792,20 @@ async def version_mask(
     session_id: str, version: Annotated[int, PathParam(ge=0)], tenant: TenantDep, gw: GatewayDep
 ) -> Response:
     return await _version_file(gw, tenant, session_id, version, "mask.png")
+
+
+@api.get(
+    "/v1/sessions/{session_id}/versions/{version}/recipe.json",
+    responses={200: {"model": SessionRecipe, "description": "The session's recipe."}},
+)
+async def version_recipe(
+    session_id: str, version: Annotated[int, PathParam(ge=0)], tenant: TenantDep, gw: GatewayDep
+) -> Response:
+    """The session's recipe at this version: the model, the generation settings and every
+    edit up to it, enough to recompute the version exactly."""
+    return await _version_file(
+        gw, tenant, session_id, version, "recipe.json", media="application/json"
+    )
 
 
 @api.delete("/v1/sessions/{session_id}", status_code=204)
@@ -907,6 +930,17 @@ async def job_events(job_id: str, tenant: TenantDep, gw: GatewayDep) -> Streamin
     return StreamingResponse(_job_events(gw, job_id), media_type="text/event-stream")
 
 
+# The edit studio: a static page calling the API above from the browser
+
+
+@api.get("/", include_in_schema=False)
+async def studio() -> FileResponse:
+    return FileResponse(STUDIO / "index.html")
+
+
+api.mount("/studio", StaticFiles(directory=STUDIO), name="studio")
+
+
 # The Serve application
 
 
@@ -972,7 +1006,7 @@ def serve_command(args: argparse.Namespace) -> None:
         serve.start(http_options={"host": config.http.host, "port": config.http.port})
         serve.run(build_app(config), name="fisedit", route_prefix="/")
         url = f"http://{config.http.host}:{config.http.port}"
-        print(f"FISEdit API at {url} (docs at {url}/docs); Ctrl-C stops it", flush=True)
+        print(f"FISEdit studio at {url}/, API docs at {url}/docs; Ctrl-C stops it", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:

@@ -103,6 +103,10 @@ class EditResult(BaseModel):
     mac_fraction: float
     latency_s: float
     """Seconds on the worker, bringing the session into memory included."""
+    dense_estimate_s: float | None = None
+    """Seconds the same image would take as a dense generation: the engine time of the
+    session's base generation (version 0, every step dense), CUDA graph capture excluded.
+    None in results written before it was recorded."""
     report: EditReport
 
 
@@ -144,6 +148,7 @@ def commit(
         mask_ratio=version.report.mask_ratio,
         mac_fraction=version.report.mac_fraction,
         latency_s=latency_s,
+        dense_estimate_s=_dense_estimate_s(session),
         report=version.report,
     )
     files = {result.image_key: png(version.image)}
@@ -155,6 +160,13 @@ def commit(
         with contextlib.suppress(ObjectExistsError):
             store.put(key, data, create_only=True)
     return result
+
+
+def _dense_estimate_s(session: EditSession) -> float | None:
+    base = session.history[0].report
+    if base.version != 0:  # a fork starts at a later version: no base generation to go by
+        return None
+    return base.total_latency_s - base.graph_capture_s
 
 
 def committed_versions(store: ObjectStore, session_id: str) -> list[int]:

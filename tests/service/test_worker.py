@@ -56,6 +56,10 @@ def test_every_version_is_committed_under_deterministic_keys(engine, config):
     assert [e.params.prompt for e in recipe.edits] == ["a dog on a bench"]
     assert np.array_equal(_image(host, edited), host.pool.get("s1").image)
     assert 0 < edited.mask_ratio <= 1 and 0 < edited.mac_fraction < 1
+    # What a dense generation of any version takes: the base generation's engine time.
+    base = made.report
+    assert made.dense_estimate_s == base.total_latency_s - base.graph_capture_s > 0
+    assert edited.dense_estimate_s == made.dense_estimate_s
     assert host.summary["sessions"] == {"s1": 1}
 
 
