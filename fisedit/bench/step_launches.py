@@ -3,9 +3,11 @@ UNet, on no GPU.
 
 The UNet is built on the meta device (shapes, no storage) with the Triton kernels selected.
 A recording step runs first, then sparse steps over centred square masks, as the engine
-captures them: reading the cache at a step held in device memory, recording into slots,
-then filing the slots into the run's cache. Triton launches are recorded, not run, with
-grids sized for an H100 (132 SMs); every other op is counted by a dispatch mode.
+captures them: a dense step records into slots, then files them into the run's cache; a
+sparse step copies the cached maps of its step into the maps it records (`StepMaps`), runs
+with the step index in device memory, then files the slots of its layer outputs. Triton
+launches are recorded, not run, with grids sized for an H100 (132 SMs); every other op is
+counted by a dispatch mode.
 
 Bytes moved count what each launched op reads plus what it writes, from tensor sizes (no
 profiler, no caches modelled):
@@ -40,7 +42,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fisedit.bench.edit_bench import square_mask
-from fisedit.engine.cache import ActivationCache, StepSlots
+from fisedit.engine.cache import ActivationCache, StepMaps, StepSlots
 from fisedit.engine.config import SparseConfig
 from fisedit.engine.kernels.aot import compile_launches
 from fisedit.engine.kernels.launch import Launch, recording_launches
@@ -120,7 +122,7 @@ _WRITE_ONLY = {"copy_", "_foreach_copy_", "fill_", "zero_"}
 class _OpCounter(TorchDispatchMode):
     """Counts the ops that launch kernels, and the bytes they move. Attention counts once:
     on the meta device SDPA decomposes into its math ops, where a GPU runs one fused
-    kernel."""
+    kernel (see `_AttentionAsOneOp`)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -150,6 +152,10 @@ class _AttentionAsOneOp(TorchFunctionMode):
         self.counter.inside_attention = True
         try:
             out = func(*args, **(kwargs or {}))
+            # A fused kernel writes its output [B, H, L, d] with the memory layout of its
+            # queries, [B, L, H, d] here, so merging the heads after it is a view, not the
+            # copy it would be after the decomposition.
+            out = out.transpose(1, 2).contiguous().transpose(1, 2)
         finally:
             self.counter.inside_attention = False
         self.counter.bytes += _nbytes(args[:3]) + _nbytes(out)
@@ -202,9 +208,13 @@ def _layernorm_rows_bytes(bound: dict, grid) -> int:
     return moved + (_nbytes(bound["bias_ptr"]) if bound["HAS_BIAS"] else 0)
 
 
-def _scatter_rows_bytes(bound: dict, grid) -> int:
+def _summed_layernorm_bytes(bound: dict, grid) -> int:
     rows = grid[0] * grid[1] * bound["D"]
-    return rows * (_element(bound, "rows_ptr") + _element(bound, "out_ptr"))
+    moved = rows * (_element(bound, "rows_ptr") + _element(bound, "sum_ptr"))
+    moved += rows * (_element(bound, "res_ptr") if bound["HAS_RESIDUAL"] else 0)
+    moved += rows * _element(bound, "out_ptr")
+    moved += _nbytes(bound["weight_ptr"]) if bound["HAS_WEIGHT"] else 0
+    return moved + (_nbytes(bound["bias_ptr"]) if bound["HAS_BIAS"] else 0)
 
 
 def _group_norm_bytes(bound: dict, grid) -> int:
@@ -212,12 +222,18 @@ def _group_norm_bytes(bound: dict, grid) -> int:
     return elements * _element(bound, "x_ptr") + _nbytes(bound["out_ptr"])
 
 
+def _geglu_bytes(bound: dict, grid) -> int:
+    elements = bound["M"] * bound["INNER"]
+    return elements * (2 * _element(bound, "x_ptr") + _element(bound, "out_ptr"))
+
+
 _TRITON_BYTES = {
+    "_geglu_kernel": _geglu_bytes,
     "_sparse_conv_kernel": _conv_bytes,
     "_gather_tokens_affine_kernel": _gather_tokens_bytes,
     "_scatter_tokens_kernel": _scatter_tokens_bytes,
     "_gather_rows_layernorm_kernel": _layernorm_rows_bytes,
-    "_scatter_rows_kernel": _scatter_rows_bytes,
+    "_layernorm_rows_kernel": _summed_layernorm_bytes,
     "_group_norm_affine_kernel": _group_norm_bytes,
 }
 
@@ -245,19 +261,31 @@ class MetaUNet:
         without a plan, else sparse over `plan` reading the dense step's record."""
         state = self.state
         state.step = torch.tensor(0, device="meta")
-        state.plan, state.source = plan, None if plan is None else self.cache
-        record = self.cache if plan is None else ActivationCache(steps=1, channels_last=True)
-        # Fresh slots: their clones stand for the copies into a captured step's own slots.
-        state.record, state.macs = StepSlots(channels_last=True), MacCount()
+        state.plan, state.source, state.macs = (
+            plan,
+            None if plan is None else self.cache,
+            MacCount(),
+        )
+        if plan is None:
+            # Fresh slots: their clones stand for the copies into a captured step's own slots.
+            state.record = StepSlots(channels_last=True)
+        else:
+            edited = ActivationCache(steps=1, channels_last=True)
+            state.record = StepMaps(edited, self.cache, state.step)
         counter = _OpCounter()
         with recording_launches(H100_SMS) as launches, _AttentionAsOneOp(counter), counter:
+            if plan is not None:
+                state.record.fill(self.cache, 0)
             self.unet(
                 self.sample,
                 torch.tensor(500, device="meta"),
                 encoder_hidden_states=self.context,
                 added_cond_kwargs=self.added,
             )
-            record.put_step(0, state.record.tensors)
+            if plan is None:
+                self.cache.put_step(0, state.record.tensors)
+            else:
+                state.record.file(0)
         return state.macs, counter, launches
 
 
@@ -298,7 +326,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="write the figures as JSON here")
     args = parser.parse_args()
     payload: dict = {
-        "device": "meta (no GPU): launches and bytes counted, kernels compiled for sm_90, not timed",
+        "device": "meta (no GPU): launches and bytes counted, kernels compiled for sm_90, "
+        "not timed",
         "sms": H100_SMS,
         "steps": [],
         "kernels": [],

@@ -2,6 +2,11 @@
 
 import torch
 
+from fisedit.engine.kernels.launch import StepView
+
+RUN_STATE = ("latents", "solver_history")
+"""What the denoise loop records after each UNet call; the UNet's layers record the rest."""
+
 
 def _nhwc(value: torch.Tensor, channels_last: bool) -> bool:
     """Whether `value` is stored channels_last: a feature map [B, C, H, W] that arrives so, or
@@ -64,12 +69,9 @@ class ActivationCache:
         targets = [self.tensors[name][step] for name in values]
         torch._foreach_copy_(targets, list(values.values()))
 
-    def get(self, name: str, step: int | torch.Tensor, writable: bool = False) -> torch.Tensor:
-        """The tensor recorded under `name` at `step`; `writable` asks for one the caller may
-        modify (a copy; reading at an index tensor makes one anyway).
-
-        `step` may be a 0-d index tensor on the cache's device: a captured sparse step reads
-        it from device memory, so its graph serves every step of an edit."""
+    def get(self, name: str, step: int | torch.Tensor) -> torch.Tensor:
+        """The tensor recorded under `name` at `step`: a view, or with a 0-d index tensor on
+        the cache's device (a step held in device memory), a copy."""
         try:
             buffer = self.tensors[name]
         except KeyError:
@@ -77,7 +79,7 @@ class ActivationCache:
         if isinstance(step, torch.Tensor):
             # Indexing (unlike index_select) keeps a channels_last map channels_last.
             return buffer[step.reshape(1)][0]
-        return buffer[step].clone() if writable else buffer[step]
+        return buffer[step]
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
@@ -135,6 +137,70 @@ class StepSlots:
             slot.copy_(value)
 
 
+class StepMaps:
+    """The maps a sparse UNet call records at one step (those its layers recorded in the
+    previous version), where it reads and writes them.
+
+    Each starts as the previous version's map (`fill`, one batched copy); the call writes
+    its region in place, so the run's cache ends up holding the new maps without further
+    copies. With a Python step every map is a view of the run's cache at the step. With a
+    step index in device memory (a captured graph replays one call for every step) a view
+    cannot follow the step: layer outputs (`<layer>.out`), which the UNet's own ops read, go
+    to static slots that `file` copies into the cache after the call; every other map is a
+    StepView of the cache, which kernels address at the index.
+    """
+
+    def __init__(
+        self,
+        record: ActivationCache,
+        source: "ActivationCache | HostPrefetcher",
+        step: int | torch.Tensor,
+    ) -> None:
+        self.record = record
+        self.maps: dict[str, torch.Tensor | StepView] = {}
+        self.slots: dict[str, torch.Tensor] = {}
+        for name in source.tensors:
+            if name in RUN_STATE:
+                continue
+            buffer = record.tensors.get(name)
+            if buffer is None:
+                # The previous version's layout, on the device `source` reads it to.
+                buffer = torch.empty_like(source.tensors[name], device=source.device)
+                record.tensors[name] = buffer
+            if not isinstance(step, torch.Tensor):
+                self.maps[name] = buffer[step]
+            elif name.endswith(".out"):
+                self.maps[name] = self.slots[name] = torch.empty_like(buffer[0])
+            else:
+                self.maps[name] = StepView(buffer, step.reshape(1))
+
+    def __getitem__(self, name: str) -> torch.Tensor | StepView:
+        return self.maps[name]
+
+    def fill(self, source: "ActivationCache | HostPrefetcher", step: int) -> None:
+        """Sets every map to `source`'s at `step`."""
+        targets = [
+            self.slots[name] if name in self.slots else self.record.tensors[name][step]
+            for name in self.maps
+        ]
+        torch._foreach_copy_(targets, [source.get(name, step) for name in self.maps])
+
+    def put(self, name: str, step: int | torch.Tensor, value: torch.Tensor) -> None:
+        """Records `value` as this step's map `name`, unless the call wrote it in place."""
+        target = self.maps[name]
+        if value is target:
+            return
+        if isinstance(target, StepView):
+            target.write(value)
+        else:
+            target.copy_(value)
+
+    def file(self, step: int) -> None:
+        """Copies the slots into the run's cache at `step`."""
+        if self.slots:
+            self.record.put_step(step, self.slots)
+
+
 class HostPrefetcher:
     """Reads a host-resident cache on a GPU: the first read of step t waits for its copy
     and starts copying step t+1 on a side stream, so transfers overlap compute.
@@ -160,7 +226,12 @@ class HostPrefetcher:
             done.record(self.stream)
         self.steps[step] = (tensors, done)
 
-    def get(self, name: str, step: int, writable: bool = False) -> torch.Tensor:
+    @property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The whole host-resident buffers."""
+        return self.cache.tensors
+
+    def get(self, name: str, step: int) -> torch.Tensor:
         if step != self.current:
             self._copy(step)
             tensors, done = self.steps[step]
@@ -173,7 +244,6 @@ class HostPrefetcher:
             self.current = step
             self._copy(step + 1)
         try:
-            tensor = self.steps[step][0][name]
+            return self.steps[step][0][name]
         except KeyError:
             raise KeyError(f"nothing recorded under {name!r}") from None
-        return tensor.clone() if writable else tensor

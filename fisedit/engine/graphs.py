@@ -2,12 +2,14 @@
 
 Every shape in a denoise step is static: the latents and prompt embeddings, and for sparse
 steps the mask, hence every index tensor. A captured step owns static input buffers that
-each call fills before replaying. What the UNet records goes to static slots (one step of a
-cache) and is copied into the run's cache at the step's index after each replay, so a graph
-does not belong to a run: the engine captures its dense step once and replays it for
-generations and for every edit's capture steps. A sparse step reads the previous version's
-cache at a step index held in device memory, so it is captured once per edit (per run and
-plan). Nothing in a replay depends on Python state, and no host sync happens in the loop.
+each call fills before replaying. What a dense step records goes to static slots (one step
+of a cache) and is copied into the run's cache at the step's index after each replay, so
+the graph does not belong to a run: the engine captures its dense step once and replays it
+for generations and for every edit's capture steps. A sparse step records into its run's
+cache (`StepMaps`): each map starts as the previous version's at the step, copied before
+the replay, and kernels write the region into it at a step index held in device memory;
+only layer outputs pass through slots. It is captured once per edit (per run and plan).
+Nothing in a replay depends on Python state, and no host sync happens in the loop.
 
 On a CPU nothing is captured: the same static buffers run eagerly, so tests can check this
 path without a GPU.
@@ -17,7 +19,7 @@ import time
 
 import torch
 
-from fisedit.engine.cache import ActivationCache, StepSlots
+from fisedit.engine.cache import ActivationCache, StepMaps, StepSlots
 from fisedit.engine.layers import MacCount
 from fisedit.engine.models import PromptEmbeddings
 from fisedit.engine.plan import SparsePlan
@@ -31,6 +33,9 @@ class CapturedUNetStep:
     ) -> None:
         self.engine, self.plan, self.source = engine, plan, source
         self.slots = StepSlots(engine.config.channels_last)
+        """Where a dense step records."""
+        self.maps: StepMaps | None = None
+        """Where a sparse step records (made by its first call)."""
         self.graph: torch.cuda.CUDAGraph | None = None
         self.output: torch.Tensor | None = None
         self.step_macs = MacCount()
@@ -42,7 +47,8 @@ class CapturedUNetStep:
         return self.output is not None
 
     def _call(self, macs: MacCount) -> torch.Tensor:
-        with self.engine.unet_pass(self.step, macs, self.plan, self.source, self.slots):
+        record = self.slots if self.maps is None else self.maps
+        with self.engine.unet_pass(self.step, macs, self.plan, self.source, record):
             return self.engine.model.unet(
                 self.sample,
                 self.timestep,
@@ -50,8 +56,9 @@ class CapturedUNetStep:
                 added_cond_kwargs=self.added,
             ).sample
 
-    def _load(self, sample, timestep, step: int, embeds: PromptEmbeddings, added) -> None:
-        """Fills the static input buffers with this call's inputs (the first call makes them)."""
+    def _load(self, sample, timestep, step: int, embeds: PromptEmbeddings, added, record) -> None:
+        """Fills the static input buffers with this call's inputs (the first call makes them),
+        and a sparse step's maps with the previous version's."""
         inputs = {
             "sample": sample,
             "timestep": timestep,
@@ -62,12 +69,16 @@ class CapturedUNetStep:
             for name, value in inputs.items():
                 self.inputs[name].copy_(value)
             self.step.fill_(step)
-            return
-        self.inputs = {name: value.clone() for name, value in inputs.items()}
-        self.sample, self.timestep = self.inputs["sample"], self.inputs["timestep"]
-        self.hidden = self.inputs["hidden"]
-        self.added = {k: self.inputs[f"added.{k}"] for k in added} if added else None
-        self.step = torch.tensor(step, device=sample.device)
+        else:
+            self.inputs = {name: value.clone() for name, value in inputs.items()}
+            self.sample, self.timestep = self.inputs["sample"], self.inputs["timestep"]
+            self.hidden = self.inputs["hidden"]
+            self.added = {k: self.inputs[f"added.{k}"] for k in added} if added else None
+            self.step = torch.tensor(step, device=sample.device)
+            if self.plan is not None:
+                self.maps = StepMaps(record, self.source, self.step)
+        if self.maps is not None:
+            self.maps.fill(self.source, step)
 
     def _capture(self) -> None:
         device = self.sample.device
@@ -100,18 +111,21 @@ class CapturedUNetStep:
         record: ActivationCache | None,
         macs: MacCount,
     ) -> torch.Tensor:
-        """The UNet output for denoise step `step`, recorded into `record` at `step`.
+        """The UNet output for denoise step `step`, recorded into `record` at `step` (a
+        sparse step always into the record of its first call).
 
         The output is a static buffer: the next call overwrites it."""
         first = not self.captured
-        self._load(sample, timestep, step, embeds, added)
+        self._load(sample, timestep, step, embeds, added, record)
         if first:
             self._capture()
         if self.graph is not None:
             self.graph.replay()
         elif not first:
             self.output = self._call(MacCount())
-        if record is not None:
+        if self.maps is not None:
+            self.maps.file(step)
+        elif record is not None:
             record.put_step(step, self.slots.tensors)
         macs.add(self.step_macs.dense, self.step_macs.executed)
         return self.output

@@ -4,7 +4,9 @@ The wrappers replace ResnetBlock2D, Transformer2DModel, Downsample2D, Upsample2D
 and the output head (GroupNorm, SiLU, conv_out) inside a UNet2DConditionModel, so the
 UNet's own forward drives them. Dense calls run the diffusers module itself; forward hooks
 record what the sparse pass will read. Sparse calls compute only the active pixels of the
-layer's output and take every other pixel from the cache of the same step.
+layer's output and take every other pixel from the cache of the same step: each map they
+record starts as the cached one (`StepMaps`), and their kernels write the active pixels
+into it in place.
 
 With `SparseConfig(kernels="dense")` sparse calls are done the slow way, as a reference:
 the whole diffusers module runs, and hooks paste the cached map outside the active region
@@ -18,6 +20,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.activations import GEGLU
 from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 from diffusers.models.transformers.transformer_2d import (
     Transformer2DModel,
@@ -25,11 +28,12 @@ from diffusers.models.transformers.transformer_2d import (
 )
 from torch import nn
 
-from fisedit.engine.cache import ActivationCache, StepSlots
+from fisedit.engine.cache import ActivationCache, HostPrefetcher, StepMaps, StepSlots
 from fisedit.engine.config import SparseConfig
 from fisedit.engine.kernels import group_norm as norm_kernels
 from fisedit.engine.kernels import sparse_conv as conv_kernels
 from fisedit.engine.kernels import tokens as token_kernels
+from fisedit.engine.kernels.launch import StepView, with_step_views
 from fisedit.engine.plan import LayerGeometry, SparsePlan
 from fisedit.engine.sparse_ops import attention, key_value_projection, pointwise
 
@@ -55,19 +59,20 @@ class StepState:
     """What the wrapped layers do in the current UNet call; the denoise loop sets it."""
 
     config: SparseConfig = field(default_factory=SparseConfig)
-    step: int = 0
+    step: int | torch.Tensor = 0
     plan: SparsePlan | None = None
-    source: ActivationCache | None = None
-    record: ActivationCache | StepSlots | None = None
+    source: ActivationCache | HostPrefetcher | None = None
+    record: ActivationCache | StepSlots | StepMaps | None = None
+    """Where calls record: a sparse call into the StepMaps of its step."""
     macs: MacCount = field(default_factory=MacCount)
 
     @property
     def sparse(self) -> bool:
         return self.plan is not None
 
-    def use_triton(self, x: torch.Tensor) -> bool:
+    def use_triton(self, x: torch.Tensor | StepView) -> bool:
         kernels = self.config.kernels
-        return kernels == "triton" or (kernels == "auto" and x.is_cuda)
+        return kernels == "triton" or (kernels == "auto" and x.device.type == "cuda")
 
 
 def _linear_macs(layer: nn.Module, rows: int) -> int:
@@ -105,11 +110,8 @@ class SparseLayer(nn.Module):
             out = self.dense_pasted(x, geometry, *args, **kwargs)
             executed = None
         elif geometry.empty:
-            # Nothing to recompute: the next version's cache equals this one here.
-            for key in self.recorded:
-                if key != "out":
-                    self.save(key, self.cached(key))
-            out, executed = self.cached("out"), 0
+            # Nothing to recompute: this step's maps already hold the cached ones.
+            out, executed = self.target("out"), 0
         else:
             out = self.sparse(x, geometry, *args, **kwargs)
             executed = self.macs(x, geometry.index.numel(), **kwargs)
@@ -148,8 +150,11 @@ class SparseLayer(nn.Module):
         return out
 
     def kernel(self, module, name: str, like: torch.Tensor):
-        """The Triton kernel `name` from `module`, or the reference beside it."""
-        return getattr(module, name if self.state.use_triton(like) else f"{name}_reference")
+        """The Triton kernel `name` from `module`, or the reference beside it (both take
+        StepViews for maps)."""
+        if self.state.use_triton(like):
+            return getattr(module, name)
+        return with_step_views(getattr(module, f"{name}_reference"))
 
     def conv_active(
         self,
@@ -168,10 +173,10 @@ class SparseLayer(nn.Module):
         bias = conv.bias if bias is None else bias
         out, out_index = None, None
         if into is not None:
-            out, out_index = self.cached(into[0], writable=True), into[1]
+            out, out_index = self.target(into[0]), into[1]
         args = (x, taps, conv.weight, bias, norm_affine, residual, out_scale, out, out_index)
         if not self.state.use_triton(x):
-            return conv_kernels.sparse_conv2d_reference(*args)
+            return with_step_views(conv_kernels.sparse_conv2d_reference)(*args)
         packed = self.packed(conv, lambda c: conv_kernels.pack_conv_weight(c.weight))
         return conv_kernels.sparse_conv2d_triton(*args, packed_weight=packed)
 
@@ -197,21 +202,27 @@ class SparseLayer(nn.Module):
     ) -> torch.Tensor:
         """This step's map `key`: the cached one with the active pixels set to tokens
         (+ residual)."""
-        out = self.cached(key, writable=True)
+        out = self.target(key)
         scatter = self.kernel(token_kernels, "scatter_tokens_into", out)
         return scatter(out, index, tokens, residual)
 
-    def mixed_rows(self, key: str, index: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """This step's token map `key` [B, L, D]: the cached one with rows `index` set."""
-        out = self.cached(key, writable=True)
-        return self.kernel(token_kernels, "scatter_rows_into", out)(out, index, rows)
-
-    def layer_norm_rows(
-        self, norm: nn.LayerNorm, rows: torch.Tensor, index: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """LayerNorm of rows `index` (all rows if None) of a token map, gathered."""
+    def layer_norm_rows(self, norm: nn.LayerNorm, rows: torch.Tensor | StepView) -> torch.Tensor:
+        """LayerNorm of every row of a token map [B, L, D]."""
         gather = self.kernel(token_kernels, "gather_rows_layernorm", rows)
-        return gather(rows, index, norm.weight, norm.bias, norm.eps)
+        return gather(rows, None, norm.weight, norm.bias, norm.eps)
+
+    def summed_layer_norm(
+        self,
+        norm: nn.LayerNorm,
+        rows: torch.Tensor,
+        residual: torch.Tensor | None = None,
+        into: tuple[str, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor | StepView, torch.Tensor]:
+        """(rows + residual, its LayerNorm), as tokens [B, P, D]; with `into` = (key, index)
+        the sum goes into rows `index` of this step's token map `key`, which comes first."""
+        out, index = (None, None) if into is None else (self.target(into[0]), into[1])
+        layernorm = self.kernel(token_kernels, "layernorm_rows", rows)
+        return layernorm(rows, residual, norm.weight, norm.bias, norm.eps, out, index)
 
     def group_norm_affine(self, norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
         """GroupNorm statistics of the map `x` as a [2, B, C] (scale, shift) affine, in fp32
@@ -221,8 +232,13 @@ class SparseLayer(nn.Module):
         cache to keep."""
         return self.kernel(norm_kernels, "group_norm_affine", x)(norm, x)
 
-    def cached(self, key: str, writable: bool = False) -> torch.Tensor:
-        return self.state.source.get(f"{self.name}.{key}", self.state.step, writable)
+    def cached(self, key: str) -> torch.Tensor:
+        return self.state.source.get(f"{self.name}.{key}", self.state.step)
+
+    def target(self, key: str) -> torch.Tensor | StepView:
+        """This step's map `key`, which a sparse call records: the cached one until the call
+        writes into it."""
+        return self.state.record[f"{self.name}.{key}"]
 
     def save(self, key: str, value: torch.Tensor) -> None:
         if self.state.record is not None:
@@ -250,12 +266,53 @@ class SparseLayer(nn.Module):
         module.register_forward_pre_hook(hook)
 
 
-def _time_bias(block: ResnetBlock2D) -> torch.Tensor | None:
+def _time_bias(block: ResnetBlock2D) -> torch.Tensor:
     """The bias of conv1 with the time embedding folded in: time_emb_proj's plus conv1's."""
+    zero = block.time_emb_proj.weight.new_zeros(block.time_emb_proj.out_features)
     time, conv = block.time_emb_proj.bias, block.conv1.bias
-    if time is None or conv is None:
-        return conv if time is None else time
-    return time + conv
+    return (zero if time is None else time) + (zero if conv is None else conv)
+
+
+class TimeBiases:
+    """conv1's bias with the time embedding folded in, for every wrapped resnet at once.
+
+    A UNet call gives all its resnets one time embedding, so one SiLU and one matmul over
+    their stacked time_emb_proj weights serve them all (two launches per resnet otherwise);
+    each resnet's bias is a slice of the result."""
+
+    def __init__(self) -> None:
+        self.blocks: list[ResnetBlock2D] = []
+        self.slices: dict[ResnetBlock2D, tuple[bool, int, int]] = {}
+        self.stacked: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.temb: torch.Tensor | None = None
+        self.biases: dict[bool, torch.Tensor] = {}
+
+    def _stack(self) -> None:
+        """Stacks the weights, grouped by whether the embedding skips the SiLU."""
+        for skip in {b.skip_time_act for b in self.blocks}:
+            group = [b for b in self.blocks if b.skip_time_act == skip]
+            start = 0
+            for block in group:
+                end = start + block.time_emb_proj.out_features
+                self.slices[block] = (skip, start, end)
+                start = end
+            weight = torch.cat([b.time_emb_proj.weight for b in group])
+            self.stacked[skip] = (weight, torch.cat([_time_bias(b) for b in group]))
+
+    def of(self, block: ResnetBlock2D, temb: torch.Tensor) -> torch.Tensor:
+        """[B, C_out] bias of `block`'s conv1 for the time embedding `temb`."""
+        if not self.stacked:
+            self._stack()
+        # Identity, not value: each UNet call makes a new embedding, held here until the
+        # next, so its id is never reused while it is compared.
+        if temb is not self.temb:
+            self.temb = temb
+            self.biases = {
+                skip: F.linear(temb if skip else F.silu(temb), weight, bias)
+                for skip, (weight, bias) in self.stacked.items()
+            }
+        skip, start, end = self.slices[block]
+        return self.biases[skip][:, start:end]
 
 
 class SparseResnet(SparseLayer):
@@ -263,8 +320,13 @@ class SparseResnet(SparseLayer):
 
     recorded = ("out", "norm2_in")
 
-    def __init__(self, name: str, inner: ResnetBlock2D, state: StepState) -> None:
+    def __init__(
+        self, name: str, inner: ResnetBlock2D, state: StepState, time_biases: TimeBiases
+    ) -> None:
         super().__init__(name, inner, state)
+        self.time_biases = time_biases
+        if inner.time_emb_proj is not None:
+            time_biases.blocks.append(inner)
         self.record_input(inner.norm2, "norm2_in")
 
     @staticmethod
@@ -284,8 +346,7 @@ class SparseResnet(SparseLayer):
         bias = None
         if block.time_emb_proj is not None and temb is not None:
             # The time embedding adds a per-sample constant to conv1: it becomes the bias.
-            t = temb if block.skip_time_act else block.nonlinearity(temb)
-            bias = F.linear(t, block.time_emb_proj.weight, self.packed(block, _time_bias))
+            bias = self.time_biases.of(block, temb)
         affine = self.group_norm_affine(block.norm1, x)
         mid = self.conv_active(x, block.conv1, taps, affine, bias=bias, into=("norm2_in", index))
         self.save("norm2_in", mid)
@@ -353,15 +414,27 @@ class SparseTransformer(SparseLayer):
         residual, normed = self.gather(x, index, affine)
         h = pointwise(model.proj_in, normed)
         for key, block in zip(self._block_keys, model.transformer_blocks, strict=True):
-            full = self.mixed_rows(key, index, h)
-            self.save(key, full)
-            queries = self.layer_norm_rows(block.norm1, full, index)
+            # The block's input map: cached, with the active rows set to h.
+            full, queries = self.summed_layer_norm(block.norm1, h, into=(key, index))
             active_only = self.state.config.active_only_attention
             context = queries if active_only else self.layer_norm_rows(block.norm1, full)
-            h = self.attend(block.attn1, queries, context) + h
-            h = self.attend(block.attn2, block.norm2(h), encoder_hidden_states) + h
-            h = block.ff(block.norm3(h)) + h
+            attended = self.attend(block.attn1, queries, context)
+            h, normed = self.summed_layer_norm(block.norm2, attended, h)
+            attended = self.attend(block.attn2, normed, encoder_hidden_states)
+            h, normed = self.summed_layer_norm(block.norm3, attended, h)
+            h = self.feed_forward(block.ff, normed) + h
         return self.mixed("out", index, pointwise(model.proj_out, h), residual)
+
+    def feed_forward(self, ff: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+        """A diffusers FeedForward on tokens, its GEGLU fused after the projection."""
+        activation, *rest = ff.net
+        if not isinstance(activation, GEGLU):
+            return ff(tokens)
+        projected = pointwise(activation.proj, tokens)
+        hidden = self.kernel(token_kernels, "geglu", projected)(projected)
+        for layer in rest:
+            hidden = layer(hidden)
+        return hidden
 
     def attend(self, attn: nn.Module, queries: torch.Tensor, context: torch.Tensor):
         """`attn` with queries at the active tokens, keys and values from `context`."""
@@ -416,9 +489,11 @@ class SparseConv(SparseLayer):
         return x.shape[0] * _conv_macs(self.conv, active)
 
 
-def _wrap(name: str, module: nn.Module, state: StepState) -> SparseLayer | None:
+def _wrap(
+    name: str, module: nn.Module, state: StepState, time_biases: TimeBiases
+) -> SparseLayer | None:
     if SparseResnet.supports(module):
-        return SparseResnet(name, module, state)
+        return SparseResnet(name, module, state, time_biases)
     if SparseTransformer.supports(module):
         return SparseTransformer(name, module, state)
     if isinstance(module, Downsample2D) and module.use_conv and module.norm is None:
@@ -438,10 +513,11 @@ def _wrap(name: str, module: nn.Module, state: StepState) -> SparseLayer | None:
 def wrap_unet(unet: nn.Module, state: StepState) -> list[SparseLayer]:
     """Replaces the layers the sparse pass handles, in place; returns the wrappers."""
     wrappers: list[SparseLayer] = []
+    time_biases = TimeBiases()
     for name, module in list(unet.named_modules()):
         if any(name.startswith(w.name + ".") for w in wrappers):
             continue
-        wrapper = _wrap(name, module, state)
+        wrapper = _wrap(name, module, state, time_biases)
         if wrapper is not None:
             parent, _, attr = name.rpartition(".")
             setattr(unet.get_submodule(parent), attr, wrapper)

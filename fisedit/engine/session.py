@@ -20,7 +20,7 @@ from PIL import Image
 from pydantic import BaseModel
 from tqdm.auto import tqdm
 
-from fisedit.engine.cache import ActivationCache, HostPrefetcher, StepSlots
+from fisedit.engine.cache import ActivationCache, HostPrefetcher, StepMaps, StepSlots
 from fisedit.engine.config import EditParams, EngineConfig, GenerationParams, SchedulerName
 from fisedit.engine.graphs import CapturedUNetStep
 from fisedit.engine.images import blend_weight, preserve_background
@@ -166,7 +166,11 @@ class DenoiseRun:
             out = graph(model_in, unet_t, step, self.embeds, self.added, self.record, macs)
             self.capture_s += 0.0 if captured else graph.capture_s
         else:
-            with self.engine.unet_pass(step, macs, plan, source, self.record):
+            record = self.record
+            if plan is not None:
+                record = StepMaps(self.record, source, step)
+                record.fill(source, step)
+            with self.engine.unet_pass(step, macs, plan, source, record):
                 out = self.engine.model.unet(
                     model_in,
                     unet_t,
@@ -307,7 +311,7 @@ class Engine:
         macs: MacCount,
         plan: SparsePlan | None = None,
         source: ActivationCache | HostPrefetcher | None = None,
-        record: ActivationCache | StepSlots | None = None,
+        record: ActivationCache | StepSlots | StepMaps | None = None,
     ) -> Iterator[None]:
         """UNet calls inside run as denoise step `step`: sparse over `plan` reading `source`,
         as the plan's config says (dense without a plan), recording into `record` when given,

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fisedit.engine.cache import ActivationCache
+from fisedit.engine.cache import ActivationCache, StepMaps
 from fisedit.engine.config import EngineConfig, SparseConfig
 from fisedit.engine.kernels.launch import interpreting
 from fisedit.engine.layers import SparseConv, SparseResnet, SparseTransformer
@@ -45,8 +45,9 @@ def _square_mask() -> torch.Tensor:
 
 
 def _sparse_call(engine, recorded, name: str, config: SparseConfig, mask: torch.Tensor):
-    """Runs layer `name` sparsely on its recorded input; its cached output is zeroed first,
-    so active pixels must be recomputed and inactive ones must come from the cache."""
+    """Runs layer `name` sparsely on its recorded input, recording into a new cache as an
+    edit's step does; its cached output is zeroed first, so active pixels must be recomputed
+    and inactive ones must come from the cache."""
     cache, inputs = recorded
     layer = next(layer for layer in engine.layers if layer.name == name)
     dense = cache.get(f"{name}.out", 0).clone()
@@ -56,12 +57,14 @@ def _sparse_call(engine, recorded, name: str, config: SparseConfig, mask: torch.
     source.tensors[f"{name}.out"].zero_()
     engine.state.config = config
     engine.state.plan, engine.state.source = SparsePlan(mask, config), source
+    engine.state.record = StepMaps(ActivationCache(steps=1), source, 0)
+    engine.state.record.fill(source, 0)
     try:
         args, kwargs = inputs[name]
         with torch.no_grad():
             out = layer(*args, **kwargs)
     finally:
-        engine.state.plan = engine.state.source = None
+        engine.state.plan = engine.state.source = engine.state.record = None
         engine.state.config = engine.config.sparse
     out = out[0] if isinstance(out, tuple) else getattr(out, "sample", out)
     index = SparsePlan(mask, config).at(tuple(out.shape[-2:])).index
