@@ -112,6 +112,27 @@ def _op_bytes(func, args, kwargs, out) -> int:
     return moved
 
 
+# What one launch of CUDA's multi-tensor apply covers for a foreach op over two tensor
+# lists (PyTorch 2.x): up to 64 tensors, and up to 320 blocks of 64 Ki elements.
+_FOREACH_TENSORS, _FOREACH_BLOCKS, _FOREACH_CHUNK = 64, 320, 65536
+
+
+def _foreach_launches(tensors: list[torch.Tensor]) -> int:
+    """Launches a foreach op over `tensors` makes on its fast path (tensors of one dtype and
+    layout): a launch is full at either limit, and a tensor may span launches."""
+    launches = count = blocks = 0
+    for tensor in tensors:
+        count += 1
+        chunks = max(1, -(-tensor.numel() // _FOREACH_CHUNK))
+        for chunk in range(chunks):
+            blocks += 1
+            last = chunk == chunks - 1
+            if blocks == _FOREACH_BLOCKS or (last and count == _FOREACH_TENSORS):
+                launches, blocks = launches + 1, 0
+                count = 0 if last else 1
+    return launches + (blocks > 0)
+
+
 # Ops that read their `self` only where an index points, or write it only there.
 _INDEXED_READS = {"index", "index_select", "gather", "embedding"}
 _INDEXED_WRITES = {"index_copy_", "index_put_", "index_copy", "index_put"}
@@ -135,7 +156,7 @@ class _OpCounter(TorchDispatchMode):
         out = func(*args, **kwargs)
         name = func.overloadpacket.__name__
         if not (self.inside_attention or func.is_view or name in _NO_KERNEL):
-            self.ops[name] += 1
+            self.ops[name] += _foreach_launches(args[0]) if name.startswith("_foreach") else 1
             self.bytes += _op_bytes(func, args, kwargs, out)
         return out
 
@@ -272,6 +293,7 @@ class MetaUNet:
         else:
             edited = ActivationCache(steps=1, channels_last=True)
             state.record = StepMaps(edited, self.cache, state.step)
+        state.shared.forget()
         counter = _OpCounter()
         with recording_launches(H100_SMS) as launches, _AttentionAsOneOp(counter), counter:
             if plan is not None:

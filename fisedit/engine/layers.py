@@ -35,7 +35,12 @@ from fisedit.engine.kernels import sparse_conv as conv_kernels
 from fisedit.engine.kernels import tokens as token_kernels
 from fisedit.engine.kernels.launch import StepView, with_step_views
 from fisedit.engine.plan import LayerGeometry, SparsePlan
-from fisedit.engine.sparse_ops import attention, key_value_projection, pointwise
+from fisedit.engine.sparse_ops import (
+    attention,
+    attention_over,
+    key_value_projection,
+    pointwise,
+)
 
 
 @dataclass
@@ -54,6 +59,71 @@ class MacCount:
         return self.executed / self.dense if self.dense else 0.0
 
 
+class SharedInputLinears:
+    """Linear layers that each UNet call applies to one input shared by many of them (the
+    time embedding, the text embeddings): one matmul over their stacked weights per call,
+    instead of one launch per layer; each layer's output is a slice of the result.
+
+    `forget` starts a new call: a captured graph then computes the matmul itself, whatever
+    an earlier call computed for the same input buffer."""
+
+    def __init__(self, prepare: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        self.prepare = prepare
+        """Applied to the input first (once)."""
+        self.layers: dict[Any, Callable[[], tuple[torch.Tensor, torch.Tensor | None]]] = {}
+        self.slices: dict[Any, slice] = {}
+        self.stacked: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self.input: torch.Tensor | None = None
+        self.output: torch.Tensor | None = None
+
+    def add(self, key: Any, weights: Callable[[], tuple[torch.Tensor, torch.Tensor | None]]):
+        """Registers layer `key`; `weights()` gives its (weight [out, in], bias [out] or None)
+        when first needed, on the device and in the dtype of the model by then."""
+        self.layers[key] = weights
+
+    def _stack(self) -> None:
+        parts = [weights() for weights in self.layers.values()]
+        start = 0
+        for key, (weight, _) in zip(self.layers, parts, strict=True):
+            self.slices[key] = slice(start, start + weight.shape[0])
+            start += weight.shape[0]
+        bias = None
+        if any(b is not None for _, b in parts):
+            bias = torch.cat([w.new_zeros(w.shape[0]) if b is None else b for w, b in parts])
+        self.stacked = (torch.cat([w for w, _ in parts]), bias)
+
+    def of(self, key: Any, x: torch.Tensor) -> torch.Tensor:
+        """The output [..., out] of layer `key` for the input `x`."""
+        if self.stacked is None:
+            self._stack()
+        # Identity, not value: the input is held here until the next call, so its id is
+        # never reused while it is compared.
+        if x is not self.input:
+            self.input = x
+            self.output = F.linear(x if self.prepare is None else self.prepare(x), *self.stacked)
+        return self.output[..., self.slices[key]]
+
+    def forget(self) -> None:
+        self.input = self.output = None
+
+
+@dataclass
+class SharedLinears:
+    """The linears whose inputs every layer of a UNet call shares."""
+
+    time: SharedInputLinears = field(default_factory=lambda: SharedInputLinears(F.silu))
+    """Each resnet's time_emb_proj (after the SiLU), with conv1's bias folded in."""
+    raw_time: SharedInputLinears = field(default_factory=SharedInputLinears)
+    """The same, for resnets that skip the SiLU."""
+    text: SharedInputLinears = field(default_factory=SharedInputLinears)
+    """Each cross-attention's keys and values of the text embeddings."""
+
+    def forget(self) -> None:
+        """Starts a new UNet call."""
+        for linears in (self.time, self.raw_time, self.text):
+            linears.forget()
+
+
 @dataclass
 class StepState:
     """What the wrapped layers do in the current UNet call; the denoise loop sets it."""
@@ -64,6 +134,7 @@ class StepState:
     source: ActivationCache | HostPrefetcher | None = None
     record: ActivationCache | StepSlots | StepMaps | None = None
     """Where calls record: a sparse call into the StepMaps of its step."""
+    shared: SharedLinears = field(default_factory=SharedLinears)
     macs: MacCount = field(default_factory=MacCount)
 
     @property
@@ -266,53 +337,12 @@ class SparseLayer(nn.Module):
         module.register_forward_pre_hook(hook)
 
 
-def _time_bias(block: ResnetBlock2D) -> torch.Tensor:
-    """The bias of conv1 with the time embedding folded in: time_emb_proj's plus conv1's."""
+def _time_projection(block: ResnetBlock2D) -> tuple[torch.Tensor, torch.Tensor]:
+    """time_emb_proj's weight, and its bias with conv1's folded in."""
     zero = block.time_emb_proj.weight.new_zeros(block.time_emb_proj.out_features)
     time, conv = block.time_emb_proj.bias, block.conv1.bias
-    return (zero if time is None else time) + (zero if conv is None else conv)
-
-
-class TimeBiases:
-    """conv1's bias with the time embedding folded in, for every wrapped resnet at once.
-
-    A UNet call gives all its resnets one time embedding, so one SiLU and one matmul over
-    their stacked time_emb_proj weights serve them all (two launches per resnet otherwise);
-    each resnet's bias is a slice of the result."""
-
-    def __init__(self) -> None:
-        self.blocks: list[ResnetBlock2D] = []
-        self.slices: dict[ResnetBlock2D, tuple[bool, int, int]] = {}
-        self.stacked: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.temb: torch.Tensor | None = None
-        self.biases: dict[bool, torch.Tensor] = {}
-
-    def _stack(self) -> None:
-        """Stacks the weights, grouped by whether the embedding skips the SiLU."""
-        for skip in {b.skip_time_act for b in self.blocks}:
-            group = [b for b in self.blocks if b.skip_time_act == skip]
-            start = 0
-            for block in group:
-                end = start + block.time_emb_proj.out_features
-                self.slices[block] = (skip, start, end)
-                start = end
-            weight = torch.cat([b.time_emb_proj.weight for b in group])
-            self.stacked[skip] = (weight, torch.cat([_time_bias(b) for b in group]))
-
-    def of(self, block: ResnetBlock2D, temb: torch.Tensor) -> torch.Tensor:
-        """[B, C_out] bias of `block`'s conv1 for the time embedding `temb`."""
-        if not self.stacked:
-            self._stack()
-        # Identity, not value: each UNet call makes a new embedding, held here until the
-        # next, so its id is never reused while it is compared.
-        if temb is not self.temb:
-            self.temb = temb
-            self.biases = {
-                skip: F.linear(temb if skip else F.silu(temb), weight, bias)
-                for skip, (weight, bias) in self.stacked.items()
-            }
-        skip, start, end = self.slices[block]
-        return self.biases[skip][:, start:end]
+    bias = (zero if time is None else time) + (zero if conv is None else conv)
+    return block.time_emb_proj.weight, bias
 
 
 class SparseResnet(SparseLayer):
@@ -321,12 +351,12 @@ class SparseResnet(SparseLayer):
     recorded = ("out", "norm2_in")
 
     def __init__(
-        self, name: str, inner: ResnetBlock2D, state: StepState, time_biases: TimeBiases
+        self, name: str, inner: ResnetBlock2D, state: StepState, shared: SharedLinears
     ) -> None:
         super().__init__(name, inner, state)
-        self.time_biases = time_biases
+        self.time = shared.raw_time if inner.skip_time_act else shared.time
         if inner.time_emb_proj is not None:
-            time_biases.blocks.append(inner)
+            self.time.add(inner, lambda: _time_projection(inner))
         self.record_input(inner.norm2, "norm2_in")
 
     @staticmethod
@@ -346,7 +376,7 @@ class SparseResnet(SparseLayer):
         bias = None
         if block.time_emb_proj is not None and temb is not None:
             # The time embedding adds a per-sample constant to conv1: it becomes the bias.
-            bias = self.time_biases.of(block, temb)
+            bias = self.time.of(block, temb)
         affine = self.group_norm_affine(block.norm1, x)
         mid = self.conv_active(x, block.conv1, taps, affine, bias=bias, into=("norm2_in", index))
         self.save("norm2_in", mid)
@@ -373,11 +403,15 @@ class SparseTransformer(SparseLayer):
     `active_only_attention`, from the active tokens alone).
     """
 
-    def __init__(self, name: str, inner: Transformer2DModel, state: StepState) -> None:
+    def __init__(
+        self, name: str, inner: Transformer2DModel, state: StepState, shared: SharedLinears
+    ) -> None:
         super().__init__(name, inner, state)
         self.recorded = ("out", *self._block_keys)
+        self.text = shared.text
         for key, block in zip(self._block_keys, inner.transformer_blocks, strict=True):
             self.record_input(block, key)
+            self.text.add(block.attn2, lambda attn=block.attn2: key_value_projection(attn))
 
     @property
     def _block_keys(self) -> list[str]:
@@ -420,7 +454,8 @@ class SparseTransformer(SparseLayer):
             context = queries if active_only else self.layer_norm_rows(block.norm1, full)
             attended = self.attend(block.attn1, queries, context)
             h, normed = self.summed_layer_norm(block.norm2, attended, h)
-            attended = self.attend(block.attn2, normed, encoder_hidden_states)
+            text = self.text.of(block.attn2, encoder_hidden_states)
+            attended = attention_over(block.attn2, normed, text)
             h, normed = self.summed_layer_norm(block.norm3, attended, h)
             h = self.feed_forward(block.ff, normed) + h
         return self.mixed("out", index, pointwise(model.proj_out, h), residual)
@@ -490,12 +525,12 @@ class SparseConv(SparseLayer):
 
 
 def _wrap(
-    name: str, module: nn.Module, state: StepState, time_biases: TimeBiases
+    name: str, module: nn.Module, state: StepState, shared: SharedLinears
 ) -> SparseLayer | None:
     if SparseResnet.supports(module):
-        return SparseResnet(name, module, state, time_biases)
+        return SparseResnet(name, module, state, shared)
     if SparseTransformer.supports(module):
-        return SparseTransformer(name, module, state)
+        return SparseTransformer(name, module, state, shared)
     if isinstance(module, Downsample2D) and module.use_conv and module.norm is None:
         return SparseConv(name, module, module.conv, state)
     if (
@@ -513,11 +548,10 @@ def _wrap(
 def wrap_unet(unet: nn.Module, state: StepState) -> list[SparseLayer]:
     """Replaces the layers the sparse pass handles, in place; returns the wrappers."""
     wrappers: list[SparseLayer] = []
-    time_biases = TimeBiases()
     for name, module in list(unet.named_modules()):
         if any(name.startswith(w.name + ".") for w in wrappers):
             continue
-        wrapper = _wrap(name, module, state, time_biases)
+        wrapper = _wrap(name, module, state, state.shared)
         if wrapper is not None:
             parent, _, attr = name.rpartition(".")
             setattr(unet.get_submodule(parent), attr, wrapper)

@@ -320,6 +320,7 @@ class Engine:
         state.step, state.plan, state.source = step, plan, source
         state.record, state.macs = record, macs
         state.config = self.config.sparse if plan is None else plan.config
+        state.shared.forget()
         try:
             yield
         finally:

@@ -7,6 +7,7 @@ tests/conftest.py).
 import pytest
 import torch
 import torch.nn.functional as F
+from diffusers.models.activations import GEGLU
 from torch import nn
 
 from fisedit.engine import sparse_ops
@@ -17,6 +18,8 @@ from fisedit.engine.kernels.tokens import (
     gather_rows_layernorm_reference,
     gather_tokens_affine,
     gather_tokens_affine_reference,
+    geglu,
+    geglu_reference,
     layernorm_rows,
     layernorm_rows_reference,
     scatter_tokens_into,
@@ -188,6 +191,20 @@ def test_layernorm_rows_into_a_step_of_a_cache_sets_only_those_rows():
     assert torch.equal(view.buffer[1], expected_map) and torch.equal(view.buffer[1][:, INDEX], rows)
     for step in (0, 2):
         assert torch.equal(view.buffer[step], buffer[step])
+
+
+def test_geglu_reference_is_the_diffusers_activation_after_its_projection():
+    layer = GEGLU(20, 12).requires_grad_(False).to(DEVICE)
+    tokens = _tokens()
+    torch.testing.assert_close(geglu_reference(layer.proj(tokens)), layer(tokens))
+
+
+def test_geglu_matches_reference():
+    # More rows and inner channels than one program's tile.
+    projected = _randn(2, 40, 2 * 150, seed=4) * 3
+    got = geglu(projected)
+    assert got.shape == (2, 40, 150)
+    torch.testing.assert_close(got, geglu_reference(projected), atol=1e-5, rtol=1e-5)
 
 
 def test_empty_index_gives_empty_gathers_and_unchanged_maps():
