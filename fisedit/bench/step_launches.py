@@ -69,6 +69,8 @@ class StepLaunches(BaseModel):
     """The other ops by name, most frequent first."""
     triton_bytes: int
     other_bytes: int
+    weight_bytes: int
+    """The UNet's weights: every step reads each at least once (part of the bytes moved)."""
 
     @property
     def launches(self) -> int:
@@ -314,19 +316,20 @@ class MetaUNet:
 def measure(shape: UNetShape) -> tuple[list[StepLaunches], list[Launch]]:
     """The dense step and sparse steps at each mask ratio; also every Triton launch made."""
     unet = MetaUNet(shape)
+    weights = sum(p.numel() * p.element_size() for p in unet.unet.parameters())
     macs, counter, launches = unet.step(None)
-    rows = [_row(shape, "dense", None, macs, counter, launches)]
+    rows = [_row(shape, "dense", None, macs, counter, launches, weights)]
     every_launch = list(launches)
     for ratio in MASK_RATIOS:
         plan = SparsePlan(square_mask(shape.latent_side, ratio), unet.state.config, "meta")
         unet.step(plan)  # builds the plan's indices, as a graph capture's warm-up does
         macs, counter, launches = unet.step(plan)
-        rows.append(_row(shape, "sparse", ratio, macs, counter, launches))
+        rows.append(_row(shape, "sparse", ratio, macs, counter, launches, weights))
         every_launch += launches
     return rows, every_launch
 
 
-def _row(shape, step, ratio, macs, counter, launches) -> StepLaunches:
+def _row(shape, step, ratio, macs, counter, launches, weights) -> StepLaunches:
     ops = counter.ops
     return StepLaunches(
         model=shape.name,
@@ -338,6 +341,7 @@ def _row(shape, step, ratio, macs, counter, launches) -> StepLaunches:
         other_ops=dict(ops.most_common()),
         triton_bytes=sum(_launch_bytes(launch) for launch in launches),
         other_bytes=counter.bytes,
+        weight_bytes=weights,
     )
 
 
@@ -362,7 +366,8 @@ def main() -> None:
                 f"{row.model:10} {row.step:6} mask {ratio:4}  MACs {row.mac_fraction:5.3f}  "
                 f"launches {row.launches:5} (Triton {row.triton_launches}, "
                 f"other {row.other_launches})  bytes {row.bytes_moved / 2**30:6.3f} GiB "
-                f"(Triton {row.triton_bytes / 2**30:.3f}, other {row.other_bytes / 2**30:.3f})"
+                f"(Triton {row.triton_bytes / 2**30:.3f}, other {row.other_bytes / 2**30:.3f}; "
+                f"weights {row.weight_bytes / 2**30:.3f})"
             )
         payload["steps"] += [row.model_dump() for row in rows]
         if args.compile:
