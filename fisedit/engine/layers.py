@@ -135,6 +135,7 @@ class StepState:
     record: ActivationCache | StepSlots | StepMaps | None = None
     """Where calls record: a sparse call into the StepMaps of its step."""
     shared: SharedLinears = field(default_factory=SharedLinears)
+    """Linears over inputs the layers share; whoever starts a UNet call calls `forget`."""
     macs: MacCount = field(default_factory=MacCount)
 
     @property
@@ -350,11 +351,9 @@ class SparseResnet(SparseLayer):
 
     recorded = ("out", "norm2_in")
 
-    def __init__(
-        self, name: str, inner: ResnetBlock2D, state: StepState, shared: SharedLinears
-    ) -> None:
+    def __init__(self, name: str, inner: ResnetBlock2D, state: StepState) -> None:
         super().__init__(name, inner, state)
-        self.time = shared.raw_time if inner.skip_time_act else shared.time
+        self.time = state.shared.raw_time if inner.skip_time_act else state.shared.time
         if inner.time_emb_proj is not None:
             self.time.add(inner, lambda: _time_projection(inner))
         self.record_input(inner.norm2, "norm2_in")
@@ -379,7 +378,6 @@ class SparseResnet(SparseLayer):
             bias = self.time.of(block, temb)
         affine = self.group_norm_affine(block.norm1, x)
         mid = self.conv_active(x, block.conv1, taps, affine, bias=bias, into=("norm2_in", index))
-        self.save("norm2_in", mid)
         skip, _ = self.gather(x, index)
         if block.conv_shortcut is not None:
             skip = pointwise(block.conv_shortcut, skip)
@@ -403,12 +401,10 @@ class SparseTransformer(SparseLayer):
     `active_only_attention`, from the active tokens alone).
     """
 
-    def __init__(
-        self, name: str, inner: Transformer2DModel, state: StepState, shared: SharedLinears
-    ) -> None:
+    def __init__(self, name: str, inner: Transformer2DModel, state: StepState) -> None:
         super().__init__(name, inner, state)
         self.recorded = ("out", *self._block_keys)
-        self.text = shared.text
+        self.text = state.shared.text
         for key, block in zip(self._block_keys, inner.transformer_blocks, strict=True):
             self.record_input(block, key)
             self.text.add(block.attn2, lambda attn=block.attn2: key_value_projection(attn))
@@ -524,13 +520,11 @@ class SparseConv(SparseLayer):
         return x.shape[0] * _conv_macs(self.conv, active)
 
 
-def _wrap(
-    name: str, module: nn.Module, state: StepState, shared: SharedLinears
-) -> SparseLayer | None:
+def _wrap(name: str, module: nn.Module, state: StepState) -> SparseLayer | None:
     if SparseResnet.supports(module):
-        return SparseResnet(name, module, state, shared)
+        return SparseResnet(name, module, state)
     if SparseTransformer.supports(module):
-        return SparseTransformer(name, module, state, shared)
+        return SparseTransformer(name, module, state)
     if isinstance(module, Downsample2D) and module.use_conv and module.norm is None:
         return SparseConv(name, module, module.conv, state)
     if (
@@ -551,7 +545,7 @@ def wrap_unet(unet: nn.Module, state: StepState) -> list[SparseLayer]:
     for name, module in list(unet.named_modules()):
         if any(name.startswith(w.name + ".") for w in wrappers):
             continue
-        wrapper = _wrap(name, module, state, state.shared)
+        wrapper = _wrap(name, module, state)
         if wrapper is not None:
             parent, _, attr = name.rpartition(".")
             setattr(unet.get_submodule(parent), attr, wrapper)

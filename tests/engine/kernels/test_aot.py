@@ -19,7 +19,7 @@ SM90_SHARED_BYTES = 227 * 1024
 # allocation unit of 8. A change that bloats a kernel fails here, before it costs occupancy on
 # a GPU; past the hardware's 255 ptxas spills, which is checked on its own. The variants of
 # full-size shapes use more (the conv up to 232), and `python -m fisedit.bench.step_launches
-# --compile` reports them (bench/results/step-launches-sm90-static.json).
+# --compile` reports them (bench/results/step-launches-sm90-static-2026-11-28-cpu.json).
 REGISTER_BUDGETS = {
     "_sparse_conv_kernel": 176,  # 140: 64x64x64 tiles, GroupNorm affine applied on load
     "_group_norm_affine_kernel": 80,  # 64
