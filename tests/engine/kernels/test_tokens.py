@@ -239,3 +239,12 @@ def test_fp16_on_gpu_matches_reference():
     out = scatter_tokens_into(x.clone(), index, normed, tokens)
     expected = scatter_tokens_into_reference(x.clone(), index, normed, tokens)
     torch.testing.assert_close(out, expected, atol=1e-2, rtol=1e-2)
+
+    first, second = rows[:, :5], rows[:, 5:10]
+    got = layernorm_rows(first, second, weight, bias, 1e-5)
+    expected = layernorm_rows_reference(first, second, weight, bias, 1e-5)
+    for got_part, expected_part in zip(got, expected, strict=True):
+        torch.testing.assert_close(got_part, expected_part, atol=1e-2, rtol=1e-2)
+
+    projected = torch.randn(2, 64, 640, device="cuda", dtype=torch.half)
+    torch.testing.assert_close(geglu(projected), geglu_reference(projected), atol=1e-2, rtol=1e-2)
