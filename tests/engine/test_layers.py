@@ -9,7 +9,7 @@ from fisedit.engine.kernels.launch import interpreting
 from fisedit.engine.layers import SparseConv, SparseResnet, SparseTransformer
 from fisedit.engine.plan import SparsePlan
 from fisedit.engine.session import Engine
-from fisedit.engine.sparse_ops import gather_tokens
+from fisedit.engine.sparse_ops import gather_tokens, key_value_projection
 
 
 @pytest.fixture(scope="module")
@@ -149,3 +149,24 @@ def test_an_fp16_model_computes_its_group_norm_affines_in_fp32(tiny_model_dir):
         x = torch.randn(2, norm.num_channels, 8, 8, generator=generator).half() * 4 + 40
         affine = layer.group_norm_affine(norm, x)
         assert affine.dtype == torch.float32 and affine.shape == (2, 2, norm.num_channels)
+
+
+def test_shared_linears_give_each_layer_its_output_and_recompute_in_each_call(engine):
+    """Cross-attentions' keys and values of the text come from one matmul per UNet call; a
+    new call recomputes them even for the same input buffer (as a graph capture must)."""
+    shared = engine.state.shared.text
+    attentions = [attn for attn in shared.layers]
+    assert len(attentions) > 1
+    text = torch.randn(2, 7, attentions[0].to_k.in_features)
+    shared.forget()
+    for attn in attentions:
+        expected = torch.nn.functional.linear(text, *key_value_projection(attn))
+        torch.testing.assert_close(shared.of(attn, text), expected)
+    first = attentions[0]
+    computed = shared.of(first, text).clone()
+    text.mul_(2)
+    # Within a call the matmul ran once; the next call sees the buffer's new values.
+    assert torch.equal(shared.of(first, text), computed)
+    shared.forget()
+    expected = torch.nn.functional.linear(text, *key_value_projection(first))
+    torch.testing.assert_close(shared.of(first, text), expected)
