@@ -232,7 +232,7 @@ def _layernorm_rows_bytes(bound: dict, grid) -> int:
 
 
 def _summed_layernorm_bytes(bound: dict, grid) -> int:
-    rows = grid[0] * grid[1] * bound["D"]
+    rows = bound["P"] * grid[1] * bound["D"]
     moved = rows * (_element(bound, "rows_ptr") + _element(bound, "sum_ptr"))
     moved += rows * (_element(bound, "res_ptr") if bound["HAS_RESIDUAL"] else 0)
     moved += rows * _element(bound, "out_ptr")

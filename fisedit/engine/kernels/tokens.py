@@ -303,6 +303,7 @@ def _layernorm_rows_kernel(
     weight_ptr,
     bias_ptr,
     out_ptr,
+    P,
     D,
     eps,
     sr_b,
@@ -319,35 +320,42 @@ def _layernorm_rows_kernel(
     SCATTER: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    BLOCK_P: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    # One program sums and normalises one token row, held whole in registers.
+    # One program sums and normalises BLOCK_P token rows, each held whole in registers.
     sum_ptr += tl.load(sum_step_ptr) * ss_s
-    p = tl.program_id(0)
+    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     b = tl.program_id(1)
-    P = tl.num_programs(0)
     offs = tl.arange(0, BLOCK_D)
-    mask = offs < D
-    x = tl.load(rows_ptr + b * sr_b + p * sr_p + offs * sr_d, mask=mask, other=0.0)
-    x = x.to(tl.float32)
+    d_mask = offs < D
+    mask = (offs_p < P)[:, None] & d_mask[None, :]
+    x = tl.load(
+        rows_ptr + b * sr_b + offs_p[:, None] * sr_p + offs[None, :] * sr_d, mask=mask, other=0.0
+    ).to(tl.float32)
     if HAS_RESIDUAL:
-        res = tl.load(res_ptr + b * sres_b + p * sres_p + offs * sres_d, mask=mask, other=0.0)
-        x += res.to(tl.float32)
-    row = p
+        res_offs = b * sres_b + offs_p[:, None] * sres_p + offs[None, :] * sres_d
+        x += tl.load(res_ptr + res_offs, mask=mask, other=0.0).to(tl.float32)
+    row = offs_p
     if SCATTER:
-        row = tl.load(index_ptr + p)
+        row = tl.load(index_ptr + offs_p, mask=offs_p < P, other=0)
     summed = x.to(sum_ptr.dtype.element_ty)
-    tl.store(sum_ptr + b * ss_b + row * ss_l + offs * ss_d, summed, mask=mask)
+    tl.store(sum_ptr + b * ss_b + row[:, None] * ss_l + offs[None, :] * ss_d, summed, mask=mask)
     x = summed.to(tl.float32)
-    mean = tl.sum(x, axis=0) / D
-    centred = tl.where(mask, x - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / D + eps)
-    y = centred * rstd
+    mean = tl.sum(x, axis=1) / D
+    centred = tl.where(mask, x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / D + eps)
+    y = centred * rstd[:, None]
     if HAS_WEIGHT:
-        y = y * tl.load(weight_ptr + offs, mask=mask).to(tl.float32)
+        y = y * tl.load(weight_ptr + offs, mask=d_mask).to(tl.float32)[None, :]
     if HAS_BIAS:
-        y = y + tl.load(bias_ptr + offs, mask=mask).to(tl.float32)
-    tl.store(out_ptr + (b * P + p) * D + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+        y = y + tl.load(bias_ptr + offs, mask=d_mask).to(tl.float32)[None, :]
+    out_offs = (b * P + offs_p)[:, None] * D + offs[None, :]
+    tl.store(out_ptr + out_offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# Elements of the [rows, D] tile one program of `layernorm_rows` or `geglu` holds.
+ROWS_TILE_ELEMENTS = 4096
 
 
 def layernorm_rows(
@@ -368,7 +376,10 @@ def layernorm_rows(
     if normed.numel() == 0:
         return summed, normed
     base, step, step_stride = step_addressed(summed)
-    launcher(_layernorm_rows_kernel, rows.device)[(n_rows, batch)](
+    block_d = triton.next_power_of_2(dim)
+    block_p = min(triton.next_power_of_2(n_rows), max(1, ROWS_TILE_ELEMENTS // block_d))
+    grid = (triton.cdiv(n_rows, block_p), batch)
+    launcher(_layernorm_rows_kernel, rows.device)[grid](
         rows,
         rows if residual is None else residual,
         rows if index is None else index.contiguous(),
@@ -377,6 +388,7 @@ def layernorm_rows(
         base if weight is None else weight.contiguous(),
         base if bias is None else bias.contiguous(),
         normed,
+        n_rows,
         dim,
         float(eps),
         *rows.stride(),
@@ -387,7 +399,8 @@ def layernorm_rows(
         SCATTER=index is not None,
         HAS_WEIGHT=weight is not None,
         HAS_BIAS=bias is not None,
-        BLOCK_D=triton.next_power_of_2(dim),
+        BLOCK_P=block_p,
+        BLOCK_D=block_d,
     )
     return summed, normed
 
@@ -431,7 +444,8 @@ def geglu(projected: torch.Tensor) -> torch.Tensor:
     out = torch.empty(x.shape[0], inner, dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out.reshape(*lead, inner)
-    block_m, block_i = _tile(x.shape[0], cap=16), _tile(inner, cap=128)
+    block_i = _tile(inner, cap=128)
+    block_m = _tile(x.shape[0], cap=ROWS_TILE_ELEMENTS // block_i)
     grid = (triton.cdiv(x.shape[0], block_m), triton.cdiv(inner, block_i))
     launcher(_geglu_kernel, x.device)[grid](
         x,
