@@ -26,8 +26,8 @@ REGISTER_BUDGETS = {
     "_gather_tokens_affine_kernel": 64,  # 48
     "_scatter_tokens_kernel": 48,  # 34
     "_gather_rows_layernorm_kernel": 32,  # 21
-    "_layernorm_rows_kernel": 32,  # 20
-    "_geglu_kernel": 40,  # 32
+    "_layernorm_rows_kernel": 80,  # 64: up to 4096-element tiles of rows
+    "_geglu_kernel": 104,  # 80
 }
 
 
