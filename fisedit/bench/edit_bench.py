@@ -266,7 +266,7 @@ class ModelBench:
         if engine.graphs:
             graph = engine.step_graphs.sparse_step(self.sample[:1].shape, plan, cache)
             args = (self.sample, self.timestep, step, self.embeds, self.added, record)
-            return lambda: graph(*args, MacCount(), source=cache)
+            return lambda: graph(*args, MacCount())
 
         def call():
             with engine.unet_pass(step, MacCount(), plan, cache, record):

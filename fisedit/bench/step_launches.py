@@ -1,10 +1,25 @@
-"""Kernel launches and MACs of one dense and one sparse step of a full-size UNet, on no GPU.
+"""Kernel launches, bytes moved and MACs of one dense and one sparse step of a full-size
+UNet, on no GPU.
 
 The UNet is built on the meta device (shapes, no storage) with the Triton kernels selected.
 A recording step runs first, then sparse steps over centred square masks, as the engine
-captures them: reading the cache at a step held in device memory, recording into slots.
-Triton launches are recorded, not run, with grids sized for an H100 (132 SMs); every other
-op is counted by a dispatch mode.
+captures them: a dense step records into slots, then files them into the run's cache; a
+sparse step copies the cached maps of its step into the maps it records (`StepMaps`), runs
+with the step index in device memory, then files the slots of its layer outputs. Triton
+launches are recorded, not run, with grids sized for an H100 (132 SMs); every other op is
+counted by a dispatch mode.
+
+Bytes moved count what each launched op reads plus what it writes, from tensor sizes (no
+profiler, no caches modelled):
+- a PyTorch op reads every tensor argument it does not only write, and writes its outputs
+  (an in-place op's `self` counts as read and written, a copy's destination as written);
+  a tensor counts its distinct elements (an expanded dimension once); ops that index a
+  tensor (`index`, `index_select`, ...) read as many elements as they return, and
+  `index_copy_`/`index_put_` write as many as they are given; attention counts its
+  queries, keys, values and output, as a fused kernel moves them;
+- a Triton kernel counts what it addresses: the active rows it gathers or scatters (not the
+  whole map, and a convolution's halo taps not again), whole maps it reduces or copies,
+  whole weights once, and the fp32 partial sums of a split-K convolution written and read.
 
 A CUDA graph removes launch overhead from the host, but each kernel still costs a few
 microseconds on the GPU, so the count is a floor on the sparse step's time that no MAC
@@ -27,7 +42,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fisedit.bench.edit_bench import square_mask
-from fisedit.engine.cache import ActivationCache, StepSlots
+from fisedit.engine.cache import ActivationCache, StepMaps, StepSlots
 from fisedit.engine.config import SparseConfig
 from fisedit.engine.kernels.aot import compile_launches
 from fisedit.engine.kernels.launch import Launch, recording_launches
@@ -52,26 +67,100 @@ class StepLaunches(BaseModel):
     other_launches: int
     other_ops: dict[str, int]
     """The other ops by name, most frequent first."""
+    triton_bytes: int
+    other_bytes: int
+    weight_bytes: int
+    """The UNet's weights: every step reads each at least once (part of the bytes moved)."""
 
     @property
     def launches(self) -> int:
         return self.triton_launches + self.other_launches
 
+    @property
+    def bytes_moved(self) -> int:
+        return self.triton_bytes + self.other_bytes
+
+
+def _nbytes(value) -> int:
+    """Bytes of the distinct elements of a tensor, or of a list of them (else 0)."""
+    if isinstance(value, list | tuple):
+        return sum(_nbytes(v) for v in value)
+    if not isinstance(value, torch.Tensor):
+        return 0
+    elements = 1
+    for size, stride in zip(value.shape, value.stride(), strict=True):
+        elements *= size if stride else 1
+    return elements * value.element_size()
+
+
+def _op_bytes(func, args, kwargs, out) -> int:
+    """Bytes an op reads and writes, by the rules in the module docstring."""
+    name = func.overloadpacket.__name__
+    schema = func._schema
+    bound = {**dict(zip((a.name for a in schema.arguments), args, strict=False)), **kwargs}
+    written_by_return = not any(r.alias_info for r in schema.returns)
+    moved = _nbytes(out) if written_by_return else 0
+    for argument in schema.arguments:
+        value = bound.get(argument.name)
+        write = argument.alias_info is not None and argument.alias_info.is_write
+        if name in _INDEXED_READS and argument.name == "self":
+            moved += _nbytes(out)
+        elif name in _INDEXED_WRITES and argument.name == "self":
+            moved += 2 * _nbytes(bound.get("source", bound.get("values")))
+        elif write:
+            moved += _nbytes(value) * (1 if argument.is_out or name in _WRITE_ONLY else 2)
+        else:
+            moved += _nbytes(value)
+    return moved
+
+
+# What one launch of CUDA's multi-tensor apply covers for a foreach op over two tensor
+# lists (PyTorch 2.x): up to 64 tensors, and up to 320 blocks of 64 Ki elements.
+_FOREACH_TENSORS, _FOREACH_BLOCKS, _FOREACH_CHUNK = 64, 320, 65536
+
+
+def _foreach_launches(tensors: list[torch.Tensor]) -> int:
+    """Launches a foreach op over `tensors` makes on its fast path (tensors of one dtype and
+    layout): a launch is full at either limit, and a tensor may span launches."""
+    launches = count = blocks = 0
+    for tensor in tensors:
+        count += 1
+        chunks = max(1, -(-tensor.numel() // _FOREACH_CHUNK))
+        for chunk in range(chunks):
+            blocks += 1
+            last = chunk == chunks - 1
+            if blocks == _FOREACH_BLOCKS or (last and count == _FOREACH_TENSORS):
+                launches, blocks = launches + 1, 0
+                count = 0 if last else 1
+    return launches + (blocks > 0)
+
+
+# Ops that read their `self` only where an index points, or write it only there.
+_INDEXED_READS = {"index", "index_select", "gather", "embedding"}
+_INDEXED_WRITES = {"index_copy_", "index_put_", "index_copy", "index_put"}
+# In-place ops that write `self` without reading it.
+_WRITE_ONLY = {"copy_", "_foreach_copy_", "fill_", "zero_"}
+
 
 class _OpCounter(TorchDispatchMode):
-    """Counts the ops that launch kernels. Attention counts once: on the meta device SDPA
-    decomposes into its math ops, where a GPU runs one fused kernel."""
+    """Counts the ops that launch kernels, and the bytes they move. Attention counts once:
+    on the meta device SDPA decomposes into its math ops, where a GPU runs one fused
+    kernel (see `_AttentionAsOneOp`)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.ops: Counter[str] = Counter()
+        self.bytes = 0
         self.inside_attention = False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
         name = func.overloadpacket.__name__
         if not (self.inside_attention or func.is_view or name in _NO_KERNEL):
-            self.ops[name] += 1
-        return func(*args, **(kwargs or {}))
+            self.ops[name] += _foreach_launches(args[0]) if name.startswith("_foreach") else 1
+            self.bytes += _op_bytes(func, args, kwargs, out)
+        return out
 
 
 class _AttentionAsOneOp(TorchFunctionMode):
@@ -85,9 +174,91 @@ class _AttentionAsOneOp(TorchFunctionMode):
         self.counter.ops["scaled_dot_product_attention"] += 1
         self.counter.inside_attention = True
         try:
-            return func(*args, **(kwargs or {}))
+            out = func(*args, **(kwargs or {}))
+            # A fused kernel writes its output [B, H, L, d] with the memory layout of its
+            # queries, [B, L, H, d] here, so merging the heads after it is a view, not the
+            # copy it would be after the decomposition.
+            out = out.transpose(1, 2).contiguous().transpose(1, 2)
         finally:
             self.counter.inside_attention = False
+        self.counter.bytes += _nbytes(args[:3]) + _nbytes(out)
+        return out
+
+
+def _launch_bytes(launch: Launch) -> int:
+    """Bytes a recorded Triton launch reads and writes, by the rules in the module docstring."""
+    kernel = launch.kernel
+    bound = {**dict(zip(kernel.arg_names, launch.args, strict=False)), **launch.kwargs}
+    return _TRITON_BYTES[kernel.fn.__name__](bound, launch.grid)
+
+
+def _element(bound: dict, name: str) -> int:
+    return bound[name].element_size()
+
+
+def _conv_bytes(bound: dict, grid) -> int:
+    rows, cols = bound["M"], bound["N"]
+    partials = bound["n_splits"] * rows * cols * 4
+    if bound["FINALISE"]:
+        moved = partials
+    else:
+        moved = rows * bound["C"] * _element(bound, "x_ptr") + _nbytes(bound["w_ptr"])
+        moved += _nbytes(bound["affine_ptr"]) if bound["HAS_AFFINE"] else 0
+        if bound["PARTIAL"]:
+            return moved + partials
+    moved += rows * cols * _element(bound, "out_ptr")
+    moved += rows * cols * _element(bound, "res_ptr") if bound["HAS_RESIDUAL"] else 0
+    return moved + (_nbytes(bound["bias_ptr"]) if bound["HAS_BIAS"] else 0)
+
+
+def _gather_tokens_bytes(bound: dict, grid) -> int:
+    tokens = grid[2] * bound["P"] * bound["C"] * _element(bound, "x_ptr")
+    if bound["HAS_AFFINE"]:
+        return 3 * tokens + _nbytes(bound["affine_ptr"])
+    return 2 * tokens
+
+
+def _scatter_tokens_bytes(bound: dict, grid) -> int:
+    elements = grid[2] * bound["P"] * bound["C"]
+    moved = elements * (_element(bound, "tokens_ptr") + _element(bound, "out_ptr"))
+    return moved + (elements * _element(bound, "res_ptr") if bound["HAS_RESIDUAL"] else 0)
+
+
+def _layernorm_rows_bytes(bound: dict, grid) -> int:
+    rows = grid[0] * grid[1] * bound["D"]
+    moved = rows * (_element(bound, "rows_ptr") + _element(bound, "out_ptr"))
+    moved += _nbytes(bound["weight_ptr"]) if bound["HAS_WEIGHT"] else 0
+    return moved + (_nbytes(bound["bias_ptr"]) if bound["HAS_BIAS"] else 0)
+
+
+def _summed_layernorm_bytes(bound: dict, grid) -> int:
+    rows = bound["P"] * grid[1] * bound["D"]
+    moved = rows * (_element(bound, "rows_ptr") + _element(bound, "sum_ptr"))
+    moved += rows * (_element(bound, "res_ptr") if bound["HAS_RESIDUAL"] else 0)
+    moved += rows * _element(bound, "out_ptr")
+    moved += _nbytes(bound["weight_ptr"]) if bound["HAS_WEIGHT"] else 0
+    return moved + (_nbytes(bound["bias_ptr"]) if bound["HAS_BIAS"] else 0)
+
+
+def _group_norm_bytes(bound: dict, grid) -> int:
+    elements = grid[0] * grid[1] * bound["group_channels"] * bound["HW"]
+    return elements * _element(bound, "x_ptr") + _nbytes(bound["out_ptr"])
+
+
+def _geglu_bytes(bound: dict, grid) -> int:
+    elements = bound["M"] * bound["INNER"]
+    return elements * (2 * _element(bound, "x_ptr") + _element(bound, "out_ptr"))
+
+
+_TRITON_BYTES = {
+    "_geglu_kernel": _geglu_bytes,
+    "_sparse_conv_kernel": _conv_bytes,
+    "_gather_tokens_affine_kernel": _gather_tokens_bytes,
+    "_scatter_tokens_kernel": _scatter_tokens_bytes,
+    "_gather_rows_layernorm_kernel": _layernorm_rows_bytes,
+    "_layernorm_rows_kernel": _summed_layernorm_bytes,
+    "_group_norm_affine_kernel": _group_norm_bytes,
+}
 
 
 class MetaUNet:
@@ -106,43 +277,60 @@ class MetaUNet:
         )
         self.added = shape.added_conditions(batch, "meta", dtype)
         self.cache = ActivationCache(steps=1, channels_last=True)
+        """What the dense step records; sparse steps read it."""
 
-    def step(self, plan: SparsePlan | None) -> tuple[MacCount, Counter[str], list[Launch]]:
-        """One UNet call as the engine captures it: dense without a plan, else sparse over
-        `plan` reading the dense step's record; recording into static slots either way."""
+    def step(self, plan: SparsePlan | None) -> tuple[MacCount, _OpCounter, list[Launch]]:
+        """One UNet call as the engine captures it, and the filing of what it recorded: dense
+        without a plan, else sparse over `plan` reading the dense step's record."""
         state = self.state
         state.step = torch.tensor(0, device="meta")
-        state.plan, state.source = plan, None if plan is None else self.cache
-        state.record, state.macs = StepSlots(channels_last=True), MacCount()
+        state.plan, state.source, state.macs = (
+            plan,
+            None if plan is None else self.cache,
+            MacCount(),
+        )
+        if plan is None:
+            # Fresh slots: their clones stand for the copies into a captured step's own slots.
+            state.record = StepSlots(channels_last=True)
+        else:
+            edited = ActivationCache(steps=1, channels_last=True)
+            state.record = StepMaps(edited, self.cache, state.step)
+        state.shared.forget()
         counter = _OpCounter()
         with recording_launches(H100_SMS) as launches, _AttentionAsOneOp(counter), counter:
+            if plan is not None:
+                state.record.fill(self.cache, 0)
             self.unet(
                 self.sample,
                 torch.tensor(500, device="meta"),
                 encoder_hidden_states=self.context,
                 added_cond_kwargs=self.added,
             )
-        if plan is None:
-            self.cache.put_step(0, state.record.tensors)
-        return state.macs, counter.ops, launches
+            if plan is None:
+                self.cache.put_step(0, state.record.tensors)
+            else:
+                state.record.file(0)
+        return state.macs, counter, launches
 
 
 def measure(shape: UNetShape) -> tuple[list[StepLaunches], list[Launch]]:
     """The dense step and sparse steps at each mask ratio; also every Triton launch made."""
     unet = MetaUNet(shape)
-    macs, ops, launches = unet.step(None)
-    rows = [_row(shape, "dense", None, macs, ops, launches)]
+    weights = sum(p.numel() * p.element_size() for p in unet.unet.parameters())
+    macs, counter, launches = unet.step(None)
+    rows = [_row(shape, "dense", None, macs, counter, launches, weights)]
     every_launch = list(launches)
     for ratio in MASK_RATIOS:
         plan = SparsePlan(square_mask(shape.latent_side, ratio), unet.state.config, "meta")
         unet.step(plan)  # builds the plan's indices, as a graph capture's warm-up does
-        macs, ops, launches = unet.step(plan)
-        rows.append(_row(shape, "sparse", ratio, macs, ops, launches))
+        macs, counter, launches = unet.step(plan)
+        rows.append(_row(shape, "sparse", ratio, macs, counter, launches, weights))
         every_launch += launches
     return rows, every_launch
 
 
-def _row(shape, step, ratio, macs, ops, launches) -> StepLaunches:
+def _row(shape, step, ratio, macs, counter, launches, weights) -> StepLaunches:
+    ops = counter.ops
     return StepLaunches(
         model=shape.name,
         step=step,
@@ -151,6 +339,9 @@ def _row(shape, step, ratio, macs, ops, launches) -> StepLaunches:
         triton_launches=len(launches),
         other_launches=sum(ops.values()),
         other_ops=dict(ops.most_common()),
+        triton_bytes=sum(_launch_bytes(launch) for launch in launches),
+        other_bytes=counter.bytes,
+        weight_bytes=weights,
     )
 
 
@@ -161,7 +352,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="write the figures as JSON here")
     args = parser.parse_args()
     payload: dict = {
-        "device": "meta (no GPU): launches counted and kernels compiled for sm_90, not timed",
+        "device": "meta (no GPU): launches and bytes counted, kernels compiled for sm_90, "
+        "not timed",
         "sms": H100_SMS,
         "steps": [],
         "kernels": [],
@@ -173,7 +365,9 @@ def main() -> None:
             print(
                 f"{row.model:10} {row.step:6} mask {ratio:4}  MACs {row.mac_fraction:5.3f}  "
                 f"launches {row.launches:5} (Triton {row.triton_launches}, "
-                f"other {row.other_launches})"
+                f"other {row.other_launches})  bytes {row.bytes_moved / 2**30:6.3f} GiB "
+                f"(Triton {row.triton_bytes / 2**30:.3f}, other {row.other_bytes / 2**30:.3f}; "
+                f"weights {row.weight_bytes / 2**30:.3f})"
             )
         payload["steps"] += [row.model_dump() for row in rows]
         if args.compile:

@@ -2,6 +2,11 @@
 
 import torch
 
+from fisedit.engine.kernels.launch import StepView
+
+RUN_STATE = ("latents", "solver_history")
+"""What the denoise loop records after each UNet call; the UNet's layers record the rest."""
+
 
 def _nhwc(value: torch.Tensor, channels_last: bool) -> bool:
     """Whether `value` is stored channels_last: a feature map [B, C, H, W] that arrives so, or
@@ -66,12 +71,9 @@ class ActivationCache:
         targets = [self.tensors[name][step] for name in values]
         torch._foreach_copy_(targets, list(values.values()))
 
-    def get(self, name: str, step: int | torch.Tensor, writable: bool = False) -> torch.Tensor:
-        """The tensor recorded under `name` at `step`; `writable` asks for one the caller may
-        modify (a copy; reading at an index tensor makes one anyway).
-
-        `step` may be a 0-d index tensor on the cache's device: a captured sparse step reads
-        it from device memory, so its graph serves every step of an edit."""
+    def get(self, name: str, step: int | torch.Tensor) -> torch.Tensor:
+        """The tensor recorded under `name` at `step`: a view, or with a 0-d index tensor on
+        the cache's device (a step held in device memory), a copy."""
         try:
             buffer = self.tensors[name]
         except KeyError:
@@ -79,7 +81,7 @@ class ActivationCache:
         if isinstance(step, torch.Tensor):
             # Indexing (unlike index_select) keeps a channels_last map channels_last.
             return buffer[step.reshape(1)][0]
-        return buffer[step].clone() if writable else buffer[step]
+        return buffer[step]
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
@@ -144,6 +146,70 @@ class StepSlots:
             slot.copy_(value)
 
 
+class StepMaps:
+    """The maps a sparse UNet call records at one step (those its layers recorded in the
+    previous version), where it reads and writes them.
+
+    Each starts as the previous version's map (`fill`, one batched copy); the call writes
+    its region in place, so the run's cache ends up holding the new maps without further
+    copies. With a Python step every map is a view of the run's cache at the step. With a
+    step index in device memory (a captured graph replays one call for every step) a view
+    cannot follow the step: layer outputs (`<layer>.out`), which the UNet's own ops read, go
+    to static slots that `file` copies into the cache after the call; every other map is a
+    StepView of the cache, which kernels address at the index.
+    """
+
+    def __init__(
+        self,
+        record: ActivationCache,
+        source: "ActivationCache | HostPrefetcher",
+        step: int | torch.Tensor,
+    ) -> None:
+        self.record = record
+        self.maps: dict[str, torch.Tensor | StepView] = {}
+        self.slots: dict[str, torch.Tensor] = {}
+        for name in source.tensors:
+            if name in RUN_STATE:
+                continue
+            buffer = record.tensors.get(name)
+            if buffer is None:
+                # The previous version's layout, on the device `source` reads it to.
+                buffer = torch.empty_like(source.tensors[name], device=source.device)
+                record.tensors[name] = buffer
+            if not isinstance(step, torch.Tensor):
+                self.maps[name] = buffer[step]
+            elif name.endswith(".out"):
+                self.maps[name] = self.slots[name] = torch.empty_like(buffer[0])
+            else:
+                self.maps[name] = StepView(buffer, step.reshape(1))
+
+    def __getitem__(self, name: str) -> torch.Tensor | StepView:
+        return self.maps[name]
+
+    def fill(self, source: "ActivationCache | HostPrefetcher", step: int) -> None:
+        """Sets every map to `source`'s at `step`."""
+        targets = [
+            self.slots[name] if name in self.slots else self.record.tensors[name][step]
+            for name in self.maps
+        ]
+        torch._foreach_copy_(targets, [source.get(name, step) for name in self.maps])
+
+    def put(self, name: str, step: int | torch.Tensor, value: torch.Tensor) -> None:
+        """Records `value` as this step's map `name`, unless the call wrote it in place."""
+        target = self.maps[name]
+        if value is target:
+            return
+        if isinstance(target, StepView):
+            target.write(value)
+        else:
+            target.copy_(value)
+
+    def file(self, step: int) -> None:
+        """Copies the slots into the run's cache at `step`."""
+        if self.slots:
+            self.record.put_step(step, self.slots)
+
+
 class HostPrefetcher:
     """Reads a host-resident cache on a device, copying only what each step reads.
 
@@ -169,6 +235,11 @@ class HostPrefetcher:
         """Bytes copied from host memory, by step and name (prefetches included)."""
 
     @property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The whole host-resident buffers."""
+        return self.cache.tensors
+
+    @property
     def copied_bytes(self) -> int:
         return sum(sum(names.values()) for names in self.copied.values())
 
@@ -187,20 +258,18 @@ class HostPrefetcher:
         self.loaded = (step, names)
         self._prefetch(step + 1, names)
 
-    def get(self, name: str, step: int | torch.Tensor, writable: bool = False) -> torch.Tensor:
+    def get(self, name: str, step: int | torch.Tensor) -> torch.Tensor:
         """`name` at `step`: a static buffer if `load` put it there (whatever `step` is when
         it is an index tensor: a captured step replays over the buffers), else a copy."""
         step_loaded, names = self.loaded or (None, frozenset())
         if name in names and (isinstance(step, torch.Tensor) or step == step_loaded):
-            buffer = self.buffers[name]
-            return buffer.clone() if writable else buffer
+            return self.buffers[name]
         if isinstance(step, torch.Tensor):
             raise KeyError(
                 f"{name!r} is not among the maps loaded for this step: a captured step reads "
                 "only what `load` was given"
             )
-        tensor = self._on_host(name, step).to(self.device, non_blocking=True)
-        return tensor.clone() if writable else tensor
+        return self._on_host(name, step).to(self.device, non_blocking=True)
 
     def _on_host(self, name: str, step: int) -> torch.Tensor:
         tensor = self.cache.get(name, step)

@@ -113,7 +113,7 @@ class EngineConfig(BaseModel):
     cuda_graphs: bool = Field(
         True,
         description="On CUDA, capture UNet steps as graphs and replay them: the dense step "
-        "once, a sparse step once per plan signature and cache read (see graphs.py).",
+        "once, a sparse step once per edit (see graphs.py).",
     )
     channels_last: bool = Field(
         True,

@@ -4,7 +4,9 @@ The wrappers replace ResnetBlock2D, Transformer2DModel, Downsample2D, Upsample2D
 and the output head (GroupNorm, SiLU, conv_out) inside a UNet2DConditionModel, so the
 UNet's own forward drives them. Dense calls run the diffusers module itself; forward hooks
 record what the sparse pass will read. Sparse calls compute only the active pixels of the
-layer's output and take every other pixel from the cache of the same step.
+layer's output and take every other pixel from the cache of the same step: each map they
+record starts as the cached one (`StepMaps`), and their kernels write the active pixels
+into it in place.
 
 With `SparseConfig(kernels="dense")` sparse calls are done the slow way, as a reference:
 the whole diffusers module runs, and hooks paste the cached map outside the active region
@@ -18,6 +20,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.activations import GEGLU
 from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 from diffusers.models.transformers.transformer_2d import (
     Transformer2DModel,
@@ -25,13 +28,19 @@ from diffusers.models.transformers.transformer_2d import (
 )
 from torch import nn
 
-from fisedit.engine.cache import ActivationCache, StepSlots
+from fisedit.engine.cache import ActivationCache, HostPrefetcher, StepMaps, StepSlots
 from fisedit.engine.config import SparseConfig
 from fisedit.engine.kernels import group_norm as norm_kernels
 from fisedit.engine.kernels import sparse_conv as conv_kernels
 from fisedit.engine.kernels import tokens as token_kernels
+from fisedit.engine.kernels.launch import StepView, with_step_views
 from fisedit.engine.plan import LayerGeometry, SparsePlan
-from fisedit.engine.sparse_ops import attention, key_value_projection, pointwise
+from fisedit.engine.sparse_ops import (
+    attention,
+    attention_over,
+    key_value_projection,
+    pointwise,
+)
 
 
 @dataclass
@@ -50,24 +59,92 @@ class MacCount:
         return self.executed / self.dense if self.dense else 0.0
 
 
+class SharedInputLinears:
+    """Linear layers that each UNet call applies to one input shared by many of them (the
+    time embedding, the text embeddings): one matmul over their stacked weights per call,
+    instead of one launch per layer; each layer's output is a slice of the result.
+
+    `forget` starts a new call: a captured graph then computes the matmul itself, whatever
+    an earlier call computed for the same input buffer."""
+
+    def __init__(self, prepare: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        self.prepare = prepare
+        """Applied to the input first (once)."""
+        self.layers: dict[Any, Callable[[], tuple[torch.Tensor, torch.Tensor | None]]] = {}
+        self.slices: dict[Any, slice] = {}
+        self.stacked: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self.input: torch.Tensor | None = None
+        self.output: torch.Tensor | None = None
+
+    def add(self, key: Any, weights: Callable[[], tuple[torch.Tensor, torch.Tensor | None]]):
+        """Registers layer `key`; `weights()` gives its (weight [out, in], bias [out] or None)
+        when first needed, on the device and in the dtype of the model by then."""
+        self.layers[key] = weights
+
+    def _stack(self) -> None:
+        parts = [weights() for weights in self.layers.values()]
+        start = 0
+        for key, (weight, _) in zip(self.layers, parts, strict=True):
+            self.slices[key] = slice(start, start + weight.shape[0])
+            start += weight.shape[0]
+        bias = None
+        if any(b is not None for _, b in parts):
+            bias = torch.cat([w.new_zeros(w.shape[0]) if b is None else b for w, b in parts])
+        self.stacked = (torch.cat([w for w, _ in parts]), bias)
+
+    def of(self, key: Any, x: torch.Tensor) -> torch.Tensor:
+        """The output [..., out] of layer `key` for the input `x`."""
+        if self.stacked is None:
+            self._stack()
+        # Identity, not value: the input is held here until the next call, so its id is
+        # never reused while it is compared.
+        if x is not self.input:
+            self.input = x
+            self.output = F.linear(x if self.prepare is None else self.prepare(x), *self.stacked)
+        return self.output[..., self.slices[key]]
+
+    def forget(self) -> None:
+        self.input = self.output = None
+
+
+@dataclass
+class SharedLinears:
+    """The linears whose inputs every layer of a UNet call shares."""
+
+    time: SharedInputLinears = field(default_factory=lambda: SharedInputLinears(F.silu))
+    """Each resnet's time_emb_proj (after the SiLU), with conv1's bias folded in."""
+    raw_time: SharedInputLinears = field(default_factory=SharedInputLinears)
+    """The same, for resnets that skip the SiLU."""
+    text: SharedInputLinears = field(default_factory=SharedInputLinears)
+    """Each cross-attention's keys and values of the text embeddings."""
+
+    def forget(self) -> None:
+        """Starts a new UNet call."""
+        for linears in (self.time, self.raw_time, self.text):
+            linears.forget()
+
+
 @dataclass
 class StepState:
     """What the wrapped layers do in the current UNet call; the denoise loop sets it."""
 
     config: SparseConfig = field(default_factory=SparseConfig)
-    step: int = 0
+    step: int | torch.Tensor = 0
     plan: SparsePlan | None = None
-    source: ActivationCache | None = None
-    record: ActivationCache | StepSlots | None = None
+    source: ActivationCache | HostPrefetcher | None = None
+    record: ActivationCache | StepSlots | StepMaps | None = None
+    """Where calls record: a sparse call into the StepMaps of its step."""
+    shared: SharedLinears = field(default_factory=SharedLinears)
+    """Linears over inputs the layers share; whoever starts a UNet call calls `forget`."""
     macs: MacCount = field(default_factory=MacCount)
 
     @property
     def sparse(self) -> bool:
         return self.plan is not None
 
-    def use_triton(self, x: torch.Tensor) -> bool:
+    def use_triton(self, x: torch.Tensor | StepView) -> bool:
         kernels = self.config.kernels
-        return kernels == "triton" or (kernels == "auto" and x.is_cuda)
+        return kernels == "triton" or (kernels == "auto" and x.device.type == "cuda")
 
 
 def _linear_macs(layer: nn.Module, rows: int) -> int:
@@ -105,11 +182,8 @@ class SparseLayer(nn.Module):
             out = self.dense_pasted(x, geometry, *args, **kwargs)
             executed = None
         elif geometry.empty:
-            # Nothing to recompute: the next version's cache equals this one here.
-            for key in self.recorded:
-                if key != "out":
-                    self.save(key, self.cached(key))
-            out, executed = self.cached("out"), 0
+            # Nothing to recompute: this step's maps already hold the cached ones.
+            out, executed = self.target("out"), 0
         else:
             out = self.sparse(x, geometry, *args, **kwargs)
             executed = self.macs(x, geometry.index.numel(), **kwargs)
@@ -156,8 +230,11 @@ class SparseLayer(nn.Module):
         return out
 
     def kernel(self, module, name: str, like: torch.Tensor):
-        """The Triton kernel `name` from `module`, or the reference beside it."""
-        return getattr(module, name if self.state.use_triton(like) else f"{name}_reference")
+        """The Triton kernel `name` from `module`, or the reference beside it (both take
+        StepViews for maps)."""
+        if self.state.use_triton(like):
+            return getattr(module, name)
+        return with_step_views(getattr(module, f"{name}_reference"))
 
     def conv_active(
         self,
@@ -176,10 +253,10 @@ class SparseLayer(nn.Module):
         bias = conv.bias if bias is None else bias
         out, out_index = None, None
         if into is not None:
-            out, out_index = self.cached(into[0], writable=True), into[1]
+            out, out_index = self.target(into[0]), into[1]
         args = (x, taps, conv.weight, bias, norm_affine, residual, out_scale, out, out_index)
         if not self.state.use_triton(x):
-            return conv_kernels.sparse_conv2d_reference(*args)
+            return with_step_views(conv_kernels.sparse_conv2d_reference)(*args)
         packed = self.packed(conv, lambda c: conv_kernels.pack_conv_weight(c.weight))
         return conv_kernels.sparse_conv2d_triton(*args, packed_weight=packed)
 
@@ -205,21 +282,27 @@ class SparseLayer(nn.Module):
     ) -> torch.Tensor:
         """This step's map `key`: the cached one with the active pixels set to tokens
         (+ residual)."""
-        out = self.cached(key, writable=True)
+        out = self.target(key)
         scatter = self.kernel(token_kernels, "scatter_tokens_into", out)
         return scatter(out, index, tokens, residual)
 
-    def mixed_rows(self, key: str, index: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """This step's token map `key` [B, L, D]: the cached one with rows `index` set."""
-        out = self.cached(key, writable=True)
-        return self.kernel(token_kernels, "scatter_rows_into", out)(out, index, rows)
-
-    def layer_norm_rows(
-        self, norm: nn.LayerNorm, rows: torch.Tensor, index: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """LayerNorm of rows `index` (all rows if None) of a token map, gathered."""
+    def layer_norm_rows(self, norm: nn.LayerNorm, rows: torch.Tensor | StepView) -> torch.Tensor:
+        """LayerNorm of every row of a token map [B, L, D]."""
         gather = self.kernel(token_kernels, "gather_rows_layernorm", rows)
-        return gather(rows, index, norm.weight, norm.bias, norm.eps)
+        return gather(rows, None, norm.weight, norm.bias, norm.eps)
+
+    def summed_layer_norm(
+        self,
+        norm: nn.LayerNorm,
+        rows: torch.Tensor,
+        residual: torch.Tensor | None = None,
+        into: tuple[str, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor | StepView, torch.Tensor]:
+        """(rows + residual, its LayerNorm), as tokens [B, P, D]; with `into` = (key, index)
+        the sum goes into rows `index` of this step's token map `key`, which comes first."""
+        out, index = (None, None) if into is None else (self.target(into[0]), into[1])
+        layernorm = self.kernel(token_kernels, "layernorm_rows", rows)
+        return layernorm(rows, residual, norm.weight, norm.bias, norm.eps, out, index)
 
     def group_norm_affine(self, norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
         """GroupNorm statistics of the map `x` as a [2, B, C] (scale, shift) affine, in fp32
@@ -229,8 +312,13 @@ class SparseLayer(nn.Module):
         cache to keep."""
         return self.kernel(norm_kernels, "group_norm_affine", x)(norm, x)
 
-    def cached(self, key: str, writable: bool = False) -> torch.Tensor:
-        return self.state.source.get(f"{self.name}.{key}", self.state.step, writable)
+    def cached(self, key: str) -> torch.Tensor:
+        return self.state.source.get(f"{self.name}.{key}", self.state.step)
+
+    def target(self, key: str) -> torch.Tensor | StepView:
+        """This step's map `key`, which a sparse call records: the cached one until the call
+        writes into it."""
+        return self.state.record[f"{self.name}.{key}"]
 
     def save(self, key: str, value: torch.Tensor) -> None:
         if self.state.record is not None:
@@ -258,12 +346,12 @@ class SparseLayer(nn.Module):
         module.register_forward_pre_hook(hook)
 
 
-def _time_bias(block: ResnetBlock2D) -> torch.Tensor | None:
-    """The bias of conv1 with the time embedding folded in: time_emb_proj's plus conv1's."""
+def _time_projection(block: ResnetBlock2D) -> tuple[torch.Tensor, torch.Tensor]:
+    """time_emb_proj's weight, and its bias with conv1's folded in."""
+    zero = block.time_emb_proj.weight.new_zeros(block.time_emb_proj.out_features)
     time, conv = block.time_emb_proj.bias, block.conv1.bias
-    if time is None or conv is None:
-        return conv if time is None else time
-    return time + conv
+    bias = (zero if time is None else time) + (zero if conv is None else conv)
+    return block.time_emb_proj.weight, bias
 
 
 class SparseResnet(SparseLayer):
@@ -273,6 +361,9 @@ class SparseResnet(SparseLayer):
 
     def __init__(self, name: str, inner: ResnetBlock2D, state: StepState) -> None:
         super().__init__(name, inner, state)
+        self.time = state.shared.raw_time if inner.skip_time_act else state.shared.time
+        if inner.time_emb_proj is not None:
+            self.time.add(inner, lambda: _time_projection(inner))
         self.record_input(inner.norm2, "norm2_in")
 
     @staticmethod
@@ -292,11 +383,9 @@ class SparseResnet(SparseLayer):
         bias = None
         if block.time_emb_proj is not None and temb is not None:
             # The time embedding adds a per-sample constant to conv1: it becomes the bias.
-            t = temb if block.skip_time_act else block.nonlinearity(temb)
-            bias = F.linear(t, block.time_emb_proj.weight, self.packed(block, _time_bias))
+            bias = self.time.of(block, temb)
         affine = self.group_norm_affine(block.norm1, x)
         mid = self.conv_active(x, block.conv1, taps, affine, bias=bias, into=("norm2_in", index))
-        self.save("norm2_in", mid)
         skip, _ = self.gather(x, index)
         if block.conv_shortcut is not None:
             skip = pointwise(block.conv_shortcut, skip)
@@ -323,8 +412,10 @@ class SparseTransformer(SparseLayer):
     def __init__(self, name: str, inner: Transformer2DModel, state: StepState) -> None:
         super().__init__(name, inner, state)
         self.recorded = ("out", *self._block_keys)
+        self.text = state.shared.text
         for key, block in zip(self._block_keys, inner.transformer_blocks, strict=True):
             self.record_input(block, key)
+            self.text.add(block.attn2, lambda attn=block.attn2: key_value_projection(attn))
 
     @property
     def _block_keys(self) -> list[str]:
@@ -361,15 +452,28 @@ class SparseTransformer(SparseLayer):
         residual, normed = self.gather(x, index, affine)
         h = pointwise(model.proj_in, normed)
         for key, block in zip(self._block_keys, model.transformer_blocks, strict=True):
-            full = self.mixed_rows(key, index, h)
-            self.save(key, full)
-            queries = self.layer_norm_rows(block.norm1, full, index)
+            # The block's input map: cached, with the active rows set to h.
+            full, queries = self.summed_layer_norm(block.norm1, h, into=(key, index))
             active_only = self.state.config.active_only_attention
             context = queries if active_only else self.layer_norm_rows(block.norm1, full)
-            h = self.attend(block.attn1, queries, context) + h
-            h = self.attend(block.attn2, block.norm2(h), encoder_hidden_states) + h
-            h = block.ff(block.norm3(h)) + h
+            attended = self.attend(block.attn1, queries, context)
+            h, normed = self.summed_layer_norm(block.norm2, attended, h)
+            text = self.text.of(block.attn2, encoder_hidden_states)
+            attended = attention_over(block.attn2, normed, text)
+            h, normed = self.summed_layer_norm(block.norm3, attended, h)
+            h = self.feed_forward(block.ff, normed) + h
         return self.mixed("out", index, pointwise(model.proj_out, h), residual)
+
+    def feed_forward(self, ff: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+        """A diffusers FeedForward on tokens, its GEGLU fused after the projection."""
+        activation, *rest = ff.net
+        if not isinstance(activation, GEGLU):
+            return ff(tokens)
+        projected = pointwise(activation.proj, tokens)
+        hidden = self.kernel(token_kernels, "geglu", projected)(projected)
+        for layer in rest:
+            hidden = layer(hidden)
+        return hidden
 
     def attend(self, attn: nn.Module, queries: torch.Tensor, context: torch.Tensor):
         """`attn` with queries at the active tokens, keys and values from `context`."""

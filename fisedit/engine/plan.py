@@ -2,9 +2,8 @@
 
 Each layer's active pixels are padded up to a size bucket by repeating one of them: the
 repeated rows compute and write the same values again, so results do not change, while the
-kernels' integer arguments, tile sizes and buffer shapes take only a few values. Edits with
-similar masks then run the same compiled kernels, and replay one captured graph after
-`SparsePlan.load_` puts the new pixels into its index tensors.
+kernels' integer arguments, tile sizes and buffer shapes take only a few values: edits with
+similar masks (plans of one `signature`) run the same compiled kernels.
 """
 
 import functools
@@ -101,17 +100,6 @@ class SparsePlan:
             taps = conv_taps(self.at(out_hw).index, out_hw, in_hw, conv, upsample)
             self._taps[key] = (conv, taps)
         return self._taps[key][1]
-
-    def load_(self, other: "SparsePlan") -> None:
-        """Copies `other`'s index and tap tensors into this plan's, in place, so a step
-        captured over this plan computes `other`'s pixels. Needs equal signatures."""
-        if other.signature != self.signature:
-            raise ValueError("a plan loads only a plan with the same signature")
-        for hw, geometry in self._geometry.items():
-            geometry.index.copy_(other.at(hw).index)
-        for (*_, in_hw, out_hw, upsample), (conv, taps) in self._taps.items():
-            taps.copy_(other.taps(conv, in_hw, out_hw, upsample))
-        self.mask = other.mask
 
     @property
     def _padded(self) -> bool:

@@ -20,7 +20,7 @@ from PIL import Image
 from pydantic import BaseModel
 from tqdm.auto import tqdm
 
-from fisedit.engine.cache import ActivationCache, HostPrefetcher, StepSlots
+from fisedit.engine.cache import ActivationCache, HostPrefetcher, StepMaps, StepSlots
 from fisedit.engine.config import EditParams, EngineConfig, GenerationParams, SchedulerName
 from fisedit.engine.graphs import CapturedUNetStep, StepGraphs
 from fisedit.engine.images import blend_weight, preserve_background
@@ -170,6 +170,8 @@ class DenoiseRun:
         self.added = model.added_conditions(embeds, (params.height, params.width))
         self.capture_s = 0.0
         """Seconds this run spent capturing CUDA graphs."""
+        self.sparse_graphs: dict[int, CapturedUNetStep] = {}
+        """This run's captured sparse steps (they record into its cache), by plan."""
 
     @torch.no_grad()
     def step(self, step: int, macs: MacCount, plan: SparsePlan | None = None, source=None):
@@ -183,11 +185,14 @@ class DenoiseRun:
         graph = self._graph(plan, source)
         if graph is not None:
             captured = graph.captured
-            args = (model_in, unet_t, step, self.embeds, self.added, self.record, macs)
-            out = graph(*args, source=source)
+            out = graph(model_in, unet_t, step, self.embeds, self.added, self.record, macs)
             self.capture_s += 0.0 if captured else graph.capture_s
         else:
-            with self.engine.unet_pass(step, macs, plan, source, self.record):
+            record = self.record
+            if plan is not None:
+                record = StepMaps(self.record, source, step)
+                record.fill(source, step)
+            with self.engine.unet_pass(step, macs, plan, source, record):
                 out = self.engine.model.unet(
                     model_in,
                     unet_t,
@@ -211,7 +216,9 @@ class DenoiseRun:
             return None
         if plan is None:
             return engine.step_graphs.dense_step(shape)
-        return engine.step_graphs.sparse_step(shape, plan, source)
+        if id(plan) not in self.sparse_graphs:
+            self.sparse_graphs[id(plan)] = engine.step_graphs.sparse_step(shape, plan, source)
+        return self.sparse_graphs[id(plan)]
 
     @property
     def _history(self) -> list | None:
@@ -332,7 +339,7 @@ class Engine:
         macs: MacCount,
         plan: SparsePlan | None = None,
         source: ActivationCache | HostPrefetcher | None = None,
-        record: ActivationCache | StepSlots | None = None,
+        record: ActivationCache | StepSlots | StepMaps | None = None,
     ) -> Iterator[None]:
         """UNet calls inside run as denoise step `step`: sparse over `plan` reading `source`,
         as the plan's config says (dense without a plan), recording into `record` when given,
@@ -341,6 +348,7 @@ class Engine:
         state.step, state.plan, state.source = step, plan, source
         state.record, state.macs = record, macs
         state.config = self.config.sparse if plan is None else plan.config
+        state.shared.forget()
         try:
             yield
         finally:

@@ -71,8 +71,14 @@ def attention(
     Keys and values come from one matmul with `key_value_projection(attn)` (pass it to
     stack the weights once)."""
     weight, bias = key_value or key_value_projection(attn)
+    return attention_over(attn, queries, F.linear(context, weight, bias))
+
+
+def attention_over(attn: nn.Module, queries: torch.Tensor, keys_values: torch.Tensor):
+    """`attention` with the context's keys and values [B, L, 2 * inner] already projected
+    (by `key_value_projection`'s weights)."""
     q = attn.to_q(queries)
-    k, v = F.linear(context, weight, bias).chunk(2, dim=-1)
+    k, v = keys_values.chunk(2, dim=-1)
     batch, heads = q.shape[0], attn.heads
 
     def split(t: torch.Tensor) -> torch.Tensor:

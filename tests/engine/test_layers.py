@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-from fisedit.engine.cache import ActivationCache
+from fisedit.engine.cache import ActivationCache, StepMaps
 from fisedit.engine.config import EngineConfig, SparseConfig
 from fisedit.engine.kernels.launch import interpreting
 from fisedit.engine.layers import SparseConv, SparseResnet, SparseTransformer
 from fisedit.engine.plan import SparsePlan
 from fisedit.engine.session import Engine
-from fisedit.engine.sparse_ops import gather_tokens
+from fisedit.engine.sparse_ops import gather_tokens, key_value_projection
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +45,9 @@ def _square_mask() -> torch.Tensor:
 
 
 def _sparse_call(engine, recorded, name: str, config: SparseConfig, mask: torch.Tensor):
-    """Runs layer `name` sparsely on its recorded input; its cached output is zeroed first,
-    so active pixels must be recomputed and inactive ones must come from the cache."""
+    """Runs layer `name` sparsely on its recorded input, recording into a new cache as an
+    edit's step does; its cached output is zeroed first, so active pixels must be recomputed
+    and inactive ones must come from the cache."""
     cache, inputs = recorded
     layer = next(layer for layer in engine.layers if layer.name == name)
     dense = cache.get(f"{name}.out", 0).clone()
@@ -56,12 +57,14 @@ def _sparse_call(engine, recorded, name: str, config: SparseConfig, mask: torch.
     source.tensors[f"{name}.out"].zero_()
     engine.state.config = config
     engine.state.plan, engine.state.source = SparsePlan(mask, config), source
+    engine.state.record = StepMaps(ActivationCache(steps=1), source, 0)
+    engine.state.record.fill(source, 0)
     try:
         args, kwargs = inputs[name]
         with torch.no_grad():
             out = layer(*args, **kwargs)
     finally:
-        engine.state.plan = engine.state.source = None
+        engine.state.plan = engine.state.source = engine.state.record = None
         engine.state.config = engine.config.sparse
     out = out[0] if isinstance(out, tuple) else getattr(out, "sample", out)
     index = SparsePlan(mask, config).at(tuple(out.shape[-2:])).index
@@ -168,3 +171,24 @@ def test_an_fp16_model_computes_its_group_norm_affines_in_fp32(tiny_model_dir):
         x = torch.randn(2, norm.num_channels, 8, 8, generator=generator).half() * 4 + 40
         affine = layer.group_norm_affine(norm, x)
         assert affine.dtype == torch.float32 and affine.shape == (2, 2, norm.num_channels)
+
+
+def test_shared_linears_give_each_layer_its_output_and_recompute_in_each_call(engine):
+    """Cross-attentions' keys and values of the text come from one matmul per UNet call; a
+    new call recomputes them even for the same input buffer (as a graph capture must)."""
+    shared = engine.state.shared.text
+    attentions = [attn for attn in shared.layers]
+    assert len(attentions) > 1
+    text = torch.randn(2, 7, attentions[0].to_k.in_features)
+    shared.forget()
+    for attn in attentions:
+        expected = torch.nn.functional.linear(text, *key_value_projection(attn))
+        torch.testing.assert_close(shared.of(attn, text), expected)
+    first = attentions[0]
+    computed = shared.of(first, text).clone()
+    text.mul_(2)
+    # Within a call the matmul ran once; the next call sees the buffer's new values.
+    assert torch.equal(shared.of(first, text), computed)
+    shared.forget()
+    expected = torch.nn.functional.linear(text, *key_value_projection(first))
+    torch.testing.assert_close(shared.of(first, text), expected)

@@ -100,19 +100,3 @@ def test_similar_masks_share_a_signature_and_other_sizes_do_not():
     assert larger.signature != first.signature
     exact = config.model_copy(update={"bucketed": False})
     assert SparsePlan(first.mask, exact).signature != first.signature
-
-
-def test_a_plan_loads_another_with_its_signature_in_place():
-    conv = torch.nn.Conv2d(4, 4, 3, padding=1)
-    plan = SparsePlan(_square(32, 0, 0, 8), SparseConfig(dense_below=1))
-    other = SparsePlan(_square(32, 20, 18, 8), SparseConfig(dense_below=1))
-    index, taps = plan.at((16, 16)).index, plan.taps(conv, (32, 32), (16, 16))
-
-    plan.load_(other)
-
-    assert plan.at((16, 16)).index is index and plan.taps(conv, (32, 32), (16, 16)) is taps
-    assert torch.equal(index, other.at((16, 16)).index)
-    assert torch.equal(taps, other.taps(conv, (32, 32), (16, 16)))
-    assert torch.equal(plan.region, other.region)
-    with pytest.raises(ValueError, match="same signature"):
-        plan.load_(SparsePlan(_square(32, 0, 0, 20), SparseConfig(dense_below=1)))

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from fisedit.engine.kernels.launch import launcher
+from fisedit.engine.kernels.launch import StepView, launcher, step_addressed
 
 # Elements one program loads per iteration.
 TILE_ELEMENTS = 2048
@@ -42,6 +42,7 @@ def group_norm_affine_reference(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Te
 @triton.jit
 def _group_norm_affine_kernel(
     x_ptr,
+    x_step_ptr,
     weight_ptr,
     bias_ptr,
     out_ptr,
@@ -49,6 +50,7 @@ def _group_norm_affine_kernel(
     W,
     group_channels,
     eps,
+    sx_s,
     sx_b,
     sx_c,
     sx_h,
@@ -59,6 +61,7 @@ def _group_norm_affine_kernel(
     BLOCK_HW: tl.constexpr,
     BLOCK_G: tl.constexpr,
 ):
+    x_ptr += tl.load(x_step_ptr) * sx_s
     b = tl.program_id(0)
     g = tl.program_id(1)
     offs_g = tl.arange(0, BLOCK_G)
@@ -92,8 +95,9 @@ def _group_norm_affine_kernel(
     tl.store(out + so_k, shift, mask=g_mask)
 
 
-def group_norm_affine(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
-    """`group_norm_affine_reference` as one kernel; `x` [B, C, H, W] may have any strides."""
+def group_norm_affine(norm: nn.GroupNorm, x: torch.Tensor | StepView) -> torch.Tensor:
+    """`group_norm_affine_reference` as one kernel; `x` [B, C, H, W] may have any strides,
+    or be a StepView."""
     batch, channels, height, width = x.shape
     out = torch.empty(2, batch, channels, dtype=torch.float32, device=x.device)
     if out.numel() == 0:
@@ -102,8 +106,10 @@ def group_norm_affine(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
     block_g = triton.next_power_of_2(group_channels)
     pixels = height * width
     block_hw = min(triton.next_power_of_2(pixels), max(16, TILE_ELEMENTS // block_g))
+    x_base, x_step, x_step_stride = step_addressed(x)
     launcher(_group_norm_affine_kernel, x.device)[(batch, norm.num_groups)](
-        x,
+        x_base,
+        x_step,
         norm.weight,
         norm.bias,
         out,
@@ -111,6 +117,7 @@ def group_norm_affine(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
         width,
         group_channels,
         float(norm.eps),
+        x_step_stride,
         *x.stride(),
         *out.stride(),
         BLOCK_HW=block_hw,

@@ -6,9 +6,15 @@ before anything imports Triton when no GPU is present.
 
 Every launch goes through `launcher`, so `recording_launches` can collect them instead of
 running them: `fisedit.engine.kernels.aot` compiles what it collected for a GPU target.
+
+Kernels that read or write a per-step cache take the map as a `StepView` (the whole
+[steps, ...] buffer and a step index in device memory) and add the step's offset
+themselves, so one captured graph serves every step; `step_addressed` gives them what to
+point at, for views and plain tensors alike.
 """
 
 import functools
+import inspect
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,6 +32,85 @@ class Launch:
     grid: tuple[int, ...]
     args: tuple
     kwargs: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class StepView:
+    """Step `step` of a per-step buffer [steps, *shape], with the step index in device
+    memory: a map that kernels address without the host knowing the step. Shape, strides
+    and dtype are those of one step's map."""
+
+    buffer: torch.Tensor
+    step: torch.Tensor
+    """A one-element int64 tensor on the buffer's device."""
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.buffer.shape[1:]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.buffer.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.buffer.device
+
+    def stride(self) -> tuple[int, ...]:
+        return self.buffer.stride()[1:]
+
+    def dim(self) -> int:
+        return self.buffer.dim() - 1
+
+    def read(self) -> torch.Tensor:
+        """A copy of the step's map (indexing keeps a channels_last map channels_last)."""
+        return self.buffer[self.step.reshape(1)][0]
+
+    def write(self, value: torch.Tensor) -> None:
+        """Sets the step's map to `value`."""
+        self.buffer.index_copy_(0, self.step.reshape(1), value[None].to(self.dtype))
+
+
+def step_addressed(map_: "torch.Tensor | StepView") -> tuple[torch.Tensor, torch.Tensor, int]:
+    """What a kernel gets for a map: the tensor to point at, a pointer to the step index and
+    the stride between steps. A plain tensor is its own step 0."""
+    if isinstance(map_, StepView):
+        return map_.buffer, map_.step, map_.buffer.stride(0)
+    return map_, _step_zero(map_.device), 0
+
+
+@functools.cache
+def _step_zero(device: torch.device) -> torch.Tensor:
+    # One per device, made on first use (before any graph capture: its warm-up call runs
+    # the same launches eagerly).
+    return torch.zeros(1, dtype=torch.int64, device=device)
+
+
+def with_step_views(reference: Any) -> Any:
+    """`reference` (a kernel's PyTorch reference, which writes in place only its `out`
+    argument) taking StepViews too: they are read into tensors, and a view given as `out`
+    is written back, and stands for the map in what the reference returns."""
+    written = _out_position(reference)
+
+    @functools.wraps(reference)
+    def call(*args):
+        tensors = [a.read() if isinstance(a, StepView) else a for a in args]
+        result = reference(*tensors)
+        if written is None or written >= len(args) or not isinstance(args[written], StepView):
+            return result
+        view, tensor = args[written], tensors[written]
+        view.write(tensor)
+        if isinstance(result, tuple):
+            return tuple(view if r is tensor else r for r in result)
+        return view if result is tensor else result
+
+    return call
+
+
+@functools.cache
+def _out_position(reference: Any) -> int | None:
+    names = list(inspect.signature(reference).parameters)
+    return names.index("out") if "out" in names else None
 
 
 @dataclass

@@ -4,7 +4,8 @@ Rows are the B * P active (sample, pixel) pairs, columns the output channels, an
 the T kernel taps times the C input channels. Each program gathers its rows' inputs with
 their halo straight from the feature map (any strides; -1 taps read zero padding), applies
 the GroupNorm affine and SiLU on load, and accumulates in fp32 with tl.dot. The epilogue adds
-bias and residual, scales, and writes tokens or scatters the rows into a feature map.
+bias and residual, scales, and writes tokens or scatters the rows into a feature map. The
+input and scattered-into maps may be StepViews of a per-step cache.
 
 Few active pixels make a small grid with a long serial K loop (latency-bound), so K is split
 across programs: each split writes an fp32 partial sum, and a finalise pass of the same kernel
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fisedit.engine.kernels.launch import launcher, multiprocessors
+from fisedit.engine.kernels.launch import StepView, launcher, multiprocessors, step_addressed
 from fisedit.engine.sparse_ops import scatter_tokens_
 
 # Splits beyond this add workspace traffic for little extra parallelism.
@@ -74,12 +75,14 @@ def sparse_conv2d_reference(
 @triton.jit(do_not_specialize=["M", "P", "W_out", "chunks_per_split", "n_splits"])
 def _sparse_conv_kernel(
     x_ptr,
+    x_step_ptr,
     taps_ptr,
     w_ptr,
     bias_ptr,
     affine_ptr,
     res_ptr,
     out_ptr,
+    out_step_ptr,
     out_index_ptr,
     part_ptr,
     M,
@@ -93,6 +96,7 @@ def _sparse_conv_kernel(
     chunks_per_split,
     n_splits,
     out_scale,
+    sx_s,
     sx_b,
     sx_c,
     sx_h,
@@ -106,6 +110,7 @@ def _sparse_conv_kernel(
     sr_b,
     sr_p,
     sr_c,
+    so_s,
     so_b,
     so_c,
     so_h,
@@ -125,6 +130,8 @@ def _sparse_conv_kernel(
     PARTIAL: split program_id(2) of the K loop, written to part_ptr [n_splits, M, N] in fp32;
     FINALISE: sums those partials in split order, then the epilogue.
     """
+    x_ptr += tl.load(x_step_ptr) * sx_s
+    out_ptr += tl.load(out_step_ptr) * so_s
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -207,14 +214,14 @@ def _auto_split_k(tiles: int, k_chunks: int, device: torch.device) -> int:
 
 
 def sparse_conv2d_triton(
-    x: torch.Tensor,
+    x: torch.Tensor | StepView,
     taps: torch.Tensor,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None = None,
     norm_affine: torch.Tensor | None = None,
     residual: torch.Tensor | None = None,
     out_scale: float = 1.0,
-    out: torch.Tensor | None = None,
+    out: torch.Tensor | StepView | None = None,
     out_index: torch.Tensor | None = None,
     *,
     packed_weight: torch.Tensor | None = None,
@@ -240,7 +247,8 @@ def sparse_conv2d_triton(
     if (out is None) != (out_index is None):
         raise ValueError("out and out_index go together")
     c_out = packed_weight.shape[1]
-    bias = None if bias is None else bias.contiguous()
+    if bias is not None and bias.stride(-1) != 1:
+        bias = bias.contiguous()
     scatter = out is not None
     if out is None:
         out = torch.empty(batch, n_pix, c_out, dtype=x.dtype, device=x.device)
@@ -268,22 +276,26 @@ def sparse_conv2d_triton(
         # Tokens [B, P, C_out] as a [B, C_out, 1, P] map.
         out_strides = (out.stride(0), out.stride(2), 0, out.stride(1))
         out_width = n_pix
+    x_base, x_step, x_step_stride = step_addressed(x)
+    out_base, out_step, out_step_stride = step_addressed(out)
     partials = (
         torch.empty(split_k, rows, c_out, dtype=torch.float32, device=x.device)
         if split_k > 1
-        else out
+        else out_base
     )
     # Absent tensors get a stand-in pointer that their constexpr flag keeps unread.
-    affine = x if norm_affine is None else norm_affine
-    res = x if residual is None else residual
+    affine = x_base if norm_affine is None else norm_affine
+    res = x_base if residual is None else residual
     args = [
-        x,
+        x_base,
+        x_step,
         taps,
         packed_weight,
-        x if bias is None else bias,
+        x_base if bias is None else bias,
         affine,
         res,
-        out,
+        out_base,
+        out_step,
         taps if out_index is None else out_index,
         partials,
         rows,
@@ -297,11 +309,13 @@ def sparse_conv2d_triton(
         chunks_per_split,
         split_k,
         float(out_scale),
+        x_step_stride,
         *x.stride(),
         0 if bias is None or bias.dim() == 1 else bias.stride(0),
         *taps.stride(),
         *(affine.stride() if norm_affine is not None else (0, 0, 0)),
         *(res.stride() if residual is not None else (0, 0, 0)),
+        out_step_stride,
         *out_strides,
     ]
     flags = dict(

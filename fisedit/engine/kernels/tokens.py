@@ -1,9 +1,10 @@
 """Token gathers and scatters around transformer blocks, fused with their elementwise neighbours.
 
 Feature maps are [B, C, H, W] with any strides (NCHW or channels_last); `index` [P] holds the
-active flat pixel positions (row-major), shared by the batch. Token maps are [B, L, D].
-Arithmetic is fp32; results take the dtype of the map they come from or go into. The token
-count P follows the mask, so no kernel specialises on it: a new mask compiles nothing new.
+active flat pixel positions (row-major), shared by the batch. Token maps are [B, L, D], and
+may be StepViews of a per-step cache. Arithmetic is fp32; results take the dtype of the map
+they come from or go into. The token count P follows the mask, so no kernel specialises on
+it: a new mask compiles nothing new.
 """
 
 import torch
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fisedit.engine.kernels.launch import launcher
+from fisedit.engine.kernels.launch import StepView, launcher, step_addressed
 from fisedit.engine.sparse_ops import gather_tokens, scatter_tokens_
 
 
@@ -118,6 +119,7 @@ def gather_rows_layernorm_reference(
 @triton.jit(do_not_specialize=["P"])
 def _gather_rows_layernorm_kernel(
     rows_ptr,
+    rows_step_ptr,
     index_ptr,
     weight_ptr,
     bias_ptr,
@@ -125,6 +127,7 @@ def _gather_rows_layernorm_kernel(
     P,
     D,
     eps,
+    sr_s,
     sr_b,
     sr_l,
     sr_d,
@@ -134,6 +137,7 @@ def _gather_rows_layernorm_kernel(
     BLOCK_D: tl.constexpr,
 ):
     # One program normalises one output row, held whole in registers.
+    rows_ptr += tl.load(rows_step_ptr) * sr_s
     p = tl.program_id(0)
     b = tl.program_id(1)
     row = p
@@ -155,7 +159,7 @@ def _gather_rows_layernorm_kernel(
 
 
 def gather_rows_layernorm(
-    rows: torch.Tensor,
+    rows: torch.Tensor | StepView,
     index: torch.Tensor | None,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
@@ -167,15 +171,18 @@ def gather_rows_layernorm(
     out = torch.empty(batch, n_rows, dim, dtype=rows.dtype, device=rows.device)
     if out.numel() == 0:
         return out
+    base, step, step_stride = step_addressed(rows)
     launcher(_gather_rows_layernorm_kernel, rows.device)[(n_rows, batch)](
-        rows,
-        rows if index is None else index.contiguous(),
-        rows if weight is None else weight.contiguous(),
-        rows if bias is None else bias.contiguous(),
+        base,
+        step,
+        base if index is None else index.contiguous(),
+        base if weight is None else weight.contiguous(),
+        base if bias is None else bias.contiguous(),
         out,
         n_rows,
         dim,
         float(eps),
+        step_stride,
         *rows.stride(),
         HAS_INDEX=index is not None,
         HAS_WEIGHT=weight is not None,
@@ -266,52 +273,189 @@ def scatter_tokens_into(
     return out
 
 
-def scatter_rows_into_reference(
-    out: torch.Tensor, index: torch.Tensor, rows: torch.Tensor
-) -> torch.Tensor:
-    """Replaces rows `index` of the token map `out` [B, L, D] with `rows` [B, P, D], in place."""
-    out[:, index] = rows.to(out.dtype)
-    return out
+def layernorm_rows_reference(
+    rows: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    out: torch.Tensor | None = None,
+    index: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows + residual, its LayerNorm over D), for tokens [B, P, D]. The sum is rounded to
+    its dtype before it is normalised, as adding and then normalising would do. Given the
+    token map `out` [B, L, D] and `index` [P], the sum goes into rows `index` of `out` in
+    place, and `out` comes first instead."""
+    summed = rows if residual is None else rows + residual
+    if out is not None:
+        out[:, index] = summed.to(out.dtype)
+        summed = out[:, index]
+    normed = gather_rows_layernorm_reference(summed, None, weight, bias, eps)
+    return (summed if out is None else out), normed
 
 
 @triton.jit
-def _scatter_rows_kernel(
+def _layernorm_rows_kernel(
     rows_ptr,
+    res_ptr,
     index_ptr,
+    sum_ptr,
+    sum_step_ptr,
+    weight_ptr,
+    bias_ptr,
     out_ptr,
+    P,
     D,
+    eps,
     sr_b,
     sr_p,
     sr_d,
-    so_b,
-    so_l,
-    so_d,
+    sres_b,
+    sres_p,
+    sres_d,
+    ss_s,
+    ss_b,
+    ss_l,
+    ss_d,
+    HAS_RESIDUAL: tl.constexpr,
+    SCATTER: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_P: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    p = tl.program_id(0)
+    # One program sums and normalises BLOCK_P token rows, each held whole in registers.
+    sum_ptr += tl.load(sum_step_ptr) * ss_s
+    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     b = tl.program_id(1)
-    offs = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask = offs < D
-    row = tl.load(index_ptr + p)
-    values = tl.load(rows_ptr + b * sr_b + p * sr_p + offs * sr_d, mask=mask)
-    dest = out_ptr + b * so_b + row * so_l + offs * so_d
-    tl.store(dest, values.to(out_ptr.dtype.element_ty), mask=mask)
+    offs = tl.arange(0, BLOCK_D)
+    d_mask = offs < D
+    mask = (offs_p < P)[:, None] & d_mask[None, :]
+    x = tl.load(
+        rows_ptr + b * sr_b + offs_p[:, None] * sr_p + offs[None, :] * sr_d, mask=mask, other=0.0
+    ).to(tl.float32)
+    if HAS_RESIDUAL:
+        res_offs = b * sres_b + offs_p[:, None] * sres_p + offs[None, :] * sres_d
+        x += tl.load(res_ptr + res_offs, mask=mask, other=0.0).to(tl.float32)
+    row = offs_p
+    if SCATTER:
+        row = tl.load(index_ptr + offs_p, mask=offs_p < P, other=0)
+    summed = x.to(sum_ptr.dtype.element_ty)
+    tl.store(sum_ptr + b * ss_b + row[:, None] * ss_l + offs[None, :] * ss_d, summed, mask=mask)
+    x = summed.to(tl.float32)
+    mean = tl.sum(x, axis=1) / D
+    centred = tl.where(mask, x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / D + eps)
+    y = centred * rstd[:, None]
+    if HAS_WEIGHT:
+        y = y * tl.load(weight_ptr + offs, mask=d_mask).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + offs, mask=d_mask).to(tl.float32)[None, :]
+    out_offs = (b * P + offs_p)[:, None] * D + offs[None, :]
+    tl.store(out_ptr + out_offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def scatter_rows_into(out: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """`scatter_rows_into_reference` as one kernel."""
-    batch, _, dim = out.shape
-    n_rows = index.shape[0]
-    if n_rows == 0 or batch == 0 or dim == 0:
-        return out
-    block_d = _tile(dim, cap=1024)
-    launcher(_scatter_rows_kernel, out.device)[(n_rows, batch, triton.cdiv(dim, block_d))](
+# Elements of the [rows, D] tile one program of `layernorm_rows` or `geglu` holds.
+ROWS_TILE_ELEMENTS = 4096
+
+
+def layernorm_rows(
+    rows: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    out: torch.Tensor | StepView | None = None,
+    index: torch.Tensor | None = None,
+) -> tuple[torch.Tensor | StepView, torch.Tensor]:
+    """`layernorm_rows_reference` as one kernel, with fp32 statistics."""
+    batch, n_rows, dim = rows.shape
+    if (out is None) != (index is None):
+        raise ValueError("out and index go together")
+    summed = torch.empty_like(rows) if out is None else out
+    normed = torch.empty(batch, n_rows, dim, dtype=rows.dtype, device=rows.device)
+    if normed.numel() == 0:
+        return summed, normed
+    base, step, step_stride = step_addressed(summed)
+    block_d = triton.next_power_of_2(dim)
+    block_p = min(triton.next_power_of_2(n_rows), max(1, ROWS_TILE_ELEMENTS // block_d))
+    grid = (triton.cdiv(n_rows, block_p), batch)
+    launcher(_layernorm_rows_kernel, rows.device)[grid](
         rows,
-        index.contiguous(),
-        out,
+        rows if residual is None else residual,
+        rows if index is None else index.contiguous(),
+        base,
+        step,
+        base if weight is None else weight.contiguous(),
+        base if bias is None else bias.contiguous(),
+        normed,
+        n_rows,
         dim,
+        float(eps),
         *rows.stride(),
-        *out.stride(),
+        *(residual.stride() if residual is not None else (0, 0, 0)),
+        step_stride,
+        *summed.stride(),
+        HAS_RESIDUAL=residual is not None,
+        SCATTER=index is not None,
+        HAS_WEIGHT=weight is not None,
+        HAS_BIAS=bias is not None,
+        BLOCK_P=block_p,
         BLOCK_D=block_d,
     )
-    return out
+    return summed, normed
+
+
+def geglu_reference(projected: torch.Tensor) -> torch.Tensor:
+    """GEGLU after its projection: [..., 2 * I] -> [..., I], hidden * gelu(gate) with the
+    hidden half first, as diffusers' GEGLU (exact, erf-based GELU)."""
+    hidden, gate = projected.chunk(2, dim=-1)
+    return hidden * F.gelu(gate)
+
+
+@triton.jit
+def _geglu_kernel(
+    x_ptr,
+    out_ptr,
+    M,
+    INNER,
+    sx_m,
+    so_m,
+    BLOCK_M: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    mask = (offs_m < M)[:, None] & (offs_i < INNER)[None, :]
+    row = x_ptr + offs_m[:, None] * sx_m + offs_i[None, :]
+    hidden = tl.load(row, mask=mask, other=0.0).to(tl.float32)
+    gate = tl.load(row + INNER, mask=mask, other=0.0).to(tl.float32)
+    gelu = 0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476))
+    out = out_ptr + offs_m[:, None] * so_m + offs_i[None, :]
+    tl.store(out, (hidden * gelu).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def geglu(projected: torch.Tensor) -> torch.Tensor:
+    """`geglu_reference` as one kernel, computed in fp32."""
+    *lead, width = projected.shape
+    inner = width // 2
+    x = projected.reshape(-1, width)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    out = torch.empty(x.shape[0], inner, dtype=x.dtype, device=x.device)
+    if out.numel() == 0:
+        return out.reshape(*lead, inner)
+    block_i = _tile(inner, cap=128)
+    block_m = _tile(x.shape[0], cap=ROWS_TILE_ELEMENTS // block_i)
+    grid = (triton.cdiv(x.shape[0], block_m), triton.cdiv(inner, block_i))
+    launcher(_geglu_kernel, x.device)[grid](
+        x,
+        out,
+        x.shape[0],
+        inner,
+        x.stride(0),
+        out.stride(0),
+        BLOCK_M=block_m,
+        BLOCK_I=block_i,
+    )
+    return out.reshape(*lead, inner)

@@ -19,14 +19,15 @@ SM90_SHARED_BYTES = 227 * 1024
 # allocation unit of 8. A change that bloats a kernel fails here, before it costs occupancy on
 # a GPU; past the hardware's 255 ptxas spills, which is checked on its own. The variants of
 # full-size shapes use more (the conv up to 232), and `python -m fisedit.bench.step_launches
-# --compile` reports them (bench/results/step-launches-sm90-static.json).
+# --compile` reports them (bench/results/step-launches-sm90-static-2026-11-28-cpu.json).
 REGISTER_BUDGETS = {
     "_sparse_conv_kernel": 176,  # 140: 64x64x64 tiles, GroupNorm affine applied on load
     "_group_norm_affine_kernel": 80,  # 64
     "_gather_tokens_affine_kernel": 64,  # 48
     "_scatter_tokens_kernel": 48,  # 34
     "_gather_rows_layernorm_kernel": 32,  # 21
-    "_scatter_rows_kernel": 24,  # 14
+    "_layernorm_rows_kernel": 80,  # 64: up to 4096-element tiles of rows
+    "_geglu_kernel": 104,  # 80
 }
 
 
@@ -54,7 +55,8 @@ def test_recording_collects_the_launches_without_running_them(edit_launches):
         "_gather_tokens_affine_kernel",
         "_gather_rows_layernorm_kernel",
         "_scatter_tokens_kernel",
-        "_scatter_rows_kernel",
+        "_layernorm_rows_kernel",
+        "_geglu_kernel",
     }
     # Split-K launches come in pairs: partial sums over a 3-D grid, then the finalise pass.
     split = [launch for launch in launches if launch.kwargs.get("PARTIAL")]

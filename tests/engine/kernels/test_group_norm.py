@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fisedit.engine.kernels.group_norm import group_norm_affine, group_norm_affine_reference
-from fisedit.engine.kernels.launch import interpreting
+from fisedit.engine.kernels.launch import StepView, interpreting
 
 DEVICE = "cpu" if interpreting() else "cuda"
 
@@ -79,6 +79,17 @@ def test_low_precision_maps_give_fp32_affines_that_normalise_them_exactly(
     expected = F.group_norm(x.double(), norm.num_groups, weight, bias, norm.eps)
     normed = x.float() * scale[..., None, None] + shift[..., None, None]
     torch.testing.assert_close(normed.double(), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_reads_a_channels_last_map_at_a_step_in_device_memory():
+    norm, x = _norm(2, 20), _map(20, 8, 8, channels_last=True)
+    # Steps of channels_last maps, laid out as an activation cache stores them.
+    buffer = torch.randn(3 * 2, 20, 8, 8, device=DEVICE).to(memory_format=torch.channels_last)
+    buffer = buffer.view(3, 2, 20, 8, 8)
+    buffer[1] = x
+    view = StepView(buffer, torch.tensor([1], device=DEVICE))
+
+    torch.testing.assert_close(group_norm_affine(norm, view), group_norm_affine_reference(norm, x))
 
 
 def test_an_empty_batch_launches_nothing():

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from fisedit.engine.kernels.launch import interpreting, launcher
-from fisedit.engine.kernels.tokens import scatter_rows_into
+from fisedit.engine.kernels.tokens import layernorm_rows
 
 
 def test_the_cpu_suite_runs_kernels_under_the_interpreter():
@@ -11,4 +11,4 @@ def test_the_cpu_suite_runs_kernels_under_the_interpreter():
 
 def test_a_kernel_refuses_tensors_it_cannot_run_on():
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        launcher(scatter_rows_into, torch.device("meta"))
+        launcher(layernorm_rows, torch.device("meta"))

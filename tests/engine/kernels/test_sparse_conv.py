@@ -11,7 +11,7 @@ from torch import nn
 
 from fisedit.engine.kernels import sparse_conv
 from fisedit.engine.kernels.group_norm import group_norm_affine, group_norm_affine_reference
-from fisedit.engine.kernels.launch import interpreting
+from fisedit.engine.kernels.launch import StepView, interpreting, with_step_views
 from fisedit.engine.kernels.sparse_conv import (
     pack_conv_weight,
     sparse_conv2d_reference,
@@ -184,6 +184,35 @@ def test_scatters_rows_into_out_in_place(x_format, out_format):
     inactive = torch.ones(case.out_hw[0] * case.out_hw[1], dtype=torch.bool, device=DEVICE)
     inactive[case.index] = False
     torch.testing.assert_close(out.flatten(2)[:, :, inactive], base.flatten(2)[:, :, inactive])
+
+
+def _steps_of(value: torch.Tensor, step: int, steps: int = 3) -> StepView:
+    """A StepView of a [steps, ...] buffer of noise with `value` at `step`."""
+    buffer = torch.randn(steps, *value.shape, device=DEVICE)
+    buffer[step] = value
+    return StepView(buffer, torch.tensor([step], device=DEVICE))
+
+
+@pytest.mark.parametrize("kernel", ["triton", "reference"])
+def test_reads_and_scatters_into_maps_at_a_step_in_device_memory(kernel):
+    """A captured sparse step reads a map of its run's cache at the step index and scatters
+    into another: the same as on that step's maps, and no other step changes."""
+    case = Case("3x3-c20", "border")
+    base = torch.randn(2, 16, *case.out_hw, device=DEVICE)
+    x, out = _steps_of(case.x, 1), _steps_of(base, 2)
+    before = out.buffer.clone()
+    # A per-sample bias sliced from a wider one, as resnets' time biases are.
+    bias = torch.randn(2, 40, device=DEVICE)[:, 8:24]
+    # The kernel addresses the step itself; the reference reads and writes back copies.
+    conv = sparse_conv2d_triton if kernel == "triton" else with_step_views(sparse_conv2d_reference)
+    args = (case.taps, case.conv.weight, bias, case.affine(), case.residual, 0.5)
+    returned = conv(x, *args, out, case.index)
+
+    expected = base.clone()
+    sparse_conv2d_reference(case.x, *args, expected, case.index)
+    assert returned is out
+    torch.testing.assert_close(out.buffer[2], expected, atol=ATOL, rtol=RTOL)
+    assert torch.equal(out.buffer[[0, 1]], before[[0, 1]])
 
 
 def test_empty_mask_launches_nothing(monkeypatch):

@@ -7,18 +7,21 @@ tests/conftest.py).
 import pytest
 import torch
 import torch.nn.functional as F
+from diffusers.models.activations import GEGLU
 from torch import nn
 
 from fisedit.engine import sparse_ops
 from fisedit.engine.kernels.group_norm import group_norm_affine, group_norm_affine_reference
-from fisedit.engine.kernels.launch import interpreting
+from fisedit.engine.kernels.launch import StepView, interpreting
 from fisedit.engine.kernels.tokens import (
     gather_rows_layernorm,
     gather_rows_layernorm_reference,
     gather_tokens_affine,
     gather_tokens_affine_reference,
-    scatter_rows_into,
-    scatter_rows_into_reference,
+    geglu,
+    geglu_reference,
+    layernorm_rows,
+    layernorm_rows_reference,
     scatter_tokens_into,
     scatter_tokens_into_reference,
 )
@@ -143,15 +146,65 @@ def test_scatter_tokens_into_matches_reference(memory_format, residual):
     torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
 
 
-def test_scatter_rows_matches_reference_and_replaces_only_its_rows():
-    base, rows = _randn(2, 64, 20), _randn(2, len(INDEX), 20, seed=3)
-    got = scatter_rows_into(base.clone(), INDEX, rows)
-    expected = scatter_rows_into_reference(base.clone(), INDEX, rows)
-    torch.testing.assert_close(got, expected, atol=0, rtol=0)
-    assert torch.equal(got[:, INDEX], rows)
-    others = torch.ones(64, dtype=torch.bool, device=DEVICE)
-    others[INDEX] = False
-    assert torch.equal(got[:, others], base[:, others])
+def _layer_norm(dim: int = 20) -> nn.LayerNorm:
+    layer = nn.LayerNorm(dim).requires_grad_(False)
+    nn.init.normal_(layer.weight)
+    nn.init.normal_(layer.bias)
+    return layer.to(DEVICE)
+
+
+def test_summed_layernorm_reference_adds_then_normalises():
+    layer = _layer_norm()
+    rows, residual = _tokens(), _tokens(seed=2)
+    summed, normed = layernorm_rows_reference(rows, residual, layer.weight, layer.bias, layer.eps)
+    torch.testing.assert_close(summed, rows + residual, atol=0, rtol=0)
+    torch.testing.assert_close(normed, layer(rows + residual))
+
+
+@pytest.mark.parametrize("affine", [False, True], ids=["no-affine", "affine"])
+def test_summed_layernorm_matches_reference(affine):
+    layer = _layer_norm()
+    weight, bias = (layer.weight, layer.bias) if affine else (None, None)
+    # Offset rows and a residual with its own strides.
+    rows = _tokens() * 3 + 5
+    residual = _tokens(seed=2).transpose(1, 2).contiguous().transpose(1, 2)
+    got = layernorm_rows(rows, residual, weight, bias, 1e-5)
+    expected = layernorm_rows_reference(rows, residual, weight, bias, 1e-5)
+    for got_part, expected_part in zip(got, expected, strict=True):
+        torch.testing.assert_close(got_part, expected_part, atol=1e-5, rtol=1e-5)
+
+
+def test_layernorm_rows_into_a_step_of_a_cache_sets_only_those_rows():
+    """Rows written into step 1 of a [steps, B, L, D] buffer, addressed through a step
+    index in device memory, as a captured sparse step writes its run's cache."""
+    layer = _layer_norm()
+    buffer, rows = _randn(3, 2, 64, 20), _tokens(seed=3)
+    view = StepView(buffer.clone(), torch.tensor([1], device=DEVICE))
+    out, normed = layernorm_rows(rows, None, layer.weight, layer.bias, layer.eps, view, INDEX)
+    expected_map = buffer[1].clone()
+    _, expected = layernorm_rows_reference(
+        rows, None, layer.weight, layer.bias, layer.eps, expected_map, INDEX
+    )
+    assert out is view
+    torch.testing.assert_close(normed, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(normed, layer(rows), atol=1e-5, rtol=1e-5)
+    assert torch.equal(view.buffer[1], expected_map) and torch.equal(view.buffer[1][:, INDEX], rows)
+    for step in (0, 2):
+        assert torch.equal(view.buffer[step], buffer[step])
+
+
+def test_geglu_reference_is_the_diffusers_activation_after_its_projection():
+    layer = GEGLU(20, 12).requires_grad_(False).to(DEVICE)
+    tokens = _tokens()
+    torch.testing.assert_close(geglu_reference(layer.proj(tokens)), layer(tokens))
+
+
+def test_geglu_matches_reference():
+    # More rows and inner channels than one program's tile.
+    projected = _randn(2, 40, 2 * 150, seed=4) * 3
+    got = geglu(projected)
+    assert got.shape == (2, 40, 150)
+    torch.testing.assert_close(got, geglu_reference(projected), atol=1e-5, rtol=1e-5)
 
 
 def test_empty_index_gives_empty_gathers_and_unchanged_maps():
@@ -161,7 +214,9 @@ def test_empty_index_gives_empty_gathers_and_unchanged_maps():
     assert gather_rows_layernorm(rows, EMPTY, None, None, 1e-5).shape == (2, 0, 20)
     none = torch.zeros(2, 0, 20, device=DEVICE)
     torch.testing.assert_close(scatter_tokens_into(x.clone(), EMPTY, none, none), x, atol=0, rtol=0)
-    torch.testing.assert_close(scatter_rows_into(rows.clone(), EMPTY, none), rows, atol=0, rtol=0)
+    summed, normed = layernorm_rows(none, None, None, None, 1e-5, rows.clone(), EMPTY)
+    torch.testing.assert_close(summed, rows, atol=0, rtol=0)
+    assert normed.shape == (2, 0, 20)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -184,3 +239,12 @@ def test_fp16_on_gpu_matches_reference():
     out = scatter_tokens_into(x.clone(), index, normed, tokens)
     expected = scatter_tokens_into_reference(x.clone(), index, normed, tokens)
     torch.testing.assert_close(out, expected, atol=1e-2, rtol=1e-2)
+
+    first, second = rows[:, :5], rows[:, 5:10]
+    got = layernorm_rows(first, second, weight, bias, 1e-5)
+    expected = layernorm_rows_reference(first, second, weight, bias, 1e-5)
+    for got_part, expected_part in zip(got, expected, strict=True):
+        torch.testing.assert_close(got_part, expected_part, atol=1e-2, rtol=1e-2)
+
+    projected = torch.randn(2, 64, 640, device="cuda", dtype=torch.half)
+    torch.testing.assert_close(geglu(projected), geglu_reference(projected), atol=1e-2, rtol=1e-2)
