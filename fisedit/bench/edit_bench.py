@@ -269,7 +269,8 @@ class ModelBench:
             return lambda: graph(*args, MacCount())
 
         def call():
-            with engine.unet_pass(step, MacCount(), plan, cache, record):
+            maps = engine.step_maps(record, cache, step, plan)
+            with engine.unet_pass(step, MacCount(), plan, cache, maps):
                 return self.unet_call(engine.model.unet)()
 
         return call
@@ -288,7 +289,9 @@ class ModelBench:
             for _ in range(repeats):
                 call()
             dense = timer.collect()
-            with engine.unet_pass(step, MacCount(), plan, cache):
+            record = ActivationCache(self.steps, channels_last=engine.config.channels_last)
+            maps = engine.step_maps(record, cache, step, plan)
+            with engine.unet_pass(step, MacCount(), plan, cache, maps):
                 call()
                 timer.collect()
                 for _ in range(repeats):

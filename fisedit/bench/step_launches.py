@@ -46,7 +46,7 @@ from fisedit.engine.cache import ActivationCache, StepMaps, StepSlots
 from fisedit.engine.config import SparseConfig
 from fisedit.engine.kernels.aot import compile_launches
 from fisedit.engine.kernels.launch import Launch, recording_launches
-from fisedit.engine.layers import MacCount, StepState, wrap_unet
+from fisedit.engine.layers import MacCount, StepState, sparse_reads, wrap_unet
 from fisedit.engine.model_shapes import UNET_SHAPES, UNetShape
 from fisedit.engine.plan import SparsePlan
 
@@ -268,7 +268,7 @@ class MetaUNet:
         self.shape = shape
         self.state = StepState(config=SparseConfig(kernels="triton"))
         self.unet = shape.build("meta", dtype)
-        wrap_unet(self.unet, self.state)
+        self.layers = wrap_unet(self.unet, self.state)
         self.unet.to(memory_format=torch.channels_last)
         side, batch = shape.latent_side, 2
         self.sample = torch.empty(batch, 4, side, side, device="meta", dtype=dtype)
@@ -294,7 +294,8 @@ class MetaUNet:
             state.record = StepSlots(channels_last=True)
         else:
             edited = ActivationCache(steps=1, channels_last=True)
-            state.record = StepMaps(edited, self.cache, state.step)
+            reads = sparse_reads(self.layers, plan, self.cache)
+            state.record = StepMaps(edited, self.cache, state.step, reads)
         state.shared.forget()
         counter = _OpCounter()
         with recording_launches(H100_SMS) as launches, _AttentionAsOneOp(counter), counter:

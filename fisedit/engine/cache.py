@@ -150,13 +150,14 @@ class StepMaps:
     """The maps a sparse UNet call records at one step (those its layers recorded in the
     previous version), where it reads and writes them.
 
-    Each starts as the previous version's map (`fill`, one batched copy); the call writes
-    its region in place, so the run's cache ends up holding the new maps without further
-    copies. With a Python step every map is a view of the run's cache at the step. With a
-    step index in device memory (a captured graph replays one call for every step) a view
-    cannot follow the step: layer outputs (`<layer>.out`), which the UNet's own ops read, go
-    to static slots that `file` copies into the cache after the call; every other map is a
-    StepView of the cache, which kernels address at the index.
+    Each map the call reads (`reads`: those of layers whose resolution runs sparse) starts as
+    the previous version's (`fill`, one batched copy), and the call writes its region in
+    place; layers that run dense write their whole maps. So the run's cache ends up holding
+    the new maps without further copies. With a Python step every map is a view of the run's
+    cache at the step. With a step index in device memory (a captured graph replays one call
+    for every step) a view cannot follow the step: layer outputs (`<layer>.out`), which the
+    UNet's own ops read, go to static slots that `file` copies into the cache after the
+    call; every other map is a StepView of the cache, which kernels address at the index.
     """
 
     def __init__(
@@ -164,8 +165,9 @@ class StepMaps:
         record: ActivationCache,
         source: "ActivationCache | HostPrefetcher",
         step: int | torch.Tensor,
+        reads: frozenset[str],
     ) -> None:
-        self.record = record
+        self.record, self.reads = record, reads
         self.maps: dict[str, torch.Tensor | StepView] = {}
         self.slots: dict[str, torch.Tensor] = {}
         for name in source.tensors:
@@ -187,12 +189,12 @@ class StepMaps:
         return self.maps[name]
 
     def fill(self, source: "ActivationCache | HostPrefetcher", step: int) -> None:
-        """Sets every map to `source`'s at `step`."""
+        """Sets every map the call reads to `source`'s at `step`."""
         targets = [
             self.slots[name] if name in self.slots else self.record.tensors[name][step]
-            for name in self.maps
+            for name in self.reads
         ]
-        torch._foreach_copy_(targets, [source.get(name, step) for name in self.maps])
+        torch._foreach_copy_(targets, [source.get(name, step) for name in self.reads])
 
     def put(self, name: str, step: int | torch.Tensor, value: torch.Tensor) -> None:
         """Records `value` as this step's map `name`, unless the call wrote it in place."""

@@ -91,7 +91,8 @@ class CapturedUNetStep:
             self.added = {k: self.inputs[f"added.{k}"] for k in added} if added else None
             self.step = torch.tensor(step, device=sample.device)
             if self.plan is not None:
-                self.maps = StepMaps(record, self.source, self.step)
+                reads = self.engine.sparse_reads(self.plan, self.source)
+                self.maps = StepMaps(record, self.source, self.step, reads)
         if self.maps is not None:
             self.maps.fill(self.source, step)
 

@@ -547,6 +547,11 @@ def _wrap(name: str, module: nn.Module, state: StepState) -> SparseLayer | None:
     return None
 
 
+def sparse_reads(layers: list[SparseLayer], plan: SparsePlan, cache) -> frozenset[str]:
+    """The names in `cache` a sparse step over `plan` reads (its layers' maps)."""
+    return frozenset(name for layer in layers for name in layer.reads(plan, cache))
+
+
 def wrap_unet(unet: nn.Module, state: StepState) -> list[SparseLayer]:
     """Replaces the layers the sparse pass handles, in place; returns the wrappers."""
     wrappers: list[SparseLayer] = []

@@ -24,7 +24,7 @@ from fisedit.engine.cache import ActivationCache, HostPrefetcher, StepMaps, Step
 from fisedit.engine.config import EditParams, EngineConfig, GenerationParams, SchedulerName
 from fisedit.engine.graphs import CapturedUNetStep, StepGraphs
 from fisedit.engine.images import blend_weight, preserve_background
-from fisedit.engine.layers import MacCount, StepState, wrap_unet
+from fisedit.engine.layers import MacCount, StepState, sparse_reads, wrap_unet
 from fisedit.engine.masks import latent_difference, load_mask, target_area_capture
 from fisedit.engine.models import DiffusionModel, PromptEmbeddings, load_model
 from fisedit.engine.plan import SparsePlan
@@ -190,8 +190,7 @@ class DenoiseRun:
         else:
             record = self.record
             if plan is not None:
-                record = StepMaps(self.record, source, step)
-                record.fill(source, step)
+                record = self.engine.step_maps(self.record, source, step, plan)
             with self.engine.unet_pass(step, macs, plan, source, record):
                 out = self.engine.model.unet(
                     model_in,
@@ -355,9 +354,16 @@ class Engine:
             state.plan = state.source = state.record = None
             state.config = self.config.sparse
 
+    def step_maps(self, record: ActivationCache, source, step: int, plan: SparsePlan) -> StepMaps:
+        """Where an eager sparse step over `plan` records into `record` at `step`, the maps
+        it reads filled from `source` (the previous version's cache, or its prefetcher)."""
+        maps = StepMaps(record, source, step, self.sparse_reads(plan, source))
+        maps.fill(source, step)
+        return maps
+
     def sparse_reads(self, plan: SparsePlan, cache: ActivationCache) -> frozenset[str]:
         """The names in `cache` a sparse step over `plan` reads (its layers' maps)."""
-        return frozenset(name for layer in self.layers for name in layer.reads(plan, cache))
+        return sparse_reads(self.layers, plan, cache)
 
     @property
     def graphs(self) -> bool:
