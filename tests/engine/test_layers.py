@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fisedit.engine.cache import ActivationCache, StepMaps
+from fisedit.engine.cache import ActivationCache
 from fisedit.engine.config import EngineConfig, SparseConfig
 from fisedit.engine.kernels.launch import interpreting
 from fisedit.engine.layers import SparseConv, SparseResnet, SparseTransformer
@@ -57,8 +57,7 @@ def _sparse_call(engine, recorded, name: str, config: SparseConfig, mask: torch.
     source.tensors[f"{name}.out"].zero_()
     engine.state.config = config
     engine.state.plan, engine.state.source = SparsePlan(mask, config), source
-    engine.state.record = StepMaps(ActivationCache(steps=1), source, 0)
-    engine.state.record.fill(source, 0)
+    engine.state.record = engine.step_maps(ActivationCache(steps=1), source, 0, engine.state.plan)
     try:
         args, kwargs = inputs[name]
         with torch.no_grad():
