@@ -3,9 +3,11 @@ UNet, on no GPU.
 
 The UNet is built on the meta device (shapes, no storage) with the Triton kernels selected.
 A recording step runs first, then sparse steps over centred square masks, as the engine
-captures them: a dense step records into slots, then files them into the run's cache; a
-sparse step copies the cached maps of its step into the maps it records (`StepMaps`), runs
-with the step index in device memory, then files the slots of its layer outputs. Triton
+captures a session's edit: a dense step records into slots, then files them into the run's
+cache; a sparse step records in place into the maps of the version it edits (`StepMaps`),
+copying only its layer outputs into their slots first, runs with the step index in device
+memory, then files the slots back. (An edit of a fork, which shares its cache, also copies
+every map it reads into a new cache: `StepMaps.fill`.) Triton
 launches are recorded, not run, with grids sized for an H100 (132 SMs); every other op is
 counted by a dispatch mode.
 
@@ -71,6 +73,10 @@ class StepLaunches(BaseModel):
     other_bytes: int
     weight_bytes: int
     """The UNet's weights: every step reads each at least once (part of the bytes moved)."""
+    mac_share_bytes: int
+    """The weights plus the step's MAC fraction of the dense step's other bytes: what it
+    would move if its activation traffic scaled with its MACs (the dense step: its bytes).
+    A reference point, not a floor: attention's MACs grow faster than its bytes."""
 
     @property
     def launches(self) -> int:
@@ -293,7 +299,7 @@ class MetaUNet:
             # Fresh slots: their clones stand for the copies into a captured step's own slots.
             state.record = StepSlots(channels_last=True)
         else:
-            edited = ActivationCache(steps=1, channels_last=True)
+            edited = self.cache.edited_in_place()
             reads = sparse_reads(self.layers, plan, self.cache)
             state.record = StepMaps(edited, self.cache, state.step, reads)
         state.shared.forget()
@@ -320,18 +326,24 @@ def measure(shape: UNetShape) -> tuple[list[StepLaunches], list[Launch]]:
     weights = sum(p.numel() * p.element_size() for p in unet.unet.parameters())
     macs, counter, launches = unet.step(None)
     rows = [_row(shape, "dense", None, macs, counter, launches, weights)]
+    activations = rows[0].bytes_moved - weights
     every_launch = list(launches)
     for ratio in MASK_RATIOS:
         plan = SparsePlan(square_mask(shape.latent_side, ratio), unet.state.config, "meta")
         unet.step(plan)  # builds the plan's indices, as a graph capture's warm-up does
         macs, counter, launches = unet.step(plan)
-        rows.append(_row(shape, "sparse", ratio, macs, counter, launches, weights))
+        rows.append(_row(shape, "sparse", ratio, macs, counter, launches, weights, activations))
         every_launch += launches
     return rows, every_launch
 
 
-def _row(shape, step, ratio, macs, counter, launches, weights) -> StepLaunches:
+def _row(shape, step, ratio, macs, counter, launches, weights, activations=None) -> StepLaunches:
     ops = counter.ops
+    triton_bytes = sum(_launch_bytes(launch) for launch in launches)
+    if activations is None:
+        mac_share = triton_bytes + counter.bytes
+    else:
+        mac_share = weights + round(macs.fraction * activations)
     return StepLaunches(
         model=shape.name,
         step=step,
@@ -340,9 +352,10 @@ def _row(shape, step, ratio, macs, counter, launches, weights) -> StepLaunches:
         triton_launches=len(launches),
         other_launches=sum(ops.values()),
         other_ops=dict(ops.most_common()),
-        triton_bytes=sum(_launch_bytes(launch) for launch in launches),
+        triton_bytes=triton_bytes,
         other_bytes=counter.bytes,
         weight_bytes=weights,
+        mac_share_bytes=mac_share,
     )
 
 
@@ -353,8 +366,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="write the figures as JSON here")
     args = parser.parse_args()
     payload: dict = {
-        "device": "meta (no GPU): launches and bytes counted, kernels compiled for sm_90, "
-        "not timed",
+        "device": "meta (no GPU): launches and bytes counted, "
+        + ("kernels compiled for sm_90, " if args.compile else "")
+        + "not timed",
         "sms": H100_SMS,
         "steps": [],
         "kernels": [],
@@ -368,7 +382,8 @@ def main() -> None:
                 f"launches {row.launches:5} (Triton {row.triton_launches}, "
                 f"other {row.other_launches})  bytes {row.bytes_moved / 2**30:6.3f} GiB "
                 f"(Triton {row.triton_bytes / 2**30:.3f}, other {row.other_bytes / 2**30:.3f}; "
-                f"weights {row.weight_bytes / 2**30:.3f})"
+                f"weights {row.weight_bytes / 2**30:.3f}; MAC share "
+                f"{row.mac_share_bytes / 2**30:.3f})"
             )
         payload["steps"] += [row.model_dump() for row in rows]
         if args.compile:

@@ -49,12 +49,25 @@ class ActivationCache:
         steps: int,
         tensors: dict[str, torch.Tensor] | None = None,
         channels_last: bool = False,
+        graphs: dict | None = None,
     ) -> None:
         self.steps = steps
         self.tensors: dict[str, torch.Tensor] = dict(tensors or {})
         self.channels_last = channels_last
         self.host_resident = False
         """Whether edits read this cache through a HostPrefetcher (see `to_host`)."""
+        self.read_only = False
+        """Whether an edit must leave this cache as it is (several sessions share it)."""
+        self.graphs: dict = {} if graphs is None else graphs
+        """Captured sparse steps that record into these maps, by plan signature: they live
+        as long as the maps, and edits that record into the same maps replay them."""
+
+    def edited_in_place(self) -> "ActivationCache":
+        """A cache for an edit of this one that records into the same maps (each step's
+        maps are read before that step writes them) and its own run state: this cache is
+        the edit's afterwards, and no longer the previous version's."""
+        maps = {name: t for name, t in self.tensors.items() if name not in RUN_STATE}
+        return ActivationCache(self.steps, maps, self.channels_last, self.graphs)
 
     def put(self, name: str, step: int, value: torch.Tensor) -> None:
         buffer = self.tensors.get(name)
@@ -97,7 +110,8 @@ class ActivationCache:
     def to(
         self, device: torch.device | str, channels_last: bool | None = None
     ) -> "ActivationCache":
-        """A copy on `device`; host copies of a GPU cache are pinned for fast transfers.
+        """A copy on `device` (also on the cache's own device: edits may write the original
+        in place); host copies of a GPU cache are pinned for fast transfers.
 
         Feature maps keep their memory layout, or take the one `channels_last` names.
         """
@@ -105,7 +119,7 @@ class ActivationCache:
         pin = device.type == "cpu" and torch.cuda.is_available()
         moved = {}
         for name, tensor in self.tensors.items():
-            tensor = tensor.to(device)
+            tensor = tensor.to(device, copy=not pin)  # pin_memory copies
             if channels_last is not None and tensor.dim() == 5:
                 tensor = _maps_in_layout(tensor, channels_last)
             moved[name] = tensor.pin_memory() if pin else tensor
@@ -189,12 +203,19 @@ class StepMaps:
         return self.maps[name]
 
     def fill(self, source: "ActivationCache | HostPrefetcher", step: int) -> None:
-        """Sets every map the call reads to `source`'s at `step`."""
-        targets = [
-            self.slots[name] if name in self.slots else self.record.tensors[name][step]
-            for name in self.reads
-        ]
-        torch._foreach_copy_(targets, [source.get(name, step) for name in self.reads])
+        """Sets every map the call reads to `source`'s at `step` (a map the run records in
+        place, in `source`'s own memory, already is)."""
+        targets, values = [], []
+        for name in self.reads:
+            if name in self.slots:
+                targets.append(self.slots[name])
+            elif self.record.tensors[name] is not source.tensors.get(name):
+                targets.append(self.record.tensors[name][step])
+            else:
+                continue
+            values.append(source.get(name, step))
+        if targets:
+            torch._foreach_copy_(targets, values)
 
     def put(self, name: str, step: int | torch.Tensor, value: torch.Tensor) -> None:
         """Records `value` as this step's map `name`, unless the call wrote it in place."""

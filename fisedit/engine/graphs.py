@@ -7,14 +7,16 @@ of a cache) and is copied into the run's cache at the step's index after each re
 the graph does not belong to a run: the engine captures its dense step once and replays it
 for generations and for every edit's capture steps.
 
-A sparse step reads a version's cache at a step index held in device memory, and its plan's
-index tensors, and records into its run's cache (`StepMaps`): each map starts as the
-previous version's at the step, copied before the replay, and kernels write the region into
-it at the step index; only layer outputs pass through slots. Its graph therefore belongs to
-one source cache and one run's cache: each edit captures it once and replays it for every
-sparse step. Plans pad their active pixels to buckets (`SparsePlan.signature`), so a new
-mask compiles no new kernels. Nothing in a replay depends on Python state, and no host sync
-happens in the loop.
+A sparse step reads its plan's index tensors, and the maps it records (`StepMaps`) at a
+step index held in device memory: each map starts as the previous version's at the step
+(copied before the replay, unless the run records in the previous version's own memory),
+and kernels write the region into it at the step index; only layer outputs pass through
+slots. Its graph is therefore bound to the memory of the maps it records into, not to the
+cache it reads, and lives with those maps (`ActivationCache.graphs`): an edit that records
+in place into the cache an earlier edit made (a session's next edit) replays that edit's
+graph, its new plan loaded into the captured plan's index tensors. Plans pad their active
+pixels to buckets (`SparsePlan.signature`), so a similar mask compiles nothing and captures
+nothing. Nothing in a replay depends on Python state, and no host sync happens in the loop.
 
 All captures share one memory pool, and dense ones, per latent shape, one set of slots:
 replays run one at a time, and what a replay writes (its output, the slots) is read before
@@ -37,17 +39,8 @@ from fisedit.engine.plan import SparsePlan
 class CapturedUNetStep:
     """Runs UNet calls, dense or sparse over one plan, by replaying one CUDA graph."""
 
-    def __init__(
-        self,
-        engine,
-        slots: StepSlots,
-        plan: SparsePlan | None = None,
-        source: "ActivationCache | HostPrefetcher | None" = None,
-        pool=None,
-    ) -> None:
-        self.engine, self.slots, self.plan, self.source, self.pool = (
-            engine, slots, plan, source, pool,
-        )  # fmt: skip
+    def __init__(self, engine, slots: StepSlots, plan: SparsePlan | None = None, pool=None) -> None:
+        self.engine, self.slots, self.plan, self.pool = engine, slots, plan, pool
         """`slots`: where a dense step records."""
         self.maps: StepMaps | None = None
         """Where a sparse step records (made by its first call)."""
@@ -61,9 +54,14 @@ class CapturedUNetStep:
     def captured(self) -> bool:
         return self.output is not None
 
-    def _call(self, macs: MacCount) -> torch.Tensor:
+    def retarget(self, plan: SparsePlan) -> None:
+        """Makes this sparse step replay over `plan` (of the captured plan's signature)."""
+        if plan is not self.plan:
+            self.plan.load(plan)
+
+    def _call(self, macs: MacCount, source) -> torch.Tensor:
         record = self.slots if self.maps is None else self.maps
-        with self.engine.unet_pass(self.step, macs, self.plan, self.source, record):
+        with self.engine.unet_pass(self.step, macs, self.plan, source, record):
             return self.engine.model.unet(
                 self.sample,
                 self.timestep,
@@ -71,7 +69,9 @@ class CapturedUNetStep:
                 added_cond_kwargs=self.added,
             ).sample
 
-    def _load(self, sample, timestep, step: int, embeds: PromptEmbeddings, added, record) -> None:
+    def _load(
+        self, sample, timestep, step: int, embeds: PromptEmbeddings, added, record, source
+    ) -> None:
         """Fills the static input buffers with this call's inputs (the first call makes them),
         and a sparse step's maps with the previous version's."""
         inputs = {
@@ -91,15 +91,15 @@ class CapturedUNetStep:
             self.added = {k: self.inputs[f"added.{k}"] for k in added} if added else None
             self.step = torch.tensor(step, device=sample.device)
             if self.plan is not None:
-                reads = self.engine.sparse_reads(self.plan, self.source)
-                self.maps = StepMaps(record, self.source, self.step, reads)
+                reads = self.engine.sparse_reads(self.plan, source)
+                self.maps = StepMaps(record, source, self.step, reads)
         if self.maps is not None:
-            self.maps.fill(self.source, step)
+            self.maps.fill(source, step)
 
-    def _capture(self) -> None:
+    def _capture(self, source) -> None:
         device = self.sample.device
         if device.type != "cuda":
-            self.output = self._call(self.step_macs)
+            self.output = self._call(self.step_macs, source)
             return
         torch.cuda.synchronize(device)
         start = time.perf_counter()
@@ -108,11 +108,11 @@ class CapturedUNetStep:
         with torch.cuda.stream(side):
             # Warm-up: builds the plan's indices, packs weights, allocates slots, compiles
             # kernels and counts MACs; every later call replays, so one call is enough.
-            self._call(self.step_macs)
+            self._call(self.step_macs, source)
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=self.pool):
-            self.output = self._call(MacCount())
+            self.output = self._call(MacCount(), source)
         torch.cuda.synchronize(device)
         self.capture_s = time.perf_counter() - start
 
@@ -126,19 +126,21 @@ class CapturedUNetStep:
         added: dict | None,
         record: ActivationCache | None,
         macs: MacCount,
+        source: "ActivationCache | HostPrefetcher | None" = None,
     ) -> torch.Tensor:
         """The UNet output for denoise step `step`, recorded into `record` at `step` (a
-        sparse step always into the record of its first call).
+        sparse step always into the maps of its first call's record), a sparse step reading
+        `source` outside its region.
 
         The output is a static buffer: the next call overwrites it."""
         first = not self.captured
-        self._load(sample, timestep, step, embeds, added, record)
+        self._load(sample, timestep, step, embeds, added, record, source)
         if first:
-            self._capture()
+            self._capture(source)
         if self.graph is not None:
             self.graph.replay()
         elif not first:
-            self.output = self._call(MacCount())
+            self.output = self._call(MacCount(), source)
         if self.maps is not None:
             self.maps.file(step)
         elif record is not None:
@@ -149,7 +151,7 @@ class CapturedUNetStep:
 
 class StepGraphs:
     """An engine's captured UNet calls: it keeps the dense one per latent shape, and makes
-    sparse ones (each edit keeps its own); all allocate from one memory pool."""
+    sparse ones (the maps they record into keep them); all allocate from one memory pool."""
 
     def __init__(self, engine) -> None:
         self.engine = engine
@@ -158,14 +160,12 @@ class StepGraphs:
         self.pool = None
         """The memory pool every capture allocates from (made by the first one on CUDA)."""
 
-    def _new(
-        self, shape: torch.Size, plan: SparsePlan | None = None, source=None
-    ) -> CapturedUNetStep:
+    def _new(self, shape: torch.Size, plan: SparsePlan | None = None) -> CapturedUNetStep:
         if shape not in self._slots:
             self._slots[shape] = StepSlots(self.engine.config.channels_last)
         if self.pool is None and self.engine.model.device.type == "cuda":
             self.pool = torch.cuda.graph_pool_handle()
-        return CapturedUNetStep(self.engine, self._slots[shape], plan, source, self.pool)
+        return CapturedUNetStep(self.engine, self._slots[shape], plan, self.pool)
 
     def dense_step(self, shape: torch.Size) -> CapturedUNetStep:
         """The dense, recording UNet call for latents of `shape`."""
@@ -173,8 +173,12 @@ class StepGraphs:
             self.dense[shape] = self._new(shape)
         return self.dense[shape]
 
-    def sparse_step(
-        self, shape: torch.Size, plan: SparsePlan, source: ActivationCache | HostPrefetcher
-    ) -> CapturedUNetStep:
-        """A new sparse UNet call over `plan` reading `source`, for latents of `shape`."""
-        return self._new(shape, plan, source)
+    def sparse_step(self, shape: torch.Size, plan: SparsePlan, record: ActivationCache):
+        """The sparse UNet call over `plan` that records into `record`'s maps, for latents
+        of `shape`: one captured for maps in that memory and a plan of that signature (then
+        retargeted to `plan`), else a new one that the maps keep."""
+        step = record.graphs.get(plan.signature)
+        if step is None:
+            step = record.graphs[plan.signature] = self._new(shape, plan)
+        step.retarget(plan)
+        return step

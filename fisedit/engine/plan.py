@@ -87,6 +87,18 @@ class SparsePlan:
             scale *= 2
         return (self.config, tuple(levels))
 
+    def load(self, other: "SparsePlan") -> None:
+        """Takes `other`'s mask and indices into this plan's tensors, in place, so that a step
+        captured over this plan replays over `other`'s pixels; the plans must share a
+        signature (so every tensor keeps its shape)."""
+        if other.signature != self.signature:
+            raise ValueError("a plan loads only plans of its own signature (same buckets)")
+        self.mask.copy_(other.mask)
+        for hw, geometry in self._geometry.items():
+            geometry.index.copy_(other.at(hw).index)
+        for (_, _, _, in_hw, out_hw, upsample), (conv, taps) in self._taps.items():
+            taps.copy_(other.taps(conv, in_hw, out_hw, upsample))
+
     def at(self, hw: tuple[int, int]) -> LayerGeometry:
         if hw not in self._geometry:
             self._geometry[hw] = self._build(hw)

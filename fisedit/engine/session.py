@@ -157,7 +157,9 @@ class DenoiseRun:
         params: GenerationParams,
         embeds: PromptEmbeddings,
         on_step: StepCallback | None = None,
+        record: ActivationCache | None = None,
     ):
+        """`record`: where the run records (by default a new cache)."""
         model = engine.model
         self.engine, self.params, self.embeds, self.on_step = engine, params, embeds, on_step
         self.scheduler = make_scheduler(params.scheduler, model.scheduler_config)
@@ -166,12 +168,14 @@ class DenoiseRun:
         shape = model.latent_shape_at(params.height, params.width)
         noise = torch.randn((1, *shape), generator=generator)
         self.latents = noise.to(model.device, model.dtype) * self.scheduler.init_noise_sigma
-        self.record = ActivationCache(params.steps, channels_last=engine.config.channels_last)
+        self.record = record or ActivationCache(
+            params.steps, channels_last=engine.config.channels_last
+        )
         self.added = model.added_conditions(embeds, (params.height, params.width))
         self.capture_s = 0.0
         """Seconds this run spent capturing CUDA graphs."""
         self.sparse_graphs: dict[int, CapturedUNetStep] = {}
-        """This run's captured sparse steps (they record into its cache), by plan."""
+        """The captured sparse steps this run replays, by plan."""
 
     @torch.no_grad()
     def step(self, step: int, macs: MacCount, plan: SparsePlan | None = None, source=None):
@@ -182,10 +186,10 @@ class DenoiseRun:
         # Always a float timestep: a graph's static buffer keeps the dtype of its first call,
         # and an integer one would truncate the fractional timesteps of a later Euler run.
         unet_t = torch.as_tensor(t, dtype=torch.float32, device=model_in.device)
-        graph = self._graph(plan, source)
+        graph = self._graph(plan)
         if graph is not None:
             captured = graph.captured
-            out = graph(model_in, unet_t, step, self.embeds, self.added, self.record, macs)
+            out = graph(model_in, unet_t, step, self.embeds, self.added, self.record, macs, source)
             self.capture_s += 0.0 if captured else graph.capture_s
         else:
             record = self.record
@@ -207,16 +211,16 @@ class DenoiseRun:
         if self.on_step is not None:
             self.on_step(step + 1, self.params.steps)
 
-    def _graph(self, plan: SparsePlan | None, source) -> CapturedUNetStep | None:
-        """The engine's captured UNet call, dense or for `plan` reading `source` (a cache on
-        the device, or a prefetcher's static buffers); none unless the engine captures graphs."""
+    def _graph(self, plan: SparsePlan | None) -> CapturedUNetStep | None:
+        """The engine's captured UNet call, dense or for `plan` recording into this run's
+        maps; none unless the engine captures graphs."""
         engine, shape = self.engine, self.latents.shape
         if not engine.graphs:
             return None
         if plan is None:
             return engine.step_graphs.dense_step(shape)
         if id(plan) not in self.sparse_graphs:
-            self.sparse_graphs[id(plan)] = engine.step_graphs.sparse_step(shape, plan, source)
+            self.sparse_graphs[id(plan)] = engine.step_graphs.sparse_step(shape, plan, self.record)
         return self.sparse_graphs[id(plan)]
 
     @property
@@ -361,6 +365,14 @@ class Engine:
         maps.fill(source, step)
         return maps
 
+    def edits_in_place(self, cache: ActivationCache) -> bool:
+        """Whether an edit may record into `cache`'s own memory: no other session reads it,
+        and it is on the model's device."""
+        return (
+            not (cache.read_only or cache.host_resident)
+            and cache.device.type == self.model.device.type
+        )
+
     def sparse_reads(self, plan: SparsePlan, cache: ActivationCache) -> frozenset[str]:
         """The names in `cache` a sparse step over `plan` reads (its layers' maps)."""
         return sparse_reads(self.layers, plan, cache)
@@ -390,9 +402,13 @@ class Engine:
         reference: ReferenceMode | None = None,
         base: Version | None = None,
         on_step: StepCallback | None = None,
+        in_place: bool = False,
     ) -> Version:
         """Edits the session's current version (or `base`, one of its versions with its cache)
         into a new one, numbered after the session's newest, without changing the session.
+        `in_place` records into the memory of `base`'s cache (`edits_in_place` must allow
+        it): no copy of it is made, it holds the new version's maps afterwards, and sparse
+        steps replay the graphs an earlier edit captured there.
 
         With a `reference` mode it computes a reference of the sparse edit instead, over the
         same mask: "steps" runs every step dense and pastes the previous latents outside the
@@ -408,7 +424,13 @@ class Engine:
         with timer("text"):
             embeds = self.model.encode_for_guidance(params.prompt, generation.negative_prompt)
         edited = generation.model_copy(update={"prompt": params.prompt})
-        run = DenoiseRun(self, edited, embeds, on_step)
+        if in_place and (reference is not None or not self.edits_in_place(base.cache)):
+            raise ValueError(
+                "only an edit of a cache no other session reads, on the model's device, "
+                "records in place (a reference never does)"
+            )
+        record = base.cache.edited_in_place() if in_place else None
+        run = DenoiseRun(self, edited, embeds, on_step, record)
         source = base.cache.reader(self.model.device)
         dense_steps = params.mask_steps
         with timer("mask"):
@@ -485,10 +507,11 @@ class EditSession:
     Versions are numbered in the order they were made: the generation is 0 and each edit
     takes the next number, whichever version it extends, so `history[n]` is version n and
     each version names its `parent`. Editing an older version makes a branch beside the
-    later ones, which stay in the history. Only the current version holds its cache; moving
-    to another version (`checkout`, `undo`, `edit(extends=n)`) restores that version's cache
-    from its snapshot in `snapshots`, or recomputes it from its nearest ancestor that holds
-    one (else from the generation), exactly as it was made.
+    later ones, which stay in the history. Only the current version holds its cache, and an
+    edit records into it in place (unless forks share it), so the new version holds it after;
+    moving to another version (`checkout`, `undo`, `edit(extends=n)`) restores that version's
+    cache from its snapshot in `snapshots`, or recomputes it from its nearest ancestor that
+    holds one (else from the generation), exactly as it was made.
     """
 
     engine: Engine
@@ -529,6 +552,7 @@ class EditSession:
         history = [replace(v, cache=None) for v in self.history]
         start = history[self.version]
         start.cache = self.current.cache
+        start.cache.read_only = True
         return EditSession(self.engine, self.params, start, history=history)
 
     def edit(
@@ -568,7 +592,7 @@ class EditSession:
                 stacklevel=2,
             )
             return base
-        version = self.engine.run_edit(self, params, user_mask, on_step=on_step)
+        version = self._edit_from(base, params, user_mask, on_step, base.cache)
         self._move_to(version, version.cache)
         self.history.append(version)
         return version
@@ -576,7 +600,7 @@ class EditSession:
     def checkout(self, number: int) -> Version:
         """Makes version `number` current, with its cache (restored or recomputed)."""
         version = self._version(number)
-        if version is not self.current:
+        if version is not self.current or version.cache is None:
             self._move_to(version, self._cache_of(version))
         return version
 
@@ -590,6 +614,27 @@ class EditSession:
                 "there is nothing to undo"
             )
         return self.checkout(parent)
+
+    def _edit_from(
+        self,
+        base: Version,
+        params: EditParams,
+        user_mask: torch.Tensor | None,
+        on_step: StepCallback | None,
+        owned: ActivationCache | None,
+    ) -> Version:
+        """Edits `base` into a new version, in place when `owned` (the cache `base` holds, if
+        this session may give it to the new version) can be: an edit that fails there leaves
+        `base` without a cache, which is recomputed when next needed."""
+        in_place = owned is not None and self.engine.edits_in_place(owned)
+        try:
+            return self.engine.run_edit(
+                self, params, user_mask, base=base, on_step=on_step, in_place=in_place
+            )
+        except BaseException:
+            if in_place:
+                base.cache = None
+            raise
 
     def _move_to(self, version: Version, cache: ActivationCache) -> None:
         # Only the current version keeps its cache; others keep image, mask and report.
@@ -617,8 +662,10 @@ class EditSession:
         if cache is None:
             cache = self.engine.run_generation(self.params).cache
         for later in reversed(path):
+            # The current version's cache stays its own; caches made here are given on.
+            owned = None if cache is self.current.cache else cache
             base = replace(version, cache=cache)
-            cache = self.engine.run_edit(self, later.edit, later.user_mask, base=base).cache
+            cache = self._edit_from(base, later.edit, later.user_mask, None, owned).cache
             version = later
         return cache
 

@@ -85,12 +85,21 @@ class SessionPool:
     def edit(self, session_id: str, prompt: str, **options) -> Version:
         """Edits a session wherever it lives; its new version is on the device.
 
-        While it runs, an edit holds the new version's cache beside the current one, so
-        other sessions leave the device first; CacheBudgetError if even that is not room.
+        An edit of a device-resident session records into its cache in place. One of a
+        host-resident session makes the new version's cache on the device while it runs,
+        so other sessions leave the device first; CacheBudgetError if even that is not room.
         """
         session = self.get(session_id)
-        self._enforce(keep=session_id, reserve=session.current.cache.nbytes)
-        version = session.edit(prompt, **options)
+        cache = session.current.cache
+        in_place = self.engine.edits_in_place(cache)
+        self._enforce(keep=session_id, reserve=0 if in_place else cache.nbytes)
+        try:
+            version = session.edit(prompt, **options)
+        except Exception:
+            if session.current.cache is None:
+                # It failed while writing the cache in place: every held session has one.
+                session.checkout(session.version)
+            raise
         self._tier[session_id] = "device"
         self._enforce(keep=session_id)
         return version

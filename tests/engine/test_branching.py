@@ -77,7 +77,8 @@ def test_an_edit_of_an_older_version_equals_that_edit_made_on_a_fresh_session(en
 @pytest.mark.parametrize("snapshotted", [False, True], ids=["recomputed", "from-snapshot"])
 def test_undo_returns_to_the_previous_image_and_cache(engine, store, snapshotted):
     session = engine.generate(CAT, steps=STEPS, seed=5)
-    base_image, base_cache = session.image.copy(), session.current.cache
+    # A copy: the edit records into the generation's cache in place.
+    base_image, base_cache = session.image.copy(), session.current.cache.to("cpu")
     if snapshotted:
         session.snapshots = store
         snapshot(session, store)

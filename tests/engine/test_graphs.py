@@ -1,5 +1,6 @@
 """UNet steps through static buffers (captured as CUDA graphs on a GPU) give the eager result."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -17,16 +18,16 @@ class StaticStepEngine(Engine):
 
 
 def _chain(path: str, engine_class=Engine, **config):
-    """A generation and two edits: each version with a copy of its recorded cache (a
-    version drops its cache when the next one is made)."""
+    """A generation and two edits: each version with a copy of its recorded cache (the next
+    version records into it in place)."""
     config = EngineConfig(progress=False, edit=EditConfig(mask_steps=3), **config)
     engine = engine_class.from_pretrained(path, config)
     session = engine.generate("a cat", steps=10, seed=5)
     versions = []
     for prompt in ("a dog", "a dog in the rain"):
-        versions.append((session.current, dict(session.current.cache.tensors)))
+        versions.append((session.current, session.current.cache.to("cpu").tensors))
         session.edit(prompt)
-    versions.append((session.current, dict(session.current.cache.tensors)))
+    versions.append((session.current, session.current.cache.to("cpu").tensors))
     return engine, versions
 
 
@@ -59,11 +60,11 @@ def test_graph_captured_steps_give_the_eager_latents(tiny_model_dir, dtype):
         assert eager_version.report.graph_capture_s == 0
         if version.mask is not None:
             assert torch.equal(version.mask, eager_version.mask)
-            # Each edit captures its sparse step; the dense step was captured once.
-            assert version.report.graph_capture_s > 0
     (dense_graph,) = engine.step_graphs.dense.values()
     assert dense_graph.graph is not None
+    # The generation captures the dense step, the first edit its sparse step.
     assert captured[0][0].report.graph_capture_s > 0
+    assert captured[1][0].report.graph_capture_s > 0
 
 
 def _masks() -> list[torch.Tensor]:
@@ -92,9 +93,48 @@ def test_captured_sparse_steps_record_into_their_own_edit_and_equal_eager_ones(t
         assert version.report.executed_macs == eager_version.report.executed_macs
         for name, tensor in eager_version.cache.tensors.items():
             assert torch.equal(version.cache.tensors[name], tensor), (version.mask.sum(), name)
-    # Similar masks compile the same kernels (one plan signature), yet each edit's step
-    # writes into that edit's cache, so none is replayed for another edit.
-    assert not static[0].cache.tensors["latents"].equal(static[1].cache.tensors["latents"])
+    # Forks read one cache, so each edit records into a new one, with its own sparse step.
+    assert [len(version.cache.graphs) for version in static] == [1, 1, 1]
+
+
+def _edit_chain(engine: Engine):
+    """A generation and three edits of one session, one per mask, and after each edit the
+    sparse steps its cache keeps."""
+    session = engine.generate("a cat", steps=2, seed=5)
+    kept = []
+    for prompt, mask in zip(("a dog", "a fox", "a red fox"), _masks(), strict=True):
+        session.edit(prompt, mask=mask)
+        kept.append(dict(session.current.cache.graphs))
+    return session, kept
+
+
+def test_a_session_s_next_edit_with_a_similar_mask_replays_the_captured_sparse_step(
+    tiny_model_dir,
+):
+    config = EngineConfig(progress=False)
+    eager, _ = _edit_chain(Engine.from_pretrained(tiny_model_dir, config))
+    static, kept = _edit_chain(StaticStepEngine.from_pretrained(tiny_model_dir, config))
+
+    # Each edit records into the session's cache in place. The second mask has the first's
+    # plan signature: its edit replays the step the first captured, over its own indices.
+    # The larger third one captures a step of its own beside it.
+    (first,) = kept[0].values()
+    assert kept[1] == kept[0]
+    assert len(kept[2]) == 2 and first in kept[2].values()
+    for version, eager_version in zip(static.history, eager.history, strict=True):
+        assert np.array_equal(version.image, eager_version.image), version.number
+        assert version.report.executed_macs == eager_version.report.executed_macs
+    for name, tensor in eager.current.cache.tensors.items():
+        assert torch.equal(static.current.cache.tensors[name], tensor), name
+
+
+@needs_cuda
+def test_on_a_gpu_the_next_edit_with_a_similar_mask_captures_nothing(tiny_model_dir):
+    engine = Engine.from_pretrained(tiny_model_dir, EngineConfig(device="cuda", progress=False))
+    session, _ = _edit_chain(engine)
+
+    capture_s = [version.report.graph_capture_s for version in session.history[1:]]
+    assert capture_s[0] > 0 and capture_s[1] == 0 and capture_s[2] > 0
 
 
 @needs_cuda

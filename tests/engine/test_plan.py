@@ -100,3 +100,22 @@ def test_similar_masks_share_a_signature_and_other_sizes_do_not():
     assert larger.signature != first.signature
     exact = config.model_copy(update={"bucketed": False})
     assert SparsePlan(first.mask, exact).signature != first.signature
+
+
+def test_a_plan_loads_another_of_its_signature_into_its_own_tensors():
+    config = SparseConfig()
+    captured = SparsePlan(_square(64, 8, 8, 20), config)
+    conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+    taps = captured.taps(conv, (32, 32), (32, 32))
+    mask, indices = captured.mask, {hw: g.index for hw, g in captured._geometry.items()}
+    moved = SparsePlan(_square(64, 32, 40, 20), config)
+
+    captured.load(moved)
+
+    # The same tensors (a captured step replays over them), holding the moved plan's values.
+    assert captured.mask is mask and captured.taps(conv, (32, 32), (32, 32)) is taps
+    assert all(captured.at(hw).index is index for hw, index in indices.items())
+    assert torch.equal(captured.region, moved.region)
+    assert torch.equal(taps, moved.taps(conv, (32, 32), (32, 32)))
+    with pytest.raises(ValueError, match="only plans of its own signature"):
+        captured.load(SparsePlan(_square(64, 8, 8, 28), config))

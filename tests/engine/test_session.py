@@ -15,6 +15,7 @@ from fisedit.engine import (
     SparseConfig,
     UneditableSessionWarning,
 )
+from fisedit.engine.cache import RUN_STATE
 from fisedit.engine.config import EditParams
 from fisedit.engine.images import psnr
 from fisedit.engine.kernels.launch import interpreting
@@ -194,6 +195,38 @@ def test_chained_edits_diff_against_the_previous_version(engine):
     assert again is versions[-1] and session.version == 3
 
 
+def _assert_same_cache(cache, expected) -> None:
+    assert cache.tensors.keys() == expected.tensors.keys()
+    for name, tensor in expected.tensors.items():
+        assert torch.equal(cache.tensors[name], tensor), name
+
+
+def test_an_edit_records_into_the_cache_it_extends_and_one_that_fails_there_is_redone(engine):
+    session = engine.generate(CAT, steps=STEPS, seed=7)
+    maps = {k: t for k, t in session.current.cache.tensors.items() if k not in RUN_STATE}
+    # A fork shares its cache read-only, so its edits record into new ones.
+    expected = engine.generate(CAT, steps=STEPS, seed=7).fork()
+    expected.edit(DOG)
+
+    edited = session.edit(DOG)
+
+    # The new version's maps are the generation's memory, holding the edit's values.
+    assert all(edited.cache.tensors[name] is tensor for name, tensor in maps.items())
+    _assert_same_cache(edited.cache, expected.current.cache)
+
+    def interrupt(step: int, steps: int) -> None:
+        if step == steps - 1:  # a sparse step: the cache is half written
+            raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        session.edit(CAT, on_step=interrupt)
+    # The session stays at version 1, without the cache the failed edit wrote into.
+    assert (session.version, len(session.history), session.current.cache) == (1, 2, None)
+    again = session.edit(CAT)  # recomputes version 1's cache first
+    assert np.array_equal(again.image, expected.edit(CAT).image)
+    _assert_same_cache(again.cache, expected.current.cache)
+
+
 def test_every_step_of_a_generation_and_an_edit_is_reported_as_it_runs(engine):
     steps = []
 
@@ -245,6 +278,7 @@ def test_a_set_k_that_leaves_no_sparse_steps_is_warned_at_generate_time(engine):
 def test_forks_edit_one_version_independently_and_leave_the_original_as_it_was(engine):
     session = engine.generate(CAT, steps=STEPS, seed=7)
     base_image, base_cache = session.image.copy(), session.current.cache
+    base_tensors = base_cache.to("cpu")
     prompts = [DOG, "a photo of a bird sitting on a bench"]
 
     variations = [session.fork().edit(prompt) for prompt in prompts]
@@ -257,6 +291,7 @@ def test_forks_edit_one_version_independently_and_leave_the_original_as_it_was(e
         assert np.array_equal(variation.image, alone.image)
     assert session.version == 0 and session.current.cache is base_cache
     assert np.array_equal(session.image, base_image)
+    _assert_same_cache(base_cache, base_tensors)
 
 
 def _state(session):

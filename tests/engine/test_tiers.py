@@ -102,7 +102,7 @@ def test_unknown_and_dropped_sessions_are_clear_errors(engine, session_bytes):
         pool.tier("nobody")
 
 
-def test_an_edit_makes_room_for_the_new_versions_cache_before_it_runs(engine, session_bytes):
+def test_an_edit_of_a_device_session_records_in_place_and_needs_no_room(engine, session_bytes):
     pool = _pool(engine, session_bytes)
     older = pool.generate("a cat", steps=STEPS, seed=1)
     edited = pool.generate("a cat on a bench", steps=STEPS, seed=2)
@@ -110,15 +110,48 @@ def test_an_edit_makes_room_for_the_new_versions_cache_before_it_runs(engine, se
 
     pool.edit(edited.id, "a dog on a bench")
 
-    # The edit held two caches of `edited` on the device: `older` had to leave first.
-    assert _tiers(pool, older, edited) == ["host", "device"]
+    assert _tiers(pool, older, edited) == ["device", "device"]
 
 
-def test_an_edit_that_cannot_fit_beside_its_session_is_refused(engine, session_bytes):
-    budget = TierConfig(device_bytes=3 * session_bytes // 2)
-    pool = SessionPool(engine, budget)
+def test_an_edit_of_a_host_session_makes_room_for_its_new_cache_first(engine, session_bytes):
+    pool = _pool(engine, session_bytes)
+    on_host = pool.generate("a cat", steps=STEPS, seed=1)
+    older = pool.generate("b", steps=STEPS, seed=2)
+    newer = pool.generate("c", steps=STEPS, seed=3)
+    assert _tiers(pool, on_host, older, newer) == ["host", "device", "device"]
+
+    pool.edit(on_host.id, "a dog")
+
+    # The edit made its device cache beside the host one: `older` had to leave the device
+    # first, and the host, which held the edited session's cache until the edit ended.
+    assert _tiers(pool, on_host, older, newer) == ["device", "recipe", "device"]
+
+
+def test_an_edit_that_cannot_fit_its_new_cache_is_refused(engine, session_bytes):
+    pool = SessionPool(engine, TierConfig(device_bytes=session_bytes // 2))
     session = pool.generate("a cat", steps=STEPS, seed=1)
+    pool.generate("a dog", steps=STEPS, seed=2)
+    assert pool.tier(session.id) == "host"
 
     with pytest.raises(CacheBudgetError, match="device budget"):
         pool.edit(session.id, "a dog")
     assert pool.get(session.id).version == 0
+
+
+def test_an_edit_that_fails_midway_leaves_its_session_at_its_version_with_a_cache(
+    engine, session_bytes
+):
+    pool = _pool(engine, session_bytes)
+    session = pool.generate("a cat", steps=STEPS, seed=1)
+
+    def interrupt(step: int, steps: int) -> None:
+        if step == steps:  # the last step: the cache is written in place by then
+            raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        pool.edit(session.id, "a dog", on_step=interrupt)
+
+    held = pool.get(session.id)
+    assert held.version == 0 and held.current.cache is not None
+    alone = engine.generate("a cat", steps=STEPS, seed=1).edit("a dog")
+    assert np.array_equal(pool.edit(session.id, "a dog").image, alone.image)
