@@ -3,7 +3,6 @@ through Ray Client (`ray://`), and the Ray Jobs entrypoint run through JobSubmis
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -39,7 +38,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def head(tmp_path_factory, tiny_model_dir):
+def head(tmp_path_factory, tiny_model_dir, process_group):
     """A head node with the Ray Client server and the dashboard (for Ray Jobs), two edit
     slots, and a service config (tiny model, local store) written as YAML."""
     root = tmp_path_factory.mktemp("head")
@@ -63,12 +62,6 @@ def head(tmp_path_factory, tiny_model_dir):
         f"--temp-dir={temp_dir}",
         "--disable-usage-stats",
     ]
-    # --block keeps the node's processes in this process group, so stopping the group stops
-    # this head alone (`ray stop` would stop every Ray on the machine).
-    node = subprocess.Popen(
-        [*start, "--block"], env=env, start_new_session=True, stdout=subprocess.DEVNULL
-    )
-    _wait_for_ports(node, [ports["client"], ports["dashboard"]])
     config = ServiceConfig.model_validate(
         {
             "model": tiny_model_dir,
@@ -82,7 +75,10 @@ def head(tmp_path_factory, tiny_model_dir):
     )
     config_path = root / "service.yaml"
     config_path.write_text(config.to_yaml())
-    try:
+    # --block keeps the node's processes in this process group, so stopping the group stops
+    # this head alone.
+    with process_group([*start, "--block"], env=env, stdout=subprocess.DEVNULL) as node:
+        _wait_for_ports(node, [ports["client"], ports["dashboard"]])
         yield {
             "ports": ports,
             "env": env,
@@ -90,12 +86,6 @@ def head(tmp_path_factory, tiny_model_dir):
             "config_path": config_path,
             "root": root,
         }
-    finally:
-        os.killpg(node.pid, signal.SIGTERM)
-        try:
-            node.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(node.pid, signal.SIGKILL)
 
 
 def _spec(tmp_path: Path, key: str, steps: int = 4) -> Path:

@@ -15,7 +15,6 @@ import json
 import os
 import select
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -81,39 +80,28 @@ def _wait(condition: Callable[[], object], what: str, timeout: float = TIMEOUT):
 
 
 @pytest.fixture(scope="module")
-def base_url(tmp_path_factory, tiny_model_dir):
-    """`fisedit serve` in its own process group (its Ray included), stopped by killing that
-    group: `ray stop` would stop every Ray on the machine."""
+def base_url(tmp_path_factory, tiny_model_dir, process_group):
+    """`fisedit serve` in its own process group (its Ray included), stopped by stopping that
+    group."""
     root = tmp_path_factory.mktemp("serve")
     port = _free_port()
     env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
     command = [sys.executable, "-m", "fisedit.cli", "serve", "--port", str(port)]
     command += ["--store", str(root / "store"), "--model", tiny_model_dir]
-    log = root / "serve.log"
-    with log.open("wb") as out:
-        server = subprocess.Popen(
-            command, env=env, cwd=root, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    url = f"http://127.0.0.1:{port}"
+    log, url = root / "serve.log", f"http://127.0.0.1:{port}"
+    options = dict(env=env, cwd=root, stderr=subprocess.STDOUT)
+    with log.open("wb") as out, process_group(command, stdout=out, **options) as server:
 
-    def ready() -> bool:
-        assert server.poll() is None, f"fisedit serve exited:\n{log.read_text()[-3000:]}"
-        try:
-            return httpx.get(f"{url}/readyz", timeout=5).status_code == 200
-        except httpx.TransportError:
-            return False
+        def ready() -> bool:
+            assert server.poll() is None, f"fisedit serve exited:\n{log.read_text()[-3000:]}"
+            try:
+                return httpx.get(f"{url}/readyz", timeout=5).status_code == 200
+            except httpx.TransportError:
+                return False
 
-    try:
         _wait(ready, "ready service", START_TIMEOUT)
         _wait(lambda: f"FISEdit studio at {url}/," in log.read_text(), "the printed address")
         yield url
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
