@@ -202,10 +202,10 @@ def _assert_same_cache(cache, expected) -> None:
 
 
 def test_an_edit_records_into_the_cache_it_extends_and_one_that_fails_there_is_redone(engine):
-    session = engine.generate(CAT, steps=STEPS, seed=7)
+    session = engine.generate(CAT, steps=K + 2, seed=7)
     maps = {k: t for k, t in session.current.cache.tensors.items() if k not in RUN_STATE}
     # A fork shares its cache read-only, so its edits record into new ones.
-    expected = engine.generate(CAT, steps=STEPS, seed=7).fork()
+    expected = engine.generate(CAT, steps=K + 2, seed=7).fork()
     expected.edit(DOG)
 
     edited = session.edit(DOG)
