@@ -592,7 +592,7 @@ class EditSession:
                 stacklevel=2,
             )
             return base
-        version = self._edit_from(base, params, user_mask, on_step, base.cache)
+        version = self._edit_from(base, params, user_mask, on_step, owned=True)
         self._move_to(version, version.cache)
         self.history.append(version)
         return version
@@ -621,12 +621,12 @@ class EditSession:
         params: EditParams,
         user_mask: torch.Tensor | None,
         on_step: StepCallback | None,
-        owned: ActivationCache | None,
+        owned: bool,
     ) -> Version:
-        """Edits `base` into a new version, in place when `owned` (the cache `base` holds, if
-        this session may give it to the new version) can be: an edit that fails there leaves
-        `base` without a cache, which is recomputed when next needed."""
-        in_place = owned is not None and self.engine.edits_in_place(owned)
+        """Edits `base` into a new version, in place in `base`'s cache when this session may
+        give it to the new version (`owned`) and the engine can: an edit that fails there
+        leaves `base` without a cache, which is recomputed when next needed."""
+        in_place = owned and self.engine.edits_in_place(base.cache)
         try:
             return self.engine.run_edit(
                 self, params, user_mask, base=base, on_step=on_step, in_place=in_place
@@ -663,7 +663,7 @@ class EditSession:
             cache = self.engine.run_generation(self.params).cache
         for later in reversed(path):
             # The current version's cache stays its own; caches made here are given on.
-            owned = None if cache is self.current.cache else cache
+            owned = cache is not self.current.cache
             base = replace(version, cache=cache)
             cache = self._edit_from(base, later.edit, later.user_mask, None, owned).cache
             version = later
