@@ -31,6 +31,21 @@ def tiny_model_dir(tiny_model_dirs) -> str:
     return tiny_model_dirs["sd15"]
 
 
+@pytest.fixture(scope="session")
+def static_step_engine() -> type:
+    """An Engine class that takes the graph path on any device: UNet calls run over static
+    buffers and slots, and are captured as CUDA graphs only on a GPU, so CPU tests check
+    everything but the capture."""
+    from fisedit.engine import Engine
+
+    class StaticStepEngine(Engine):
+        @property
+        def graphs(self) -> bool:
+            return True
+
+    return StaticStepEngine
+
+
 BUCKET = "fisedit-test"
 MiB = 1 << 20
 

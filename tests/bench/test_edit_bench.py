@@ -9,13 +9,17 @@ import torch
 
 from fisedit.bench.edit_bench import (
     NOISY_SPREAD,
+    PROMPT,
     BenchRun,
+    Clock,
+    ModelBench,
     Timing,
     irregular_mask,
     run_benchmark,
     square_mask,
     table_row,
 )
+from fisedit.engine import Engine, EngineConfig
 
 
 @pytest.mark.parametrize("ratio", [0.05, 0.15, 0.30])
@@ -111,3 +115,44 @@ def test_a_failing_model_is_recorded_and_what_was_measured_is_kept(tmp_path):
     assert {run["method"] for run in data["runs"]} == {"dense-eager", "fisedit"}
     (error,) = data["errors"]
     assert error["what"] == "no-such-model" and error["error"].startswith("KeyError")
+
+
+def test_on_a_gpu_the_timed_sparse_step_is_the_eager_one_replayed(
+    tiny_model_dir, static_step_engine
+):
+    # The engine's graph path (captured on a GPU): it must compute what the eager step
+    # computes, and record into a cache of its own, leaving the edited version's alone.
+    outputs = []
+    for engine_class in (Engine, static_step_engine):
+        engine = engine_class.from_pretrained(tiny_model_dir, EngineConfig(progress=False))
+        base = engine.generate(PROMPT, steps=4, seed=0)
+        cache = base.current.cache
+        before = {name: tensor.clone() for name, tensor in cache.tensors.items()}
+        torch.manual_seed(0)  # the bench's random latents
+        bench = ModelBench("tiny", engine.model, steps=4, clock=Clock(engine.model.device))
+        step = bench.sparse_call(engine, base, square_mask(engine.model.latent_shape[1], 0.15))
+        outputs.append([getattr(out, "sample", out).clone() for out in (step(), step())])
+
+        assert cache.graphs == {}
+        assert all(torch.equal(cache.tensors[name], t) for name, t in before.items())
+    eager, static = outputs
+    assert all(torch.equal(s, e) for s, e in zip(static, eager, strict=True))
+    assert torch.equal(eager[0], eager[1])
+
+
+def test_edits_are_timed_as_a_session_makes_them_leaving_the_generation_alone(
+    tiny_model_dir, static_step_engine
+):
+    engine = static_step_engine.from_pretrained(tiny_model_dir, EngineConfig(progress=False))
+    base = engine.generate(PROMPT, steps=4, seed=0)
+    before = {name: tensor.clone() for name, tensor in base.current.cache.tensors.items()}
+    bench = ModelBench("tiny", engine.model, steps=4, clock=Clock(engine.model.device))
+    mask = square_mask(engine.model.latent_shape[1], 0.15)
+
+    run = bench.fisedit(engine, base, "square-15", mask, 1, Timing(100.0, 0.0), repeats=1)
+
+    assert (run.method, run.mask, run.k) == ("fisedit", "square-15", 1)
+    assert 0 < run.mac_fraction < 1 and run.end_to_end_ms > 0
+    assert run.spread["end_to_end"] > 0  # three edits after the first, on CPU
+    assert base.version == 0 and len(base.history) == 1
+    assert all(torch.equal(base.current.cache.tensors[n], t) for n, t in before.items())

@@ -9,14 +9,6 @@ from fisedit.engine import EditConfig, Engine, EngineConfig
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-class StaticStepEngine(Engine):
-    """Takes the graph path on any device: static buffers and slots, captured only on CUDA."""
-
-    @property
-    def graphs(self) -> bool:
-        return True
-
-
 def _chain(path: str, engine_class=Engine, **config):
     """A generation and two edits: each version with a copy of its recorded cache (the next
     version records into it in place)."""
@@ -31,9 +23,11 @@ def _chain(path: str, engine_class=Engine, **config):
     return engine, versions
 
 
-def test_the_static_step_path_records_exactly_what_eager_steps_record(tiny_model_dir):
+def test_the_static_step_path_records_exactly_what_eager_steps_record(
+    tiny_model_dir, static_step_engine
+):
     _, eager = _chain(tiny_model_dir)
-    engine, static = _chain(tiny_model_dir, StaticStepEngine)
+    engine, static = _chain(tiny_model_dir, static_step_engine)
 
     (dense_graph,) = engine.step_graphs.dense.values()
     assert dense_graph.captured and dense_graph.graph is None
@@ -83,10 +77,12 @@ def _edits_of_one_version(engine: Engine):
     return session, [session.fork().edit("a dog", mask=mask) for mask in _masks()]
 
 
-def test_captured_sparse_steps_record_into_their_own_edit_and_equal_eager_ones(tiny_model_dir):
+def test_captured_sparse_steps_record_into_their_own_edit_and_equal_eager_ones(
+    tiny_model_dir, static_step_engine
+):
     config = EngineConfig(progress=False)
     _, eager = _edits_of_one_version(Engine.from_pretrained(tiny_model_dir, config))
-    engine = StaticStepEngine.from_pretrained(tiny_model_dir, config)
+    engine = static_step_engine.from_pretrained(tiny_model_dir, config)
     _session, static = _edits_of_one_version(engine)
 
     for version, eager_version in zip(static, eager, strict=True):
@@ -109,11 +105,11 @@ def _edit_chain(engine: Engine):
 
 
 def test_a_session_s_next_edit_with_a_similar_mask_replays_the_captured_sparse_step(
-    tiny_model_dir,
+    tiny_model_dir, static_step_engine
 ):
     config = EngineConfig(progress=False)
     eager, _ = _edit_chain(Engine.from_pretrained(tiny_model_dir, config))
-    static, kept = _edit_chain(StaticStepEngine.from_pretrained(tiny_model_dir, config))
+    static, kept = _edit_chain(static_step_engine.from_pretrained(tiny_model_dir, config))
 
     # Each edit records into the session's cache in place. The second mask has the first's
     # plan signature: its edit replays the step the first captured, over its own indices.
@@ -173,14 +169,16 @@ def _evenly_spaced(engine: Engine) -> Engine:
     return engine
 
 
-def test_a_run_gives_the_same_latents_whatever_scheduler_ran_before(tiny_model_dir):
+def test_a_run_gives_the_same_latents_whatever_scheduler_ran_before(
+    tiny_model_dir, static_step_engine
+):
     config = EngineConfig(progress=False)
     eager = _evenly_spaced(Engine.from_pretrained(tiny_model_dir, config))
     expected = {
         name: eager.generate("a cat", steps=3, seed=5, scheduler=name).current.cache
         for name in set(SCHEDULER_ORDER)
     }
-    engine = _evenly_spaced(StaticStepEngine.from_pretrained(tiny_model_dir, config))
+    engine = _evenly_spaced(static_step_engine.from_pretrained(tiny_model_dir, config))
     for previous, name in zip([None, *SCHEDULER_ORDER], SCHEDULER_ORDER, strict=False):
         cache = engine.generate("a cat", steps=3, seed=5, scheduler=name).current.cache
         assert torch.equal(cache.tensors["latents"], expected[name].tensors["latents"]), (
