@@ -1,4 +1,8 @@
-"""Object storage (S3 and local directory); knows neither Ray nor torch."""
+"""Object storage (S3 and local directory); knows neither Ray nor torch.
+
+Importing this package does not import boto3: the S3 store loads it when used, so the
+engine and its benchmarks run where boto3 is not installed (the GPU machine).
+"""
 
 from fisedit.storage.base import (
     InvalidKeyError,
@@ -10,7 +14,6 @@ from fisedit.storage.base import (
     validate_key,
 )
 from fisedit.storage.local import LocalConfig, LocalObjectStore
-from fisedit.storage.s3 import S3Config, S3ObjectStore
 
 __all__ = [
     "InvalidKeyError",
@@ -25,3 +28,11 @@ __all__ = [
     "open_store",
     "validate_key",
 ]
+
+
+def __getattr__(name: str):
+    if name in ("S3Config", "S3ObjectStore"):
+        from fisedit.storage import s3
+
+        return getattr(s3, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -186,14 +186,15 @@ def open_store(url: str, **options: Any) -> ObjectStore:
 
     Options go to the backend's config, e.g. ``endpoint_url`` and ``region`` for S3.
     """
-    # Imported here because the backends import this module.
+    # Imported here because the backends import this module (and S3's needs boto3).
     from fisedit.storage.local import LocalConfig, LocalObjectStore
-    from fisedit.storage.s3 import S3Config, S3ObjectStore
 
     if "://" not in url:
         return LocalObjectStore(LocalConfig(root=url, **options))
     parts = urlsplit(url)
     if parts.scheme == "s3":
+        from fisedit.storage.s3 import S3Config, S3ObjectStore
+
         return S3ObjectStore(S3Config(bucket=parts.netloc, prefix=parts.path, **options))
     if parts.scheme == "file" and parts.netloc in ("", "localhost"):
         return LocalObjectStore(LocalConfig(root=unquote(parts.path), **options))
