@@ -104,6 +104,8 @@ class Client:
             time.sleep(poll_s)
 
     def cancel(self, job_id: str) -> JobRecord:
+        """Stops the job: its running edit at the next denoise step (the session stays at
+        its last committed version), and every edit after it."""
         return self._call(JOB_QUEUE, "cancel", job_id)
 
     def results(self, job_id: str) -> list[EditResult]:

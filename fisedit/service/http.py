@@ -878,7 +878,8 @@ async def job_status(job_id: str, tenant: TenantDep, gw: GatewayDep) -> Job:
 
 @api.post("/v1/jobs/{job_id}/cancel")
 async def cancel_job(job_id: str, tenant: TenantDep, gw: GatewayDep) -> Job:
-    """Stops the job before its next edit."""
+    """Stops the job: its running edit at the next denoise step (the session stays at its
+    last committed version), and every edit after it."""
     gw.check_job(tenant, job_id)
     return Job.of(await gw.call(JOB_QUEUE, "cancel", job_id, loc=["path", "job_id"]))
 

@@ -4,9 +4,11 @@ A job record lives in the store (`jobs/<job>.json` under the tenant), rewritten 
 step, so a restarted queue resumes unfinished jobs from their last committed version. The
 same idempotency key returns the existing job (`jobs/by-key/<key>`, written create-only).
 Transient failures (a worker died, the store timed out) retry with backoff; permanent ones
-(bad input, a stale version) fail the job with the reason. Cancel stops a job between edits.
-Workers report every denoise step; a record keeps only the newest (in memory, saved with
-the next event), and `watch` answers as soon as a record changes, so a stream sees steps.
+(bad input, a stale version) fail the job with the reason. Cancel stops a job within a
+denoise step or two: its running edit is abandoned (the session stays at its last committed
+version) and no later edit starts. Workers report every denoise step; a record keeps only
+the newest (in memory, saved with the next event), and `watch` answers as soon as a record
+changes, so a stream sees steps.
 A retried edit never writes a second result: each edit's version is known in advance, and a
 version already committed is read back instead of made again.
 """
@@ -27,6 +29,7 @@ from typing import Literal, TypeVar
 import ray
 from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from ray import ObjectRef
 from ray.actor import ActorHandle
 from ray.exceptions import RayActorError, RayTaskError
 
@@ -66,6 +69,10 @@ class QueueFullError(RuntimeError):
 
 class UnknownJobError(KeyError):
     """No job with this id."""
+
+
+class JobCancelledError(RuntimeError):
+    """Raised at a denoise step of a job's edit (or generation) once the job is cancelled."""
 
 
 class ChainSpec(GenerationParams):
@@ -151,17 +158,23 @@ class JobRecord(BaseModel):
         return len(self.results)
 
 
-@dataclass(frozen=True)
+@dataclass
 class StepReporter:
     """The per-step callback a worker calls for one edit of a job: it tells the queue
-    without waiting for it."""
+    without waiting for it, and stops the edit (JobCancelledError) once the queue's answer
+    to an earlier report says the job was cancelled."""
 
     queue: ActorHandle
     job_id: str
     edit: int | None
+    _answer: ObjectRef | None = None
+    """The queue's answer to the previous report, read once it has arrived."""
 
     def __call__(self, step: int, steps: int) -> None:
-        self.queue.step.remote(self.job_id, self.edit, step, steps)
+        answer = self._answer
+        if answer is not None and ray.wait([answer], timeout=0)[0] and ray.get(answer):
+            raise JobCancelledError(f"job {self.job_id} was cancelled")
+        self._answer = self.queue.step.remote(self.job_id, self.edit, step, steps)
 
 
 def root_cause(error: BaseException) -> BaseException:
@@ -227,7 +240,8 @@ class JobQueue:
         return self._record(job_id)
 
     async def cancel(self, job_id: str) -> JobRecord:
-        """Stops the job before its next edit (at once, if it has not started)."""
+        """Stops the job: at once if it has not started, else at its running edit's next
+        step report (the edit is abandoned; one that has finished is kept)."""
         await self._ready()
         record = self._record(job_id)
         if record.state not in FINISHED:
@@ -270,14 +284,17 @@ class JobQueue:
                 await asyncio.wait_for(change.wait(), timeout_s)
         return self._revisions[job_id], self._record(job_id)
 
-    async def step(self, job_id: str, edit: int | None, step: int, steps: int) -> None:
+    async def step(self, job_id: str, edit: int | None, step: int, steps: int) -> bool:
         """A worker ran `step` of `steps` of the job's `edit`; a report of an edit the job
-        no longer runs (a late one, or from a try that failed) is dropped."""
+        no longer runs (a late one, or from a try that failed) is dropped. Returns whether
+        the job was cancelled: the worker then stops."""
         record = self.jobs.get(job_id)
-        if record is None or record.state != "running" or record.running_edit != edit:
-            return
-        record.step = StepProgress(edit=edit, step=step, steps=steps)
-        self._changed(record)
+        if record is None:
+            return False
+        if record.state == "running" and record.running_edit == edit:
+            record.step = StepProgress(edit=edit, step=step, steps=steps)
+            self._changed(record)
+        return record.cancel_requested
 
     async def list_jobs(self, state: JobState | None = None) -> list[JobRecord]:
         await self._ready()
@@ -326,6 +343,9 @@ class JobQueue:
                 await self._steps(record)
             except Exception as error:  # permanent, or transient past the retry budget
                 cause = root_cause(error)
+                if isinstance(cause, JobCancelledError):
+                    self._finish(record, "cancelled", "stopped within its running edit")
+                    return
                 record.error = f"{type(cause).__name__}: {cause}"
                 self._finish(record, "failed", record.error)
 

@@ -216,6 +216,21 @@ def test_a_cancelled_job_stops_between_edits(client):
     assert client.cancel(job).state == "cancelled"
 
 
+def test_a_cancel_stops_the_running_edit_and_the_session_keeps_its_version(client):
+    steps = 60  # long enough for the cancel to land while the edit runs
+    job = client.submit_chain(_chain(CHAIN[:2], steps=steps))
+    client.wait(job, timeout=TIMEOUT, until=lambda r: r.step is not None and r.step.edit == 0)
+    client.cancel(job)
+
+    record = client.wait(job, timeout=TIMEOUT)
+    assert record.state == "cancelled" and record.results == []
+    assert record.events[-1].message == "stopped within its running edit"
+    assert record.step.edit == 0 and record.step.step < steps
+    assert [r.version for r in client.history(record.session_id)] == [0]
+    edited = client.edit(record.session_id, CHAIN[0], extends=0)
+    assert edited.version == 1 and edited.cache_path == "hit"
+
+
 def test_a_restarted_router_finds_the_holders_again(client, config):
     made = client.generate("a cat on a bench", steps=STEPS, seed=8)
     client.edit(made.session_id, "a dog on a bench", extends=0)

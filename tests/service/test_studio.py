@@ -393,14 +393,14 @@ def test_a_session_in_the_studio(browser, base_url, downloads, tmp_path):
     assert recipe["params"]["prompt"] == PROMPTS[0] and recipe["params"]["steps"] == STEPS
     assert [e["params"]["prompt"] for e in recipe["edits"]] == [PROMPTS[1]]
 
-    # Escape cancels the edit just sent: the queue cancels it, or it was already running.
+    # Escape cancels the edit just sent: queued or running, unless it has finished.
     _submit(driver, "edit-prompt", "a photo of a dog sitting on a blue bench", Keys.ESCAPE)
     _wait(lambda: _idle(driver) and "cancel" in _text(driver, "status").lower(), "cancel")
     status = _text(driver, "status")
     if status == "Edit cancelled.":
         assert len(_versions(driver)) == 3
     else:
-        assert status == "Too late to cancel: it was running. Edit done: version 3.", status
+        assert status == "Too late to cancel: it had finished. Edit done: version 3.", status
         assert len(_versions(driver)) == 4
 
     # The HTTP traffic: jobs for the generation and edits (asynchronous), their event

@@ -248,7 +248,7 @@ function reportEnd(end, what, before) {
   } else if (newest === before) {
     say(`No change: the new prompt reads the same to the model (v${newest}).`);
   } else {
-    const late = end.cancelling ? "Too late to cancel: it was running. " : "";
+    const late = end.cancelling ? "Too late to cancel: it had finished. " : "";
     say(`${late}${what} done: version ${newest}.`);
   }
 }
