@@ -115,12 +115,15 @@ def test_the_prefetcher_copies_only_the_maps_a_step_loads_into_static_buffers():
         prefetcher.get("unread", torch.tensor(1))
 
 
+@pytest.mark.parametrize("steps_path", ["eager", "static"])
 def test_a_host_resident_edit_reads_only_latents_in_capture_steps_and_equals_the_device_edit(
-    tiny_model_dir,
+    tiny_model_dir, static_step_engine, steps_path
 ):
+    # "static": the graph path (captured on a GPU), sparse steps over the static buffers.
     steps, k = 6, 2
     config = EngineConfig(progress=False, edit=EditConfig(mask_steps=k))
-    engine = Engine.from_pretrained(tiny_model_dir, config)
+    engine_class = static_step_engine if steps_path == "static" else Engine
+    engine = engine_class.from_pretrained(tiny_model_dir, config)
     on_device = engine.generate("a cat on a bench", steps=steps, seed=3)
     on_host = on_device.fork()
     cache = on_host.current.cache = on_device.current.cache.to_host()
