@@ -344,7 +344,9 @@ class JobQueue:
             except Exception as error:  # permanent, or transient past the retry budget
                 cause = root_cause(error)
                 if isinstance(cause, JobCancelledError):
-                    self._finish(record, "cancelled", "stopped within its running edit")
+                    edit = record.running_edit
+                    what = "generation" if edit is None else f"edit {edit}"
+                    self._finish(record, "cancelled", f"stopped during its {what}, not kept")
                     return
                 record.error = f"{type(cause).__name__}: {cause}"
                 self._finish(record, "failed", record.error)

@@ -224,7 +224,7 @@ def test_a_cancel_stops_the_running_edit_and_the_session_keeps_its_version(clien
 
     record = client.wait(job, timeout=TIMEOUT)
     assert record.state == "cancelled" and record.results == []
-    assert record.events[-1].message == "stopped within its running edit"
+    assert record.events[-1].message == "stopped during its edit 0, not kept"
     assert record.step.edit == 0 and record.step.step < steps
     assert [r.version for r in client.history(record.session_id)] == [0]
     edited = client.edit(record.session_id, CHAIN[0], extends=0)
