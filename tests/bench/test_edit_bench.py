@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -62,10 +63,15 @@ def test_cpu_smoke_run_writes_well_formed_results(tmp_path):
     with subprocess.Popen(
         [*command, "--out", str(tmp_path)], stdout=subprocess.PIPE, text=True
     ) as bench:
-        # Each case is printed as it finishes: the first arrives while the others still run.
-        first_case = next(line for line in bench.stdout if line.startswith("tiny "))
-        still_running = bench.poll() is None
-        rest = bench.stdout.read()
+        watchdog = threading.Timer(1200, bench.kill)  # reading its output has no timeout
+        watchdog.start()
+        try:
+            # Each case is printed as it finishes: the first arrives while the others run.
+            first_case = next(line for line in bench.stdout if line.startswith("tiny "))
+            still_running = bench.poll() is None
+            rest = bench.stdout.read()
+        finally:
+            watchdog.cancel()
     assert bench.returncode == 0 and still_running and "dense-eager" in first_case
 
     (result,) = tmp_path.glob("cpu-*.json")

@@ -462,11 +462,13 @@ def test_a_worker_killed_during_a_synchronous_edit_fails_over_and_writes_nothing
     with ThreadPoolExecutor(1) as pool:
         edits = f"/v1/sessions/{session_id}/edits"
         answer = pool.submit(alice.post, edits, json={"prompt": "a dog on a bench", "extends": 0})
-        while ray.get(worker.stats.remote())["queued"] == 0:  # until the holder runs it
+        deadline = time.monotonic() + 600
+        while ray.get(worker.stats.remote(), timeout=60)["queued"] == 0:  # until it runs it
             assert not answer.done(), answer.result().text
+            assert time.monotonic() < deadline, "the holder never started the edit"
             time.sleep(0.01)
         ray.kill(worker, no_restart=False)  # Ray restarts it, empty
-        edited = answer.result()
+        edited = answer.result(timeout=600)
 
     # The router retried on the other worker, which rebuilt the session from the store
     # (unless the holder committed before it died: then that version is the answer).

@@ -126,7 +126,8 @@ def test_new_sessions_go_to_the_worker_with_the_fewest_cache_bytes(client, confi
     placed = []
     for seed in range(2):
         load = {
-            s["worker_id"]: s["cache_bytes"] for s in ray.get([w.stats.remote() for w in workers])
+            s["worker_id"]: s["cache_bytes"]
+            for s in ray.get([w.stats.remote() for w in workers], timeout=TIMEOUT)
         }
         expected = min(load, key=lambda w: (load[w], w))
         placed.append((client.generate("a cat", steps=STEPS, seed=seed).worker_id, expected))
