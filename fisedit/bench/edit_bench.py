@@ -265,14 +265,15 @@ class ModelBench:
         device, step, cache = engine.model.device, self.steps // 2, base.current.cache
         plan = SparsePlan(mask.to(device), engine.config.sparse, device)
         record = ActivationCache(self.steps, channels_last=engine.config.channels_last)
+        reads = engine.sparse_reads(plan, cache)
         if engine.graphs:
             # Captured for (and kept by) the new cache it records into, as an edit's step is.
             graph = engine.step_graphs.sparse_step(self.sample[:1].shape, plan, record)
             args = (self.sample, self.timestep, step, self.embeds, self.added, record)
-            return lambda: graph(*args, MacCount(), cache)
+            return lambda: graph(*args, MacCount(), cache, reads)
 
         def call():
-            maps = engine.step_maps(record, cache, step, plan)
+            maps = engine.step_maps(record, cache, step, reads)
             with engine.unet_pass(step, MacCount(), plan, cache, maps):
                 return self.unet_call(engine.model.unet)()
 
@@ -293,7 +294,7 @@ class ModelBench:
                 call()
             dense = timer.collect()
             record = ActivationCache(self.steps, channels_last=engine.config.channels_last)
-            maps = engine.step_maps(record, cache, step, plan)
+            maps = engine.step_maps(record, cache, step, engine.sparse_reads(plan, cache))
             with engine.unet_pass(step, MacCount(), plan, cache, maps):
                 call()
                 timer.collect()

@@ -70,7 +70,7 @@ class CapturedUNetStep:
             ).sample
 
     def _load(
-        self, sample, timestep, step: int, embeds: PromptEmbeddings, added, record, source
+        self, sample, timestep, step: int, embeds: PromptEmbeddings, added, record, source, reads
     ) -> None:
         """Fills the static input buffers with this call's inputs (the first call makes them),
         and a sparse step's maps with the previous version's."""
@@ -91,7 +91,6 @@ class CapturedUNetStep:
             self.added = {k: self.inputs[f"added.{k}"] for k in added} if added else None
             self.step = torch.tensor(step, device=sample.device)
             if self.plan is not None:
-                reads = self.engine.sparse_reads(self.plan, source)
                 self.maps = StepMaps(record, source, self.step, reads)
         if self.maps is not None:
             self.maps.fill(source, step)
@@ -127,14 +126,16 @@ class CapturedUNetStep:
         record: ActivationCache | None,
         macs: MacCount,
         source: "ActivationCache | HostPrefetcher | None" = None,
+        reads: frozenset[str] = frozenset(),
     ) -> torch.Tensor:
         """The UNet output for denoise step `step`, recorded into `record` at `step` (a
         sparse step always into the maps of its first call's record), a sparse step reading
-        `source` outside its region.
+        `source` outside its region (the maps `reads`, Engine.sparse_reads, as of its first
+        call).
 
         The output is a static buffer: the next call overwrites it."""
         first = not self.captured
-        self._load(sample, timestep, step, embeds, added, record, source)
+        self._load(sample, timestep, step, embeds, added, record, source, reads)
         if first:
             self._capture(source)
         if self.graph is not None:

@@ -178,8 +178,16 @@ class DenoiseRun:
         """The captured sparse steps this run replays, by plan."""
 
     @torch.no_grad()
-    def step(self, step: int, macs: MacCount, plan: SparsePlan | None = None, source=None):
-        """Runs `step`: dense, or sparse over `plan` reading `source` outside it."""
+    def step(
+        self,
+        step: int,
+        macs: MacCount,
+        plan: SparsePlan | None = None,
+        source=None,
+        reads: frozenset[str] = frozenset(),
+    ):
+        """Runs `step`: dense, or sparse over `plan` reading `source` outside it (the maps
+        `reads`, Engine.sparse_reads)."""
         scheduler = self.scheduler
         t = scheduler.timesteps[step]
         model_in = scheduler.scale_model_input(torch.cat([self.latents] * 2), t)
@@ -189,12 +197,13 @@ class DenoiseRun:
         graph = self._graph(plan)
         if graph is not None:
             captured = graph.captured
-            out = graph(model_in, unet_t, step, self.embeds, self.added, self.record, macs, source)
+            args = (model_in, unet_t, step, self.embeds, self.added, self.record, macs)
+            out = graph(*args, source, reads)
             self.capture_s += 0.0 if captured else graph.capture_s
         else:
             record = self.record
             if plan is not None:
-                record = self.engine.step_maps(self.record, source, step, plan)
+                record = self.engine.step_maps(self.record, source, step, reads)
             with self.engine.unet_pass(step, macs, plan, source, record):
                 out = self.engine.model.unet(
                     model_in,
@@ -358,10 +367,13 @@ class Engine:
             state.plan = state.source = state.record = None
             state.config = self.config.sparse
 
-    def step_maps(self, record: ActivationCache, source, step: int, plan: SparsePlan) -> StepMaps:
-        """Where an eager sparse step over `plan` records into `record` at `step`, the maps
-        it reads filled from `source` (the previous version's cache, or its prefetcher)."""
-        maps = StepMaps(record, source, step, self.sparse_reads(plan, source))
+    def step_maps(
+        self, record: ActivationCache, source, step: int, reads: frozenset[str]
+    ) -> StepMaps:
+        """Where an eager sparse step records into `record` at `step`, the maps it reads
+        (`reads`, see sparse_reads) filled from `source` (the previous version's cache, or
+        its prefetcher)."""
+        maps = StepMaps(record, source, step, reads)
         maps.fill(source, step)
         return maps
 
@@ -448,7 +460,7 @@ class Engine:
         mask = plan.region
         dense_reference = reference == "steps"
         prefetcher = source if isinstance(source, HostPrefetcher) else None
-        reads = self.sparse_reads(plan, base.cache) if prefetcher is not None else frozenset()
+        reads = self.sparse_reads(plan, base.cache)
         with timer("sparse"):
             if dense_steps:
                 run.reset_outside(mask, source, dense_steps - 1)
@@ -461,7 +473,7 @@ class Engine:
                     if prefetcher is not None:
                         prefetcher.load(step, reads)
                     step_macs = MacCount()
-                    run.step(step, step_macs, plan, source)
+                    run.step(step, step_macs, plan, source, reads)
                     macs.add(step_macs.dense, step_macs.executed)
                     sparse_macs.add(step_macs.dense, step_macs.executed)
         with timer("decode"):

@@ -56,8 +56,10 @@ def _sparse_call(engine, recorded, name: str, config: SparseConfig, mask: torch.
         source.put(key, 0, tensor[0])
     source.tensors[f"{name}.out"].zero_()
     engine.state.config = config
-    engine.state.plan, engine.state.source = SparsePlan(mask, config), source
-    engine.state.record = engine.step_maps(ActivationCache(steps=1), source, 0, engine.state.plan)
+    plan = engine.state.plan = SparsePlan(mask, config)
+    engine.state.source = source
+    reads = engine.sparse_reads(plan, source)
+    engine.state.record = engine.step_maps(ActivationCache(steps=1), source, 0, reads)
     try:
         args, kwargs = inputs[name]
         with torch.no_grad():
