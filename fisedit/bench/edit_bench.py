@@ -22,7 +22,7 @@ import time
 import traceback
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -415,6 +415,34 @@ def _peak_memory(device: torch.device) -> int | None:
     return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
 
+@dataclass
+class BenchResults:
+    """What a benchmark has measured so far, written out (JSON and PNG) after every case, so
+    that a run stopped part-way (at a device's time limit, say) keeps what it measured."""
+
+    device: str
+    out: Path
+    meta: dict
+    runs: list[BenchRun] = field(default_factory=list)
+    layers: list[LayerProfile] = field(default_factory=list)
+    errors: list[dict] = field(default_factory=list)
+    """Measurements that failed (see `_attempt`)."""
+
+    def add(self, runs: list[BenchRun], layers: list[LayerProfile] | None = None) -> list[BenchRun]:
+        """Records finished cases, writes everything, then prints the cases; returns them."""
+        self.runs += runs
+        self.layers += layers or []
+        self.write()
+        for run in runs:
+            print(table_row(run), flush=True)
+        return runs
+
+    def write(self) -> Path:
+        """Writes <device>-<date>.json and .png under `out`; returns the JSON path."""
+        meta = {**self.meta, "errors": self.errors}
+        return write_results(self.runs, self.layers, self.device, self.out, meta)
+
+
 def bench_model(
     name: str,
     device: str,
@@ -423,28 +451,29 @@ def bench_model(
     compile: bool,
     repeats: int,
     engine_config: EngineConfig,
-    errors: list[dict],
-) -> tuple[list[BenchRun], list[LayerProfile]]:
+    results: BenchResults,
+) -> None:
     """Dense eager, dense compiled (optional) and FISEdit runs for one model shape, and a
-    per-layer profile of a dense and a sparse step at a 15% mask. Each run is printed as it
-    finishes. A measurement that fails is recorded in `errors` and the others go on."""
+    per-layer profile of a dense and a sparse step at a 15% mask, each added to `results`
+    as it finishes. A measurement that fails is recorded as an error and the others go on."""
     with tempfile.TemporaryDirectory() as workdir:
         model = _model(name, device, dtype, workdir)
     clock = Clock(model.device)
     bench = ModelBench(name, model, steps, clock)
+    errors = results.errors
     print(TABLE_HEADER, flush=True)
     _reset_peak_memory(model.device)
-    runs = _printed([bench.dense("dense-eager", model.unet, repeats)])
+    dense = results.add([bench.dense("dense-eager", model.unet, repeats)])
     if compile:
         _reset_peak_memory(model.device)
         compiled = torch.compile(model.unet, mode="reduce-overhead")
-        runs += _printed(
+        dense += results.add(
             _attempt(
                 errors, f"{name} dense-compiled", bench.dense, "dense-compiled", compiled, repeats
             )
         )
         torch._dynamo.reset()
-    best = min(runs, key=lambda run: run.dense_step_ms)
+    best = min(dense, key=lambda run: run.dense_step_ms)
     dense_step = Timing(best.dense_step_ms, best.spread["dense_step"])
     config = engine_config.model_copy(
         update={"device": device, "dtype": _dtype_name(dtype), "progress": False}
@@ -457,7 +486,7 @@ def bench_model(
     cases += [("square-15", square_mask(side, 0.15), k) for k in (3, 10) if k < steps]
     for mask_name, mask, k in cases:
         what = f"{name} fisedit {mask_name} k={k}"
-        runs += _printed(
+        results.add(
             _attempt(
                 errors, what, bench.fisedit, engine, base, mask_name, mask, k, dense_step, repeats
             )
@@ -466,7 +495,7 @@ def bench_model(
     layers = _attempt(
         errors, f"{name} layer profile", bench.profile_layers, engine, base, mask, repeats
     )
-    return runs, [profile for profiles in layers for profile in profiles]
+    results.add([], [profile for profiles in layers for profile in profiles])
 
 
 def _attempt(errors: list[dict], what: str, measure: Callable, *args) -> list:
@@ -495,7 +524,8 @@ def device_name(device: str) -> str:
 def write_results(
     runs: list[BenchRun], layers: list[LayerProfile], device: str, out: Path, meta: dict
 ) -> Path:
-    """Writes <device>-<date>.json and .png under `out`; returns the JSON path."""
+    """Writes <device>-<date>.json and .png under `out`, each replacing the last in one step
+    (a reader never sees half a file); returns the JSON path."""
     out.mkdir(parents=True, exist_ok=True)
     name = device_name(device)
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
@@ -506,7 +536,9 @@ def write_results(
         "runs": [run.model_dump() for run in runs],
         "layers": [layer.model_dump() for layer in layers],
     }
-    stem.with_suffix(".json").write_text(json.dumps(payload, indent=2))
+    partial = stem.with_suffix(".json.partial")
+    partial.write_text(json.dumps(payload, indent=2))
+    partial.replace(stem.with_suffix(".json"))
     plot(runs, stem.with_suffix(".png"), title=f"FISEdit edit speedup on {name}")
     return stem.with_suffix(".json")
 
@@ -534,8 +566,10 @@ def plot(runs: list[BenchRun], path: Path, title: str) -> None:
     axes.set(xlabel="mask ratio", ylabel="end-to-end speedup (supplied mask)", title=title)
     axes.legend(fontsize=7)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    partial = path.with_name(path.name + ".partial")
+    figure.savefig(partial, dpi=120, format="png")
     pyplot.close(figure)
+    partial.replace(path)
 
 
 TABLE_HEADER = (
@@ -562,12 +596,6 @@ def table_row(run: BenchRun) -> str:
     )
 
 
-def _printed(runs: list[BenchRun]) -> list[BenchRun]:
-    for run in runs:
-        print(table_row(run), flush=True)
-    return runs
-
-
 def run_benchmark(
     device: str = "cuda",
     models: tuple[str, ...] = MODELS,
@@ -578,7 +606,7 @@ def run_benchmark(
     out: Path = Path("bench/results"),
     engine_config: EngineConfig | None = None,
 ) -> Path:
-    """Runs every model and writes the results after each one; returns the JSON path.
+    """Runs every model and writes the results after each case; returns the JSON path.
 
     `engine_config` sets FISEdit's sparse config, layout and graphs (device and dtype come
     from the arguments). Failures are recorded under "errors" in the JSON."""
@@ -593,17 +621,15 @@ def run_benchmark(
         channels_last=engine_config.channels_last,
         cuda_graphs=engine_config.cuda_graphs,
     )
-    runs, layers, errors = [], [], []
+    results = BenchResults(device, out, meta)
     for name in models:
-        args = (name, device, dtype, steps, compile, repeats, engine_config, errors)
-        for model_runs, model_layers in _attempt(errors, name, bench_model, *args):
-            runs += model_runs
-            layers += model_layers
-        path = write_results(runs, layers, device, out, {**meta, "errors": errors})
-    noisy = sum(run.noisy for run in runs)
+        args = (name, device, dtype, steps, compile, repeats, engine_config, results)
+        _attempt(results.errors, name, bench_model, *args)
+    path = results.write()
+    noisy = sum(run.noisy for run in results.runs)
     if noisy:
         print(
-            f"{noisy} of {len(runs)} cases are NOISY: a timing varied by more than "
+            f"{noisy} of {len(results.runs)} cases are NOISY: a timing varied by more than "
             f"{NOISY_SPREAD:.0%} of its median between repeats, so their comparisons are not "
             "meaningful; rerun them on a quiet machine"
         )

@@ -66,16 +66,21 @@ def test_cpu_smoke_run_writes_well_formed_results(tmp_path):
         watchdog = threading.Timer(1200, bench.kill)  # reading its output has no timeout
         watchdog.start()
         try:
-            # Each case is printed as it finishes: the first arrives while the others run.
+            # Each case is printed as it finishes: the first arrives while the others run,
+            # and is already in the results, so a run stopped part-way keeps it.
             first_case = next(line for line in bench.stdout if line.startswith("tiny "))
             still_running = bench.poll() is None
+            (partial,) = tmp_path.glob("cpu-*.json")
+            written_first = json.loads(partial.read_text())["runs"][0]
             rest = bench.stdout.read()
         finally:
             watchdog.cancel()
     assert bench.returncode == 0 and still_running and "dense-eager" in first_case
+    assert written_first["method"] == "dense-eager"
 
     (result,) = tmp_path.glob("cpu-*.json")
     assert result.with_suffix(".png").stat().st_size > 10_000
+    assert not list(tmp_path.glob("*.partial"))
     data = json.loads(result.read_text())
     assert data["device"] == "cpu" and data["steps"] == 20
     assert data["sparse"]["kernels"] == "auto" and data["sparse"]["block_size"] == 2
