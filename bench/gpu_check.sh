@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The prepared GPU check: CUDA tests (kernels, graphs, prefetch), then the side-by-side
-# benchmark. Run on a lent GPU machine from the repository root with the missing wheels in
-# .whl/ (see bench/README.md); results and logs go to $OUT.
-#   MODELS=sd15-512,sd21-768,sdxl-1024 bash bench/gpu_check.sh
+# The prepared GPU check: the side-by-side benchmark, then the CUDA tests (kernels, graphs,
+# prefetch). Run on a lent GPU machine from the repository root with the missing wheels in
+# .whl/ (see bench/README.md); results and logs go to $OUT. Each part stops at its own time
+# limit (seconds: BENCH_S, TESTS_S), and the benchmark writes its JSON and PNG after every
+# case, so a part cut short keeps what it did. The whole script takes at most about 8 minutes.
+#   MODELS=sd15-512 bash bench/gpu_check.sh
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target /tmp/site .whl/*.whl || exit 1
@@ -10,7 +12,9 @@ export PYTHONPATH="/tmp/site:$PWD" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 out="${OUT:-bench/results}"
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
-python3 -m pytest -q -p no:cacheprovider tests/engine/kernels tests/engine/test_cache.py \
-  tests/engine/test_graphs.py 2>&1 | tee "$out/gpu-tests.log"
-python3 -m fisedit.cli bench --device cuda --models "${MODELS:-sd15-512}" --out "$out" \
-  2>&1 | tee "$out/bench.log"
+timeout "${BENCH_S:-300}" python3 -m fisedit.cli bench --device cuda \
+  --models "${MODELS:-sd15-512}" --out "$out" 2>&1 | tee "$out/bench.log"
+echo "bench exit status: ${PIPESTATUS[0]} (124: stopped at BENCH_S)" | tee -a "$out/bench.log"
+timeout "${TESTS_S:-150}" python3 -m pytest -q -p no:cacheprovider tests/engine/kernels \
+  tests/engine/test_cache.py tests/engine/test_graphs.py 2>&1 | tee "$out/gpu-tests.log"
+echo "tests exit status: ${PIPESTATUS[0]} (124: stopped at TESTS_S)" | tee -a "$out/gpu-tests.log"
