@@ -361,7 +361,7 @@ class ModelBench:
         session's first edit captured. Like the dense baselines, they are timed after a
         warm-up: that first edit, which also compiles what this mask needs."""
         device = engine.model.device
-        # A session of its own at `base`'s version, which the later cases edit too.
+        # A session of its own, with a copy of `base`'s cache: later cases start from base too.
         session = EditSession(
             engine, base.params, replace(base.current, cache=base.current.cache.to(device))
         )
