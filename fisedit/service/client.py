@@ -113,6 +113,8 @@ class Client:
         return self.status(job_id).results
 
     def list_jobs(self, state: JobState | None = None) -> list[JobRecord]:
+        """Unfinished jobs, and the newest `queue.kept_finished_jobs` finished ones (`status`
+        reads any job)."""
         return self._call(JOB_QUEUE, "list_jobs", state)
 
     # Interactive sessions

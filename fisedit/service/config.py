@@ -55,6 +55,12 @@ class QueueLimits(BaseModel):
     max_pending_jobs: int = Field(1000, ge=1, description="Queued plus running jobs.")
     max_running_jobs: int = Field(8, ge=1, description="Jobs whose edits run concurrently.")
     max_edits_per_job: int = Field(100, ge=1)
+    kept_finished_jobs: int = Field(
+        1000,
+        ge=1,
+        description="Finished jobs whose records the queue keeps in memory (the newest), for "
+        "listing; older ones only the store holds, where a job's status is still read.",
+    )
     migrate_above: int | None = Field(
         None,
         ge=0,

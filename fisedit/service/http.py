@@ -865,7 +865,8 @@ async def submit_job(
 
 @api.get("/v1/jobs")
 async def list_jobs(tenant: TenantDep, gw: GatewayDep) -> list[Job]:
-    """The caller's jobs."""
+    """The caller's jobs: unfinished ones, and the newest finished ones the queue keeps in
+    memory (`queue.kept_finished_jobs`); any job's status is still at /v1/jobs/{job_id}."""
     mine = set(gw.owned(tenant, "jobs"))
     return [Job.of(r) for r in await gw.call(JOB_QUEUE, "list_jobs") if r.job_id in mine]
 

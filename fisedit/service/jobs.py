@@ -10,7 +10,9 @@ version) and no later edit starts. Workers report every denoise step; a record k
 the newest (in memory, saved with the next event), and `watch` answers as soon as a record
 changes, so a stream sees steps.
 A retried edit never writes a second result: each edit's version is known in advance, and a
-version already committed is read back instead of made again.
+version already committed is read back instead of made again. Memory holds the unfinished
+jobs and the newest `kept_finished_jobs` finished ones, once their final record is stored;
+the status of an older one is read from the store.
 """
 
 import asyncio
@@ -19,9 +21,9 @@ import logging
 import re
 import time
 import uuid
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from typing import Literal, TypeVar
@@ -177,6 +179,14 @@ class StepReporter:
         self._answer = self.queue.step.remote(self.job_id, self.edit, step, steps)
 
 
+def _keys(record: JobRecord) -> list[str]:
+    """The store keys of a job: its record and its idempotency key."""
+    keys = [f"jobs/{record.job_id}.json"]
+    if record.spec.idempotency_key is not None:
+        keys.append(f"jobs/by-key/{record.spec.idempotency_key}")
+    return keys
+
+
 def root_cause(error: BaseException) -> BaseException:
     while isinstance(error, RayTaskError) and error.cause is not None:
         error = error.cause
@@ -203,6 +213,11 @@ class JobQueue:
         """Changes of each job (events and steps) since this queue started."""
         self._changes: dict[str, asyncio.Event] = {}
         """Set at a job's next change; `watch` calls wait on it."""
+        self._finished: OrderedDict[str, None] = OrderedDict()
+        """Finished jobs in memory whose final record is in the store, oldest first."""
+        self._stored: dict[str, tuple[str, list[str]]] = {}
+        """Finished jobs only the store holds (beyond `kept_finished_jobs`): their session
+        and store keys, to delete them with their session."""
 
     async def submit(self, spec: ChainSpec) -> str:
         """Queues a job; returns its id (an existing job's, for a known idempotency key)."""
@@ -237,13 +252,13 @@ class JobQueue:
 
     async def status(self, job_id: str) -> JobRecord:
         await self._ready()
-        return self._record(job_id)
+        return await self._find(job_id)
 
     async def cancel(self, job_id: str) -> JobRecord:
         """Stops the job: at once if it has not started, else at its running edit's next
         step report (the edit is abandoned; one that has finished is kept)."""
         await self._ready()
-        record = self._record(job_id)
+        record = await self._find(job_id)
         if record.state not in FINISHED:
             record.cancel_requested = True
             if record.state == "queued":
@@ -256,33 +271,36 @@ class JobQueue:
         each record leaves the store, its idempotency key too. Returns their ids."""
         await self._ready()
         forgotten = [r for r in self.jobs.values() if r.session_id == session_id]
-        deleted = None
+        keys = []
         for record in forgotten:
             task = self._tasks.pop(record.job_id, None)
             if task is not None:
                 task.cancel()
             del self.jobs[record.job_id]
-            keys = [f"jobs/{record.job_id}.json"]
-            if record.spec.idempotency_key is not None:
-                keys.append(f"jobs/by-key/{record.spec.idempotency_key}")
-            deleted = self._writer.submit(self._delete, keys)  # after the pending saves
+            self._finished.pop(record.job_id, None)
+            keys += _keys(record)
             self._changed(record)  # streams watching it learn it is gone
             self._revisions.pop(record.job_id)
-        if deleted is not None:
-            await asyncio.wrap_future(deleted)
-        return [r.job_id for r in forgotten]
+        stored = [job for job, (session, _) in self._stored.items() if session == session_id]
+        for job_id in stored:
+            keys += self._stored.pop(job_id)[1]
+        if keys:
+            await asyncio.wrap_future(self._writer.submit(self._delete, keys))  # after saves
+        return [r.job_id for r in forgotten] + stored
 
     async def watch(self, job_id: str, seen: int, timeout_s: float) -> tuple[int, JobRecord]:
         """The job's revision and record once its revision is past `seen` (at once if it
         is already), or after `timeout_s` without a change: a stream of the job's progress
         that waits instead of polling."""
         await self._ready()
-        self._record(job_id)
-        if self._revisions[job_id] <= seen:
+        record = await self._find(job_id)
+        if job_id in self.jobs and self._revisions[job_id] <= seen:
             change = self._changes.setdefault(job_id, asyncio.Event())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(change.wait(), timeout_s)
-        return self._revisions[job_id], self._record(job_id)
+            record = await self._find(job_id)
+        # A job only the store holds has finished: it changes no more.
+        return self._revisions.get(job_id, seen + 1), record
 
     async def step(self, job_id: str, edit: int | None, step: int, steps: int) -> bool:
         """A worker ran `step` of `steps` of the job's `edit`; a report of an edit the job
@@ -297,6 +315,7 @@ class JobQueue:
         return record.cancel_requested
 
     async def list_jobs(self, state: JobState | None = None) -> list[JobRecord]:
+        """The unfinished jobs and the newest `kept_finished_jobs` finished ones."""
         await self._ready()
         return [r for r in self.jobs.values() if state is None or r.state == state]
 
@@ -321,11 +340,19 @@ class JobQueue:
         if pending >= self.config.queue.max_pending_jobs:
             raise QueueFullError(f"the queue holds {pending} pending jobs, its maximum")
 
-    def _record(self, job_id: str) -> JobRecord:
-        try:
+    async def _find(self, job_id: str) -> JobRecord:
+        """The job's record: held here, else (a finished job beyond `kept_finished_jobs`)
+        read from the store."""
+        if job_id in self.jobs:
             return self.jobs[job_id]
-        except KeyError:
-            raise UnknownJobError(f"unknown job {job_id!r}") from None
+        unknown = UnknownJobError(f"unknown job {job_id!r}")
+        if job_id not in self._stored:
+            raise unknown
+        try:
+            data = await asyncio.to_thread(self.store.get, f"jobs/{job_id}.json")
+        except ObjectNotFoundError:  # deleted with its session meanwhile
+            raise unknown from None
+        return JobRecord.model_validate_json(data)
 
     def _start(self, record: JobRecord) -> None:
         self.jobs[record.job_id] = record
@@ -412,12 +439,16 @@ class JobQueue:
             self._router_handle = ray.get_actor(ROUTER, namespace=self.config.namespace)
         return self._router_handle
 
-    def _event(self, record: JobRecord, kind: str, edit: int | None = None, message="", **extra):
+    def _event(
+        self, record: JobRecord, kind: str, edit: int | None = None, message="", **extra
+    ) -> Future[bool]:
+        """Adds an event to the record; returns the future of its save."""
         if extra:
             message = " ".join([message, *(f"{k}={v}" for k, v in extra.items())]).strip()
         record.events.append(JobEvent(at=time.time(), kind=kind, edit=edit, message=message))
-        self._save(record)
+        saved = self._save(record)
         self._changed(record)
+        return saved
 
     def _changed(self, record: JobRecord) -> None:
         self._revisions[record.job_id] += 1
@@ -427,12 +458,31 @@ class JobQueue:
 
     def _finish(self, record: JobRecord, state: JobState, message: str = "") -> None:
         record.state = state
-        self._event(record, state, message=message)
+        saved, loop = self._event(record, state, message=message), asyncio.get_running_loop()
+        # Once the final record is in the store, memory need not hold it.
+        saved.add_done_callback(
+            lambda done: done.result() and loop.call_soon_threadsafe(self._kept, record.job_id)
+        )
 
-    def _save(self, record: JobRecord) -> None:
-        """Writes the record in the background, in order, off the event loop."""
+    def _kept(self, job_id: str) -> None:
+        """Counts a finished job whose final record is stored; beyond `kept_finished_jobs`
+        the oldest ones leave memory (`status` reads them from the store)."""
+        if job_id not in self.jobs:
+            return  # forgotten with its session meanwhile
+        self._finished[job_id] = None
+        while len(self._finished) > self.config.queue.kept_finished_jobs:
+            oldest, _ = self._finished.popitem(last=False)
+            record = self.jobs.pop(oldest)
+            self._tasks.pop(oldest, None)
+            self._changed(record)  # a stream waiting on it reads it from the store
+            self._revisions.pop(oldest)
+            self._stored[oldest] = (record.session_id, _keys(record))
+
+    def _save(self, record: JobRecord) -> Future[bool]:
+        """Writes the record in the background, in order, off the event loop; the future
+        says whether it was saved."""
         key, data = f"jobs/{record.job_id}.json", record.model_dump_json().encode()
-        self._writer.submit(self._write, key, data)
+        return self._writer.submit(self._write, key, data)
 
     def _delete(self, keys: list[str]) -> None:
         try:
@@ -441,13 +491,15 @@ class JobQueue:
         except TRANSIENT as error:
             log.warning("%s not deleted: %s", keys, error)
 
-    def _write(self, key: str, data: bytes) -> None:
+    def _write(self, key: str, data: bytes) -> bool:
         # Best effort: while the store is down the record lives on here and is saved with
         # its next change; edits themselves are committed by the workers.
         try:
             self.store.put(key, data)
         except TRANSIENT as error:
             log.warning("%s not saved: %s", key, error)
+            return False
+        return True
 
     async def _ready(self) -> None:
         if self._resumed is None:
@@ -455,10 +507,13 @@ class JobQueue:
         await asyncio.shield(self._resumed)
 
     async def _resume(self) -> None:
-        """Loads every stored job; unfinished ones run again from their last result."""
-        for record in await asyncio.to_thread(self._stored_jobs):
+        """Loads every stored job; unfinished ones run again from their last result, and
+        the newest `kept_finished_jobs` finished ones stay in memory."""
+        records = await asyncio.to_thread(self._stored_jobs)
+        for record in sorted(records, key=lambda r: r.events[-1].at if r.events else 0.0):
             if record.state in FINISHED:
                 self.jobs[record.job_id] = record
+                self._kept(record.job_id)
             else:
                 record.state = "queued"
                 self._start(record)

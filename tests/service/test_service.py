@@ -37,7 +37,7 @@ def _config(tiny_model_dir: str, store: StoreConfig, workers: int) -> ServiceCon
         workers=workers,
         worker_resources=WorkerResources(num_cpus=1, resources={"edit_slot": 1}),
         retry=RetryPolicy(attempts=6, backoff_s=0.2),
-        queue=QueueLimits(migrate_above=0),
+        queue=QueueLimits(migrate_above=0, kept_finished_jobs=2),
         call_timeout_s=TIMEOUT,
     )
 
@@ -218,7 +218,7 @@ def test_a_cancelled_job_stops_between_edits(client):
 
 
 def test_a_cancel_stops_the_running_edit_and_the_session_keeps_its_version(client):
-    steps = 60  # long enough for the cancel to land while the edit runs
+    steps = 30  # long enough for the cancel to land while the edit runs
     job = client.submit_chain(_chain(CHAIN[:2], steps=steps))
     client.wait(job, timeout=TIMEOUT, until=lambda r: r.step is not None and r.step.edit == 0)
     client.cancel(job)
@@ -230,6 +230,23 @@ def test_a_cancel_stops_the_running_edit_and_the_session_keeps_its_version(clien
     assert [r.version for r in client.history(record.session_id)] == [0]
     edited = client.edit(record.session_id, CHAIN[0], extends=0)
     assert edited.version == 1 and edited.cache_path == "hit"
+
+
+def test_finished_jobs_beyond_the_kept_ones_leave_memory_and_are_read_from_the_store(
+    client, config
+):
+    kept = config.queue.kept_finished_jobs
+    jobs = [client.submit_chain(_chain(CHAIN[:1], seed=30 + i)) for i in range(kept + 1)]
+    records = [client.wait(job, timeout=TIMEOUT) for job in jobs]
+    # The two workers run them side by side: the first to finish is the oldest.
+    oldest, *newest = sorted(records, key=lambda r: r.events[-1].at)
+
+    deadline = time.monotonic() + TIMEOUT
+    while oldest.job_id in {r.job_id for r in client.list_jobs()}:  # until newer are stored
+        assert time.monotonic() < deadline, "the oldest finished job stayed in memory"
+        time.sleep(0.1)
+    assert {r.job_id for r in newest} <= {r.job_id for r in client.list_jobs("succeeded")}
+    assert client.status(oldest.job_id) == oldest and oldest.state == "succeeded"
 
 
 def test_a_restarted_router_finds_the_holders_again(client, config):

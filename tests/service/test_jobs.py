@@ -1,0 +1,71 @@
+"""The job queue's records: the newest finished jobs in memory, older ones only in the store.
+
+These drive the JobQueue class directly over a local store, with finished jobs only (so
+nothing runs and no Ray is needed); test_service.py runs it as an actor with real jobs."""
+
+import asyncio
+
+import pytest
+
+from fisedit.service.config import QueueLimits, ServiceConfig, StoreConfig
+from fisedit.service.jobs import ChainSpec, JobEvent, JobQueue, JobRecord, UnknownJobError
+
+
+def _finished(number: int, session_id: str, key: str | None = None) -> JobRecord:
+    spec = ChainSpec(prompt="a cat", edits=[{"prompt": "a dog"}], idempotency_key=key)
+    events = [JobEvent(at=1000.0 + number, kind="succeeded")]
+    job_id = f"job{number}"
+    return JobRecord(
+        job_id=job_id, spec=spec, state="succeeded", session_id=session_id, base_version=0,
+        events=events,
+    )  # fmt: skip
+
+
+RECORDS = [_finished(0, "s1", key="retry-0"), _finished(1, "s1"), _finished(2, "s2"),
+           _finished(3, "s2")]  # fmt: skip
+"""Four finished jobs, finished in this order, the oldest two on session s1."""
+
+
+def _queue(tmp_path, kept: int) -> JobQueue:
+    """A queue over a store that holds RECORDS, keeping `kept` finished jobs in memory."""
+    config = ServiceConfig(
+        store=StoreConfig(url=str(tmp_path)), queue=QueueLimits(kept_finished_jobs=kept)
+    )
+    store = config.store.open(f"tenants/{config.tenant}")
+    for record in reversed(RECORDS):  # stored out of order: the queue orders them
+        store.put(f"jobs/{record.job_id}.json", record.model_dump_json().encode())
+    store.put("jobs/by-key/retry-0", b"job0")
+    return JobQueue(config)
+
+
+def test_a_restarted_queue_holds_the_newest_finished_jobs_and_reads_older_ones(tmp_path):
+    queue = _queue(tmp_path, kept=2)
+
+    async def scenario():
+        listed = await queue.list_jobs()
+        statuses = [await queue.status(r.job_id) for r in RECORDS]
+        _, watched = await queue.watch("job0", seen=7, timeout_s=600)  # finished: at once
+        cancelled = await queue.cancel("job0")
+        return listed, statuses, watched, cancelled
+
+    listed, statuses, watched, cancelled = asyncio.run(scenario())
+
+    assert [r.job_id for r in listed] == ["job2", "job3"] and set(queue.jobs) == {"job2", "job3"}
+    assert statuses == RECORDS
+    assert watched == cancelled == RECORDS[0] and cancelled.state == "succeeded"
+
+
+def test_forgetting_a_session_deletes_its_jobs_in_memory_and_those_only_stored(tmp_path):
+    queue = _queue(tmp_path, kept=3)  # job0 only in the store, job1 in memory too
+
+    async def scenario():
+        forgotten = await queue.forget_session("s1")
+        with pytest.raises(UnknownJobError):
+            await queue.status("job0")
+        return forgotten, await queue.list_jobs()
+
+    forgotten, listed = asyncio.run(scenario())
+
+    assert sorted(forgotten) == ["job0", "job1"]
+    assert [r.job_id for r in listed] == ["job2", "job3"]
+    assert sorted(queue.store.list("jobs/")) == ["jobs/job2.json", "jobs/job3.json"]
