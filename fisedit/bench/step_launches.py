@@ -77,6 +77,9 @@ class StepLaunches(BaseModel):
     """The weights plus the step's MAC fraction of the dense step's other bytes: what it
     would move if its activation traffic scaled with its MACs (the dense step: its bytes).
     A reference point, not a floor: attention's MACs grow faster than its bytes."""
+    bytes_by_op: dict[str, int]
+    """The bytes moved by each op and Triton kernel (weights included), most first; the fp32
+    partial sums of split-K convolutions apart, under SPLIT_K_PARTIALS."""
 
     @property
     def launches(self) -> int:
@@ -156,7 +159,8 @@ class _OpCounter(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.ops: Counter[str] = Counter()
-        self.bytes = 0
+        self.bytes: Counter[str] = Counter()
+        """Bytes moved, by op."""
         self.inside_attention = False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -165,7 +169,7 @@ class _OpCounter(TorchDispatchMode):
         name = func.overloadpacket.__name__
         if not (self.inside_attention or func.is_view or name in _NO_KERNEL):
             self.ops[name] += _foreach_launches(args[0]) if name.startswith("_foreach") else 1
-            self.bytes += _op_bytes(func, args, kwargs, out)
+            self.bytes[name] += _op_bytes(func, args, kwargs, out)
         return out
 
 
@@ -187,15 +191,35 @@ class _AttentionAsOneOp(TorchFunctionMode):
             out = out.transpose(1, 2).contiguous().transpose(1, 2)
         finally:
             self.counter.inside_attention = False
-        self.counter.bytes += _nbytes(args[:3]) + _nbytes(out)
+        self.counter.bytes["scaled_dot_product_attention"] += _nbytes(args[:3]) + _nbytes(out)
         return out
+
+
+def _bound(launch: Launch) -> dict:
+    kernel = launch.kernel
+    return {**dict(zip(kernel.arg_names, launch.args, strict=False)), **launch.kwargs}
 
 
 def _launch_bytes(launch: Launch) -> int:
     """Bytes a recorded Triton launch reads and writes, by the rules in the module docstring."""
-    kernel = launch.kernel
-    bound = {**dict(zip(kernel.arg_names, launch.args, strict=False)), **launch.kwargs}
-    return _TRITON_BYTES[kernel.fn.__name__](bound, launch.grid)
+    return _TRITON_BYTES[launch.kernel.fn.__name__](_bound(launch), launch.grid)
+
+
+SPLIT_K_PARTIALS = "split-K partial sums"
+
+
+def _triton_bytes_by_part(launches: list[Launch]) -> Counter[str]:
+    """The launches' bytes by kernel, with the fp32 partial sums that split-K convolutions
+    write and their finalising launches read apart, under SPLIT_K_PARTIALS."""
+    parts: Counter[str] = Counter()
+    for launch in launches:
+        name, moved, bound = launch.kernel.fn.__name__, _launch_bytes(launch), _bound(launch)
+        if name == "_sparse_conv_kernel" and (bound["PARTIAL"] or bound["FINALISE"]):
+            partials = bound["n_splits"] * bound["M"] * bound["N"] * 4
+            parts[SPLIT_K_PARTIALS] += partials
+            moved -= partials
+        parts[name] += moved
+    return parts
 
 
 def _element(bound: dict, name: str) -> int:
@@ -338,10 +362,11 @@ def measure(shape: UNetShape) -> tuple[list[StepLaunches], list[Launch]]:
 
 
 def _row(shape, step, ratio, macs, counter, launches, weights, activations=None) -> StepLaunches:
-    ops = counter.ops
+    ops, bytes_by_op = counter.ops, counter.bytes + _triton_bytes_by_part(launches)
     triton_bytes = sum(_launch_bytes(launch) for launch in launches)
+    other_bytes = counter.bytes.total()
     if activations is None:
-        mac_share = triton_bytes + counter.bytes
+        mac_share = triton_bytes + other_bytes
     else:
         mac_share = weights + round(macs.fraction * activations)
     return StepLaunches(
@@ -353,9 +378,10 @@ def _row(shape, step, ratio, macs, counter, launches, weights, activations=None)
         other_launches=sum(ops.values()),
         other_ops=dict(ops.most_common()),
         triton_bytes=triton_bytes,
-        other_bytes=counter.bytes,
+        other_bytes=other_bytes,
         weight_bytes=weights,
         mac_share_bytes=mac_share,
+        bytes_by_op=dict(bytes_by_op.most_common()),
     )
 
 

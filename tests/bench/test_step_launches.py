@@ -2,7 +2,7 @@
 
 import pytest
 
-from fisedit.bench.step_launches import MASK_RATIOS, measure
+from fisedit.bench.step_launches import MASK_RATIOS, SPLIT_K_PARTIALS, measure
 from fisedit.engine.model_shapes import UNET_SHAPES
 
 
@@ -68,3 +68,6 @@ def test_a_sparse_step_records_in_place_and_stays_within_its_launch_budget(sd15)
     at_15 = next(row for row in sparse if row.mask_ratio == 0.15)
     assert at_15.bytes_moved < 3.65 * 2**30
     assert at_15.bytes_moved < 1.21 * at_15.mac_share_bytes
+    # Where they go: every byte under one op or kernel, split-K partial sums apart.
+    assert sum(at_15.bytes_by_op.values()) == at_15.bytes_moved
+    assert at_15.bytes_by_op[SPLIT_K_PARTIALS] > 0 and "_foreach_copy_" in at_15.bytes_by_op
