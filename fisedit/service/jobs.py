@@ -273,14 +273,8 @@ class JobQueue:
         forgotten = [r for r in self.jobs.values() if r.session_id == session_id]
         keys = []
         for record in forgotten:
-            task = self._tasks.pop(record.job_id, None)
-            if task is not None:
-                task.cancel()
-            del self.jobs[record.job_id]
-            self._finished.pop(record.job_id, None)
+            self._drop(record.job_id)  # streams watching it learn it is gone
             keys += _keys(record)
-            self._changed(record)  # streams watching it learn it is gone
-            self._revisions.pop(record.job_id)
         stored = [job for job, (session, _) in self._stored.items() if session == session_id]
         for job_id in stored:
             keys += self._stored.pop(job_id)[1]
@@ -471,12 +465,21 @@ class JobQueue:
             return  # forgotten with its session meanwhile
         self._finished[job_id] = None
         while len(self._finished) > self.config.queue.kept_finished_jobs:
-            oldest, _ = self._finished.popitem(last=False)
-            record = self.jobs.pop(oldest)
-            self._tasks.pop(oldest, None)
-            self._changed(record)  # a stream waiting on it reads it from the store
-            self._revisions.pop(oldest)
+            oldest = next(iter(self._finished))
+            record = self._drop(oldest)  # a stream waiting on it reads it from the store
             self._stored[oldest] = (record.session_id, _keys(record))
+
+    def _drop(self, job_id: str) -> JobRecord:
+        """Takes a job out of memory, stopping its task if it still runs; streams waiting
+        on it wake up."""
+        record = self.jobs.pop(job_id)
+        self._finished.pop(job_id, None)
+        task = self._tasks.pop(job_id, None)
+        if task is not None:
+            task.cancel()
+        self._changed(record)
+        self._revisions.pop(job_id)
+        return record
 
     def _save(self, record: JobRecord) -> Future[bool]:
         """Writes the record in the background, in order, off the event loop; the future
