@@ -8,15 +8,41 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 if not os.path.exists("/dev/nvidia0") and not os.environ.get("CUDA_VISIBLE_DEVICES"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 import uuid  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from fisedit.engine.models import build_tiny_model  # noqa: E402
 
 # boto3, moto and the storage package are imported inside the S3 fixtures, so the engine's
 # tests also run where only the GPU stack is installed.
+
+
+@pytest.fixture(autouse=True)
+def seeded_torch() -> None:
+    """Every test draws the same random numbers (layer initialisations included) whichever
+    tests ran before it, so a result never depends on the selection or order of tests."""
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def python_without() -> Callable[..., subprocess.CompletedProcess]:
+    """Runs a Python script in a new interpreter in which importing any of the named
+    packages fails, as on a machine without them (the GPU machine has neither Ray nor
+    boto3); returns the finished process, its output captured as text."""
+
+    def run(
+        packages: list[str], script: str, *args: str, timeout: float = 600
+    ) -> subprocess.CompletedProcess:
+        blocker = f"import sys\nsys.modules.update(dict.fromkeys({packages!r}))\n"
+        command = [sys.executable, "-c", blocker + script, *args]
+        return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+
+    return run
 
 
 @pytest.fixture(scope="session")

@@ -12,10 +12,8 @@ def test_storage_imports_neither_ray_nor_torch():
     assert result.stdout.strip() == "[]"
 
 
-def test_only_the_s3_store_needs_boto3(tmp_path):
+def test_only_the_s3_store_needs_boto3(tmp_path, python_without):
     code = (
-        "import sys\n"
-        "sys.modules.update(dict.fromkeys(['boto3', 'botocore']))  # not installed\n"
         "from fisedit.storage import open_store\n"
         f"store = open_store({str(tmp_path)!r})\n"
         "store.put('a/b', b'x')\n"
@@ -23,9 +21,7 @@ def test_only_the_s3_store_needs_boto3(tmp_path):
         "open_store('s3://bucket/prefix')\n"
     )
 
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
-    )
+    result = python_without(["boto3", "botocore"], code, timeout=60)
 
     assert result.stdout.strip() == "b'x'"
     assert result.stderr.strip().endswith(
