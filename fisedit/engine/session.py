@@ -460,7 +460,7 @@ class Engine:
         mask = plan.region
         dense_reference = reference == "steps"
         prefetcher = source if isinstance(source, HostPrefetcher) else None
-        reads = self.sparse_reads(plan, base.cache)
+        reads = frozenset() if dense_reference else self.sparse_reads(plan, base.cache)
         with timer("sparse"):
             if dense_steps:
                 run.reset_outside(mask, source, dense_steps - 1)
@@ -608,6 +608,13 @@ class EditSession:
         self._move_to(version, version.cache)
         self.history.append(version)
         return version
+
+    @property
+    def edit_bytes(self) -> int:
+        """Bytes an edit of the current version holds beyond the session's cache while it
+        runs: none when it records into that cache in place, else a new cache as large."""
+        cache = self.current.cache
+        return 0 if self.engine.edits_in_place(cache) else cache.nbytes
 
     def checkout(self, number: int) -> Version:
         """Makes version `number` current, with its cache (restored or recomputed)."""

@@ -90,9 +90,7 @@ class SessionPool:
         so other sessions leave the device first; CacheBudgetError if even that is not room.
         """
         session = self.get(session_id)
-        cache = session.current.cache
-        in_place = self.engine.edits_in_place(cache)
-        self._enforce(keep=session_id, reserve=0 if in_place else cache.nbytes)
+        self._enforce(keep=session_id, reserve=session.edit_bytes)
         try:
             version = session.edit(prompt, **options)
         except Exception:

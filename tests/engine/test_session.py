@@ -281,6 +281,8 @@ def test_forks_edit_one_version_independently_and_leave_the_original_as_it_was(e
     base_tensors = base_cache.to("cpu")
     prompts = [DOG, "a photo of a bird sitting on a bench"]
 
+    # An edit of the session itself would record in place; one of a fork needs a new cache.
+    assert session.edit_bytes == 0 and session.fork().edit_bytes == base_cache.nbytes
     variations = [session.fork().edit(prompt) for prompt in prompts]
 
     # Each fork's edit equals the same edit of a fresh session, so forks share nothing
