@@ -59,7 +59,8 @@ class QueueLimits(BaseModel):
         1000,
         ge=1,
         description="Finished jobs whose records the queue keeps in memory (the newest), for "
-        "listing; older ones only the store holds, where a job's status is still read.",
+        "listing, and reads at a restart; older ones only the store holds, where a job's "
+        "status is still read.",
     )
     migrate_above: int | None = Field(
         None,

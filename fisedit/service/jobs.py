@@ -3,6 +3,9 @@
 A job record lives in the store (`jobs/<job>.json` under the tenant), rewritten at every
 step, so a restarted queue resumes unfinished jobs from their last committed version. The
 same idempotency key returns the existing job (`jobs/by-key/<key>`, written create-only).
+Once a job's final record is stored, an empty marker `jobs/finished/<session>/<ms>-<job>`
+says when it finished: a restarted queue lists the markers and reads only the records of
+unfinished jobs and of the newest finished ones, however long the history.
 Transient failures (a worker died, the store timed out) retry with backoff; permanent ones
 (bad input, a stale version) fail the job with the reason. Cancel stops a job within a
 denoise step or two: its running edit is abandoned (the session stays at its last committed
@@ -179,11 +182,34 @@ class StepReporter:
         self._answer = self.queue.step.remote(self.job_id, self.edit, step, steps)
 
 
+JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+FINISHED_MARKERS = "jobs/finished/"
+
+
+def _record_key(job_id: str) -> str:
+    return f"jobs/{job_id}.json"
+
+
+def _finished_key(record: JobRecord) -> str:
+    """The marker of a finished job: its name says the job's session and when it finished
+    (its last event), so listing the markers is enough to know both."""
+    finished_ms = round(record.events[-1].at * 1000)
+    return f"{FINISHED_MARKERS}{record.session_id}/{finished_ms}-{record.job_id}"
+
+
+def _marked(key: str) -> tuple[int, str]:
+    """When the job a marker key names finished (ms), and its id."""
+    finished_ms, _, job_id = key.rpartition("/")[2].partition("-")
+    return int(finished_ms), job_id
+
+
 def _keys(record: JobRecord) -> list[str]:
-    """The store keys of a job: its record and its idempotency key."""
-    keys = [f"jobs/{record.job_id}.json"]
+    """The store keys of a job: its record, its idempotency key, its finished marker."""
+    keys = [_record_key(record.job_id)]
     if record.spec.idempotency_key is not None:
         keys.append(f"jobs/by-key/{record.spec.idempotency_key}")
+    if record.state in FINISHED:
+        keys.append(_finished_key(record))
     return keys
 
 
@@ -214,10 +240,8 @@ class JobQueue:
         self._changes: dict[str, asyncio.Event] = {}
         """Set at a job's next change; `watch` calls wait on it."""
         self._finished: OrderedDict[str, None] = OrderedDict()
-        """Finished jobs in memory whose final record is in the store, oldest first."""
-        self._stored: dict[str, tuple[str, list[str]]] = {}
-        """Finished jobs only the store holds (beyond `kept_finished_jobs`): their session
-        and store keys, to delete them with their session."""
+        """Finished jobs in memory whose final record is in the store, oldest first; older
+        ones (beyond `kept_finished_jobs`) only the store holds."""
 
     async def submit(self, spec: ChainSpec) -> str:
         """Queues a job; returns its id (an existing job's, for a known idempotency key)."""
@@ -242,7 +266,7 @@ class JobQueue:
         try:
             # Durable before the caller learns the id: a restarted queue then still has it.
             data = record.model_dump_json().encode()
-            await asyncio.to_thread(self.store.put, f"jobs/{job_id}.json", data)
+            await asyncio.to_thread(self.store.put, _record_key(job_id), data)
         except BaseException:
             if by_key:
                 await asyncio.to_thread(self.store.delete, by_key)
@@ -275,9 +299,9 @@ class JobQueue:
         for record in forgotten:
             self._drop(record.job_id)  # streams watching it learn it is gone
             keys += _keys(record)
-        stored = [job for job, (session, _) in self._stored.items() if session == session_id]
-        for job_id in stored:
-            keys += self._stored.pop(job_id)[1]
+        in_memory = {r.job_id for r in forgotten}
+        stored, stored_keys = await asyncio.to_thread(self._stored_of, session_id, in_memory)
+        keys += stored_keys
         if keys:
             await asyncio.wrap_future(self._writer.submit(self._delete, keys))  # after saves
         return [r.job_id for r in forgotten] + stored
@@ -339,14 +363,13 @@ class JobQueue:
         read from the store."""
         if job_id in self.jobs:
             return self.jobs[job_id]
-        unknown = UnknownJobError(f"unknown job {job_id!r}")
-        if job_id not in self._stored:
-            raise unknown
-        try:
-            data = await asyncio.to_thread(self.store.get, f"jobs/{job_id}.json")
-        except ObjectNotFoundError:  # deleted with its session meanwhile
-            raise unknown from None
-        return JobRecord.model_validate_json(data)
+        # Every unfinished job is in memory: a stored record is a finished one's.
+        record = None
+        if JOB_ID.match(job_id):
+            record = await asyncio.to_thread(self._read, _record_key(job_id))
+        if record is None or record.state not in FINISHED:
+            raise UnknownJobError(f"unknown job {job_id!r}")
+        return record
 
     def _start(self, record: JobRecord) -> None:
         self.jobs[record.job_id] = record
@@ -453,8 +476,9 @@ class JobQueue:
     def _finish(self, record: JobRecord, state: JobState, message: str = "") -> None:
         record.state = state
         saved, loop = self._event(record, state, message=message), asyncio.get_running_loop()
+        marked = self._writer.submit(self._mark_finished, record, saved)
         # Once the final record is in the store, memory need not hold it.
-        saved.add_done_callback(
+        marked.add_done_callback(
             lambda done: done.result() and loop.call_soon_threadsafe(self._kept, record.job_id)
         )
 
@@ -465,11 +489,9 @@ class JobQueue:
             return  # forgotten with its session meanwhile
         self._finished[job_id] = None
         while len(self._finished) > self.config.queue.kept_finished_jobs:
-            oldest = next(iter(self._finished))
-            record = self._drop(oldest)  # a stream waiting on it reads it from the store
-            self._stored[oldest] = (record.session_id, _keys(record))
+            self._drop(next(iter(self._finished)))  # streams waiting read it from the store
 
-    def _drop(self, job_id: str) -> JobRecord:
+    def _drop(self, job_id: str) -> None:
         """Takes a job out of memory, stopping its task if it still runs; streams waiting
         on it wake up."""
         record = self.jobs.pop(job_id)
@@ -479,13 +501,17 @@ class JobQueue:
             task.cancel()
         self._changed(record)
         self._revisions.pop(job_id)
-        return record
 
     def _save(self, record: JobRecord) -> Future[bool]:
         """Writes the record in the background, in order, off the event loop; the future
         says whether it was saved."""
-        key, data = f"jobs/{record.job_id}.json", record.model_dump_json().encode()
+        key, data = _record_key(record.job_id), record.model_dump_json().encode()
         return self._writer.submit(self._write, key, data)
+
+    def _mark_finished(self, record: JobRecord, saved: Future[bool]) -> bool:
+        """Writes a finished job's marker, if its final record was saved (by the writer
+        thread, just before); says whether both are stored."""
+        return saved.result() and self._write(_finished_key(record), b"")
 
     def _delete(self, keys: list[str]) -> None:
         try:
@@ -510,24 +536,58 @@ class JobQueue:
         await asyncio.shield(self._resumed)
 
     async def _resume(self) -> None:
-        """Loads every stored job; unfinished ones run again from their last result, and
-        the newest `kept_finished_jobs` finished ones stay in memory."""
-        records = await asyncio.to_thread(self._stored_jobs)
-        for record in sorted(records, key=lambda r: r.events[-1].at if r.events else 0.0):
-            if record.state in FINISHED:
-                self.jobs[record.job_id] = record
-                self._kept(record.job_id)
-            else:
-                record.state = "queued"
-                self._start(record)
+        """Loads the stored jobs: unfinished ones run again from their last result, and the
+        newest `kept_finished_jobs` finished ones stay in memory."""
+        unfinished, finished = await asyncio.to_thread(self._stored_jobs)
+        for record in finished:
+            self.jobs[record.job_id] = record
+            self._kept(record.job_id)
+        for record in unfinished:
+            record.state = "queued"
+            self._start(record)
 
-    def _stored_jobs(self) -> list[JobRecord]:
-        records = []
-        for key in self.store.list("jobs/"):
-            if key.count("/") != 1 or not key.endswith(".json"):
+    def _stored_jobs(self) -> tuple[list[JobRecord], list[JobRecord]]:
+        """The unfinished jobs, and the newest `kept_finished_jobs` finished ones, oldest
+        first. Records of finished jobs beyond those are not read; one finished before
+        markers were written gets its marker now."""
+        keys = self.store.list("jobs/")
+        markers = sorted(_marked(k) for k in keys if k.startswith(FINISHED_MARKERS))
+        marked = {job_id: finished_ms for finished_ms, job_id in markers}  # oldest first
+        records = [k for k in keys if k.count("/") == 1 and k.endswith(".json")]
+        unmarked = [k for k in records if k[len("jobs/") : -len(".json")] not in marked]
+        newest = list(marked)[max(0, len(marked) - self.config.queue.kept_finished_jobs) :]
+        read = [self._read(key) for key in unmarked + [_record_key(j) for j in newest]]
+        unfinished, finished = [], []
+        for record in filter(None, read):
+            if record.state not in FINISHED:
+                unfinished.append(record)
                 continue
-            try:
-                records.append(JobRecord.model_validate_json(self.store.get(key)))
-            except (ObjectNotFoundError, ValueError) as error:
-                log.warning("skipping unreadable job record %s: %s", key, error)
-        return records
+            if record.job_id not in marked:
+                self._write(_finished_key(record), b"")
+            finished.append(record)
+        finished.sort(key=lambda r: r.events[-1].at)
+        return unfinished, finished
+
+    def _stored_of(self, session_id: str, skip: set[str]) -> tuple[list[str], list[str]]:
+        """The session's finished jobs that only the store holds (not those in `skip`), and
+        their keys."""
+        job_ids, keys = [], []
+        for marker in self.store.list(f"{FINISHED_MARKERS}{session_id}/"):
+            job_id = _marked(marker)[1]
+            if job_id in skip:
+                continue
+            record = self._read(_record_key(job_id))
+            job_ids.append(job_id)
+            keys += [marker] if record is None else _keys(record)
+        return job_ids, keys
+
+    def _read(self, key: str) -> JobRecord | None:
+        """The job record under `key`; None if there is none, or (with a warning) if it
+        cannot be read."""
+        try:
+            return JobRecord.model_validate_json(self.store.get(key))
+        except ObjectNotFoundError:
+            return None
+        except ValueError as error:
+            log.warning("skipping unreadable job record %s: %s", key, error)
+            return None

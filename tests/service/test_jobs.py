@@ -68,4 +68,69 @@ def test_forgetting_a_session_deletes_its_jobs_in_memory_and_those_only_stored(t
 
     assert sorted(forgotten) == ["job0", "job1"]
     assert [r.job_id for r in listed] == ["job2", "job3"]
-    assert sorted(queue.store.list("jobs/")) == ["jobs/job2.json", "jobs/job3.json"]
+    # What is left: s2's records, and the markers the restart wrote for them.
+    assert queue.store.list("jobs/") == [
+        "jobs/finished/s2/1002000-job2",
+        "jobs/finished/s2/1003000-job3",
+        "jobs/job2.json",
+        "jobs/job3.json",
+    ]
+
+
+class ReadLog:
+    """A store that notes every key read from it (the real store underneath)."""
+
+    def __init__(self, store) -> None:
+        self.store, self.read = store, []
+
+    def __getattr__(self, name: str):
+        return getattr(self.store, name)
+
+    def get(self, key: str) -> bytes:
+        self.read.append(key)
+        return self.store.get(key)
+
+
+def test_a_restarted_queue_reads_only_the_records_it_holds_in_memory(tmp_path):
+    asyncio.run(_queue(tmp_path, kept=2).list_jobs())  # marks the finished jobs it finds
+    queue = _queue(tmp_path, kept=1)
+    queue.store = log = ReadLog(queue.store)
+
+    async def scenario():
+        listed = await queue.list_jobs()
+        started_with = list(log.read)
+        return listed, started_with, await queue.status("job0")
+
+    listed, started_with, old = asyncio.run(scenario())
+
+    assert [r.job_id for r in listed] == ["job3"] and started_with == ["jobs/job3.json"]
+    assert old == RECORDS[0] and log.read[-1] == "jobs/job0.json"
+
+
+def test_a_finished_job_is_marked_so_and_a_restart_reads_only_the_newest(tmp_path):
+    # A job whose cancel was asked for before the queue stopped: it ends at the restart,
+    # before its next edit (so nothing runs).
+    spec = ChainSpec(session_id="s3", edits=[{"prompt": "a dog"}])
+    stopped = JobRecord(
+        job_id="job9", spec=spec, state="running", session_id="s3", base_version=1,
+        cancel_requested=True,
+    )  # fmt: skip
+    queue = _queue(tmp_path, kept=4)
+    queue.store.put("jobs/job9.json", stopped.model_dump_json().encode())
+
+    async def scenario():
+        deadline = asyncio.get_running_loop().time() + 60
+        await queue.list_jobs()
+        while not queue.store.list("jobs/finished/s3/"):
+            assert asyncio.get_running_loop().time() < deadline, "no marker written"
+            await asyncio.sleep(0.05)
+        return await queue.status("job9")
+
+    cancelled = asyncio.run(scenario())
+    (marker,) = queue.store.list("jobs/finished/s3/")
+    assert cancelled.state == "cancelled"
+    assert marker == f"jobs/finished/s3/{round(cancelled.events[-1].at * 1000)}-job9"
+
+    restarted = _queue(tmp_path, kept=1)
+    restarted.store = log = ReadLog(restarted.store)
+    assert asyncio.run(restarted.list_jobs()) == [cancelled] and log.read == ["jobs/job9.json"]
