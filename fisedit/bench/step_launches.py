@@ -255,7 +255,7 @@ def _scatter_tokens_bytes(bound: dict, grid) -> int:
 
 
 def _layernorm_rows_bytes(bound: dict, grid) -> int:
-    rows = grid[0] * grid[1] * bound["D"]
+    rows = bound["P"] * grid[1] * bound["D"]
     moved = rows * (_element(bound, "rows_ptr") + _element(bound, "out_ptr"))
     moved += _nbytes(bound["weight_ptr"]) if bound["HAS_WEIGHT"] else 0
     return moved + (_nbytes(bound["bias_ptr"]) if bound["HAS_BIAS"] else 0)

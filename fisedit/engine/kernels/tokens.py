@@ -134,28 +134,42 @@ def _gather_rows_layernorm_kernel(
     HAS_INDEX: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    BLOCK_P: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    # One program normalises one output row, held whole in registers.
+    # One program normalises BLOCK_P output rows, each held whole in registers.
     rows_ptr += tl.load(rows_step_ptr) * sr_s
-    p = tl.program_id(0)
+    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     b = tl.program_id(1)
-    row = p
+    row = offs_p
     if HAS_INDEX:
-        row = tl.load(index_ptr + p)
+        row = tl.load(index_ptr + offs_p, mask=offs_p < P, other=0)
     offs = tl.arange(0, BLOCK_D)
-    mask = offs < D
-    x = tl.load(rows_ptr + b * sr_b + row * sr_l + offs * sr_d, mask=mask, other=0.0)
-    x = x.to(tl.float32)
-    mean = tl.sum(x, axis=0) / D
-    centred = tl.where(mask, x - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / D + eps)
-    y = centred * rstd
+    d_mask = offs < D
+    mask = (offs_p < P)[:, None] & d_mask[None, :]
+    x = tl.load(
+        rows_ptr + b * sr_b + row[:, None] * sr_l + offs[None, :] * sr_d, mask=mask, other=0.0
+    ).to(tl.float32)
+    mean = tl.sum(x, axis=1) / D
+    centred = tl.where(mask, x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / D + eps)
+    y = centred * rstd[:, None]
     if HAS_WEIGHT:
-        y = y * tl.load(weight_ptr + offs, mask=mask).to(tl.float32)
+        y = y * tl.load(weight_ptr + offs, mask=d_mask).to(tl.float32)[None, :]
     if HAS_BIAS:
-        y = y + tl.load(bias_ptr + offs, mask=mask).to(tl.float32)
-    tl.store(out_ptr + (b * P + p) * D + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+        y = y + tl.load(bias_ptr + offs, mask=d_mask).to(tl.float32)[None, :]
+    out_offs = (b * P + offs_p)[:, None] * D + offs[None, :]
+    tl.store(out_ptr + out_offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# Elements of the [rows, D] tile one program of the row kernels or `geglu` holds.
+ROWS_TILE_ELEMENTS = 4096
+
+
+def _rows_tile(n_rows: int, dim: int) -> tuple[int, int]:
+    """(BLOCK_P, BLOCK_D) of a row kernel: whole rows, as many as fit the tile."""
+    block_d = triton.next_power_of_2(dim)
+    return min(triton.next_power_of_2(n_rows), max(1, ROWS_TILE_ELEMENTS // block_d)), block_d
 
 
 def gather_rows_layernorm(
@@ -172,7 +186,9 @@ def gather_rows_layernorm(
     if out.numel() == 0:
         return out
     base, step, step_stride = step_addressed(rows)
-    launcher(_gather_rows_layernorm_kernel, rows.device)[(n_rows, batch)](
+    block_p, block_d = _rows_tile(n_rows, dim)
+    grid = (triton.cdiv(n_rows, block_p), batch)
+    launcher(_gather_rows_layernorm_kernel, rows.device)[grid](
         base,
         step,
         base if index is None else index.contiguous(),
@@ -187,7 +203,8 @@ def gather_rows_layernorm(
         HAS_INDEX=index is not None,
         HAS_WEIGHT=weight is not None,
         HAS_BIAS=bias is not None,
-        BLOCK_D=triton.next_power_of_2(dim),
+        BLOCK_P=block_p,
+        BLOCK_D=block_d,
     )
     return out
 
@@ -355,10 +372,6 @@ def _layernorm_rows_kernel(
     tl.store(out_ptr + out_offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-# Elements of the [rows, D] tile one program of `layernorm_rows` or `geglu` holds.
-ROWS_TILE_ELEMENTS = 4096
-
-
 def layernorm_rows(
     rows: torch.Tensor,
     residual: torch.Tensor | None,
@@ -377,8 +390,7 @@ def layernorm_rows(
     if normed.numel() == 0:
         return summed, normed
     base, step, step_stride = step_addressed(summed)
-    block_d = triton.next_power_of_2(dim)
-    block_p = min(triton.next_power_of_2(n_rows), max(1, ROWS_TILE_ELEMENTS // block_d))
+    block_p, block_d = _rows_tile(n_rows, dim)
     grid = (triton.cdiv(n_rows, block_p), batch)
     launcher(_layernorm_rows_kernel, rows.device)[grid](
         rows,

@@ -25,7 +25,7 @@ REGISTER_BUDGETS = {
     "_group_norm_affine_kernel": 80,  # 64
     "_gather_tokens_affine_kernel": 64,  # 48
     "_scatter_tokens_kernel": 48,  # 34
-    "_gather_rows_layernorm_kernel": 32,  # 21
+    "_gather_rows_layernorm_kernel": 72,  # 56: up to 4096-element tiles of rows
     "_layernorm_rows_kernel": 80,  # 64: up to 4096-element tiles of rows
     "_geglu_kernel": 104,  # 80
 }

@@ -123,6 +123,16 @@ def test_gather_rows_layernorm_matches_reference(indexed, affine):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("indexed", [False, True], ids=["all-rows", "indexed"])
+def test_gather_rows_layernorm_spans_programs_the_last_one_partial(indexed):
+    # 20 channels: a program holds 128 rows, so 300 rows take three.
+    rows = _randn(2, 300, 20) * 3 + 5
+    index = torch.arange(299, -1, -1, device=DEVICE) if indexed else None
+    got = gather_rows_layernorm(rows, index, None, None, 1e-5)
+    expected = gather_rows_layernorm_reference(rows, index, None, None, 1e-5)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_scatter_reference_replaces_exactly_the_active_pixels_in_place():
     base, tokens, residual = _map(), _tokens(), _tokens(seed=2)
     got = scatter_tokens_into_reference(base.clone(), INDEX, tokens, residual)
