@@ -553,8 +553,12 @@ class JobQueue:
         keys = self.store.list("jobs/")
         markers = sorted(_marked(k) for k in keys if k.startswith(FINISHED_MARKERS))
         marked = {job_id: finished_ms for finished_ms, job_id in markers}  # oldest first
-        records = [k for k in keys if k.count("/") == 1 and k.endswith(".json")]
-        unmarked = [k for k in records if k[len("jobs/") : -len(".json")] not in marked]
+        records = {
+            key.removeprefix("jobs/").removesuffix(".json"): key
+            for key in keys
+            if key.count("/") == 1 and key.endswith(".json")
+        }
+        unmarked = [key for job_id, key in records.items() if job_id not in marked]
         newest = list(marked)[max(0, len(marked) - self.config.queue.kept_finished_jobs) :]
         read = [self._read(key) for key in unmarked + [_record_key(j) for j in newest]]
         unfinished, finished = [], []
