@@ -184,6 +184,7 @@ class StepReporter:
 
 JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 FINISHED_MARKERS = "jobs/finished/"
+MARKER = re.compile(rf"^{FINISHED_MARKERS}[^/]+/(\d+)-([A-Za-z0-9_-]+)$")
 
 
 def _record_key(job_id: str) -> str:
@@ -197,10 +198,10 @@ def _finished_key(record: JobRecord) -> str:
     return f"{FINISHED_MARKERS}{record.session_id}/{finished_ms}-{record.job_id}"
 
 
-def _marked(key: str) -> tuple[int, str]:
-    """When the job a marker key names finished (ms), and its id."""
-    finished_ms, _, job_id = key.rpartition("/")[2].partition("-")
-    return int(finished_ms), job_id
+def _marked(keys: list[str]) -> list[tuple[int, str]]:
+    """(when it finished in ms, job id) of each marker among `keys`, oldest first; other
+    keys (none the queue wrote) are left out."""
+    return sorted((int(m[1]), m[2]) for m in map(MARKER.match, keys) if m)
 
 
 def _keys(record: JobRecord) -> list[str]:
@@ -551,8 +552,7 @@ class JobQueue:
         first. Records of finished jobs beyond those are not read; one finished before
         markers were written gets its marker now."""
         keys = self.store.list("jobs/")
-        markers = sorted(_marked(k) for k in keys if k.startswith(FINISHED_MARKERS))
-        marked = {job_id: finished_ms for finished_ms, job_id in markers}  # oldest first
+        marked = {job_id: finished_ms for finished_ms, job_id in _marked(keys)}
         records = {
             key.removeprefix("jobs/").removesuffix(".json"): key
             for key in keys
@@ -575,14 +575,13 @@ class JobQueue:
     def _stored_of(self, session_id: str, skip: set[str]) -> tuple[list[str], list[str]]:
         """The session's finished jobs that only the store holds (not those in `skip`), and
         their keys."""
-        job_ids, keys = [], []
-        for marker in self.store.list(f"{FINISHED_MARKERS}{session_id}/"):
-            job_id = _marked(marker)[1]
+        prefix, job_ids, keys = f"{FINISHED_MARKERS}{session_id}/", [], []
+        for finished_ms, job_id in _marked(self.store.list(prefix)):
             if job_id in skip:
                 continue
             record = self._read(_record_key(job_id))
             job_ids.append(job_id)
-            keys += [marker] if record is None else _keys(record)
+            keys += [f"{prefix}{finished_ms}-{job_id}"] if record is None else _keys(record)
         return job_ids, keys
 
     def _read(self, key: str) -> JobRecord | None:

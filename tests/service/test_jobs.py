@@ -94,6 +94,7 @@ class ReadLog:
 def test_a_restarted_queue_reads_only_the_records_it_holds_in_memory(tmp_path):
     asyncio.run(_queue(tmp_path, kept=2).list_jobs())  # marks the finished jobs it finds
     queue = _queue(tmp_path, kept=1)
+    queue.store.put("jobs/finished/s1/notes.txt", b"not a marker")  # left alone
     queue.store = log = ReadLog(queue.store)
 
     async def scenario():
