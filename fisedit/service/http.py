@@ -63,7 +63,7 @@ from fisedit.service.jobs import (
 )
 from fisedit.service.names import JOB_QUEUE, ROUTER, worker_name
 from fisedit.service.results import (
-    SESSION_ID,
+    STORE_ID,
     EditRequest,
     EditResult,
     EditSpec,
@@ -220,7 +220,7 @@ class JobBody(GenerateBody):
     model_config = _example(prompt="a cat", steps=4, edits=[{"prompt": "a dog"}])
 
     prompt: Prompt | None = None
-    session_id: str | None = Field(None, pattern=SESSION_ID.pattern)
+    session_id: str | None = Field(None, pattern=STORE_ID.pattern)
     edits: list[EditBody] = Field(default_factory=list)
 
 
@@ -396,9 +396,7 @@ class Gateway:
         self.store.put(f"owners/{tenant}/{kind}/{ident}", b"")
 
     def owns(self, tenant: str, kind: str, ident: str) -> bool:
-        return bool(SESSION_ID.match(ident)) and self.store.exists(
-            f"owners/{tenant}/{kind}/{ident}"
-        )
+        return bool(STORE_ID.match(ident)) and self.store.exists(f"owners/{tenant}/{kind}/{ident}")
 
     def owned(self, tenant: str, kind: str) -> list[str]:
         return [key.rsplit("/", 1)[1] for key in self.store.list(f"owners/{tenant}/{kind}/")]

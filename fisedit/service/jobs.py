@@ -41,7 +41,13 @@ from ray.exceptions import RayActorError, RayTaskError
 from fisedit.engine.config import GenerationParams, Prompt
 from fisedit.service.config import ServiceConfig
 from fisedit.service.names import ROUTER
-from fisedit.service.results import EditRequest, EditResult, EditSpec, check_session_id
+from fisedit.service.results import (
+    STORE_ID,
+    EditRequest,
+    EditResult,
+    EditSpec,
+    check_session_id,
+)
 from fisedit.service.router import NoWorkerError
 from fisedit.storage import ObjectExistsError, ObjectNotFoundError, StorageError
 
@@ -182,7 +188,6 @@ class StepReporter:
         self._answer = self.queue.step.remote(self.job_id, self.edit, step, steps)
 
 
-JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 FINISHED_MARKERS = "jobs/finished/"
 MARKER = re.compile(rf"^{FINISHED_MARKERS}[^/]+/(\d+)-([A-Za-z0-9_-]+)$")
 
@@ -191,11 +196,15 @@ def _record_key(job_id: str) -> str:
     return f"jobs/{job_id}.json"
 
 
+def _marker_key(session_id: str, finished_ms: int, job_id: str) -> str:
+    """The marker of a finished job: its name says the job's session and when it finished,
+    so listing the markers is enough to know both."""
+    return f"{FINISHED_MARKERS}{session_id}/{finished_ms}-{job_id}"
+
+
 def _finished_key(record: JobRecord) -> str:
-    """The marker of a finished job: its name says the job's session and when it finished
-    (its last event), so listing the markers is enough to know both."""
-    finished_ms = round(record.events[-1].at * 1000)
-    return f"{FINISHED_MARKERS}{record.session_id}/{finished_ms}-{record.job_id}"
+    """A finished job's marker; it finished at its last event."""
+    return _marker_key(record.session_id, round(record.events[-1].at * 1000), record.job_id)
 
 
 def _marked(keys: list[str]) -> list[tuple[int, str]]:
@@ -366,7 +375,7 @@ class JobQueue:
             return self.jobs[job_id]
         # Every unfinished job is in memory: a stored record is a finished one's.
         record = None
-        if JOB_ID.match(job_id):
+        if STORE_ID.match(job_id):
             record = await asyncio.to_thread(self._read, _record_key(job_id))
         if record is None or record.state not in FINISHED:
             raise UnknownJobError(f"unknown job {job_id!r}")
@@ -512,7 +521,10 @@ class JobQueue:
     def _mark_finished(self, record: JobRecord, saved: Future[bool]) -> bool:
         """Writes a finished job's marker, if its final record was saved (by the writer
         thread, just before); says whether both are stored."""
-        return saved.result() and self._write(_finished_key(record), b"")
+        return saved.result() and self._write_marker(record)
+
+    def _write_marker(self, record: JobRecord) -> bool:
+        return self._write(_finished_key(record), b"")
 
     def _delete(self, keys: list[str]) -> None:
         try:
@@ -552,7 +564,7 @@ class JobQueue:
         first. Records of finished jobs beyond those are not read; one finished before
         markers were written gets its marker now."""
         keys = self.store.list("jobs/")
-        marked = {job_id: finished_ms for finished_ms, job_id in _marked(keys)}
+        marked = dict.fromkeys(job_id for _, job_id in _marked(keys))  # oldest first
         records = {
             key.removeprefix("jobs/").removesuffix(".json"): key
             for key in keys
@@ -567,7 +579,7 @@ class JobQueue:
                 unfinished.append(record)
                 continue
             if record.job_id not in marked:
-                self._write(_finished_key(record), b"")
+                self._write_marker(record)
             finished.append(record)
         finished.sort(key=lambda r: r.events[-1].at)
         return unfinished, finished
@@ -581,7 +593,8 @@ class JobQueue:
                 continue
             record = self._read(_record_key(job_id))
             job_ids.append(job_id)
-            keys += [f"{prefix}{finished_ms}-{job_id}"] if record is None else _keys(record)
+            marker = _marker_key(session_id, finished_ms, job_id)
+            keys += [marker] if record is None else _keys(record)
         return job_ids, keys
 
     def _read(self, key: str) -> JobRecord | None:

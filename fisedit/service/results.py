@@ -27,12 +27,13 @@ CachePath = Literal["generate", "hit", "restore", "restore+replay", "rebuild"]
 memory; `restore` loaded its snapshot; `restore+replay` loaded an older snapshot and
 replayed the later edits; `rebuild` recomputed it from its recipe."""
 
-SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
+STORE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
+"""A session's or a job's id: it becomes one segment of a store key."""
 
 
 def check_session_id(session_id: str) -> str:
     """Session ids become key segments, so only letters, digits, '-' and '_' pass."""
-    if not SESSION_ID.match(session_id):
+    if not STORE_ID.match(session_id):
         raise ValueError(
             f"session id {session_id!r} must be 1-128 letters, digits, '-' or '_', "
             "starting with a letter or digit"
