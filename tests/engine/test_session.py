@@ -377,12 +377,11 @@ def test_feature_maps_run_and_are_cached_channels_last_by_default(tiny_model_dir
     assert maps[0].is_contiguous(memory_format=torch.channels_last) and not maps.is_contiguous()
     assert sessions[1].current.cache.tensors["down_blocks.0.resnets.0.out"].is_contiguous()
     nhwc_edit, nchw_edit = (s.edit(DOG, mask=_square()) for s in sessions)
-    torch.testing.assert_close(
-        nhwc_edit.cache.tensors["latents"],
-        nchw_edit.cache.tensors["latents"],
-        atol=1e-4,
-        rtol=1e-5,
-    )
+    # The layouts sum in different orders, and the tiny model's latents reach about 70:
+    # fp32 rounding leaves up to ~1e-4 between them (1.5e-6 of the largest), a wrong
+    # layout O(1). An absolute 1e-4 passed at seed 4 with 0.7 of its margin used, 0.97 at 1.
+    nhwc, nchw = (e.cache.tensors["latents"] for e in (nhwc_edit, nchw_edit))
+    assert (nhwc - nchw).abs().max() / nchw.abs().max() < 1e-5
 
 
 def test_height_and_width_set_the_image_size_and_a_rebuild_keeps_them(engine):
