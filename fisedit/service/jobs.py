@@ -189,28 +189,25 @@ class StepReporter:
 
 
 FINISHED_MARKERS = "jobs/finished/"
-MARKER = re.compile(rf"^{FINISHED_MARKERS}[^/]+/(\d+)-([A-Za-z0-9_-]+)$")
+_ID = STORE_ID.pattern.strip("^$")
+MARKER = re.compile(rf"^{FINISHED_MARKERS}{_ID}/(\d+)-({_ID})$")
 
 
 def _record_key(job_id: str) -> str:
     return f"jobs/{job_id}.json"
 
 
-def _marker_key(session_id: str, finished_ms: int, job_id: str) -> str:
-    """The marker of a finished job: its name says the job's session and when it finished,
-    so listing the markers is enough to know both."""
-    return f"{FINISHED_MARKERS}{session_id}/{finished_ms}-{job_id}"
-
-
 def _finished_key(record: JobRecord) -> str:
-    """A finished job's marker; it finished at its last event."""
-    return _marker_key(record.session_id, round(record.events[-1].at * 1000), record.job_id)
+    """A finished job's marker: its name says the job's session and when it finished (its
+    last event, in ms), so listing the markers is enough to know both."""
+    finished_ms = round(record.events[-1].at * 1000)
+    return f"{FINISHED_MARKERS}{record.session_id}/{finished_ms}-{record.job_id}"
 
 
-def _marked(keys: list[str]) -> list[tuple[int, str]]:
-    """(when it finished in ms, job id) of each marker among `keys`, oldest first; other
-    keys (none the queue wrote) are left out."""
-    return sorted((int(m[1]), m[2]) for m in map(MARKER.match, keys) if m)
+def _marked(keys: list[str]) -> list[tuple[int, str, str]]:
+    """(when it finished in ms, job id, marker) of each marker among `keys`, oldest first;
+    other keys (none the queue wrote) are left out."""
+    return sorted((int(m[1]), m[2], m[0]) for m in map(MARKER.match, keys) if m)
 
 
 def _keys(record: JobRecord) -> list[str]:
@@ -564,7 +561,7 @@ class JobQueue:
         first. Records of finished jobs beyond those are not read; one finished before
         markers were written gets its marker now."""
         keys = self.store.list("jobs/")
-        marked = dict.fromkeys(job_id for _, job_id in _marked(keys))  # oldest first
+        marked = dict.fromkeys(job_id for _, job_id, _ in _marked(keys))  # oldest first
         records = {
             key.removeprefix("jobs/").removesuffix(".json"): key
             for key in keys
@@ -588,12 +585,11 @@ class JobQueue:
         """The session's finished jobs that only the store holds (not those in `skip`), and
         their keys."""
         prefix, job_ids, keys = f"{FINISHED_MARKERS}{session_id}/", [], []
-        for finished_ms, job_id in _marked(self.store.list(prefix)):
+        for _, job_id, marker in _marked(self.store.list(prefix)):
             if job_id in skip:
                 continue
             record = self._read(_record_key(job_id))
             job_ids.append(job_id)
-            marker = _marker_key(session_id, finished_ms, job_id)
             keys += [marker] if record is None else _keys(record)
         return job_ids, keys
 
