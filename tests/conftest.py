@@ -3,6 +3,11 @@
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+# Ray starts its workers at niceness 15: on a machine busy with other jobs they get a few
+# percent of a core and the service tests crawl past their timeouts (workers did 27 s of CPU
+# in 12.5 minutes beside two busy processes). The tests' own clusters run them at normal
+# priority; every cluster and subprocess the tests start inherits this.
+os.environ.setdefault("RAY_worker_niceness", "0")
 # Triton decides between compiling and interpreting when it is imported: without a GPU its
 # kernels run under the CPU interpreter. (Checked without importing torch, which is slow.)
 if not os.path.exists("/dev/nvidia0") and not os.environ.get("CUDA_VISIBLE_DEVICES"):
