@@ -4,6 +4,7 @@ affinity, stale versions, bad input, jobs, idempotency, cancellation, and failov
 import io
 import time
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from fisedit.engine.config import EditConfig, EngineConfig
+from fisedit.engine.session import StepCallback
 from fisedit.service import Client, deploy
 from fisedit.service.config import (
     QueueLimits,
@@ -103,7 +105,30 @@ def test_a_snapshot_on_request_lands_in_the_store(client, config):
     assert config.store.open(f"tenants/{config.tenant}").exists(key)
 
 
-def test_an_edit_moves_off_a_busy_holder_when_a_snapshot_makes_it_cheap(client, config):
+def _held_at_first_step(started: Path, release: Path) -> StepCallback:
+    """An `on_step` that keeps its edit in flight: it marks the edit as started, then
+    waits at the first step until the test releases it. Files, since it runs on a worker;
+    nested, so that Ray pickles it by value (a worker cannot import the test module)."""
+
+    def on_step(done: int, total: int) -> None:
+        started.touch()
+        deadline = time.monotonic() + TIMEOUT
+        while not release.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    return on_step
+
+
+def _wait_for(path: Path, call: ray.ObjectRef) -> None:
+    """Waits for `path`; a call that ends first raises its error (or names its result)."""
+    deadline = time.monotonic() + TIMEOUT
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path.name} did not appear in {TIMEOUT} s"
+        done, _ = ray.wait([call], timeout=0.05)
+        assert not done, f"the call ended before {path.name}: {ray.get(call)}"
+
+
+def test_an_edit_moves_off_a_busy_holder_when_a_snapshot_makes_it_cheap(client, config, tmp_path):
     # Of three new sessions two share a worker.
     made = [client.generate("a cat", steps=STEPS, seed=30 + i) for i in range(3)]
     busy, moved = next(
@@ -111,9 +136,15 @@ def test_an_edit_moves_off_a_busy_holder_when_a_snapshot_makes_it_cheap(client, 
     )
     client.snapshot(moved.session_id)
     router = ray.get_actor(ROUTER, namespace=config.namespace)
+    started, release = tmp_path / "started", tmp_path / "release"
 
-    running = router.edit.remote(busy.session_id, EditRequest(prompt="a dog", extends=0))
-    edited = client.edit(moved.session_id, "a fox", extends=0)
+    request = EditRequest(prompt="a dog", extends=0)
+    running = router.edit.remote(busy.session_id, request, _held_at_first_step(started, release))
+    _wait_for(started, running)  # the holder is busy until the test releases it
+    try:
+        edited = client.edit(moved.session_id, "a fox", extends=0)
+    finally:
+        release.touch()
 
     assert (edited.cache_path, edited.version) == ("restore", 1)
     assert edited.worker_id != moved.worker_id
