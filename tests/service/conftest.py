@@ -10,9 +10,11 @@ import pytest
 
 
 @contextmanager
-def _in_own_process_group(command: list[str], **popen) -> Iterator[subprocess.Popen]:
+def _in_own_process_group(
+    command: list[str], grace_s: float = 60, **popen
+) -> Iterator[subprocess.Popen]:
     """Runs `command` in a new process group, and stops the whole group on exit: SIGTERM,
-    then SIGKILL if it has not ended within a minute. (`ray stop` would stop every Ray on
+    then SIGKILL if it has not ended within `grace_s`. (`ray stop` would stop every Ray on
     the machine, not just the one the command started.)"""
     process = subprocess.Popen(command, start_new_session=True, **popen)
     try:
@@ -20,7 +22,7 @@ def _in_own_process_group(command: list[str], **popen) -> Iterator[subprocess.Po
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         try:
-            process.wait(timeout=60)
+            process.wait(timeout=grace_s)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait(timeout=60)
@@ -28,6 +30,6 @@ def _in_own_process_group(command: list[str], **popen) -> Iterator[subprocess.Po
 
 @pytest.fixture(scope="session")
 def process_group() -> Callable[..., AbstractContextManager[subprocess.Popen]]:
-    """`process_group(command, **popen)`: a context manager that runs a command in its own
-    process group and stops the group when it exits."""
+    """`process_group(command, grace_s=60, **popen)`: a context manager that runs a command
+    in its own process group and stops the group when it exits."""
     return _in_own_process_group

@@ -61,6 +61,7 @@ def head(tmp_path_factory, tiny_model_dir, process_group):
         "--object-store-memory=150000000",
         f"--temp-dir={temp_dir}",
         "--disable-usage-stats",
+        "--block",
     ]
     config = ServiceConfig.model_validate(
         {
@@ -76,8 +77,9 @@ def head(tmp_path_factory, tiny_model_dir, process_group):
     config_path = root / "service.yaml"
     config_path.write_text(config.to_yaml())
     # --block keeps the node's processes in this process group, so stopping the group stops
-    # this head alone.
-    with process_group([*start, "--block"], env=env, stdout=subprocess.DEVNULL) as node:
+    # this head alone. A short grace: the head takes about 30 s to stop on SIGTERM, and
+    # nothing is left to save once the tests are done.
+    with process_group(start, grace_s=5, env=env, stdout=subprocess.DEVNULL) as node:
         _wait_for_ports(node, [ports["client"], ports["dashboard"]])
         yield {
             "ports": ports,
