@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import ActorUnavailableError, RayActorError
 
 from fisedit.engine.config import GenerationParams
 from fisedit.service.config import ServiceConfig
@@ -54,20 +54,28 @@ class Client:
                     raise
 
     def _call(self, actor: str, method: str, *args):
-        """Calls a service actor, retrying while it restarts (per the config's policy)."""
+        """Calls a service actor, retrying while it restarts: for up to `timeout_s` while
+        Ray says it is restarting (Ray ends that state, with the actor back or dead), and
+        per the config's policy when it is gone."""
         policy = self.config.retry
-        for retry in range(policy.attempts):
-            if retry:
-                time.sleep(policy.delay(retry))
+        deadline = time.monotonic() + self.timeout_s
+        retry = gone = 0
+        while True:
             try:
                 if actor not in self._actors:
                     self._actors[actor] = ray.get_actor(actor, namespace=self.config.namespace)
                 ref = getattr(self._actors[actor], method).remote(*args)
                 return ray.get(ref, timeout=self.timeout_s)
+            except ActorUnavailableError:
+                if time.monotonic() >= deadline:
+                    raise
             except RayActorError:
                 self._actors.pop(actor, None)  # it may come back as a new actor
-                if retry == policy.attempts - 1:
+                gone += 1
+                if gone == policy.attempts:
                     raise
+            retry += 1
+            time.sleep(policy.delay(retry))
 
     # Jobs
 
