@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import boto3
@@ -23,6 +22,7 @@ import pytest
 import ray
 import torch
 from PIL import Image
+from polling import wait_until
 
 from fisedit.engine.config import EditConfig, EngineConfig
 from fisedit.engine.session import Engine
@@ -263,10 +263,14 @@ def test_a_killed_driver_loses_nothing_and_the_rerun_computes_only_the_rest(
     ]
     driver = subprocess.Popen(command, cwd=REPO, env=os.environ | {"PYTHONPATH": REPO})
     try:
-        deadline = time.monotonic() + 600
-        while _stored_rows(store, layout) < 5:
-            assert driver.poll() is None and time.monotonic() < deadline, "driver ended early"
-            time.sleep(0.5)
+
+        def five_rows_stored() -> bool:
+            if _stored_rows(store, layout) >= 5:
+                return True
+            assert driver.poll() is None, "driver ended early"
+            return False
+
+        wait_until(five_rows_stored, "5 stored rows", 600, interval=0.5)
     finally:
         driver.kill()
         driver.wait(timeout=60)

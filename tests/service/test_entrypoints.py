@@ -6,10 +6,11 @@ import os
 import socket
 import subprocess
 import sys
-import time
+from functools import partial
 from pathlib import Path
 
 import pytest
+from polling import wait_until
 
 from fisedit.service.config import ServiceConfig
 from fisedit.service.jobs import ChainSpec
@@ -20,15 +21,13 @@ TIMEOUT = 600
 
 
 def _wait_for_ports(node: subprocess.Popen, ports: list[int]) -> None:
-    deadline = time.monotonic() + TIMEOUT
+    def listening(port: int) -> bool:
+        assert node.poll() is None, f"ray start exited with {node.returncode}"
+        with socket.socket() as sock:
+            return sock.connect_ex(("127.0.0.1", port)) == 0
+
     for port in ports:
-        while True:
-            assert node.poll() is None, f"ray start exited with {node.returncode}"
-            assert time.monotonic() < deadline, f"port {port} not open after {TIMEOUT} s"
-            with socket.socket() as sock:
-                if sock.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            time.sleep(0.5)
+        wait_until(partial(listening, port), f"listener on port {port}", TIMEOUT, interval=0.5)
 
 
 def _free_port() -> int:
@@ -139,14 +138,10 @@ def test_the_ray_jobs_entrypoint_runs_the_example_chain(head, tmp_path):
     )
     uploaded = {"working_dir": str(ROOT), "excludes": [".git", ".venv", "out", "bench"]}
     job = client.submit_job(entrypoint=entrypoint, runtime_env=uploaded)
-    deadline = time.monotonic() + TIMEOUT
-    finished = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
-    while (status := client.get_job_status(job)) not in finished:
-        assert time.monotonic() < deadline, f"job still {status} after {TIMEOUT} s"
-        time.sleep(1)
+    wait_until(lambda: client.get_job_status(job).is_terminal(), "finished job", TIMEOUT, 1)
     logs = client.get_job_logs(job)
 
-    assert status == JobStatus.SUCCEEDED, logs[-3000:]
+    assert client.get_job_status(job) == JobStatus.SUCCEEDED, logs[-3000:]
     tenant = head["root"] / "store/tenants/local"
     job_id = (tenant / "jobs/by-key/through-ray-jobs").read_text()
     record = json.loads((tenant / f"jobs/{job_id}.json").read_text())

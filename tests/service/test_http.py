@@ -11,7 +11,6 @@ import base64
 import io
 import json
 import socket
-import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +25,7 @@ import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
 from PIL import Image
+from polling import wait_until
 from ray import serve
 from schemathesis import GenerationMode
 from schemathesis.checks import (
@@ -462,11 +462,14 @@ def test_a_worker_killed_during_a_synchronous_edit_fails_over_and_writes_nothing
     with ThreadPoolExecutor(1) as pool:
         edits = f"/v1/sessions/{session_id}/edits"
         answer = pool.submit(alice.post, edits, json={"prompt": "a dog on a bench", "extends": 0})
-        deadline = time.monotonic() + 600
-        while ray.get(worker.stats.remote(), timeout=60)["queued"] == 0:  # until it runs it
+
+        def running() -> bool:
+            if ray.get(worker.stats.remote(), timeout=60)["queued"]:
+                return True
             assert not answer.done(), answer.result().text
-            assert time.monotonic() < deadline, "the holder never started the edit"
-            time.sleep(0.01)
+            return False
+
+        wait_until(running, "edit started on the holder", 600, interval=0.01)
         ray.kill(worker, no_restart=False)  # Ray restarts it, empty
         edited = answer.result(timeout=600)
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import ray
 from PIL import Image
+from polling import wait_until
 from pydantic import ValidationError
 
 from fisedit.engine.config import EditConfig, EngineConfig
@@ -121,11 +122,15 @@ def _held_at_first_step(started: Path, release: Path) -> StepCallback:
 
 def _wait_for(path: Path, call: ray.ObjectRef) -> None:
     """Waits for `path`; a call that ends first raises its error (or names its result)."""
-    deadline = time.monotonic() + TIMEOUT
-    while not path.exists():
-        assert time.monotonic() < deadline, f"{path.name} did not appear in {TIMEOUT} s"
+
+    def appeared() -> bool:
+        if path.exists():
+            return True
         done, _ = ray.wait([call], timeout=0.05)
         assert not done, f"the call ended before {path.name}: {ray.get(call)}"
+        return False
+
+    wait_until(appeared, path.name, TIMEOUT, interval=0)
 
 
 def test_an_edit_moves_off_a_busy_holder_when_a_snapshot_makes_it_cheap(client, config, tmp_path):
@@ -272,10 +277,11 @@ def test_finished_jobs_beyond_the_kept_ones_leave_memory_and_are_read_from_the_s
     # The two workers run them side by side: the first to finish is the oldest.
     oldest, *newest = sorted(records, key=lambda r: r.events[-1].at)
 
-    deadline = time.monotonic() + TIMEOUT
-    while oldest.job_id in {r.job_id for r in client.list_jobs()}:  # until newer are stored
-        assert time.monotonic() < deadline, "the oldest finished job stayed in memory"
-        time.sleep(0.1)
+    wait_until(  # until newer ones are stored
+        lambda: oldest.job_id not in {r.job_id for r in client.list_jobs()},
+        "oldest finished job gone from memory",
+        TIMEOUT,
+    )
     assert {r.job_id for r in newest} <= {r.job_id for r in client.list_jobs("succeeded")}
     assert client.status(oldest.job_id) == oldest and oldest.state == "succeeded"
 

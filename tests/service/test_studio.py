@@ -18,8 +18,7 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -27,6 +26,7 @@ import httpx2 as httpx
 import numpy as np
 import pytest
 from PIL import Image
+from polling import wait_until
 
 from fisedit.service.config import HttpConfig
 
@@ -68,15 +68,7 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _wait(condition: Callable[[], object], what: str, timeout: float = TIMEOUT):
-    """Polls `condition` until it returns something true; fails naming `what`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"no {what} after {timeout} s"
-        time.sleep(0.1)
+_wait = partial(wait_until, timeout=TIMEOUT)
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +91,7 @@ def base_url(tmp_path_factory, tiny_model_dir, process_group):
             except httpx.TransportError:
                 return False
 
-        _wait(ready, "ready service", START_TIMEOUT)
+        _wait(ready, "ready service", timeout=START_TIMEOUT)
         _wait(lambda: f"FISEdit studio at {url}/," in log.read_text(), "the printed address")
         yield url
 
