@@ -157,14 +157,23 @@ def test_an_edit_moves_off_a_busy_holder_when_a_snapshot_makes_it_cheap(client, 
     assert client.edit(moved.session_id, "a red fox", extends=1).cache_path == "hit"
 
 
+def _settled_cache_bytes(workers: list[ray.actor.ActorHandle]) -> dict[str, int]:
+    """Each worker's cache bytes once none has a call queued: the router does not wait for
+    the drop it sends a former holder, so until that runs the holder's figure is stale."""
+
+    def idle_stats() -> list[dict] | None:
+        stats = ray.get([w.stats.remote() for w in workers], timeout=TIMEOUT)
+        return None if any(s["queued"] for s in stats) else stats
+
+    stats = wait_until(idle_stats, "idle workers", TIMEOUT)
+    return {s["worker_id"]: s["cache_bytes"] for s in stats}
+
+
 def test_new_sessions_go_to_the_worker_with_the_fewest_cache_bytes(client, config):
     workers = [ray.get_actor(worker_name(i), namespace=config.namespace) for i in range(2)]
     placed = []
     for seed in range(2):
-        load = {
-            s["worker_id"]: s["cache_bytes"]
-            for s in ray.get([w.stats.remote() for w in workers], timeout=TIMEOUT)
-        }
+        load = _settled_cache_bytes(workers)
         expected = min(load, key=lambda w: (load[w], w))
         placed.append((client.generate("a cat", steps=STEPS, seed=seed).worker_id, expected))
     assert [worker for worker, _ in placed] == [expected for _, expected in placed]
