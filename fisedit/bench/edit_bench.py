@@ -525,11 +525,12 @@ def write_results(
     runs: list[BenchRun], layers: list[LayerProfile], device: str, out: Path, meta: dict
 ) -> Path:
     """Writes <device>-<date>.json and .png under `out`, each replacing the last in one step
-    (a reader never sees half a file); returns the JSON path."""
+    (a reader never sees half a file); returns the JSON path. The date is `meta`'s, the day
+    the run started: a run that goes past midnight keeps writing the same files."""
     out.mkdir(parents=True, exist_ok=True)
     name = device_name(device)
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-    stem = out / f"{slug}-{datetime.date.today().isoformat()}"
+    stem = out / f"{slug}-{meta['date']}"
     payload = {
         "device": name,
         **meta,

@@ -11,6 +11,7 @@ import torch
 from fisedit.bench.edit_bench import (
     NOISY_SPREAD,
     PROMPT,
+    BenchResults,
     BenchRun,
     Clock,
     ModelBench,
@@ -116,6 +117,22 @@ def test_cpu_smoke_run_writes_well_formed_results(tmp_path):
     # At the latent resolution only the mask's blocks are active; 8x8 layers run dense.
     assert 0 < layers["conv_in"]["active_fraction"] < 0.5
     assert layers["mid_block.resnets.0"]["active_fraction"] == 1.0
+
+
+def test_a_run_writes_one_pair_of_files_named_by_the_day_it_started(tmp_path):
+    # Cases are written as they finish; a run that goes past midnight must not start a
+    # second file under the new date.
+    results = BenchResults("cpu", tmp_path, {"date": "2001-02-03"})
+    results.add([_run(dense_step=0.02, sparse_step=0.1, end_to_end=0.05)])
+    results.add([_run(dense_step=0.02, sparse_step=0.9, end_to_end=0.05)])
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "cpu-2001-02-03.json",
+        "cpu-2001-02-03.png",
+    ]
+    data = json.loads((tmp_path / "cpu-2001-02-03.json").read_text())
+    assert data["date"] == "2001-02-03"
+    assert [run["noisy"] for run in data["runs"]] == [False, True]
 
 
 def test_a_failing_model_is_recorded_and_what_was_measured_is_kept(tmp_path):
