@@ -563,7 +563,7 @@ class EditSession:
         """
         history = [replace(v, cache=None) for v in self.history]
         start = history[self.version]
-        start.cache = self.current.cache
+        start.cache = self.current_cache()
         start.cache.read_only = True
         return EditSession(self.engine, self.params, start, history=history)
 
@@ -609,12 +609,26 @@ class EditSession:
         self.history.append(version)
         return version
 
+    def makes_new_version(
+        self, prompt: str, mask=None, mask_steps: int | None = None, extends: int | None = None
+    ) -> bool:
+        """Whether `edit` with these arguments would make a new version: not when the prompt
+        has the extended version's text embeddings. Bad input raises as `edit` would."""
+        base = self.current if extends is None else self._version(extends)
+        params, _ = self._validate(prompt, mask, mask_steps)
+        return not self.engine.same_text_embeddings(params.prompt, base.prompt)
+
     @property
     def edit_bytes(self) -> int:
         """Bytes an edit of the current version holds beyond the session's cache while it
         runs: none when it records into that cache in place, else a new cache as large."""
-        cache = self.current.cache
+        cache = self.current_cache()
         return 0 if self.engine.edits_in_place(cache) else cache.nbytes
+
+    def current_cache(self) -> ActivationCache:
+        """The current version's cache, recomputed first (as `checkout` does) when an edit
+        that failed while recording into it in place left it without one."""
+        return self.checkout(self.version).cache
 
     def checkout(self, number: int) -> Version:
         """Makes version `number` current, with its cache (restored or recomputed)."""
@@ -710,6 +724,7 @@ class EditSession:
         the sparse edit computes exactly this. Returns the would-be version; the session is
         unchanged."""
         params, user_mask = self._validate(prompt, mask, mask_steps)
+        self.current_cache()
         return self.engine.run_edit(self, params, user_mask, reference=mode)
 
     def _validate(self, prompt: str, mask, mask_steps: int | None):

@@ -47,6 +47,8 @@ class Manifest(BaseModel):
     recipe: SessionRecipe
     scheduler_config: dict
     steps: int
+    dtype: str | None = None
+    """The dtype the cache was recorded in (None in snapshots written before it was kept)."""
     versions: list[VersionRecord]
     tensors: dict[str, str]
     """Tensor name -> shard file."""
@@ -58,6 +60,10 @@ def _prefix(session_id: str, version: int) -> str:
     return f"sessions/{session_id}/v{version}/"
 
 
+def _dtype_name(engine: Engine) -> str:
+    return str(engine.model.dtype).removeprefix("torch.")
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as file:
@@ -67,7 +73,7 @@ def _sha256(path: Path) -> str:
 
 
 def _tensors(session: EditSession) -> dict[str, torch.Tensor]:
-    tensors = {f"cache/{k}": v for k, v in session.current.cache.tensors.items()}
+    tensors = {f"cache/{k}": v for k, v in session.current_cache().tensors.items()}
     for v in session.history:
         tensors[f"image/{v.number}"] = torch.from_numpy(np.ascontiguousarray(v.image))
         if v.mask is not None:
@@ -114,6 +120,7 @@ def snapshot(session: EditSession, store: ObjectStore, shard_bytes: int = SHARD_
         recipe=recipe_of(session),
         scheduler_config=session.engine.model.scheduler_config,
         steps=session.params.steps,
+        dtype=_dtype_name(session.engine),
         versions=[
             VersionRecord(
                 number=v.number,
@@ -202,6 +209,12 @@ def _read(
         check_model(engine, manifest.recipe)
     except ModelMismatchError as error:
         raise SnapshotError(f"cannot restore {prefix}: {error}") from error
+    # A cache recorded in another dtype cannot be edited by this engine's layers.
+    if manifest.dtype not in (None, _dtype_name(engine)):
+        raise SnapshotError(
+            f"cannot restore {prefix}: its cache was recorded in {manifest.dtype}; "
+            f"this engine runs {_dtype_name(engine)}"
+        )
     return manifest, _load_shards(store, prefix, manifest, engine.model.device)
 
 

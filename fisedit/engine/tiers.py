@@ -6,7 +6,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from fisedit.engine.recipe import SessionRecipe, rebuild, recipe_of, replay
-from fisedit.engine.session import EditSession, Engine, Version
+from fisedit.engine.session import EditSession, Engine, StepCallback, Version
 from fisedit.engine.snapshot import SnapshotError, restore, snapshot, snapshot_versions
 from fisedit.storage import ObjectStore
 
@@ -82,23 +82,35 @@ class SessionPool:
         """Sessions whose cache is in memory (device or host), least recently used first."""
         return list(self._resident)
 
-    def edit(self, session_id: str, prompt: str, **options) -> Version:
-        """Edits a session wherever it lives; its new version is on the device.
+    def edit(
+        self,
+        session_id: str,
+        prompt: str,
+        mask=None,
+        mask_steps: int | None = None,
+        extends: int | None = None,
+        on_step: StepCallback | None = None,
+    ) -> Version:
+        """Edits a session wherever it lives (see EditSession.edit); a new version is on the
+        device.
 
         An edit of a device-resident session records into its cache in place. One of a
         host-resident session makes the new version's cache on the device while it runs,
         so other sessions leave the device first; CacheBudgetError if even that is not room.
+        Bad input, and a prompt that changes nothing (NoChangeWarning), move no session.
         """
         session = self.get(session_id)
-        self._enforce(keep=session_id, reserve=session.edit_bytes)
+        if session.makes_new_version(prompt, mask, mask_steps, extends):
+            self._enforce(keep=session_id, reserve=session.edit_bytes)
         try:
-            version = session.edit(prompt, **options)
+            version = session.edit(prompt, mask, mask_steps, extends, on_step)
         except Exception:
-            if session.current.cache is None:
-                # It failed while writing the cache in place: every held session has one.
-                session.checkout(session.version)
+            # One that failed while writing the cache in place left none: every held
+            # session has one.
+            session.current_cache()
             raise
-        self._tier[session_id] = "device"
+        finally:
+            self._file(session)
         self._enforce(keep=session_id)
         return version
 
@@ -109,8 +121,11 @@ class SessionPool:
             return self._resident[session_id]
         if session_id not in self._recipes:
             raise UnknownSessionError(f"unknown session {session_id!r}")
-        # From its snapshot when it has one, at the version it was at (see `adopt`).
-        session, _ = adopt(self.engine, self._recipes.pop(session_id), self.store)
+        # From its snapshot when it has one, at the version it was at (see `adopt`). The
+        # recipe is kept until that succeeds: a failed adopt (the store unreachable, say)
+        # can be tried again.
+        session, _ = adopt(self.engine, self._recipes[session_id], self.store)
+        del self._recipes[session_id]
         self._admit(session)
         return session
 
@@ -137,8 +152,14 @@ class SessionPool:
     def _admit(self, session: EditSession) -> None:
         session.snapshots = self.store
         self._resident[session.id] = session
-        self._tier[session.id] = "device"
+        self._file(session)
         self._enforce(keep=session.id)
+
+    def _file(self, session: EditSession) -> None:
+        """Files a resident session under the tier its cache is in."""
+        cache = session.current.cache
+        if cache is not None:
+            self._tier[session.id] = "host" if cache.host_resident else "device"
 
     def _bytes(self, tier: Tier) -> int:
         return sum(

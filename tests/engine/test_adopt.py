@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fisedit.engine import EditConfig, Engine, EngineConfig
-from fisedit.engine.recipe import rebuild, recipe_of, replay
+from fisedit.engine.recipe import SessionRecipe, rebuild, recipe_of, replay
 from fisedit.engine.snapshot import restore, snapshot
 from fisedit.engine.tiers import SessionPool, adopt
 from fisedit.storage import LocalConfig, LocalObjectStore
@@ -99,6 +99,20 @@ def test_a_damaged_newest_snapshot_falls_back_to_an_older_one(
     adopted, path = adopt(engine, recipe_of(lost), store)
 
     assert path == "restore+replay"
+    assert_same_session(adopted, lost)
+
+
+def test_a_recipe_written_before_size_and_scheduler_were_kept_restores_its_snapshot(
+    engine, lost, store
+):
+    snapshot(lost, store)
+    written = recipe_of(lost).model_dump(mode="json")
+    for field in ("height", "width", "scheduler"):
+        del written["params"][field]
+
+    adopted, path = adopt(engine, SessionRecipe.model_validate(written), store)
+
+    assert path == "restore"
     assert_same_session(adopted, lost)
 
 

@@ -21,6 +21,8 @@ from fisedit.engine.images import psnr
 from fisedit.engine.kernels.launch import interpreting
 from fisedit.engine.models import PromptTruncatedWarning
 from fisedit.engine.recipe import rebuild, recipe_of
+from fisedit.engine.snapshot import restore, snapshot
+from fisedit.storage import LocalConfig, LocalObjectStore
 
 NHWC = torch.channels_last
 CAT, DOG = "a photo of a cat sitting on a bench", "a photo of a dog sitting on a bench"
@@ -225,6 +227,31 @@ def test_an_edit_records_into_the_cache_it_extends_and_one_that_fails_there_is_r
     again = session.edit(CAT)  # recomputes version 1's cache first
     assert np.array_equal(again.image, expected.edit(CAT).image)
     _assert_same_cache(again.cache, expected.current.cache)
+
+
+def test_a_session_a_failed_edit_left_without_its_cache_still_forks_sizes_and_snapshots(
+    engine, tmp_path
+):
+    session = engine.generate(CAT, steps=K + 2, seed=8)
+    expected = engine.generate(CAT, steps=K + 2, seed=8).current.cache
+
+    def interrupt(step: int, steps: int) -> None:
+        if step == steps - 1:
+            raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        session.edit(DOG, on_step=interrupt)
+    assert session.current.cache is None
+
+    # Each recomputes the version's cache first, as an edit would.
+    assert session.edit_bytes == 0
+    _assert_same_cache(session.current.cache, expected)
+    session.current.cache = None
+    store = LocalObjectStore(LocalConfig(root=tmp_path))
+    snapshot(session, store)
+    _assert_same_cache(restore(engine, store, session.id).current.cache, expected)
+    session.current.cache = None
+    assert session.fork().current.cache is session.current.cache
 
 
 def test_every_step_of_a_generation_and_an_edit_is_reported_as_it_runs(engine):

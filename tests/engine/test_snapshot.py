@@ -14,6 +14,7 @@ from fisedit.engine.snapshot import (
     snapshot,
     snapshot_versions,
 )
+from fisedit.engine.tiers import adopt
 from fisedit.storage import LocalConfig, LocalObjectStore
 
 STEPS = 8
@@ -187,6 +188,20 @@ def test_snapshot_of_another_model_is_refused(engine, tiny_model_dirs, local_sto
         restore(other, local_store, session.id)
     with pytest.raises(ModelMismatchError):
         rebuild(other, recipe_of(session))
+
+
+def test_snapshot_recorded_in_another_dtype_is_refused_and_the_recipe_rebuilt(
+    engine, tiny_model_dir, local_store
+):
+    session = engine.generate(CAT, steps=STEPS, seed=17)
+    snapshot(session, local_store)
+    bf16 = Engine.from_pretrained(tiny_model_dir, EngineConfig(progress=False, dtype="bfloat16"))
+
+    with pytest.raises(SnapshotError, match="recorded in float32; this engine runs bfloat16"):
+        restore(bf16, local_store, session.id)
+    adopted, path = adopt(bf16, recipe_of(session), local_store)
+    assert path == "rebuild"
+    assert {t.dtype for t in adopted.current.cache.tensors.values()} >= {torch.bfloat16}
 
 
 def test_rebuild_from_the_recipe_alone_is_identical(engine):

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from fisedit.engine import EditConfig, Engine, EngineConfig
+from fisedit.engine import EditConfig, Engine, EngineConfig, NoChangeWarning
 from fisedit.engine.snapshot import snapshot_versions
 from fisedit.engine.tiers import CacheBudgetError, SessionPool, TierConfig, UnknownSessionError
 from fisedit.storage import LocalConfig, LocalObjectStore
@@ -125,6 +125,54 @@ def test_an_edit_of_a_host_session_makes_room_for_its_new_cache_first(engine, se
     # The edit made its device cache beside the host one: `older` had to leave the device
     # first, and the host, which held the edited session's cache until the edit ended.
     assert _tiers(pool, on_host, older, newer) == ["device", "recipe", "device"]
+
+
+def test_bad_input_and_a_prompt_that_changes_nothing_move_no_session(engine, session_bytes):
+    pool = _pool(engine, session_bytes)
+    on_host = pool.generate("a cat", steps=STEPS, seed=1)
+    older = pool.generate("b", steps=STEPS, seed=2)
+    newer = pool.generate("c", steps=STEPS, seed=3)
+
+    with pytest.raises(ValueError, match="mask"):
+        pool.edit(on_host.id, "a dog", mask=np.ones((3, 5), dtype=bool))
+    assert _tiers(pool, on_host, older, newer) == ["host", "device", "device"]
+    with pytest.warns(NoChangeWarning):
+        version = pool.edit(on_host.id, "a cat")
+
+    assert version.number == 0 and on_host.current.cache.host_resident
+    assert _tiers(pool, on_host, older, newer) == ["host", "device", "device"]
+    assert pool.stats()["device"].bytes == 2 * session_bytes
+
+
+def test_a_session_the_store_could_not_return_can_be_asked_for_again(
+    engine, session_bytes, tmp_path
+):
+    class Unreachable(Exception):
+        pass
+
+    class FlakyStore(LocalObjectStore):
+        """Fails its first download, as a store behind a flaky network does."""
+
+        failures = 1
+
+        def get_file(self, key, path):
+            if self.failures:
+                self.failures -= 1
+                raise Unreachable(f"could not reach the store for {key}")
+            return super().get_file(key, path)
+
+    pool = SessionPool(
+        engine, TierConfig(device_bytes=0, host_bytes=0), FlakyStore(LocalConfig(root=tmp_path))
+    )
+    session = pool.generate("a cat", steps=STEPS, seed=1)
+    pool.generate("a dog", steps=STEPS, seed=2)
+    assert pool.tier(session.id) == "store"
+
+    with pytest.raises(Unreachable):
+        pool.get(session.id)
+    returned = pool.get(session.id)
+
+    assert returned.id == session.id and np.array_equal(returned.image, session.image)
 
 
 def test_an_edit_that_cannot_fit_its_new_cache_is_refused(engine, session_bytes):
