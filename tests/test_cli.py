@@ -188,7 +188,7 @@ def _blank_png(path: Path, size: int) -> str:
         (lambda s, t: ["edit", "--session", str(s), "--prompt", ""], "--prompt: String should"),
         (
             lambda s, t: ["edit", "--session", str(s), "--prompt", "a", "--mask-steps", STEPS],
-            f"mask_steps ({STEPS}) must be smaller than the session's steps ({STEPS})",
+            f"mask_steps: {STEPS} must be smaller than the session's steps ({STEPS})",
         ),
         (
             lambda s, t: ["edit", "--session", str(t), "--prompt", "a dog"],

@@ -183,9 +183,9 @@ class EditParams(BaseModel):
         params = cls(prompt=prompt, mask_steps=mask_steps)
         if mask_steps >= steps:
             raise ValueError(
-                f"mask_steps ({mask_steps}) must be smaller than the session's "
+                f"mask_steps: {mask_steps} must be smaller than the session's "
                 f"steps ({steps}) so that sparse steps remain"
             )
         if not has_mask and mask_steps == 0:
-            raise ValueError("capturing the edited region needs mask_steps >= 1, or a mask")
+            raise ValueError("mask_steps: capturing the edited region needs at least 1, or a mask")
         return params

@@ -1,5 +1,6 @@
 """Session caches kept within byte budgets: device, pinned host memory, object store."""
 
+import logging
 from collections import OrderedDict
 from typing import Literal
 
@@ -9,6 +10,8 @@ from fisedit.engine.recipe import SessionRecipe, rebuild, recipe_of, replay
 from fisedit.engine.session import EditSession, Engine, StepCallback, Version
 from fisedit.engine.snapshot import SnapshotError, restore, snapshot, snapshot_versions
 from fisedit.storage import ObjectStore
+
+log = logging.getLogger(__name__)
 
 Tier = Literal["device", "host", "store", "recipe"]
 TIERS: tuple[Tier, ...] = ("device", "host", "store", "recipe")
@@ -198,11 +201,17 @@ class SessionPool:
     def _out_of_memory(self, session_id: str) -> None:
         session = self._resident.pop(session_id)
         self._recipes[session_id] = recipe_of(session)
-        if self.store is not None:
+        self._tier[session_id] = "recipe"
+        if self.store is None:
+            return
+        try:
             snapshot(session, self.store)
-            self._tier[session_id] = "store"
-        else:
-            self._tier[session_id] = "recipe"
+        except Exception as error:  # the call that made room must not fail for it
+            log.warning(
+                "session %s left memory unsnapshotted (%s): its recipe remains", session_id, error
+            )
+            return
+        self._tier[session_id] = "store"
 
 
 def adopt(

@@ -334,7 +334,10 @@ def _state(session):
         ({"prompt": "   "}, "only whitespace"),
         ({"prompt": "a dog\x00"}, "control character '\\\\x00' at position 5"),
         ({"prompt": DOG, "mask_steps": STEPS}, "must be smaller than the session's steps"),
-        ({"prompt": DOG, "mask_steps": 0}, "needs mask_steps >= 1, or a mask"),
+        (
+            {"prompt": DOG, "mask_steps": 0},
+            "mask_steps: capturing the edited region needs at least 1, or a mask",
+        ),
         ({"prompt": DOG, "mask": np.ones((31, 32))}, "matches neither the latent size"),
         ({"prompt": DOG, "mask": np.zeros((32, 32))}, "the mask is empty"),
         ({"prompt": DOG, "mask": "/no/such/mask.png"}, "no/such/mask.png"),

@@ -91,6 +91,22 @@ def test_without_a_store_evicted_sessions_are_rebuilt_from_their_recipe(engine, 
     assert np.array_equal(rebuilt.image, image)
 
 
+def test_a_session_the_store_cannot_take_leaves_memory_with_its_recipe(
+    engine, session_bytes, tmp_path
+):
+    class FullStore(LocalObjectStore):
+        def put_file(self, key, path, *, create_only=False):
+            raise OSError(28, "No space left on device")
+
+    pool = _pool(engine, session_bytes, FullStore(LocalConfig(root=tmp_path)))
+    first = pool.generate("a cat", steps=STEPS, seed=5)
+    for i in range(3):
+        pool.generate(f"filler {i}", steps=STEPS, seed=i)  # each still succeeds
+    assert pool.tier(first.id) == "recipe"
+
+    assert np.array_equal(pool.get(first.id).image, first.image)
+
+
 def test_unknown_and_dropped_sessions_are_clear_errors(engine, session_bytes):
     pool = _pool(engine, session_bytes)
     session = pool.generate("a cat", steps=STEPS)
