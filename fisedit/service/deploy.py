@@ -45,15 +45,24 @@ def stop(config: ServiceConfig, drain: bool = False) -> None:
     """Kills the service's actors (the job records stay in the store). With `drain`, each
     live worker first snapshots the sessions it holds, so they restore elsewhere later."""
     names = [ROUTER, JOB_QUEUE, *(worker_name(i) for i in range(config.workers))]
+    undrained = []  # a failed drain stops nothing: every committed version is in the store
     if drain:
         for name in names[2:]:
             try:
                 worker = ray.get_actor(name, namespace=config.namespace)
             except ValueError:
                 continue
-            ray.get(worker.drain.remote(), timeout=config.call_timeout_s)
+            try:
+                ray.get(worker.drain.remote(), timeout=config.call_timeout_s)
+            except Exception as error:
+                undrained.append(f"{name}: {error}")
     for name in names:
         try:
             ray.kill(ray.get_actor(name, namespace=config.namespace), no_restart=True)
         except ValueError:
             continue
+    if undrained:
+        raise RuntimeError(
+            "stopped, but not every session was snapshotted first (those are recomputed "
+            f"from their recipes when next used): {'; '.join(undrained)}"
+        )

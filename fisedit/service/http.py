@@ -41,7 +41,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.deployment import Application
@@ -59,6 +59,7 @@ from fisedit.service.jobs import (
     ChainSpec,
     JobRecord,
     QueueFullError,
+    one_start,
     root_cause,
 )
 from fisedit.service.names import JOB_QUEUE, ROUTER, worker_name
@@ -68,6 +69,7 @@ from fisedit.service.results import (
     EditResult,
     EditSpec,
     StaleVersionError,
+    is_store_id,
 )
 from fisedit.service.router import NoWorkerError
 from fisedit.storage import ObjectNotFoundError, StorageError, validate_key
@@ -222,6 +224,8 @@ class JobBody(GenerateBody):
     prompt: Prompt | None = None
     session_id: str | None = Field(None, pattern=STORE_ID.pattern)
     edits: list[EditBody] = Field(default_factory=list)
+
+    _one_start = model_validator(mode="after")(one_start)
 
 
 class Version(BaseModel):
@@ -396,7 +400,7 @@ class Gateway:
         self.store.put(f"owners/{tenant}/{kind}/{ident}", b"")
 
     def owns(self, tenant: str, kind: str, ident: str) -> bool:
-        return bool(STORE_ID.match(ident)) and self.store.exists(f"owners/{tenant}/{kind}/{ident}")
+        return is_store_id(ident) and self.store.exists(f"owners/{tenant}/{kind}/{ident}")
 
     def owned(self, tenant: str, kind: str) -> list[str]:
         return [key.rsplit("/", 1)[1] for key in self.store.list(f"owners/{tenant}/{kind}/")]
@@ -665,7 +669,7 @@ def _if_match(if_match: str | None) -> int | None:
     if if_match is None:
         return None
     text = if_match.strip().removeprefix("W/").strip('"')
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):  # isdigit alone passes superscripts
         raise ApiError(422, ["header", "If-Match"], "expected a version number", "value_error")
     return int(text)
 
@@ -891,14 +895,15 @@ async def _job_events(gw: Gateway, job_id: str) -> AsyncIterator[bytes]:
     """Each event of the job as it happens (with the version it committed, if any), each
     denoise step it sees (`step`: the newest, when steps come faster than it reads), then
     the end state, after which the stream closes. A failure (the job deleted with its
-    session, the queue unavailable) ends it with an `error` event."""
+    session, the queue unavailable) ends it with an `error` event: the HTTP status the
+    failure would have had (`status`) and its `detail`."""
     seen, sent, last_step = -1, 0, None
     wait_s = min(SSE_WAIT_S, gw.http.request_timeout_s / 2)
     while True:
         try:
             seen, record = await gw.call(JOB_QUEUE, "watch", job_id, seen, wait_s)
         except ApiError as error:
-            yield _sse("error", json.loads(error.response().body))
+            yield _sse("error", {"status": error.status, **json.loads(error.response().body)})
             return
         for event in record.events[sent:]:
             data = event.model_dump() | {"done": record.progress[0], "total": record.progress[1]}
@@ -971,13 +976,26 @@ def load_config(path: str | None = None) -> ServiceConfig:
     return ServiceConfig.from_yaml(path) if path else ServiceConfig()
 
 
+def serve_cli_app(config: ServiceConfig) -> Application:
+    """The application `serve run` and `serve deploy` start. They listen where the Serve
+    config says (`http_options.host`, 0.0.0.0 in deploy/serve.yaml), which the service
+    config cannot see, so anonymous mode is refused here."""
+    if config.http.anonymous:
+        raise ValueError(
+            "http.anonymous: anonymous mode is only for `fisedit serve` on localhost; under "
+            "`serve run` or `serve deploy` the Serve config decides where the API listens, "
+            "so clients need API keys"
+        )
+    return build_app(config)
+
+
 def app_builder(args: dict) -> Application:
     """For a Serve config file: `import_path: fisedit.service.http:app_builder` with
     `args: {config: path/to/service.yaml}`."""
-    return build_app(load_config(args.get("config")))
+    return serve_cli_app(load_config(args.get("config")))
 
 
-app = build_app(load_config())
+app = serve_cli_app(load_config())
 """For `serve run fisedit.service.http:app` (config from $FISEDIT_CONFIG)."""
 
 

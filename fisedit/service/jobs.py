@@ -46,7 +46,9 @@ from fisedit.service.results import (
     EditRequest,
     EditResult,
     EditSpec,
+    StaleVersionError,
     check_session_id,
+    is_store_id,
 )
 from fisedit.service.router import NoWorkerError
 from fisedit.storage import ObjectExistsError, ObjectNotFoundError, StorageError
@@ -86,6 +88,13 @@ class JobCancelledError(RuntimeError):
     """Raised at a denoise step of a job's edit (or generation) once the job is cancelled."""
 
 
+def one_start(chain: BaseModel) -> BaseModel:
+    """A chain's validator: it starts from a prompt (a new session) or a session, not both."""
+    if (chain.prompt is None) == (chain.session_id is None):
+        raise ValueError("give prompt (a new session) or session_id (continue one)")
+    return chain
+
+
 class ChainSpec(GenerationParams):
     """An edit-chain job: generate from `prompt` (or continue `session_id`), then apply
     `edits` in order. Generation fields are those of GenerationParams."""
@@ -110,11 +119,7 @@ class ChainSpec(GenerationParams):
             raise ValueError("must be 1-128 letters, digits, '.', '-' or '_'")
         return key
 
-    @model_validator(mode="after")
-    def _one_start(self) -> "ChainSpec":
-        if (self.prompt is None) == (self.session_id is None):
-            raise ValueError("give prompt (a new session) or session_id (continue one)")
-        return self
+    _one_start = model_validator(mode="after")(one_start)
 
     def generation(self) -> GenerationParams:
         return GenerationParams(**self.model_dump(include=set(GenerationParams.model_fields)))
@@ -254,6 +259,9 @@ class JobQueue:
         """Queues a job; returns its id (an existing job's, for a known idempotency key)."""
         await self._ready()
         spec = ChainSpec.model_validate(spec)
+        by_key = spec.idempotency_key and f"jobs/by-key/{spec.idempotency_key}"
+        if by_key and await asyncio.to_thread(self.store.exists, by_key):
+            return (await asyncio.to_thread(self.store.get, by_key)).decode()  # even if full
         self._check(spec)
         job_id = uuid.uuid4().hex
         if spec.session_id is None:
@@ -264,19 +272,19 @@ class JobQueue:
             job_id=job_id, spec=spec, session_id=session_id, base_version=base_version
         )
         record.events.append(JobEvent(at=time.time(), kind="queued"))
-        by_key = spec.idempotency_key and f"jobs/by-key/{spec.idempotency_key}"
-        if by_key:
-            try:
-                await asyncio.to_thread(self.store.put, by_key, job_id.encode(), create_only=True)
-            except ObjectExistsError:
-                return (await asyncio.to_thread(self.store.get, by_key)).decode()
+        # Known here before its key is stored: a concurrent retry that finds the key finds
+        # the job. Durable before the caller learns the id: a restarted queue still has it.
+        self.jobs[job_id] = record
         try:
-            # Durable before the caller learns the id: a restarted queue then still has it.
             data = record.model_dump_json().encode()
             await asyncio.to_thread(self.store.put, _record_key(job_id), data)
-        except BaseException:
             if by_key:
-                await asyncio.to_thread(self.store.delete, by_key)
+                await asyncio.to_thread(self.store.put, by_key, job_id.encode(), create_only=True)
+        except BaseException as error:
+            del self.jobs[job_id]
+            await asyncio.to_thread(self._delete, [_record_key(job_id)])
+            if isinstance(error, ObjectExistsError):  # a concurrent submission came first
+                return (await asyncio.to_thread(self.store.get, by_key)).decode()
             raise
         self._start(record)
         return job_id
@@ -372,7 +380,7 @@ class JobQueue:
             return self.jobs[job_id]
         # Every unfinished job is in memory: a stored record is a finished one's.
         record = None
-        if STORE_ID.match(job_id):
+        if is_store_id(job_id):
             record = await asyncio.to_thread(self._read, _record_key(job_id))
         if record is None or record.state not in FINISHED:
             raise UnknownJobError(f"unknown job {job_id!r}")
@@ -414,9 +422,15 @@ class JobQueue:
             if record.cancel_requested:
                 self._finish(record, "cancelled")
                 return
-            target = record.base_version + index + 1
+            # Each edit extends the version the one before left (the same version when
+            # its prompt changed nothing).
+            previous = record.results[-1] if record.results else record.generated
+            extends = record.base_version if previous is None else previous.version
             reporter = self._reporter(record, index)
-            edit = partial(self._edit, record.session_id, target, spec.edits[index], reporter)
+            request_id = f"{record.job_id}/{index}"
+            edit = partial(
+                self._edit, record.session_id, extends, request_id, spec.edits[index], reporter
+            )
             result = await self._retrying(record, index, edit)
             record.results.append(result)
             self._event(record, "edited", index, version=result.version)
@@ -428,15 +442,36 @@ class JobQueue:
         return await self._router().generate.remote(params, session_id, reporter)
 
     async def _edit(
-        self, session_id: str, version: int, edit: EditSpec, reporter: StepReporter
+        self,
+        session_id: str,
+        extends: int,
+        request_id: str,
+        edit: EditSpec,
+        reporter: StepReporter,
     ) -> EditResult:
-        """Makes `version` of the session with `edit`, unless a try before already did."""
+        """Applies `edit` to version `extends` of the session, unless a try before already
+        did (the next version is then committed with this `request_id`). Another edit that
+        came first makes this one stale (StaleVersionError)."""
         router = self._router()
-        committed = await router.result.remote(session_id, version)
+        made_before = partial(self._made_by, router, session_id, extends + 1, request_id)
+        committed = await made_before()
         if committed is not None:
             return committed
-        request = EditRequest(**edit.model_dump(), extends=version - 1)
-        return await router.edit.remote(session_id, request, reporter)
+        request = EditRequest(**edit.model_dump(), extends=extends, request_id=request_id)
+        try:
+            return await router.edit.remote(session_id, request, reporter)
+        except StaleVersionError:
+            # A try before this one, which timed out here, may have committed it since.
+            committed = await made_before()
+            if committed is None:
+                raise
+            return committed
+
+    @staticmethod
+    async def _made_by(router, session_id: str, version: int, request_id: str):
+        """The session's committed `version` if the edit `request_id` made it, else None."""
+        committed = await router.result.remote(session_id, version)
+        return committed if committed is not None and committed.request_id == request_id else None
 
     def _reporter(self, record: JobRecord, edit: int | None = None) -> StepReporter:
         return StepReporter(ray.get_runtime_context().current_actor, record.job_id, edit)
@@ -453,6 +488,8 @@ class JobQueue:
                 retries += 1
                 if not _transient(cause) or retries >= policy.attempts:
                     raise
+                if record.cancel_requested:
+                    raise JobCancelledError(f"job {record.job_id} was cancelled") from error
                 if isinstance(cause, RayActorError):
                     self._router_handle = None  # the router may have restarted elsewhere
                 self._event(record, "retry", edit, f"{type(cause).__name__}: {cause}")
@@ -482,12 +519,27 @@ class JobQueue:
 
     def _finish(self, record: JobRecord, state: JobState, message: str = "") -> None:
         record.state = state
-        saved, loop = self._event(record, state, message=message), asyncio.get_running_loop()
-        marked = self._writer.submit(self._mark_finished, record, saved)
-        # Once the final record is in the store, memory need not hold it.
-        marked.add_done_callback(
-            lambda done: done.result() and loop.call_soon_threadsafe(self._kept, record.job_id)
-        )
+        self._store_final(record, self._event(record, state, message=message))
+
+    def _store_final(self, record: JobRecord, saved: Future[bool], retry_s: float = 1.0) -> None:
+        """Marks a finished job once its final record (`saved`) is stored; until then memory
+        holds it. A store that is down is tried again later, more and more rarely: no later
+        change of a finished job would save it, and a restart would run it again."""
+        loop = asyncio.get_running_loop()
+
+        def stored(marked: Future[bool]) -> None:
+            if marked.result():
+                loop.call_soon_threadsafe(self._kept, record.job_id)
+            else:
+                loop.call_soon_threadsafe(
+                    loop.call_later, retry_s, self._store_again, record, retry_s
+                )
+
+        self._writer.submit(self._mark_finished, record, saved).add_done_callback(stored)
+
+    def _store_again(self, record: JobRecord, retry_s: float) -> None:
+        if self.jobs.get(record.job_id) is record:  # not forgotten with its session since
+            self._store_final(record, self._save(record), min(2 * retry_s, 60.0))
 
     def _kept(self, job_id: str) -> None:
         """Counts a finished job whose final record is stored; beyond `kept_finished_jobs`
@@ -543,7 +595,13 @@ class JobQueue:
     async def _ready(self) -> None:
         if self._resumed is None:
             self._resumed = asyncio.ensure_future(self._resume())
-        await asyncio.shield(self._resumed)
+        resumed = self._resumed
+        try:
+            await asyncio.shield(resumed)
+        except Exception:
+            if self._resumed is resumed:
+                self._resumed = None  # the store failed: the next call tries again
+            raise
 
     async def _resume(self) -> None:
         """Loads the stored jobs: unfinished ones run again from their last result, and the

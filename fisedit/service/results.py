@@ -31,9 +31,14 @@ STORE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
 """A session's or a job's id: it becomes one segment of a store key."""
 
 
+def is_store_id(ident: str) -> bool:
+    # fullmatch: `$` also matches before a final newline.
+    return STORE_ID.fullmatch(ident) is not None
+
+
 def check_session_id(session_id: str) -> str:
     """Session ids become key segments, so only letters, digits, '-' and '_' pass."""
-    if not STORE_ID.match(session_id):
+    if not is_store_id(session_id):
         raise ValueError(
             f"session id {session_id!r} must be 1-128 letters, digits, '-' or '_', "
             "starting with a letter or digit"
@@ -71,6 +76,9 @@ class EditRequest(EditSpec):
     on stale state."""
 
     extends: int | None = Field(None, ge=0)
+    request_id: str | None = None
+    """Who asked (a job's edit: `<job id>/<index>`), kept in the result: a retry knows its
+    own committed edit from another's."""
 
 
 class StaleVersionError(ValueError):
@@ -109,6 +117,8 @@ class EditResult(BaseModel):
     session's base generation (version 0, every step dense), CUDA graph capture excluded.
     None in results written before it was recorded."""
     report: EditReport
+    request_id: str | None = None
+    """The request_id of the edit that made this version, if it had one."""
 
 
 def version_prefix(session_id: str, version: int) -> str:
@@ -131,6 +141,7 @@ def commit(
     worker_id: str,
     cache_path: CachePath,
     latency_s: float,
+    request_id: str | None = None,
 ) -> EditResult:
     """Writes the session's current version (image, mask, report, then recipe) and returns
     its result. Writes are create-only: a retry that finds a file keeps the first one."""
@@ -151,6 +162,7 @@ def commit(
         latency_s=latency_s,
         dense_estimate_s=_dense_estimate_s(session),
         report=version.report,
+        request_id=request_id,
     )
     files = {result.image_key: png(version.image)}
     if mask_key is not None:

@@ -8,6 +8,7 @@ sessions no worker holds are found through their recipes in the store.
 """
 
 import asyncio
+import contextlib
 import random
 import uuid
 from collections import Counter, defaultdict
@@ -25,12 +26,17 @@ from fisedit.service.names import worker_name
 from fisedit.service.results import (
     EditRequest,
     EditResult,
+    StaleVersionError,
     check_current,
     check_session_id,
     committed_versions,
     stored_result,
 )
 from fisedit.storage import validate_key
+
+PROBE_S = 10.0
+"""How long a worker has to say what it holds (answered off its engine thread, so only a
+worker that is not up takes longer: it must not stall the router)."""
 
 
 class NoWorkerError(RuntimeError):
@@ -39,10 +45,11 @@ class NoWorkerError(RuntimeError):
 
 @dataclass
 class Placement:
-    """Where a session lives (None: only in the store) and its newest committed version."""
+    """Where a session lives (None: only in the store) and its newest committed version
+    (None: to be read from the store)."""
 
     worker_id: str | None
-    version: int
+    version: int | None
 
 
 class SessionRouter:
@@ -102,7 +109,13 @@ class SessionRouter:
                 placement = await self._bounded(session_id, placement)
             else:
                 placement = await self._scattered(session_id, placement)
-            result = await self._dispatch(placement, "edit", session_id, request, on_step)
+            try:
+                result = await self._dispatch(placement, "edit", session_id, request, on_step)
+            except (TimeoutError, StaleVersionError):
+                # The worker may be at a version this map has not seen (an edit that timed
+                # out here went on to commit there): the next call reads it from the store.
+                self.placements[session_id] = Placement(placement.worker_id, None)
+                raise
             self.placements[session_id] = Placement(result.worker_id, result.version)
             self.paths[result.cache_path] += 1
             if holder is not None and holder != result.worker_id and holder in self.workers:
@@ -139,7 +152,11 @@ class SessionRouter:
         async with self._locks[session_id]:
             placement = await self._placement(session_id)
             if placement.worker_id in self.workers:
-                await self.workers[placement.worker_id].drop.remote(session_id)
+                # Waited for a while only: a busy or lost holder must not keep the lock (it
+                # drops its copy when its queue gets there).
+                drop = self.workers[placement.worker_id].drop.remote(session_id)
+                with contextlib.suppress(TimeoutError, RayActorError):
+                    await asyncio.wait_for(drop, PROBE_S)
             del self.placements[session_id]
             await asyncio.to_thread(self._delete_files, session_id)
 
@@ -188,6 +205,8 @@ class SessionRouter:
         """Without affinity (the service benchmark's baseline) an edit goes to a random
         worker; the holder snapshots the session first, so that worker restores it."""
         await self._discover()
+        if not self.workers:
+            raise NoWorkerError("no live worker")
         target = random.choice(sorted(self.workers))
         if placement.worker_id not in (None, target):
             await self._dispatch(placement, "snapshot", session_id)
@@ -195,11 +214,12 @@ class SessionRouter:
 
     async def _placement(self, session_id: str) -> Placement:
         placement = self.placements.get(check_session_id(session_id))
-        if placement is None:
+        if placement is None or placement.version is None:
             versions = await asyncio.to_thread(committed_versions, self.store, session_id)
             if not versions:
                 raise UnknownSessionError(f"unknown session {session_id!r}")
-            placement = self.placements[session_id] = Placement(None, versions[-1])
+            holder = None if placement is None else placement.worker_id
+            placement = self.placements[session_id] = Placement(holder, versions[-1])
         return placement
 
     async def _dispatch(self, placement: Placement | None, method: str, session_id: str, *args):
@@ -214,6 +234,11 @@ class SessionRouter:
             try:
                 call = getattr(self.workers[worker_id], method).remote(session_id, *args)
                 result = await asyncio.wait_for(call, self.config.call_timeout_s)
+            except TimeoutError:
+                raise TimeoutError(
+                    f"{method} of session {session_id} on {worker_id} took over "
+                    f"{self.config.call_timeout_s} s (it may still finish there)"
+                ) from None
             except RayActorError as error:
                 tried.add(worker_id)
                 self._lost(worker_id, error)
@@ -245,7 +270,7 @@ class SessionRouter:
 
     async def _stats(self, worker_id: str) -> dict:
         try:
-            return await asyncio.wait_for(self.workers[worker_id].stats.remote(), 10)
+            return await asyncio.wait_for(self.workers[worker_id].stats.remote(), PROBE_S)
         except RayActorError as error:
             self._lost(worker_id, error)
             raise
@@ -281,12 +306,13 @@ class SessionRouter:
         """Asks every worker what it holds (after a router restart the map is empty)."""
         names = await self._discover()
         holdings = await asyncio.gather(
-            *(self.workers[n].holds.remote() for n in names), return_exceptions=True
+            *(asyncio.wait_for(self.workers[n].holds.remote(), PROBE_S) for n in names),
+            return_exceptions=True,
         )
         for worker_id, held in zip(names, holdings, strict=True):
             if isinstance(held, BaseException):
                 continue
             for session_id, version in held["sessions"].items():
                 known = self.placements.get(session_id)
-                if known is None or version > known.version:
+                if known is None or known.version is None or version > known.version:
                     self.placements[session_id] = Placement(worker_id, version)

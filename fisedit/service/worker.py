@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from PIL.Image import DecompressionBombError
 
 from fisedit.engine.config import GenerationParams
 from fisedit.engine.session import EditSession, Engine, StepCallback
@@ -28,9 +29,11 @@ from fisedit.service.results import (
     newest_recipe,
     stored_result,
 )
+from fisedit.storage import ObjectNotFoundError
 
-UNREADABLE = (UnidentifiedImageError, OSError, ValueError, SyntaxError)
-"""What Pillow raises for bytes that are not a readable image (SyntaxError: a broken PNG)."""
+UNREADABLE = (UnidentifiedImageError, OSError, ValueError, SyntaxError, DecompressionBombError)
+"""What Pillow raises for bytes that are not a readable image (SyntaxError: a broken PNG;
+DecompressionBombError: a header claiming a huge image)."""
 
 POOL_PATHS: dict[str, CachePath] = {
     "device": "hit",
@@ -98,7 +101,7 @@ class SessionHost:
             mask_steps=request.mask_steps,
             on_step=on_step,
         )
-        return self._commit(self.pool.get(session_id), path, started)
+        return self._commit(self.pool.get(session_id), path, started, request.request_id)
 
     def adopt(self, session_id: str) -> tuple[int, CachePath]:
         """Takes over a session from the store: its newest snapshot plus a replay of later
@@ -121,10 +124,21 @@ class SessionHost:
     def drain(self) -> list[str]:
         """Snapshots every session this worker holds in memory (before it stops), so the
         workers that take them over restore them instead of recomputing; returns the
-        manifest keys."""
+        manifest keys. A session that cannot be snapshotted does not stop the others; the
+        RuntimeError at the end names each (they are rebuilt from their recipes later)."""
         from fisedit.engine.snapshot import snapshot
 
-        return [snapshot(self.pool.get(i), self.store) for i in self.pool.resident_ids]
+        keys, failed = [], []
+        for session_id in self.pool.resident_ids:
+            try:
+                keys.append(snapshot(self.pool.get(session_id), self.store))
+            except Exception as error:
+                failed.append(f"{session_id}: {type(error).__name__}: {error}")
+        if failed:
+            raise RuntimeError(
+                f"{self.worker_id} snapshotted {len(keys)} sessions but not {'; '.join(failed)}"
+            )
+        return keys
 
     def drop(self, session_id: str) -> None:
         self.pool.drop(session_id)
@@ -151,7 +165,10 @@ class SessionHost:
         not an image, or not of the session's latent or image size."""
         data = request.mask
         if request.mask_key is not None:
-            data = self.store.get(request.mask_key)
+            try:
+                data = self.store.get(request.mask_key)
+            except ObjectNotFoundError:
+                raise ValueError(f"mask_key: no file {request.mask_key!r}") from None
         if data is None:
             return None
         try:
@@ -173,11 +190,12 @@ class SessionHost:
         except ValueError as error:
             raise ValueError(f"mask: {error}") from error
 
-    def _commit(self, session: EditSession, path: CachePath, started: float) -> EditResult:
+    def _commit(
+        self, session: EditSession, path: CachePath, started: float, request_id: str | None = None
+    ) -> EditResult:
         try:
-            result = commit(
-                self.store, session, self.worker_id, path, time.perf_counter() - started
-            )
+            latency_s = time.perf_counter() - started
+            result = commit(self.store, session, self.worker_id, path, latency_s, request_id)
         except BaseException:
             # The store is the truth: a version it lacks must not live on here.
             self.drop(session.id)

@@ -11,6 +11,7 @@ import base64
 import io
 import json
 import socket
+import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -35,7 +36,7 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
-from fisedit.engine.config import EditConfig, EngineConfig
+from fisedit.engine.config import EditConfig, EngineConfig, GenerationParams
 from fisedit.service import deploy
 from fisedit.service.commands import add_serve_arguments
 from fisedit.service.config import (
@@ -52,8 +53,9 @@ from fisedit.service.http import (
     build_app,
     hash_key,
     local_config,
+    serve_cli_app,
 )
-from fisedit.service.names import JOB_QUEUE
+from fisedit.service.names import ROUTER
 
 STEPS = 4
 TIMEOUT = 240
@@ -295,14 +297,27 @@ def test_invalid_edits_are_refused_naming_the_field(alice, session):
     assert _field(alice.post(edits, json=foreign), 422)[-1] == "mask_key"
     both = alice.post(edits, json={"prompt": "a dog", "mask": not_png, "mask_key": "a.png"})
     assert _field(both, 422) == ["body"] and "mask_key" in both.json()["detail"][0]["msg"]
+    too_late = alice.post(edits, json={"prompt": "a dog", "mask_steps": STEPS})
+    assert _field(too_late, 422) == ["body", "mask_steps"]
+    missing = {"prompt": "a dog", "mask_key": f"sessions/{session['session_id']}/v7/mask.png"}
+    assert _field(alice.post(edits, json=missing), 422)[-1] == "mask_key"
     escape = {"prompt": "a dog", "mask_key": f"sessions/{session['session_id']}/v0/.."}
     assert _field(alice.post(edits, json=escape), 422)[-1] == "mask_key"
     bad_match = alice.post(edits, json={"prompt": "a dog"}, headers={"If-Match": "latest"})
     assert _field(bad_match, 422) == ["header", "If-Match"]
     wrong_size = alice.post(edits, json={"prompt": "a dog", "mask": _png(np.ones((40, 40), bool))})
     assert _field(wrong_size, 422)[-1] == "mask" and "size" in wrong_size.json()["detail"][0]["msg"]
+    superscript = alice.post(edits, json={"prompt": "a dog"}, headers={"If-Match": b"\xb2"})
+    assert _field(superscript, 422) == ["header", "If-Match"]
     assert _field(alice.post("/v1/sessions/no%20such/edits", json={"prompt": "x"}), 404)
+    for ident in ("abc%0A", f"{session['session_id']}%0A"):
+        assert _field(alice.get(f"/v1/sessions/{ident}"), 404) == ["path", "session_id"]
+        assert _field(alice.get(f"/v1/jobs/{ident}"), 404) == ["path", "job_id"]
     assert _field(alice.post("/v1/jobs", json={"prompt": "a", "edits": [{}] * 2}), 422)
+    for start in ({}, {"prompt": "a cat", "session_id": session["session_id"]}):
+        no_start = alice.post("/v1/jobs", json=start | {"steps": STEPS})
+        assert _field(no_start, 422) == ["body"]
+        assert "give prompt (a new session) or session_id" in no_start.json()["detail"][0]["msg"]
     assert len(alice.get(f"/v1/sessions/{session['session_id']}").json()["versions"]) >= 1
 
 
@@ -441,7 +456,8 @@ def test_deleting_a_session_stops_its_running_job_and_leaves_no_record(alice, s3
     # Defined behaviour: the job stops and goes with its session; its stream ends with a
     # 404 error event; nothing of either is left in the store, ownership records included.
     assert deleted.status_code == 204, deleted.text
-    assert rest[-1][0] == "error" and rest[-1][1]["detail"][0]["type"] == "not_found"
+    assert rest[-1][0] == "error" and rest[-1][1]["status"] == 404
+    assert rest[-1][1]["detail"][0]["type"] == "not_found"
     assert alice.get(f"/v1/jobs/{job['job_id']}").status_code == 404
     assert job["job_id"] not in [j["job_id"] for j in alice.get("/v1/jobs").json()]
     assert alice.get(f"/v1/sessions/{session_id}").status_code == 404
@@ -489,14 +505,24 @@ def test_a_worker_killed_during_a_synchronous_edit_fails_over_and_writes_nothing
     assert _image(alice.get(edited.json()["image_url"])).shape == (128, 128, 3)
 
 
-def test_a_call_past_the_request_timeout_answers_504_with_a_json_body(alice, config):
-    job = alice.post("/v1/jobs", json={"prompt": "a cat", "steps": STEPS}).json()
+def test_a_call_past_the_request_timeout_answers_504_with_a_json_body(alice, config, tmp_path):
+    """(`alice` brings the service up.)"""
     tight = config.http.model_copy(update={"request_timeout_s": 0.5})
     gateway = Gateway(config.model_copy(update={"http": tight}))
+    release = tmp_path / "release"
 
-    # Waiting for a change past any revision the job will reach: no answer in time.
-    with pytest.raises(ApiError) as timed_out:
-        asyncio.run(gateway.call(JOB_QUEUE, "watch", job["job_id"], 2**62, 5.0))
+    def held(done: int, total: int) -> None:  # nested: Ray pickles it by value
+        deadline = time.monotonic() + TIMEOUT
+        while not release.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    # A generation held at its first step until the test lets it go: no answer in time.
+    params = GenerationParams(prompt="a cat", steps=STEPS)
+    try:
+        with pytest.raises(ApiError) as timed_out:
+            asyncio.run(gateway.call(ROUTER, "generate", params, None, held))
+    finally:
+        release.touch()
 
     answer = timed_out.value.response()
     assert answer.status_code == 504 and answer.media_type == "application/json"
@@ -513,6 +539,9 @@ def test_fisedit_serve_runs_the_embedded_defaults_anonymously_on_localhost():
     assert (config.http.host, config.http.port, config.http.anonymous) == ("127.0.0.1", 9001, True)
     with pytest.raises(ValueError, match="localhost only"):
         HttpConfig(host="0.0.0.0", anonymous=True)
+    # Under `serve run`, Serve's http_options decide the address: anonymous mode is refused.
+    with pytest.raises(ValueError, match="http.anonymous: anonymous mode is only for"):
+        serve_cli_app(config)
 
 
 NASTY = [None, "", -1, 2**70, 1.5, "x" * 5000, "../../etc/passwd", "\u0000é", [], {"a": 1}, True]

@@ -8,7 +8,14 @@ import asyncio
 import pytest
 
 from fisedit.service.config import QueueLimits, ServiceConfig, StoreConfig
-from fisedit.service.jobs import ChainSpec, JobEvent, JobQueue, JobRecord, UnknownJobError
+from fisedit.service.jobs import (
+    ChainSpec,
+    JobCancelledError,
+    JobEvent,
+    JobQueue,
+    JobRecord,
+    UnknownJobError,
+)
 
 
 def _finished(number: int, session_id: str, key: str | None = None) -> JobRecord:
@@ -135,3 +142,74 @@ def test_a_finished_job_is_marked_so_and_a_restart_reads_only_the_newest(tmp_pat
     restarted = _queue(tmp_path, kept=1)
     restarted.store = log = ReadLog(restarted.store)
     assert asyncio.run(restarted.list_jobs()) == [cancelled] and log.read == ["jobs/job9.json"]
+
+
+class Failing:
+    """A store whose first `times` calls of `method` (on `key`, if given) fail, as a store
+    that is briefly unreachable does."""
+
+    def __init__(self, store, method: str, times: int = 1, key: str | None = None) -> None:
+        self.store, self.method, self.times, self.key = store, method, times, key
+
+    def __getattr__(self, name: str):
+        real = getattr(self.store, name)
+        if name != self.method:
+            return real
+
+        def call(*args, **kwargs):
+            if self.times and self.key in (None, args[0]):
+                self.times -= 1
+                raise ConnectionError("the store timed out")
+            return real(*args, **kwargs)
+
+        return call
+
+
+def test_a_queue_whose_store_failed_at_its_first_call_loads_its_jobs_at_the_next(tmp_path):
+    queue = _queue(tmp_path, kept=2)
+    queue.store = Failing(queue.store, "list")
+
+    with pytest.raises(ConnectionError, match="timed out"):
+        asyncio.run(queue.list_jobs())
+    listed = asyncio.run(queue.list_jobs())
+
+    assert [r.job_id for r in listed] == ["job2", "job3"]
+
+
+def test_a_job_cancelled_while_it_waits_to_retry_stops_retrying(tmp_path):
+    queue = _queue(tmp_path, kept=1)
+    spec = ChainSpec(session_id="s1", edits=[{"prompt": "a dog"}])
+    record = JobRecord(job_id="job8", spec=spec, state="running", session_id="s1", base_version=0)
+    tries = []
+
+    async def attempt():
+        tries.append(len(tries))
+        record.cancel_requested = True  # asked for while this try ran
+        raise ConnectionError("the store timed out")  # transient: would be retried
+
+    with pytest.raises(JobCancelledError, match="job8 was cancelled"):
+        asyncio.run(queue._retrying(record, 0, attempt))
+    assert tries == [0]
+
+
+def test_a_final_record_the_store_could_not_take_is_stored_once_it_can(tmp_path):
+    spec = ChainSpec(session_id="s3", edits=[{"prompt": "a dog"}])
+    stopped = JobRecord(
+        job_id="job9", spec=spec, state="running", session_id="s3", base_version=1,
+        cancel_requested=True,
+    )  # fmt: skip
+    queue = _queue(tmp_path, kept=4)
+    queue.store.put("jobs/job9.json", stopped.model_dump_json().encode())
+    # Down for the job's two writes at the restart: it starts, then ends cancelled.
+    queue.store = Failing(queue.store, "put", times=2, key="jobs/job9.json")
+
+    async def scenario():
+        deadline = asyncio.get_running_loop().time() + 60
+        await queue.list_jobs()
+        while not queue.store.list("jobs/finished/s3/"):
+            assert asyncio.get_running_loop().time() < deadline, "final record never stored"
+            await asyncio.sleep(0.05)
+
+    asyncio.run(scenario())
+    stored = JobRecord.model_validate_json(queue.store.get("jobs/job9.json"))
+    assert (stored.state, queue.store.times) == ("cancelled", 0)

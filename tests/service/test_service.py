@@ -23,6 +23,7 @@ from fisedit.service.config import (
     StoreConfig,
     WorkerResources,
 )
+from fisedit.service.jobs import ChainSpec, JobRecord, UnknownJobError
 from fisedit.service.names import JOB_QUEUE, ROUTER, worker_name
 from fisedit.service.results import EditRequest, StaleVersionError
 
@@ -189,6 +190,31 @@ def test_a_stale_version_is_refused_and_nothing_is_applied(client):
     assert [r.version for r in client.history(made.session_id)] == [0, 1]
 
 
+def test_a_router_behind_its_worker_learns_the_version_from_the_store(client, config):
+    made = client.generate("a cat on a bench", steps=STEPS, seed=3)
+    # What an edit that timed out at the router, then committed on its worker, leaves.
+    holder = ray.get_actor(made.worker_id, namespace=config.namespace)
+    request = EditRequest(prompt="a dog on a bench", extends=0)
+    ray.get(holder.edit.remote(made.session_id, request), timeout=TIMEOUT)
+
+    with pytest.raises(StaleVersionError, match="at version 1, not 0"):
+        client.edit(made.session_id, "a fox on a bench")
+    edited = client.edit(made.session_id, "a fox on a bench", extends=1)
+
+    assert (edited.version, edited.cache_path) == (2, "hit")
+
+
+def test_a_chain_goes_on_from_an_edit_that_changed_nothing(client):
+    prompts = ["a dog on a bench", "a dog on a bench", "a fox on a bench"]
+    record = client.wait(client.submit_chain(_chain(prompts)), timeout=TIMEOUT)
+
+    assert record.state == "succeeded", record.error
+    assert [r.version for r in record.results] == [1, 1, 2]
+    assert [r.report.prompt for r in client.history(record.session_id)] == [
+        "a cat on a bench", "a dog on a bench", "a fox on a bench"
+    ]  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("change", "field"),
     [
@@ -316,6 +342,36 @@ def test_a_restarted_job_queue_resumes_its_jobs_without_repeating_an_edit(client
     record = client.wait(job, timeout=TIMEOUT)
     assert record.state == "succeeded" and [r.version for r in record.results] == [1, 2, 3]
     assert [r.version for r in client.history(record.session_id)] == [0, 1, 2, 3]
+
+
+def test_a_job_never_takes_another_edit_of_its_session_for_its_own(client, config):
+    made = client.generate("a cat on a bench", steps=STEPS, seed=14)
+    # A job queued at version 0 that had not run when another edit made version 1: stored
+    # by a queue that stopped, resumed by the restarted one.
+    spec = ChainSpec(session_id=made.session_id, edits=[{"prompt": "a fox on a bench"}])
+    waiting = JobRecord(
+        job_id=uuid.uuid4().hex, spec=spec, session_id=made.session_id, base_version=0
+    )
+    client.edit(made.session_id, "a dog on a bench", extends=0)
+    store = config.store.open(f"tenants/{config.tenant}")
+    store.put(f"jobs/{waiting.job_id}.json", waiting.model_dump_json().encode())
+
+    ray.kill(ray.get_actor(JOB_QUEUE, namespace=config.namespace), no_restart=False)
+
+    def resumed() -> bool:  # the queue that was killed never knew the job
+        try:
+            return bool(client.status(waiting.job_id))
+        except UnknownJobError:
+            return False
+
+    wait_until(resumed, "job resumed by the restarted queue", TIMEOUT)
+    record = client.wait(waiting.job_id, timeout=TIMEOUT)
+    assert record.state == "failed" and record.results == []
+    assert (
+        record.error.startswith("StaleVersionError: session")
+        and "at version 1, not 0" in record.error
+    )
+    assert [r.report.prompt for r in client.history(made.session_id)][1:] == ["a dog on a bench"]
 
 
 def _serve_s3(port: int):

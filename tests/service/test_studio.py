@@ -507,6 +507,20 @@ def test_a_session_in_the_studio(browser, base_url, downloads, tmp_path):
         {"event": "end", "data": {"state": "succeeded"}},
     ]
 
+    # A job that goes away while the page follows it (its session deleted elsewhere): the
+    # stream's error event is the message, not a lost connection.
+    message = driver.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        "const realFetch = window.fetch;"
+        "window.fetch = async () => new Response("
+        "  'event: started\\ndata: {}\\n\\nevent: error\\ndata: ' + JSON.stringify({status: 404,"
+        "  detail: [{loc: ['path', 'job_id'], msg: \"unknown job 'gone'\", type: 'not_found'}]})"
+        "  + '\\n\\n');"
+        "runJob('Edit', async () => 'gone').then(() => done('ended'),"
+        "  (error) => done(describe(error))).finally(() => { window.fetch = realFetch; });"
+    )
+    assert message == "Error 404: job_id: unknown job 'gone'"
+
     # 360 px wide: one column, nothing wider than the screen.
     driver.set_window_size(360, 900)
     _wait(lambda: driver.execute_script("return window.innerWidth") <= 360, "narrow window")

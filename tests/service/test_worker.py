@@ -3,6 +3,8 @@ stale versions refused, lost sessions adopted from the store with the same image
 
 import io
 import uuid
+import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -78,6 +80,18 @@ def _broken_png(array: np.ndarray) -> bytes:
     return bytes(data)
 
 
+def _bomb_png(side: int) -> bytes:
+    """A few bytes of PNG whose header claims a side x side image: Pillow refuses to open
+    it (DecompressionBombError) above its pixel limit."""
+    data = bytearray(png(np.ones((1, 1), np.uint8)))
+    start = data.index(b"IHDR") + 4
+    data[start : start + 8] = side.to_bytes(4, "big") * 2
+    data[start + 13 : start + 17] = zlib.crc32(bytes(data[start - 4 : start + 13])).to_bytes(
+        4, "big"
+    )
+    return bytes(data)
+
+
 def test_stale_versions_and_bad_masks_are_refused_and_the_session_stays(engine, config):
     host = SessionHost(config, "w0", engine)
     host.generate("s1", BASE)
@@ -85,9 +99,11 @@ def test_stale_versions_and_bad_masks_are_refused_and_the_session_stays(engine, 
 
     with pytest.raises(StaleVersionError, match="at version 1, not 0"):
         host.edit("s1", EditRequest(prompt="a fox on a bench", extends=0))
-    for unreadable in (b"not a png", _broken_png(np.ones((32, 32), np.uint8))):
+    for unreadable in (b"not a png", _broken_png(np.ones((32, 32), np.uint8)), _bomb_png(20000)):
         with pytest.raises(ValueError, match="mask: not a readable image"):
             host.edit("s1", EditRequest(prompt="a fox", mask=unreadable, extends=1))
+    with pytest.raises(ValueError, match="mask_key: no file 'sessions/s1/v7/mask.png'"):
+        host.edit("s1", EditRequest(prompt="a fox", mask_key="sessions/s1/v7/mask.png"))
     with pytest.raises(ValueError, match="mask: mask size .* matches neither"):
         host.edit("s1", EditRequest(prompt="a fox", mask=png(np.ones((5, 7), np.uint8))))
     with pytest.raises(ValueError, match="mask: the mask is empty"):
@@ -143,3 +159,20 @@ def test_draining_snapshots_every_session_held_so_it_restores_elsewhere(engine, 
     other = SessionHost(config, "w1", engine)
     edited = other.edit("s1", EditRequest(prompt="a fox on a bench", extends=1))
     assert (edited.version, edited.cache_path) == (2, "restore")
+
+
+def test_a_session_that_cannot_be_snapshotted_does_not_keep_the_others_from_draining(
+    engine, config
+):
+    holder = SessionHost(config, "w0", engine)
+    for session_id in ("t1", "t2"):
+        holder.generate(session_id, BASE)
+    # Something in the way of t1's first shard: its snapshot cannot be written.
+    blocked = Path(config.store.url) / "tenants/local/sessions/t1/v0/shard-00000.safetensors"
+    blocked.mkdir(parents=True)
+
+    with pytest.raises(RuntimeError, match="w0 snapshotted 1 sessions but not t1: "):
+        holder.drain()
+
+    assert holder.store.exists("sessions/t2/v0/manifest.json")
+    assert not holder.store.exists("sessions/t1/v0/manifest.json")

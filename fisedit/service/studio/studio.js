@@ -211,6 +211,8 @@ async function runJob(what, submit) {
       } else if (event === "generated" || event === "edited") {
         if (!steps) setProgress(data.total ? data.done / data.total : 1);
         await addVersion(data.version, true);
+      } else if (event === "error") {
+        throw new ApiFailure(data.status, data.detail); // the job went, or the queue did
       } else if (event === "end") {
         return { ...data, cancelling: job.cancelling };
       }
