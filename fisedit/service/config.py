@@ -110,6 +110,8 @@ class HttpConfig(BaseModel):
     )
     max_in_flight: int = Field(32, ge=1, description="Requests in flight per replica: 503.")
     max_in_flight_per_tenant: int = Field(8, ge=1, description="Per tenant and replica: 429.")
+    max_streams: int = Field(32, ge=1, description="Open event streams per replica: 503.")
+    max_streams_per_tenant: int = Field(4, ge=1, description="Per tenant and replica: 429.")
     retry_after_s: int = Field(2, ge=1, description="Retry-After of a 429 or 503.")
     max_body_bytes: int = Field(8 << 20, ge=1024)
     max_mask_bytes: int = Field(2 << 20, ge=64, description="A decoded mask PNG.")

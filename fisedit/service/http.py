@@ -15,6 +15,7 @@ answered 404, exactly as an unknown one.
 
 import argparse
 import asyncio
+import collections
 import hashlib
 import hmac
 import json
@@ -24,7 +25,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import ray
 from fastapi import Depends, FastAPI, Header, Request, Response
@@ -81,6 +82,8 @@ API_KEYS_ENV = "FISEDIT_API_KEYS"
 UNLIMITED = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json", "/docs", "/"})
 """Paths outside the in-flight bounds: probes, scrapes and the studio's page (`/` and files
 under /studio/) must answer under load."""
+Slot = Literal["request", "stream"]
+"""What a gateway bounds per replica and tenant: requests in flight, open event streams."""
 SSE_WAIT_S = 15.0
 """Longest wait of an event stream for its job's next change (then it asks again)."""
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
@@ -328,8 +331,8 @@ class Gateway:
         self.keys = ApiKeys.load(self.http)
         self.store = config.store.open(f"tenants/{config.tenant}")
         self.metrics = Metrics()
-        self.in_flight = 0
-        self.in_flight_by_tenant: dict[str, int] = {}
+        self.held: collections.Counter[tuple[Slot, str | None]] = collections.Counter()
+        """Slots held, by kind and tenant (None: the replica's total)."""
         if self.http.anonymous:
             log.warning(
                 "fisedit HTTP API in anonymous mode: no API key is checked, every request "
@@ -342,24 +345,33 @@ class Gateway:
             return self.config.tenant
         return None if api_key is None else self.keys.tenant(api_key)
 
-    @contextmanager
-    def admitted(self, tenant: str | None):
-        """Holds an in-flight slot; ApiError 503 (replica full) or 429 (tenant's share)."""
+    def check_room(self, tenant: str | None, slot: Slot = "request") -> None:
+        """ApiError 503 if the replica's slots of this kind (a request in flight, an open
+        event stream) are all held, 429 if the tenant holds its share of them."""
         retry = {"Retry-After": str(self.http.retry_after_s)}
-        if self.in_flight >= self.http.max_in_flight:
+        http = self.http
+        limit, share, what = {
+            "request": (http.max_in_flight, http.max_in_flight_per_tenant, "requests in flight"),
+            "stream": (http.max_streams, http.max_streams_per_tenant, "open event streams"),
+        }[slot]
+        if self.held[slot, None] >= limit:
             self.metrics.rejected.labels("service_full").inc()
             raise ApiError(503, [], "the service is at capacity; retry later", "busy", retry)
-        held = self.in_flight_by_tenant.get(tenant, 0)
-        if tenant is not None and held >= self.http.max_in_flight_per_tenant:
+        held = self.held[slot, tenant]
+        if tenant is not None and held >= share:
             self.metrics.rejected.labels("tenant_limit").inc()
-            raise ApiError(429, [], f"over {held} requests in flight; retry later", "rate", retry)
-        self.in_flight += 1
-        self.in_flight_by_tenant[tenant] = held + 1
+            raise ApiError(429, [], f"over {held} {what}; retry later", "rate", retry)
+
+    @contextmanager
+    def admitted(self, tenant: str | None, slot: Slot = "request"):
+        """Holds a slot of this kind (see check_room, which raises when there is none)."""
+        self.check_room(tenant, slot)
+        keys = [(slot, None)] if tenant is None else [(slot, None), (slot, tenant)]
+        self.held.update(keys)
         try:
             yield
         finally:
-            self.in_flight -= 1
-            self.in_flight_by_tenant[tenant] -= 1
+            self.held.subtract(keys)
 
     async def call(self, actor: str, method: str, *args, loc: list[str] | None = None) -> Any:
         """Calls a service actor; its errors come back as ApiErrors (or as themselves, for
@@ -891,20 +903,26 @@ def _sse(kind: str, data: dict) -> bytes:
     return f"event: {kind}\ndata: {json.dumps(data)}\n\n".encode()
 
 
-async def _job_events(gw: Gateway, job_id: str) -> AsyncIterator[bytes]:
+async def _job_events(gw: Gateway, tenant: str | None, job_id: str) -> AsyncIterator[bytes]:
+    """The job's event stream, holding a stream slot while open. A failure (the job deleted
+    with its session, the queue unavailable, no slot left) ends it with an `error` event:
+    the HTTP status the failure would have had (`status`) and its `detail`."""
+    try:
+        with gw.admitted(tenant, "stream"):
+            async for chunk in _events_of(gw, job_id):
+                yield chunk
+    except ApiError as error:
+        yield _sse("error", {"status": error.status, **json.loads(error.response().body)})
+
+
+async def _events_of(gw: Gateway, job_id: str) -> AsyncIterator[bytes]:
     """Each event of the job as it happens (with the version it committed, if any), each
     denoise step it sees (`step`: the newest, when steps come faster than it reads), then
-    the end state, after which the stream closes. A failure (the job deleted with its
-    session, the queue unavailable) ends it with an `error` event: the HTTP status the
-    failure would have had (`status`) and its `detail`."""
+    the end state, after which the stream closes."""
     seen, sent, last_step = -1, 0, None
     wait_s = min(SSE_WAIT_S, gw.http.request_timeout_s / 2)
     while True:
-        try:
-            seen, record = await gw.call(JOB_QUEUE, "watch", job_id, seen, wait_s)
-        except ApiError as error:
-            yield _sse("error", {"status": error.status, **json.loads(error.response().body)})
-            return
+        seen, record = await gw.call(JOB_QUEUE, "watch", job_id, seen, wait_s)
         for event in record.events[sent:]:
             data = event.model_dump() | {"done": record.progress[0], "total": record.progress[1]}
             if event.kind == "generated" and record.generated is not None:
@@ -930,9 +948,11 @@ async def _job_events(gw: Gateway, job_id: str) -> AsyncIterator[bytes]:
 async def job_events(job_id: str, tenant: TenantDep, gw: GatewayDep) -> StreamingResponse:
     """Server-Sent Events: `queued`, `started`, a `step` per denoise step seen (data: `edit`,
     None for the base image, `step` and `steps`), `generated` and `edited` with each
-    committed version, `retry`, the final state, then `end` with the job."""
+    committed version, `retry`, the final state, then `end` with the job. An open stream
+    holds one of the replica's `max_streams` (429 past the tenant's share)."""
     gw.check_job(tenant, job_id)
-    return StreamingResponse(_job_events(gw, job_id), media_type="text/event-stream")
+    gw.check_room(tenant, "stream")  # answered here; the stream holds its slot once open
+    return StreamingResponse(_job_events(gw, tenant, job_id), media_type="text/event-stream")
 
 
 # The edit studio: a static page calling the API above from the browser
@@ -964,8 +984,9 @@ def build_app(config: ServiceConfig) -> Application:
     return Ingress.options(
         num_replicas=http.replicas,
         # The gateway's own bounds answer first (429/503 with Retry-After); these stop Serve
-        # from queueing without bound behind them.
-        max_ongoing_requests=http.max_in_flight + 8,
+        # from queueing without bound behind them, with room for every open stream and
+        # for probes beside the requests in flight.
+        max_ongoing_requests=http.max_in_flight + http.max_streams + 8,
         max_queued_requests=http.max_in_flight,
     ).bind(config)
 

@@ -612,6 +612,25 @@ def test_a_full_replica_answers_503_and_a_tenant_past_its_share_429(tmp_path):
     assert over_share.value.headers == full.value.headers == {"Retry-After": "3"}
 
 
+def test_open_event_streams_are_bounded_apart_from_requests(tmp_path):
+    http = HttpConfig(max_in_flight=1, max_streams=2, max_streams_per_tenant=1, retry_after_s=3)
+    gateway = Gateway(ServiceConfig(store=StoreConfig(url=str(tmp_path)), http=http))
+
+    with gateway.admitted("alice", "stream"):
+        with pytest.raises(ApiError) as over_share:
+            gateway.check_room("alice", "stream")
+        with gateway.admitted("bob", "stream"):
+            with pytest.raises(ApiError) as full:
+                gateway.check_room("carol", "stream")
+            with gateway.admitted("alice"):  # a request still has its room
+                pass
+    with gateway.admitted("alice", "stream"):  # every slot came back
+        pass
+
+    assert (over_share.value.status, full.value.status) == (429, 503)
+    assert over_share.value.msg == "over 1 open event streams; retry later"
+
+
 SCHEMA_CHECKS = [
     not_a_server_error,
     status_code_conformance,
