@@ -899,40 +899,50 @@ async def cancel_job(job_id: str, tenant: TenantDep, gw: GatewayDep) -> Job:
     return Job.of(await gw.call(JOB_QUEUE, "cancel", job_id, loc=["path", "job_id"]))
 
 
-def _sse(kind: str, data: dict) -> bytes:
-    return f"event: {kind}\ndata: {json.dumps(data)}\n\n".encode()
+def _sse(kind: str, data: dict, event_id: int | None = None) -> bytes:
+    line = "" if event_id is None else f"id: {event_id}\n"
+    return f"{line}event: {kind}\ndata: {json.dumps(data)}\n\n".encode()
 
 
-async def _job_events(gw: Gateway, tenant: str | None, job_id: str) -> AsyncIterator[bytes]:
+async def _job_events(
+    gw: Gateway, tenant: str | None, job_id: str, after: int
+) -> AsyncIterator[bytes]:
     """The job's event stream, holding a stream slot while open. A failure (the job deleted
     with its session, the queue unavailable, no slot left) ends it with an `error` event:
     the HTTP status the failure would have had (`status`) and its `detail`."""
     try:
         with gw.admitted(tenant, "stream"):
-            async for chunk in _events_of(gw, job_id):
+            async for chunk in _events_of(gw, job_id, after):
                 yield chunk
     except ApiError as error:
         yield _sse("error", {"status": error.status, **json.loads(error.response().body)})
 
 
-async def _events_of(gw: Gateway, job_id: str) -> AsyncIterator[bytes]:
-    """Each event of the job as it happens (with the version it committed, if any), each
-    denoise step it sees (`step`: the newest, when steps come faster than it reads), then
-    the end state, after which the stream closes."""
-    seen, sent, last_step = -1, 0, None
+async def _events_of(gw: Gateway, job_id: str, after: int) -> AsyncIterator[bytes]:
+    """Each event of the job after the first `after` as it happens (with the version it
+    committed, if any; its id is its number), each denoise step it sees (`step`: the
+    newest, when steps come faster than it reads), then the end state, after which the
+    stream closes. A stream lasts at most `http.request_timeout_s` (Serve would cut it
+    later): it then ends with `continue`, and the client opens it again, sending the id of
+    the last event it had as Last-Event-ID."""
+    seen, sent, last_step = -1, after, None
     wait_s = min(SSE_WAIT_S, gw.http.request_timeout_s / 2)
+    close_at = time.monotonic() + gw.http.request_timeout_s - wait_s
     while True:
         seen, record = await gw.call(JOB_QUEUE, "watch", job_id, seen, wait_s)
-        for event in record.events[sent:]:
+        for number, event in enumerate(record.events[sent:], start=sent + 1):
             data = event.model_dump() | {"done": record.progress[0], "total": record.progress[1]}
             if event.kind == "generated" and record.generated is not None:
                 data["version"] = Version.of(record.generated).model_dump()
             elif event.kind == "edited" and event.edit is not None:
                 data["version"] = Version.of(record.results[event.edit]).model_dump()
-            yield _sse(event.kind, data)
-        sent = len(record.events)
+            yield _sse(event.kind, data, number)
+        sent = max(sent, len(record.events))
         if record.state in FINISHED:
             yield _sse("end", Job.of(record).model_dump())
+            return
+        if time.monotonic() >= close_at:
+            yield _sse("continue", {"last_event_id": sent})
             return
         step = record.step
         if step is not None and step != last_step and step.edit == record.running_edit:
@@ -945,14 +955,29 @@ async def _events_of(gw: Gateway, job_id: str) -> AsyncIterator[bytes]:
     response_class=StreamingResponse,
     responses={200: {"content": {"text/event-stream": {}}, "description": "Server-Sent Events."}},
 )
-async def job_events(job_id: str, tenant: TenantDep, gw: GatewayDep) -> StreamingResponse:
+async def job_events(
+    job_id: str,
+    tenant: TenantDep,
+    gw: GatewayDep,
+    last_event_id: Annotated[str | None, Header()] = None,
+) -> StreamingResponse:
     """Server-Sent Events: `queued`, `started`, a `step` per denoise step seen (data: `edit`,
     None for the base image, `step` and `steps`), `generated` and `edited` with each
-    committed version, `retry`, the final state, then `end` with the job. An open stream
-    holds one of the replica's `max_streams` (429 past the tenant's share)."""
+    committed version, `retry`, the final state, then `end` with the job. A stream open
+    for `request_timeout_s` ends with `continue`: open it again with Last-Event-ID (the id
+    of the last event received) to go on from there. An open stream holds one of the
+    replica's `max_streams` (429 past the tenant's share)."""
+    after = 0 if last_event_id is None else _event_number(last_event_id)
     gw.check_job(tenant, job_id)
     gw.check_room(tenant, "stream")  # answered here; the stream holds its slot once open
-    return StreamingResponse(_job_events(gw, tenant, job_id), media_type="text/event-stream")
+    events = _job_events(gw, tenant, job_id, after)
+    return StreamingResponse(events, media_type="text/event-stream")
+
+
+def _event_number(text: str) -> int:
+    if not (text.isascii() and text.isdigit()):
+        raise ApiError(422, ["header", "Last-Event-ID"], "expected an event id", "value_error")
+    return int(text)
 
 
 # The edit studio: a static page calling the API above from the browser

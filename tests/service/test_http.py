@@ -50,6 +50,7 @@ from fisedit.service.config import (
 from fisedit.service.http import (
     ApiError,
     Gateway,
+    _job_events,
     build_app,
     hash_key,
     local_config,
@@ -387,6 +388,39 @@ def test_a_chain_job_streams_its_events_to_the_end(alice):
             steps.append((data["edit"], data["step"]))
     assert steps and steps == sorted(steps, key=lambda s: (-1 if s[0] is None else s[0], s[1]))
     assert all(1 <= step <= STEPS for _, step in steps)
+
+    # Opened again after the third event (as a client whose stream ended does), it goes on
+    # from the fourth; step events are not numbered.
+    url, after_third = job.json()["events_url"], {"Last-Event-ID": "3"}
+    with alice.stream("GET", url, headers=after_third) as stream:
+        lines = [line for line in stream.iter_lines() if line.startswith(("id:", "event:"))]
+    assert lines == [
+        "id: 4", "event: edited", "id: 5", "event: edited", "id: 6", "event: succeeded",
+        "event: end",
+    ]  # fmt: skip
+    assert _field(alice.get(url, headers={"Last-Event-ID": "x"}), 422) == [
+        "header", "Last-Event-ID"
+    ]  # fmt: skip
+
+
+def test_a_stream_open_past_the_request_timeout_ends_with_continue_and_goes_on(alice, config):
+    edits = [{"prompt": p} for p in ("a dog", "a dog on a bench", "a fox on a bench")]
+    job = alice.post("/v1/jobs", json={"prompt": "a cat", "steps": 8, "edits": edits}).json()
+    short = config.http.model_copy(update={"request_timeout_s": 1.0})
+
+    async def stream(gateway: Gateway, after: int) -> list[str]:
+        lines = []
+        async for chunk in _job_events(gateway, "alice", job["job_id"], after):
+            lines += [line for line in chunk.decode().splitlines() if line[:3] in ("id:", "eve")]
+        return lines
+
+    first = asyncio.run(stream(Gateway(config.model_copy(update={"http": short})), 0))
+    assert first[-1] == "event: continue", first  # the job runs for seconds
+    ids = [int(line[4:]) for line in first if line.startswith("id:")]
+    rest = asyncio.run(stream(Gateway(config), ids[-1]))  # this one lasts until the job ends
+    assert rest[-1] == "event: end"
+    ids += [int(line[4:]) for line in rest if line.startswith("id:")]
+    assert ids == list(range(1, len(ids) + 1)) and len(ids) == 1 + 1 + 1 + 3 + 1
 
 
 def test_an_edit_with_prefer_respond_async_answers_202_with_a_job(alice, session):

@@ -503,8 +503,8 @@ def test_a_session_in_the_studio(browser, base_url, downloads, tmp_path):
         cuts,
     )
     assert events == [
-        {"event": "step", "data": {"step": 1, "steps": 2, "edit": None}},
-        {"event": "end", "data": {"state": "succeeded"}},
+        {"event": "step", "data": {"step": 1, "steps": 2, "edit": None}, "id": None},
+        {"event": "end", "data": {"state": "succeeded"}, "id": None},
     ]
 
     # A job that goes away while the page follows it (its session deleted elsewhere): the
@@ -520,6 +520,24 @@ def test_a_session_in_the_studio(browser, base_url, downloads, tmp_path):
         "  (error) => done(describe(error))).finally(() => { window.fetch = realFetch; });"
     )
     assert message == "Error 404: job_id: unknown job 'gone'"
+
+    # A stream the service ends with `continue` (open past its request timeout): the page
+    # opens it again after the last event it had, and the job's end comes on the second.
+    followed = driver.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        "const realFetch = window.fetch;"
+        "const streams = ['id: 1\\nevent: queued\\ndata: {}\\n\\nid: 2\\nevent: started\\n"
+        "data: {}\\n\\nevent: continue\\ndata: {}\\n\\n', 'id: 3\\nevent: succeeded\\n"
+        'data: {}\\n\\nevent: end\\ndata: {"state": "succeeded"}\\n\\n\'];'
+        "const asked = [];"
+        "window.fetch = async (path, init) => {"
+        "  asked.push(init.headers['Last-Event-ID'] || null);"
+        "  return new Response(streams.shift());"
+        "};"
+        "runJob('Edit', async () => 'long').then((end) => done([end.state, asked]),"
+        "  (error) => done(describe(error))).finally(() => { window.fetch = realFetch; });"
+    )
+    assert followed == ["succeeded", [None, "2"]]
 
     # 360 px wide: one column, nothing wider than the screen.
     driver.set_window_size(360, 900)

@@ -90,12 +90,14 @@ async function* serverEvents(response) {
       const block = buffer.slice(0, end);
       buffer = buffer.slice(end + 2);
       let event = "message";
+      let id;
       const data = [];
       for (const line of block.split("\n")) {
         if (line.startsWith("event:")) event = line.slice(6).trim();
+        else if (line.startsWith("id:")) id = line.slice(3).trim();
         else if (line.startsWith("data:")) data.push(line.slice(5).trimStart());
       }
-      if (data.length) yield { event, data: JSON.parse(data.join("\n")) };
+      if (data.length) yield { event, data: JSON.parse(data.join("\n")), id };
     }
   }
 }
@@ -196,25 +198,32 @@ async function runJob(what, submit) {
     job.id = await submit();
     if (job.cancelling) await requestCancel(job); // Escape came before the job had an id
     update("queued");
-    const response = await api("GET", `/v1/jobs/${job.id}/events`, {
-      headers: { Accept: "text/event-stream" },
-    });
-    for await (const { event, data } of serverEvents(response)) {
-      if (event === "step") {
-        steps = true;
-        setProgress(data.step / data.steps);
-        update(`step ${data.step} of ${data.steps}`);
-      } else if (event === "started") {
-        update("running");
-      } else if (event === "retry") {
-        update(`retrying (${data.message})`);
-      } else if (event === "generated" || event === "edited") {
-        if (!steps) setProgress(data.total ? data.done / data.total : 1);
-        await addVersion(data.version, true);
-      } else if (event === "error") {
-        throw new ApiFailure(data.status, data.detail); // the job went, or the queue did
-      } else if (event === "end") {
-        return { ...data, cancelling: job.cancelling };
+    let lastId = null; // the id of the last event seen, to go on from after a `continue`
+    for (let open = true; open; ) {
+      open = false;
+      const headers = { Accept: "text/event-stream" };
+      if (lastId !== null) headers["Last-Event-ID"] = lastId;
+      const response = await api("GET", `/v1/jobs/${job.id}/events`, { headers });
+      for await (const { event, data, id } of serverEvents(response)) {
+        if (id !== undefined) lastId = id;
+        if (event === "continue") {
+          open = true; // the service ends a long stream: the next one goes on from lastId
+        } else if (event === "step") {
+          steps = true;
+          setProgress(data.step / data.steps);
+          update(`step ${data.step} of ${data.steps}`);
+        } else if (event === "started") {
+          update("running");
+        } else if (event === "retry") {
+          update(`retrying (${data.message})`);
+        } else if (event === "generated" || event === "edited") {
+          if (!steps) setProgress(data.total ? data.done / data.total : 1);
+          await addVersion(data.version, true);
+        } else if (event === "error") {
+          throw new ApiFailure(data.status, data.detail); // the job went, or the queue did
+        } else if (event === "end") {
+          return { ...data, cancelling: job.cancelling };
+        }
       }
     }
     throw new Error("the event stream closed before the job ended");
