@@ -11,7 +11,8 @@ import asyncio
 import contextlib
 import random
 import uuid
-from collections import Counter, defaultdict
+import weakref
+from collections import Counter
 from dataclasses import dataclass
 
 import ray
@@ -67,7 +68,9 @@ class SessionRouter:
         self.in_flight: Counter[str] = Counter()
         self.paths: Counter[str] = Counter()
         self.migrations = 0
-        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        """Per session; one no call holds or awaits is forgotten (asked about many ids, the
+        router keeps no lock per id)."""
         self._map_rebuilt: asyncio.Task | None = None
 
     async def generate(
@@ -81,7 +84,7 @@ class SessionRouter:
         The worker calls `on_step` after every denoise step."""
         await self._ready()
         session_id = check_session_id(session_id or uuid.uuid4().hex)
-        async with self._locks[session_id]:
+        async with self._lock(session_id):
             committed = await asyncio.to_thread(stored_result, self.store, session_id, 0)
             if committed is not None:
                 return committed
@@ -100,7 +103,7 @@ class SessionRouter:
         The worker calls `on_step` after every denoise step.
         """
         await self._ready()
-        async with self._locks[session_id]:
+        async with self._lock(session_id):
             placement = await self._placement(session_id)
             check_current(session_id, placement.version, request.extends)
             request = request.model_copy(update={"extends": placement.version})
@@ -125,7 +128,7 @@ class SessionRouter:
     async def snapshot(self, session_id: str) -> str:
         """Has the holder snapshot the session's current version; returns the manifest key."""
         await self._ready()
-        async with self._locks[session_id]:
+        async with self._lock(session_id):
             placement = await self._placement(session_id)
             if placement.worker_id is None:
                 raise UnknownSessionError(f"session {session_id!r} is held by no worker")
@@ -149,7 +152,7 @@ class SessionRouter:
     async def delete(self, session_id: str) -> None:
         """Forgets the session: its holder drops it and every file of it leaves the store."""
         await self._ready()
-        async with self._locks[session_id]:
+        async with self._lock(session_id):
             placement = await self._placement(session_id)
             if placement.worker_id in self.workers:
                 # Waited for a while only: a busy or lost holder must not keep the lock (it
@@ -211,6 +214,12 @@ class SessionRouter:
         if placement.worker_id not in (None, target):
             await self._dispatch(placement, "snapshot", session_id)
         return Placement(target, placement.version)
+
+    def _lock(self, session_id: str) -> asyncio.Lock:
+        lock = self._locks.get(session_id)
+        if lock is None:
+            lock = self._locks[session_id] = asyncio.Lock()
+        return lock
 
     async def _placement(self, session_id: str) -> Placement:
         placement = self.placements.get(check_session_id(session_id))

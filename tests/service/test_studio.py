@@ -428,6 +428,8 @@ def test_a_session_in_the_studio(browser, base_url, downloads, tmp_path):
     assert error.startswith(f"Stale version (409): extends: session {session_id} is at version")
     _wait(lambda: len(_versions(driver)) == known + 1 and _idle(driver), "reloaded history")
     assert image.get_attribute("alt") == f"Version {known}: {elsewhere.json()['prompt']}"
+    typed = driver.find_element("id", "edit-prompt").get_attribute("value")
+    assert typed == "a photo of a dog sitting on a yellow bench"  # kept, to submit again
     assert [r["status"] for r in traffic.find("POST", "/edits")][-1] == 409
 
     # A busy tenant: requests whose bodies are still arriving hold all of its in-flight slots.

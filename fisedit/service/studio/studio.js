@@ -445,6 +445,7 @@ async function edit(event) {
   } catch (error) {
     if (error instanceof ApiFailure && error.status === 409) {
       await loadSession(state.sessionId).catch(() => {});
+      form.elements.namedItem("prompt").value = body.prompt; // to submit again, unretyped
     }
     showError(error, form);
     say("No new version: see the message below.");
