@@ -115,9 +115,9 @@ def test_a_restarted_queue_reads_only_the_records_it_holds_in_memory(tmp_path):
     assert old == RECORDS[0] and log.read[-1] == "jobs/job0.json"
 
 
-def test_a_finished_job_is_marked_so_and_a_restart_reads_only_the_newest(tmp_path):
-    # A job whose cancel was asked for before the queue stopped: it ends at the restart,
-    # before its next edit (so nothing runs).
+def _queue_with_a_stopped_job(tmp_path) -> JobQueue:
+    """A queue over RECORDS and job9, a job on s3 whose cancel was asked for before the
+    queue stopped: it ends at the restart, before its next edit (so nothing runs)."""
     spec = ChainSpec(session_id="s3", edits=[{"prompt": "a dog"}])
     stopped = JobRecord(
         job_id="job9", spec=spec, state="running", session_id="s3", base_version=1,
@@ -125,13 +125,22 @@ def test_a_finished_job_is_marked_so_and_a_restart_reads_only_the_newest(tmp_pat
     )  # fmt: skip
     queue = _queue(tmp_path, kept=4)
     queue.store.put("jobs/job9.json", stopped.model_dump_json().encode())
+    return queue
+
+
+async def _restarted_until_job9_is_marked(queue: JobQueue) -> None:
+    deadline = asyncio.get_running_loop().time() + 60
+    await queue.list_jobs()
+    while not queue.store.list("jobs/finished/s3/"):
+        assert asyncio.get_running_loop().time() < deadline, "job9 never marked finished"
+        await asyncio.sleep(0.05)
+
+
+def test_a_finished_job_is_marked_so_and_a_restart_reads_only_the_newest(tmp_path):
+    queue = _queue_with_a_stopped_job(tmp_path)
 
     async def scenario():
-        deadline = asyncio.get_running_loop().time() + 60
-        await queue.list_jobs()
-        while not queue.store.list("jobs/finished/s3/"):
-            assert asyncio.get_running_loop().time() < deadline, "no marker written"
-            await asyncio.sleep(0.05)
+        await _restarted_until_job9_is_marked(queue)
         return await queue.status("job9")
 
     cancelled = asyncio.run(scenario())
@@ -193,23 +202,10 @@ def test_a_job_cancelled_while_it_waits_to_retry_stops_retrying(tmp_path):
 
 
 def test_a_final_record_the_store_could_not_take_is_stored_once_it_can(tmp_path):
-    spec = ChainSpec(session_id="s3", edits=[{"prompt": "a dog"}])
-    stopped = JobRecord(
-        job_id="job9", spec=spec, state="running", session_id="s3", base_version=1,
-        cancel_requested=True,
-    )  # fmt: skip
-    queue = _queue(tmp_path, kept=4)
-    queue.store.put("jobs/job9.json", stopped.model_dump_json().encode())
+    queue = _queue_with_a_stopped_job(tmp_path)
     # Down for the job's two writes at the restart: it starts, then ends cancelled.
     queue.store = Failing(queue.store, "put", times=2, key="jobs/job9.json")
 
-    async def scenario():
-        deadline = asyncio.get_running_loop().time() + 60
-        await queue.list_jobs()
-        while not queue.store.list("jobs/finished/s3/"):
-            assert asyncio.get_running_loop().time() < deadline, "final record never stored"
-            await asyncio.sleep(0.05)
-
-    asyncio.run(scenario())
+    asyncio.run(_restarted_until_job9_is_marked(queue))
     stored = JobRecord.model_validate_json(queue.store.get("jobs/job9.json"))
     assert (stored.state, queue.store.times) == ("cancelled", 0)
