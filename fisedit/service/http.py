@@ -680,9 +680,13 @@ def _if_match(if_match: str | None) -> int | None:
     """A version from an If-Match header: 3, "3" or W/"3"."""
     if if_match is None:
         return None
-    text = if_match.strip().removeprefix("W/").strip('"')
+    return _header_number("If-Match", if_match.strip().removeprefix("W/").strip('"'), "a version")
+
+
+def _header_number(header: str, text: str, what: str) -> int:
+    """A header's non-negative integer; 422 naming the header if it is not one."""
     if not (text.isascii() and text.isdigit()):  # isdigit alone passes superscripts
-        raise ApiError(422, ["header", "If-Match"], "expected a version number", "value_error")
+        raise ApiError(422, ["header", header], f"expected {what} number", "value_error")
     return int(text)
 
 
@@ -967,17 +971,13 @@ async def job_events(
     for `request_timeout_s` ends with `continue`: open it again with Last-Event-ID (the id
     of the last event received) to go on from there. An open stream holds one of the
     replica's `max_streams` (429 past the tenant's share)."""
-    after = 0 if last_event_id is None else _event_number(last_event_id)
+    after = (
+        0 if last_event_id is None else _header_number("Last-Event-ID", last_event_id, "an event")
+    )
     gw.check_job(tenant, job_id)
     gw.check_room(tenant, "stream")  # answered here; the stream holds its slot once open
     events = _job_events(gw, tenant, job_id, after)
     return StreamingResponse(events, media_type="text/event-stream")
-
-
-def _event_number(text: str) -> int:
-    if not (text.isascii() and text.isdigit()):
-        raise ApiError(422, ["header", "Last-Event-ID"], "expected an event id", "value_error")
-    return int(text)
 
 
 # The edit studio: a static page calling the API above from the browser

@@ -468,7 +468,7 @@ class JobQueue:
             return committed
 
     @staticmethod
-    async def _made_by(router, session_id: str, version: int, request_id: str):
+    async def _made_by(router, session_id: str, version: int, request_id: str) -> EditResult | None:
         """The session's committed `version` if the edit `request_id` made it, else None."""
         committed = await router.result.remote(session_id, version)
         return committed if committed is not None and committed.request_id == request_id else None
