@@ -14,6 +14,7 @@ from fisedit.service.jobs import (
     JobEvent,
     JobQueue,
     JobRecord,
+    QueueFullError,
     UnknownJobError,
 )
 
@@ -33,11 +34,10 @@ RECORDS = [_finished(0, "s1", key="retry-0"), _finished(1, "s1"), _finished(2, "
 """Four finished jobs, finished in this order, the oldest two on session s1."""
 
 
-def _queue(tmp_path, kept: int) -> JobQueue:
+def _queue(tmp_path, kept: int, **limits) -> JobQueue:
     """A queue over a store that holds RECORDS, keeping `kept` finished jobs in memory."""
-    config = ServiceConfig(
-        store=StoreConfig(url=str(tmp_path)), queue=QueueLimits(kept_finished_jobs=kept)
-    )
+    limits = QueueLimits(kept_finished_jobs=kept, **limits)
+    config = ServiceConfig(store=StoreConfig(url=str(tmp_path)), queue=limits)
     store = config.store.open(f"tenants/{config.tenant}")
     for record in reversed(RECORDS):  # stored out of order: the queue orders them
         store.put(f"jobs/{record.job_id}.json", record.model_dump_json().encode())
@@ -209,3 +209,19 @@ def test_a_final_record_the_store_could_not_take_is_stored_once_it_can(tmp_path)
     asyncio.run(_restarted_until_job9_is_marked(queue))
     stored = JobRecord.model_validate_json(queue.store.get("jobs/job9.json"))
     assert (stored.state, queue.store.times) == ("cancelled", 0)
+
+
+def test_a_full_queue_still_answers_a_retry_with_its_job_and_refuses_a_new_job(tmp_path):
+    queue = _queue(tmp_path, kept=4, max_pending_jobs=1)
+    spec = ChainSpec(session_id="s1", edits=[{"prompt": "a dog"}])
+
+    async def scenario():
+        await queue.list_jobs()  # loaded: job0 to job3, all finished
+        queue.jobs["job8"] = JobRecord(job_id="job8", spec=spec, session_id="s1", base_version=0)
+        retried = await queue.submit(spec.model_copy(update={"idempotency_key": "retry-0"}))
+        with pytest.raises(QueueFullError, match="1 pending jobs, its maximum"):
+            await queue.submit(spec)
+        return retried
+
+    assert asyncio.run(scenario()) == "job0"
+    assert sorted(queue.jobs) == ["job0", "job1", "job2", "job3", "job8"]
