@@ -438,3 +438,35 @@ def test_a_chain_survives_the_death_of_its_worker_with_identical_images(client, 
     assert any(r.cache_path == "rebuild" and r.worker_id != holder for r in record.results)
     for lost, kept in zip(record.results, undisturbed.results, strict=True):
         assert np.array_equal(_image(client, lost.image_key), _image(client, kept.image_key))
+
+
+def test_a_drained_stop_stops_everything_and_names_the_sessions_it_could_not_snapshot(
+    ray_cluster, tiny_model_dir, tmp_path
+):
+    config = _config(tiny_model_dir, StoreConfig(url=str(tmp_path)), 1)
+    deploy.start(config)
+    try:
+        client = Client(config=config, timeout_s=TIMEOUT)
+        kept, blocked = (client.generate("a cat", steps=STEPS, seed=s) for s in (1, 2))
+        # Something in the way of the blocked session's first shard: no snapshot of it.
+        shard = f"tenants/local/sessions/{blocked.session_id}/v0/shard-00000.safetensors"
+        (tmp_path / shard).mkdir(parents=True)
+        assert _running(config) == {ROUTER, JOB_QUEUE, worker_name(0)}
+
+        with pytest.raises(RuntimeError, match="not every session was snapshotted") as stopped:
+            deploy.stop(config, drain=True)
+        wait_until(lambda: not _running(config), "the stopped actors' end", TIMEOUT)
+    finally:
+        deploy.stop(config)  # whatever a failure left running
+
+    assert f"{worker_name(0)}: " in str(stopped.value)
+    assert f"snapshotted 1 sessions but not {blocked.session_id}: " in str(stopped.value)
+    store = config.store.open(f"tenants/{config.tenant}")
+    assert store.exists(f"sessions/{kept.session_id}/v0/manifest.json")
+    assert not store.exists(f"sessions/{blocked.session_id}/v0/manifest.json")
+
+
+def _running(config: ServiceConfig) -> set[str]:
+    """The names of the config's actors that are alive."""
+    actors = ray.util.list_named_actors(all_namespaces=True)
+    return {a["name"] for a in actors if a["namespace"] == config.namespace}
