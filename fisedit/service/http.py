@@ -16,6 +16,7 @@ answered 404, exactly as an unknown one.
 import argparse
 import asyncio
 import collections
+import copy
 import hashlib
 import hmac
 import json
@@ -989,6 +990,45 @@ async def studio() -> FileResponse:
 
 
 api.mount("/studio", StaticFiles(directory=STUDIO), name="studio")
+
+
+def _with_limits(document: dict, http: HttpConfig) -> dict:
+    """The document with this service's bounds (`http.max_*`) on what request bodies send,
+    in place of the body models' own, wider ones, so clients made from it send valid input."""
+    bounds = {
+        "prompt": ("maxLength", http.max_prompt_chars),
+        "negative_prompt": ("maxLength", http.max_prompt_chars),
+        "steps": ("maximum", http.max_steps),
+        "height": ("maximum", http.max_image_side),
+        "width": ("maximum", http.max_image_side),
+    }
+    schemas = document["components"]["schemas"]
+    bodies = [schemas[model.__name__] for model in (GenerateBody, JobBody, EditBody)]
+    bodies += [
+        content["schema"]
+        for path in document["paths"].values()
+        for operation in path.values()
+        for content in operation.get("requestBody", {}).get("content", {}).values()
+        if "properties" in content["schema"]  # the inline ones; the others are above
+    ]
+    for body in bodies:
+        for name, field in body["properties"].items():
+            if name in bounds:
+                keyword, bound = bounds[name]
+                for branch in field.get("anyOf", [field]):
+                    if branch.get("type") != "null":
+                        branch[keyword] = bound
+    return document
+
+
+def _openapi() -> dict:
+    """FastAPI's document with the replica's own limits, made once."""
+    if api.openapi_schema is None:
+        api.openapi_schema = _with_limits(copy.deepcopy(FastAPI.openapi(api)), gateway().http)
+    return api.openapi_schema
+
+
+api.openapi = _openapi
 
 
 # The Serve application

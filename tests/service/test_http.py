@@ -472,6 +472,14 @@ def test_probes_metrics_and_openapi(base_url, alice, session):
         spec["paths"]
     )
     assert "HTTPBearer" in spec["components"]["securitySchemes"]
+    # The service's own limits, not the models' wider ones (max_steps 8, sides 128, 200 chars).
+    generate = spec["components"]["schemas"]["GenerateBody"]["properties"]
+    assert (generate["steps"]["maximum"], generate["negative_prompt"]["maxLength"]) == (8, 200)
+    assert generate["height"]["anyOf"][0]["maximum"] == 128
+    edit_body = spec["paths"]["/v1/sessions/{session_id}/edits"]["post"]["requestBody"]
+    assert {
+        c["schema"]["properties"]["prompt"]["maxLength"] for c in edit_body["content"].values()
+    } == {200}
 
 
 def test_deleting_a_session_stops_its_running_job_and_leaves_no_record(alice, s3_client):
