@@ -3,22 +3,13 @@
     ray job submit --working-dir . -- python jobs/bulk_variations.py \
         jobs/examples/variations.jsonl --run example --out s3://bucket/prefix
 
-Re-submitting the same --run resumes it: only missing variations are computed.
+Re-submitting the same --run resumes it: only missing variations are computed. It takes the
+arguments of `fisedit bulk`, and reports bad input as that does.
 """
 
-import argparse
-import os
+import sys
 
-from fisedit.service.bulk import run_bulk_cli
-from fisedit.service.commands import add_bulk_arguments
-
-
-def main() -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_bulk_arguments(parser)
-    run_bulk_cli(parser.parse_args())
-
+from fisedit.cli import main
 
 if __name__ == "__main__":
-    main()
+    main(["bulk", *sys.argv[1:]])

@@ -6,7 +6,9 @@ sparse edit of the base's cache: independent variations each edit a fork of the 
 edits one session in turn. Images, masks and each variation's manifest row go to the store
 under tenants/<tenant>/bulk/<run>/<group>/, create-only; the row is written last and marks the
 variation done, so re-running a run computes only what is missing, and the manifest Parquet
-written at the end is the same as after an uninterrupted run.
+written at the end is the same as after an uninterrupted run. Ids name what made each output
+(the model, the engine's settings, the base, the variation's edits), so a record or setting
+changed between attempts gets new keys and is computed again.
 """
 
 import argparse
@@ -16,6 +18,7 @@ import json
 import os
 import time
 import typing
+import warnings
 from collections.abc import Iterable
 from typing import Any
 from urllib.parse import urlsplit
@@ -30,16 +33,17 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray.data import ActorPoolStrategy
 from tqdm.auto import tqdm
 
-from fisedit.engine.session import Engine
+from fisedit.engine.session import EditSession, Engine, NoChangeWarning
 from fisedit.service.bulk_records import (
     BulkDefaults,
     BulkGroup,
     BulkLayout,
+    GroupVariation,
     ManifestRow,
     input_format,
     ordered,
     parse_records,
-    read_jsonl,
+    read_json_records,
     variation_row,
 )
 from fisedit.service.config import ServiceConfig, StoreConfig
@@ -66,8 +70,12 @@ class BulkOptions(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     run: str = Field(min_length=1, description="Run id: the key segment of its outputs.")
-    workers: int = Field(1, ge=1, description="GroupEditor actors (one per GPU).")
-    actor_num_cpus: float = Field(1.0, gt=0, description="CPUs per actor on clusters without GPUs.")
+    workers: int = Field(
+        1, ge=1, description="GroupEditor actors, each reserving the config's worker_resources."
+    )
+    actor_num_cpus: float | None = Field(
+        None, gt=0, description="CPUs per actor; None: the config's worker_resources.num_cpus."
+    )
     defaults: BulkDefaults = BulkDefaults()
     max_groups: int | None = Field(
         None, ge=1, description="Run at most this many of the missing groups, then stop."
@@ -122,12 +130,10 @@ class BulkSummary(BaseModel):
         )
 
 
-def load_engine(config: ServiceConfig, device: str | None = None) -> Engine:
-    """The configured model (Engine.from_pretrained builds the tiny ones locally)."""
-    engine_config = config.engine
-    if device is not None:
-        engine_config = engine_config.model_copy(update={"device": device})
-    return Engine.from_pretrained(config.model, engine_config)
+def load_engine(config: ServiceConfig) -> Engine:
+    """The configured model on the configured device (Engine.from_pretrained builds the tiny
+    ones locally)."""
+    return Engine.from_pretrained(config.model, config.engine)
 
 
 def s3_filesystem(store: StoreConfig) -> pafs.S3FileSystem:
@@ -140,7 +146,7 @@ def s3_filesystem(store: StoreConfig) -> pafs.S3FileSystem:
 
 
 def read_input(path: str, store: StoreConfig) -> list[Any]:
-    """The records of a JSONL or Parquet file at a local path or s3:// URL."""
+    """The records of a JSON Lines, JSON or Parquet file at a local path or s3:// URL."""
     kind = input_format(path)
     if path.startswith("s3://"):
         filesystem, location = s3_filesystem(store), path.removeprefix("s3://")
@@ -149,7 +155,7 @@ def read_input(path: str, store: StoreConfig) -> list[Any]:
     if kind == "parquet":
         return pq.read_table(location, filesystem=filesystem).to_pylist()
     with filesystem.open_input_stream(location) as stream:
-        return list(read_jsonl(stream.read().decode("utf-8")))
+        return list(read_json_records(stream.read().decode("utf-8")))
 
 
 def _png(image: np.ndarray) -> bytes:
@@ -169,11 +175,11 @@ class GroupEditor:
 
     def __init__(self, config_json: str, run: str) -> None:
         self.config = ServiceConfig.model_validate_json(config_json)
-        device = "cuda" if ray.get_gpu_ids() else None
-        self.engine = load_engine(self.config, device)
+        self.engine = load_engine(self.config)
         self.store = self.config.store.open()
         self.layout = BulkLayout(tenant=self.config.tenant, run=run)
-        self.worker = ray.get_runtime_context().get_actor_id() or f"pid{os.getpid()}"
+        actor = ray.get_runtime_context().get_actor_id() if ray.is_initialized() else None
+        self.worker = actor or f"pid{os.getpid()}"
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows, generations = [], []
@@ -186,70 +192,86 @@ class GroupEditor:
 
     def run_group(self, group: BulkGroup, todo: set[str]) -> tuple[list[ManifestRow], int]:
         """Generates the base once and edits the variations in `todo` from it; returns their
-        rows and the number of base generations (1)."""
+        rows and the number of base generations (1). A variation that fails, or whose base
+        does, is a failed row (not stored: a rerun tries it again); the others go on."""
         layout, generation = self.layout, group.generation
-        start = time.perf_counter()
-        base = self.engine.generate(**generation.model_dump())
-        base_latency = time.perf_counter() - start
-        _put_once(self.store, layout.base_key(group.id), _png(base.image))
-        rows, chain_error = [], None
+        result: dict[str, Any] = {"worker": self.worker}
+        failure = None
+        try:
+            start = time.perf_counter()
+            base = self.engine.generate(**generation.model_dump())
+            result["base_latency_s"] = time.perf_counter() - start
+            _put_once(self.store, layout.base_key(group.id), _png(base.image))
+        except Exception as error:
+            failure = f"the base generation failed: {type(error).__name__}: {error}"
+        rows = []
         for variation in group.variations:
             if not group.chain and variation.id not in todo:
                 continue
-            result = {"base_latency_s": base_latency, "worker": self.worker}
             try:
-                if chain_error is not None:
-                    raise RuntimeError(chain_error)
+                if failure is not None:
+                    raise RuntimeError(failure)
                 # A chain edits one session in turn (its done variations too, to get to the
                 # next one); independent variations each edit a fork of the base.
                 session = base if group.chain else base.fork()
-                mask = None if variation.mask is None else self._mask(variation.mask)
-                start = time.perf_counter()
-                version = session.edit(variation.prompt, mask=mask)
-                latency = time.perf_counter() - start
+                row = self._edit(session, group, variation, result, stored=variation.id in todo)
             except Exception as error:
-                if group.chain:
-                    chain_error = f"an earlier edit of the chain failed ({variation.id})"
-                if variation.id in todo:
-                    error_text = f"{type(error).__name__}: {error}"
-                    rows.append(
-                        variation_row(
-                            layout, group, variation, status="failed", error=error_text, **result
-                        )
-                    )
-                continue
-            if variation.id in todo:
+                if group.chain and failure is None:
+                    failure = f"an earlier edit of the chain failed ({variation.id})"
                 row = variation_row(
-                    layout,
-                    group,
-                    variation,
-                    image_key=layout.image_key(group.id, variation.id),
-                    mask_key=layout.mask_key(group.id, variation.id),
-                    mask_ratio=version.report.mask_ratio,
-                    mac_fraction=version.report.mac_fraction,
-                    latency_s=latency,
-                    status="ok",
-                    **result,
-                )
-                self._write(row, version)
+                    layout, group, variation, status="failed",
+                    error=f"{type(error).__name__}: {error}", **result,
+                )  # fmt: skip
+            if variation.id in todo:
                 rows.append(row)
         return rows, 1
 
+    def _edit(
+        self,
+        session: EditSession,
+        group: BulkGroup,
+        variation: GroupVariation,
+        result: dict[str, Any],
+        stored: bool,
+    ) -> ManifestRow:
+        """Edits `session` to the variation; its row, with its outputs stored if `stored`.
+        A prompt that changes nothing (the same text embeddings) gives the image it edits,
+        an empty mask and no work done."""
+        mask = None if variation.mask is None else self._mask(variation.mask)
+        before = session.current
+        start = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NoChangeWarning)  # the row says so
+            version = session.edit(variation.prompt, mask=mask)
+        latency = time.perf_counter() - start
+        changed = version is not before
+        row = variation_row(
+            self.layout,
+            group,
+            variation,
+            image_key=self.layout.image_key(group.id, variation.id),
+            mask_key=self.layout.mask_key(group.id, variation.id),
+            mask_ratio=version.report.mask_ratio if changed else 0.0,
+            mac_fraction=version.report.mac_fraction if changed else 0.0,
+            latency_s=latency,
+            status="ok",
+            **result,
+        )
+        if stored:
+            height, width = version.image.shape[:2]
+            region = np.zeros((height, width), dtype=np.uint8)
+            if changed:
+                mask_image = Image.fromarray(version.mask.numpy().astype(np.uint8) * 255)
+                region = np.array(mask_image.resize((width, height), Image.NEAREST))
+            _put_once(self.store, row.image_key, _png(version.image))
+            _put_once(self.store, row.mask_key, _png(region))
+            # Last: once the row is there, the variation is done.
+            row_key = self.layout.row_key(row.group, row.variation)
+            _put_once(self.store, row_key, row.model_dump_json().encode())
+        return row
+
     def _mask(self, key: str) -> np.ndarray:
         return np.array(Image.open(io.BytesIO(self.store.get(key))).convert("L"))
-
-    def _write(self, row: ManifestRow, version) -> None:
-        height, width = version.image.shape[:2]
-        mask = Image.fromarray(version.mask.numpy().astype(np.uint8) * 255)
-        mask = np.array(mask.resize((width, height), Image.NEAREST))
-        _put_once(self.store, row.image_key, _png(version.image))
-        _put_once(self.store, row.mask_key, _png(mask))
-        # Last: once the row is there, the variation is done.
-        _put_once(
-            self.store,
-            self.layout.row_key(row.group, row.variation),
-            row.model_dump_json().encode(),
-        )
 
 
 def _manifest_bytes(rows: Iterable[ManifestRow]) -> bytes:
@@ -265,30 +287,51 @@ def read_manifest(store: ObjectStore, layout: BulkLayout) -> list[ManifestRow]:
     return [ManifestRow.model_validate(row) for row in table.to_pylist()]
 
 
-def _done_rows(store: ObjectStore, layout: BulkLayout) -> dict[tuple[str, str], ManifestRow]:
-    """Variations an earlier attempt of the run finished, by (group, variation)."""
-    done = {}
-    for key in store.list(layout.prefix):
-        if key.endswith(".json"):
-            row = ManifestRow.model_validate_json(store.get(key))
-            done[row.group, row.variation] = row
-    return done
+def _done_rows(
+    store: ObjectStore, layout: BulkLayout, groups: list[BulkGroup]
+) -> dict[tuple[str, str], ManifestRow]:
+    """Variations of `groups` an earlier attempt of the run finished, by (group, variation).
+    Rows stored for inputs that have changed since have other ids, and are left out."""
+    wanted = {layout.row_key(g.id, v.id): (g.id, v.id) for g in groups for v in g.variations}
+    return {
+        wanted[key]: ManifestRow.model_validate_json(store.get(key))
+        for key in store.list(layout.prefix)
+        if key in wanted
+    }
 
 
-def _actor_resources(options: BulkOptions) -> dict[str, float]:
-    if ray.cluster_resources().get("GPU", 0) > 0:
-        return {"num_gpus": 1}
-    return {"num_cpus": options.actor_num_cpus}
+def producer(config: ServiceConfig) -> str:
+    """What makes a run's images, for its ids: the model and the engine's settings. A rerun
+    with others (another model, mask_steps, dtype) gets new ids, so it recomputes."""
+    engine = config.engine.model_dump(mode="json", exclude={"progress"})
+    return json.dumps([config.model, engine], sort_keys=True)
 
 
-def run_bulk(input_path: str, config: ServiceConfig, options: BulkOptions) -> BulkSummary:
-    """Runs (or resumes) a bulk run over the dataset at `input_path` on the current Ray
-    cluster (a local one if none is connected), and writes its manifest."""
+def _actor_resources(config: ServiceConfig, options: BulkOptions) -> dict[str, Any]:
+    """What each actor reserves: the config's worker resources (a GPU on GPU clusters, a
+    custom slot on CPU ones), with `actor_num_cpus` in place of its CPUs if set."""
+    reserved = config.worker_resources
+    resources: dict[str, Any] = {
+        "num_cpus": reserved.num_cpus if options.actor_num_cpus is None else options.actor_num_cpus,
+        "num_gpus": reserved.num_gpus,
+    }
+    if reserved.resources:
+        resources["resources"] = dict(reserved.resources)
+    return resources
+
+
+def run_bulk(
+    input_path: str, config: ServiceConfig, options: BulkOptions, address: str | None = None
+) -> BulkSummary:
+    """Runs (or resumes) a bulk run over the dataset at `input_path` and writes its manifest.
+    It runs on the connected Ray cluster, else connects to `address` (by default a running
+    one, else a new local one) once the input has been read and there is work to do."""
     started = time.perf_counter()
     layout = BulkLayout(tenant=config.tenant, run=options.run)
     store = config.store.open()
-    dataset = parse_records(read_input(input_path, config.store), options.run, options.defaults)
-    done = _done_rows(store, layout)
+    records = read_input(input_path, config.store)
+    dataset = parse_records(records, options.run, options.defaults, producer(config))
+    done = _done_rows(store, layout, dataset.groups)
     todo_groups = []
     for group in dataset.groups:
         todo = [v.id for v in group.variations if (group.id, v.id) not in done]
@@ -302,14 +345,14 @@ def run_bulk(input_path: str, config: ServiceConfig, options: BulkOptions) -> Bu
     base_generations: dict[str, int] = {}
     if todo_groups:
         if not ray.is_initialized():
-            ray.init()
+            ray.init(address=address)
         items = [{"group": g.model_dump_json(), "todo": json.dumps(t)} for g, t in todo_groups]
         results = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             GroupEditor,
             batch_size=1,
             compute=ActorPoolStrategy(size=min(options.workers, len(items))),
             fn_constructor_kwargs={"config_json": config.model_dump_json(), "run": options.run},
-            **_actor_resources(options),
+            **_actor_resources(config, options),
         )
         total = sum(len(t) for _, t in todo_groups)
         with tqdm(total=total, desc=f"bulk {options.run}", disable=not options.progress) as bar:
@@ -346,7 +389,7 @@ def _summary(
     wall_s: float,
 ) -> BulkSummary:
     ok = [r for r in rows if r.status == "ok"]
-    base_latency = {r.group: r.base_latency_s for r in computed}
+    base_latency = {r.group: r.base_latency_s for r in computed if r.base_latency_s is not None}
     samples = list(base_latency.values())[: options.dense_samples]
     dense_generation_s = sum(samples) / len(samples) if samples else 0.0
     edits = [r for r in computed if r.status == "ok"]
@@ -385,7 +428,7 @@ def bulk_settings(args: argparse.Namespace) -> tuple[ServiceConfig, BulkOptions]
         store = config.store.model_dump()
         store |= {k: v for k, v in (("url", args.out), ("endpoint_url", args.endpoint_url)) if v}
         updates["store"] = StoreConfig(**store)
-    if args.mask_steps:
+    if args.mask_steps is not None:
         edit = config.engine.edit.model_copy(update={"mask_steps": args.mask_steps})
         updates["engine"] = config.engine.model_copy(update={"edit": edit})
     config = ServiceConfig.model_validate({**config.model_dump(), **updates})
@@ -393,7 +436,7 @@ def bulk_settings(args: argparse.Namespace) -> tuple[ServiceConfig, BulkOptions]
         run=args.run,
         workers=args.workers,
         actor_num_cpus=args.actor_cpus,
-        defaults=BulkDefaults(**({"steps": args.steps} if args.steps else {})),
+        defaults=BulkDefaults(**({"steps": args.steps} if args.steps is not None else {})),
         max_groups=args.max_groups,
     )
     return config, options
@@ -402,8 +445,6 @@ def bulk_settings(args: argparse.Namespace) -> tuple[ServiceConfig, BulkOptions]
 def run_bulk_cli(args: argparse.Namespace) -> BulkSummary:
     """Runs `fisedit bulk` from parsed arguments and prints the summary."""
     config, options = bulk_settings(args)
-    if not ray.is_initialized():
-        ray.init(address=args.address)
-    summary = run_bulk(args.input, config, options)
+    summary = run_bulk(args.input, config, options, address=args.address)
     print(summary.describe())
     return summary

@@ -20,7 +20,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
 
 from fisedit.engine.config import GenerationParams, Prompt, SchedulerName
 from fisedit.storage import validate_key
@@ -44,6 +51,15 @@ def _prompt_or_object(value: Any) -> Any:
     return {"prompt": value} if isinstance(value, str) else value
 
 
+def _integral(value: Any) -> Any:
+    # Parquet written from pandas holds an integer column with a gap as floats (1.0).
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+Seed = Annotated[int, BeforeValidator(_integral), Field(ge=0, lt=2**63)]
+Steps = Annotated[int, BeforeValidator(_integral), Field(ge=2, le=1000)]
+
+
 class VariationSpec(BaseModel):
     """One variation of a base: its prompt, and optionally the store key of a mask PNG."""
 
@@ -64,11 +80,11 @@ class VariationRecord(BaseModel):
 
     id: str = Field(min_length=1, max_length=200)
     base_prompt: Prompt
-    seed: int = Field(ge=0, lt=2**63)
+    seed: Seed
     variations: list[Annotated[VariationSpec, BeforeValidator(_prompt_or_object)]] = Field(
         min_length=1
     )
-    steps: int | None = Field(None, ge=2, le=1000)
+    steps: Steps | None = None
     guidance: float | None = Field(None, ge=1.0, le=30.0)
     scheduler: SchedulerName | None = None
     negative_prompt: str | None = Field(None, max_length=2000)
@@ -83,18 +99,19 @@ class InstructPix2PixRecord(BaseModel):
     input: Prompt
     edit: str = Field("", max_length=2000)
     output: Prompt
-    seed: int | None = Field(None, ge=0, lt=2**63)
+    seed: Seed | None = None
 
 
 class GroupVariation(BaseModel):
     """A variation as its group's worker runs it."""
 
     id: str
-    """Key segment within the group: v0, v1, ..."""
+    """Key segment within the group: v<n>-<digest>, n its position in the group, the digest
+    of what it edits (for a chain, of every edit up to it)."""
     prompt: str
     mask: str | None = None
     row: int
-    """Row of the input it came from (0-based)."""
+    """The record of the input it came from (0-based; blank lines of JSON Lines hold none)."""
     record_id: str
     index: int
     """Position in its record's variations (0 for InstructPix2Pix rows)."""
@@ -146,11 +163,12 @@ class BulkLayout(BaseModel):
     tenant: str
     run: str
 
-    def model_post_init(self, _context: Any) -> None:
-        for segment in (self.tenant, self.run):
-            if "/" in segment:
-                raise ValueError(f"{segment!r} must be one key segment, without '/'")
-            validate_key(segment)
+    @field_validator("tenant", "run")
+    @classmethod
+    def _one_key_segment(cls, segment: str) -> str:
+        if "/" in segment:
+            raise ValueError(f"{segment!r} must be one key segment, without '/'")
+        return validate_key(segment)
 
     @property
     def prefix(self) -> str:
@@ -191,25 +209,45 @@ def _reason(error: ValidationError) -> str:
     )
 
 
-def _group_id(generation: GenerationParams, chain_record: str | None) -> str:
-    identity = json.dumps([generation.model_dump(mode="json"), chain_record], sort_keys=True)
-    return "g" + hashlib.sha256(identity.encode()).hexdigest()[:16]
+def _digest(identity: Any) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def _group_id(generation: GenerationParams, chain_record: str | None, producer: str) -> str:
+    return "g" + _digest([generation.model_dump(mode="json"), chain_record, producer])[:16]
+
+
+def _variation_id(group: "BulkGroup", variation: GroupVariation) -> str:
+    """Its position, and a digest of what it edits: an input changed under a run id gets new
+    keys, so a rerun computes it instead of taking the earlier output for it."""
+    edits = [*group.variations, variation] if group.chain else [variation]
+    digest = _digest([group.id, [(v.prompt, v.mask) for v in edits]])
+    return f"v{len(group.variations)}-{digest[:8]}"
 
 
 def parse_records(
-    records: Iterable[dict[str, Any] | Any], run: str, defaults: BulkDefaults | None = None
+    records: Iterable[dict[str, Any] | Any],
+    run: str,
+    defaults: BulkDefaults | None = None,
+    producer: str = "",
 ) -> ParsedDataset:
     """Validates each record, groups the valid ones by base, and reports the others.
 
     Groups and their variations keep the order of the input, so ids are the same on every
-    run over the same input.
+    run over the same input with the same `producer` (what makes the images: see
+    `bulk.producer`); a record whose id an earlier record has is a failed row.
     """
     defaults = defaults or BulkDefaults()
     groups: dict[str, BulkGroup] = {}
     failed: list[ManifestRow] = []
+    first_row: dict[str, int] = {}  # of each record id
     for row, raw in enumerate(records):
         try:
-            group, variations = _read_record(raw, row, defaults)
+            group, variations = _read_record(raw, row, defaults, producer)
+            record_id = variations[0].record_id
+            if record_id in first_row:
+                raise ValueError(f"id: {record_id!r} is the id of row {first_row[record_id]} too")
+            first_row[record_id] = row
         except (ValidationError, ValueError) as error:
             reason = _reason(error) if isinstance(error, ValidationError) else str(error)
             record_id = raw.get("id") if isinstance(raw, dict) else None
@@ -226,13 +264,13 @@ def parse_records(
         group = groups.setdefault(group.id, group)
         for variation in variations:
             group.variations.append(
-                variation.model_copy(update={"id": f"v{len(group.variations)}"})
+                variation.model_copy(update={"id": _variation_id(group, variation)})
             )
     return ParsedDataset(groups=list(groups.values()), failed=failed)
 
 
 def _read_record(
-    raw: Any, row: int, defaults: BulkDefaults
+    raw: Any, row: int, defaults: BulkDefaults, producer: str
 ) -> tuple[BulkGroup, list[GroupVariation]]:
     if isinstance(raw, Exception):
         raise ValueError(str(raw))
@@ -277,7 +315,7 @@ def _read_record(
             f"output (InstructPix2Pix), got fields {sorted(raw)}"
         )
     group = BulkGroup(
-        id=_group_id(generation, chain),
+        id=_group_id(generation, chain, producer),
         generation=generation,
         chain=chain is not None,
         variations=[],
@@ -311,10 +349,19 @@ def ordered(rows: Iterable[ManifestRow]) -> list[ManifestRow]:
     return sorted(rows, key=lambda r: (r.row, r.variation_index or 0))
 
 
-def read_jsonl(text: str) -> Iterator[Any]:
-    """Records of a JSONL text; a line that is not JSON becomes a ValueError, which
-    parse_records reports as that row's failure."""
-    for line in text.splitlines():
+def read_json_records(text: str) -> Iterator[Any]:
+    """Records of a JSON Lines text, or of a JSON array; a line that is not JSON becomes a
+    ValueError, which parse_records reports as that row's failure. Lines end at newlines
+    only: JSON may hold U+2028 and the like unescaped. Blank lines hold no record."""
+    text = text.removeprefix("\ufeff")  # a byte order mark, as some editors write
+    if text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"not a JSON array of records ({error})") from None
+        yield from records
+        return
+    for line in text.split("\n"):
         if not line.strip():
             continue
         try:
@@ -324,7 +371,8 @@ def read_jsonl(text: str) -> Iterator[Any]:
 
 
 def input_format(path: str) -> Literal["jsonl", "parquet"]:
-    """The input's format, from its name: .jsonl/.json or .parquet."""
+    """The input's format, from its name: .jsonl/.ndjson/.json (JSON Lines or a JSON array)
+    or .parquet."""
     suffix = Path(urlsplit(path).path).suffix.lower()
     if suffix in (".jsonl", ".json", ".ndjson"):
         return "jsonl"

@@ -12,6 +12,8 @@ import json
 import sys
 from pathlib import Path
 
+from fisedit.service.bulk_records import BulkDefaults
+
 DEMO_WORKER_RESOURCE = "edit_slot"
 
 
@@ -220,19 +222,27 @@ def add_bulk_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="overrides the config's model (default: the config's)")
     parser.add_argument("--endpoint-url", help="S3 endpoint, e.g. MinIO (default: AWS)")
     parser.add_argument(
-        "--workers", type=int, default=1, help="actors, one per GPU (default: %(default)s)"
+        "--workers",
+        type=int,
+        default=1,
+        help="actors, each reserving the config's worker_resources, e.g. one GPU "
+        "(default: %(default)s)",
     )
     parser.add_argument(
         "--actor-cpus",
         type=float,
-        default=1.0,
-        help="CPUs per actor where there are no GPUs (default: %(default)s)",
+        help="CPUs per actor (default: the config's worker_resources.num_cpus)",
     )
     parser.add_argument(
-        "--steps", type=int, help="steps of records without their own (default: the config's)"
+        "--steps",
+        type=int,
+        help=f"steps of records without their own (default: {BulkDefaults().steps})",
     )
     parser.add_argument(
-        "--mask-steps", type=int, help="dense capture steps per edit, k (default: steps / 5)"
+        "--mask-steps",
+        type=int,
+        help="dense capture steps per edit, k (default: the config's engine.edit.mask_steps, "
+        "else a fifth of the steps)",
     )
     parser.add_argument("--max-groups", type=int, help="stop after this many groups (default: all)")
     parser.add_argument(

@@ -9,6 +9,7 @@ import argparse
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,15 +25,24 @@ import torch
 from PIL import Image
 from polling import wait_until
 
-from fisedit.engine.config import EditConfig, EngineConfig
+from fisedit.engine.config import EditConfig, EngineConfig, GenerationParams
 from fisedit.engine.session import Engine
 from fisedit.service.bulk import (
     BulkOptions,
+    GroupEditor,
+    _actor_resources,
     bulk_settings,
+    producer,
     read_manifest,
     run_bulk,
 )
-from fisedit.service.bulk_records import BulkDefaults, BulkLayout, parse_records
+from fisedit.service.bulk_records import (
+    BulkDefaults,
+    BulkGroup,
+    BulkLayout,
+    GroupVariation,
+    parse_records,
+)
 from fisedit.service.commands import add_bulk_arguments
 from fisedit.service.config import ServiceConfig, StoreConfig
 
@@ -107,9 +117,8 @@ def _config(tiny_model_dir: str, store: StoreConfig) -> ServiceConfig:
 
 
 def _options(run: str, **overrides) -> BulkOptions:
-    return BulkOptions(
-        run=run, workers=2, actor_num_cpus=0.5, defaults=DEFAULTS, progress=False, **overrides
-    )
+    options = {"workers": 2, "actor_num_cpus": 0.5, "defaults": DEFAULTS, "progress": False}
+    return BulkOptions(run=run, **options | overrides)
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +157,8 @@ def test_jsonl_run_writes_every_output_and_a_manifest_that_matches(local_run):
     # Rows follow the input, and the InstructPix2Pix rows sharing an input are one group.
     assert list(manifest.row) == sorted(manifest.row)
     shared = manifest[manifest.record_id.isin(["row15", "row16"])]
-    assert shared.group.nunique() == 1 and list(shared.variation) == ["v0", "v1"]
+    assert shared.group.nunique() == 1
+    assert [v.split("-")[0] for v in shared.variation] == ["v0", "v1"]
     assert ok[ok.record_id == "o4"].mask_ratio.tolist() == [pytest.approx(144 / 32**2)]
     # Ray Data reads the manifest too.
     rows = ray.data.read_parquet(os.path.join(config.store.url, layout.manifest_key)).take_all()
@@ -179,7 +189,7 @@ def test_each_base_is_generated_once_and_each_variation_equals_the_engine_edit(
 ):
     path, config, summary = local_run
     records, json_only = _records()
-    groups = parse_records(records + json_only, "full", DEFAULTS).groups
+    groups = parse_records(records + json_only, "full", DEFAULTS, producer(config)).groups
     assert summary.base_generations == {g.id: 1 for g in groups}
 
     store, layout = config.store.open(), BulkLayout(tenant="local", run="full")
@@ -192,6 +202,27 @@ def test_each_base_is_generated_once_and_each_variation_equals_the_engine_edit(
         _check_against_the_engine(engine, store, layout, groups)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_a_rerun_after_a_record_changed_computes_that_record_alone_and_keeps_no_stale_row(
+    local_run, tmp_path
+):
+    path, config, _ = local_run
+    shutil.copytree(config.store.url, tmp_path / "store")  # the finished run, to change
+    config = config.model_copy(update={"store": StoreConfig(url=str(tmp_path / "store"))})
+    records = [json.loads(line) for line in path.read_text().splitlines()[:-1]]
+    old_prompt = records[1]["variations"][0]
+    records[1]["variations"][0] = "a photo of a wolf in a field"
+    changed = tmp_path / "changed.jsonl"
+    changed.write_text("\n".join(map(json.dumps, records)) + "\n")
+
+    summary = run_bulk(str(changed), config, _options("full", workers=1))
+
+    assert (summary.computed, summary.resumed, summary.succeeded) == (1, 35, 36)
+    rows = read_manifest(config.store.open(), BulkLayout(tenant="local", run="full"))
+    prompts = [r.prompt for r in rows if r.record_id == "o1"]
+    assert prompts == ["a photo of a wolf in a field"] and old_prompt not in prompts
+    assert len(rows) == 41  # as before, less the unreadable last line
 
 
 def _check_against_the_engine(engine, store, layout, groups) -> None:
@@ -209,6 +240,53 @@ def _check_against_the_engine(engine, store, layout, groups) -> None:
             version = session.edit(variation.prompt)
             image = _image(store, layout.image_key(group.id, variation.id))
             assert np.array_equal(image, version.image), (group.id, variation.id)
+
+
+def _group(prompts: list[str], chain: bool, **generation) -> BulkGroup:
+    params = GenerationParams(prompt="a cat on a bench", seed=3, steps=3, **generation)
+    variations = [
+        GroupVariation(id=f"v{i}", prompt=p, row=0, record_id="r", index=i)
+        for i, p in enumerate(prompts)
+    ]
+    return BulkGroup(id="g1", generation=params, chain=chain, variations=variations)
+
+
+def test_a_variation_that_changes_nothing_is_its_base_image_with_an_empty_mask(
+    cluster, tiny_model_dir, tmp_path
+):
+    editor = GroupEditor(
+        _config(tiny_model_dir, StoreConfig(url=str(tmp_path))).model_dump_json(), "r"
+    )
+    # The same text embeddings as the base's prompt (CLIP lowercases): nothing to edit; the
+    # chain goes on from it.
+    group = _group(["A cat on a bench", "a dog on a bench"], chain=True)
+
+    (same, dog), generations = editor.run_group(group, {"v0", "v1"})
+
+    assert generations == 1 and (same.status, dog.status) == ("ok", "ok")
+    assert (same.mask_ratio, same.mac_fraction) == (0.0, 0.0) and 0 < dog.mac_fraction < 1
+    store = editor.store
+    assert np.array_equal(_image(store, same.image_key), _image(store, same.base_image_key))
+    assert not _image(store, same.mask_key).any() and _image(store, dog.mask_key).any()
+    assert store.exists(editor.layout.row_key("g1", "v1"))
+
+
+def test_a_base_that_cannot_be_generated_fails_its_variations_and_stores_nothing(
+    cluster, tiny_model_dir, tmp_path
+):
+    editor = GroupEditor(
+        _config(tiny_model_dir, StoreConfig(url=str(tmp_path))).model_dump_json(), "r"
+    )
+    group = _group(["a dog on a bench", "a fox on a bench"], chain=False, height=72)
+
+    rows, _ = editor.run_group(group, {"v0", "v1"})
+
+    assert [r.status for r in rows] == ["failed", "failed"]
+    assert all(
+        r.error.startswith("RuntimeError: the base generation failed: ValueError: height and")
+        for r in rows
+    )
+    assert not list(editor.store.list(editor.layout.prefix))
 
 
 @pytest.fixture(scope="module")
@@ -327,3 +405,19 @@ def test_cli_arguments_override_the_service_config(tmp_path):
     assert config.engine.edit.mask_steps == 2
     assert (options.run, options.workers, options.max_groups) == ("r1", 3, 5)
     assert options.defaults.steps == 4
+
+
+def test_actors_reserve_the_configs_worker_resources():
+    gpu = ServiceConfig.model_validate(
+        {"engine": {"device": "cuda"}, "worker_resources": {"num_cpus": 4, "num_gpus": 1}}
+    )
+    slots = ServiceConfig.model_validate(
+        {"worker_resources": {"num_cpus": 1, "resources": {"edit_slot": 1}}}
+    )
+
+    assert _actor_resources(gpu, BulkOptions(run="r")) == {"num_cpus": 4, "num_gpus": 1}
+    assert _actor_resources(slots, BulkOptions(run="r", actor_num_cpus=0.5)) == {
+        "num_cpus": 0.5,
+        "num_gpus": 0,
+        "resources": {"edit_slot": 1},
+    }

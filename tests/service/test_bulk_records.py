@@ -7,7 +7,7 @@ from fisedit.service.bulk_records import (
     BulkLayout,
     input_format,
     parse_records,
-    read_jsonl,
+    read_json_records,
 )
 
 DEFAULTS = BulkDefaults(steps=3)
@@ -34,19 +34,67 @@ def test_our_records_with_the_same_base_share_one_group_and_chains_keep_their_ow
 
     assert parsed.failed == []
     shared, chain, other_seed = parsed.groups
-    assert [(v.id, v.prompt, v.record_id, v.index) for v in shared.variations] == [
+    assert [(_position(v.id), v.prompt, v.record_id, v.index) for v in shared.variations] == [
         ("v0", "a dog on a bench", "a", 0),
         ("v1", "a fox", "a", 1),
         ("v2", "a bird on a bench", "b", 0),
     ]
     assert shared.variations[1].mask == "masks/m.png"
-    assert chain.chain and [v.id for v in chain.variations] == ["v0", "v1"]
+    assert chain.chain and [_position(v.id) for v in chain.variations] == ["v0", "v1"]
     assert other_seed.generation.seed == 2 and shared.generation.steps == 3
     assert len({shared.id, chain.id, other_seed.id}) == 3
-    # Ids come from the base alone, so a second read of the same input names the same groups.
-    assert [g.id for g in parse_records(records, "run1", DEFAULTS).groups] == [
-        g.id for g in parsed.groups
+    # Ids come from the input alone, so a second read of it names the same groups.
+    assert _ids(parse_records(records, "run1", DEFAULTS)) == _ids(parsed)
+
+
+def _position(variation_id: str) -> str:
+    position, digest = variation_id.split("-")
+    assert len(digest) == 8
+    return position
+
+
+def _ids(parsed) -> list[tuple[str, list[str]]]:
+    return [(g.id, [v.id for v in g.variations]) for g in parsed.groups]
+
+
+def test_ids_change_with_what_made_them_so_a_rerun_of_a_changed_input_recomputes_it():
+    records = [
+        _ours("a", variations=["a dog", "a fox"]),
+        _ours("c", variations=["a red cat", "a red cat at night"], chain=True),
     ]
+    (shared, chain) = _ids(parse_records(records, "r", DEFAULTS))
+
+    # A variation's prompt: its id alone, and every later one's in a chain.
+    records[0]["variations"][0] = "a wolf"
+    records[1]["variations"][0] = "a blue cat"
+    (shared2, chain2) = _ids(parse_records(records, "r", DEFAULTS))
+    assert shared2[0] == shared[0] and shared2[1][1] == shared[1][1]
+    assert shared2[1][0] != shared[1][0]
+    assert chain2[0] == chain[0] and set(chain2[1]).isdisjoint(chain[1])
+    # The base, or what makes the images (the model and the engine settings): the group's.
+    records[0]["base_prompt"] = "a cat on a sofa"
+    assert _ids(parse_records(records, "r", DEFAULTS))[0][0] != shared[0]
+    other_model = _ids(parse_records(records, "r", DEFAULTS, producer="another model"))
+    assert {g for g, _ in other_model}.isdisjoint({shared[0], chain[0]})
+
+
+def test_a_record_with_the_id_of_an_earlier_one_fails_and_does_not_join_its_chain():
+    records = [_ours("a", chain=True), _ours("a", variations=["a fox"], chain=True)]
+
+    parsed = parse_records(records, "r", DEFAULTS)
+
+    assert [[v.prompt for v in g.variations] for g in parsed.groups] == [["a dog"]]
+    (failed,) = parsed.failed
+    assert failed.row == 1 and failed.error == "malformed record: id: 'a' is the id of row 0 too"
+
+
+def test_integral_float_seeds_and_steps_are_integers_and_others_fail():
+    # As pandas writes an integer column with a gap to Parquet.
+    parsed = parse_records([_ours(seed=3.0, steps=7.0), _ours("b", seed=3.5)], "r", DEFAULTS)
+
+    (group,) = parsed.groups
+    assert (group.generation.seed, group.generation.steps) == (3, 7)
+    assert "seed: Input should be a valid integer" in parsed.failed[0].error
 
 
 def test_record_settings_override_the_defaults():
@@ -99,9 +147,19 @@ def test_malformed_records_fail_with_the_reason_and_the_others_are_kept(record, 
 
 def test_jsonl_lines_that_are_not_json_become_failures_in_place():
     text = '{"a": 1}\n\nnot json\n{"b": 2}\n'
-    records = list(read_jsonl(text))
+    records = list(read_json_records(text))
     assert records[0] == {"a": 1} and records[2] == {"b": 2}
     assert isinstance(records[1], ValueError)
+
+
+def test_json_records_are_lines_ended_by_newlines_only_or_a_json_array():
+    # U+2028, U+0085 inside strings (json.dumps writes them so with ensure_ascii=False),
+    # Windows line ends, and a byte order mark first.
+    text = '\ufeff{"p": "a\u2028b"}\r\n{"p": "c\u0085d"}\r\n'
+    assert list(read_json_records(text)) == [{"p": "a\u2028b"}, {"p": "c\u0085d"}]
+    assert list(read_json_records(' [{"p": 1}, {"p": 2}]\n')) == [{"p": 1}, {"p": 2}]
+    with pytest.raises(ValueError, match="not a JSON array of records"):
+        list(read_json_records('[{"p": 1},'))
 
 
 def test_layout_keys_and_run_ids():
