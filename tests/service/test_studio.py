@@ -125,7 +125,7 @@ def browser(tmp_path_factory, downloads):
 
 class Traffic:
     """The page's HTTP exchanges, from Chrome's performance log: method, path, request
-    headers, status and content type of every request to the service."""
+    headers and body, status and content type of every request to the service."""
 
     def __init__(self, driver, base_url: str) -> None:
         self.driver, self.base_url = driver, base_url
@@ -142,6 +142,7 @@ class Traffic:
                         "method": request["method"],
                         "path": urlsplit(request["url"]).path,
                         "headers": {k.lower(): v for k, v in request["headers"].items()},
+                        "body": request.get("postData"),
                     }
             elif (
                 message["method"] == "Network.responseReceived"
@@ -299,9 +300,13 @@ def test_a_session_in_the_studio(browser, base_url, downloads, tmp_path):
     assert [r["status"] for r in traffic.find("POST", "/v1/jobs")] == [422]
     _screenshot(driver, tmp_path / "1-validation-error.png")
 
-    # Generate (Enter in the prompt box submits), with the progress bar on the job's events.
+    # Generate (Enter in the prompt box submits), with the progress bar on the job's events,
+    # and a seed past 2^53, which JavaScript numbers cannot hold: the service gets its digits.
     steps.clear()
     steps.send_keys(str(STEPS))
+    seed = driver.find_element("id", "seed")
+    seed.clear()
+    seed.send_keys(str(2**60 + 1))
     _watch_progress(driver)
     _submit(driver, "prompt", PROMPTS[0])
     _wait(lambda: len(_versions(driver)) == 1 and _idle(driver), "generated version")
@@ -317,6 +322,10 @@ def test_a_session_in_the_studio(browser, base_url, downloads, tmp_path):
     assert base["mask-ratio"] == "100.0 %" and base["mac-fraction"] == "100.0 %", base
     assert base["latency"].endswith(" s") and base["dense"].endswith(" s"), base
     assert driver.find_element("id", "overlay-toggle").get_attribute("disabled")
+    (sent,) = [
+        json.loads(r["body"]) for r in traffic.find("POST", "/v1/jobs") if r["status"] == 201
+    ]
+    assert int(sent["seed"]) == 2**60 + 1
     _screenshot(driver, tmp_path / "2-generated.png")
 
     # So far anonymously, as `fisedit serve` allows. Now an API key, entered once: kept for

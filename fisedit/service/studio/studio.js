@@ -403,7 +403,9 @@ function numberField(form, name) {
   const text = form.elements.namedItem(name).value.trim();
   if (text === "") return undefined; // the service's default
   const value = Number(text);
-  return Number.isFinite(value) ? value : text; // the service names what is wrong
+  if (!Number.isFinite(value)) return text; // the service names what is wrong
+  // Integers past 2^53 lose digits as numbers here: the service reads the text exactly.
+  return Number.isInteger(value) && !Number.isSafeInteger(value) ? text : value;
 }
 
 async function generate(event) {
