@@ -607,8 +607,9 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
+    # Before anything imports huggingface_hub, which reads it once.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args = _parser().parse_args(argv)
     warnings.showwarning = _show_warning
     try:
         args.function(args)

@@ -2,6 +2,8 @@
 
 import argparse
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -246,13 +248,25 @@ def test_bad_input_fails_before_the_model_loads(session_dir, tmp_path, make_args
     assert len(errors) == 1 and message in errors[0]
     assert "errors.pydantic.dev" not in result.stderr
     assert "loading model" not in result.stderr
-    assert not [line for line in result.stderr.splitlines() if "| diffusers" in line]
+    assert not [line for line in result.stderr.splitlines() if re.search(r"\|\s+diffusers$", line)]
 
 
 def test_a_model_that_cannot_load_is_a_clear_error(tmp_path):
     result = _fisedit("demo", "--out", str(tmp_path), "--model", "/no/such/model", check=False)
 
     assert result.returncode == 2 and "cannot load a Stable Diffusion pipeline" in result.stderr
+
+
+def test_a_hub_id_is_looked_up_offline_even_when_the_environment_does_not_say_so(tmp_path):
+    environment = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    command = ["generate", "--out", str(tmp_path), "--prompt", "a cat", "--steps", "2"]
+    result = subprocess.run(
+        [sys.executable, "-m", "fisedit.cli", *command, "--model", "no-such-org/no-such-model"],
+        capture_output=True, text=True, timeout=600, env=environment,
+    )  # fmt: skip
+
+    assert result.returncode == 2 and "available offline" in result.stderr
+    assert "huggingface.co" not in result.stderr  # no request was made
 
 
 def test_help_lists_every_command_and_every_option_has_a_default_or_is_required():

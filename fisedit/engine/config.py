@@ -100,6 +100,14 @@ def default_mask_steps(steps: int) -> int:
     return max(1, steps // 5)
 
 
+class TierConfig(BaseModel):
+    """Byte budgets for the session caches of one engine (a SessionPool); None means
+    unlimited."""
+
+    device_bytes: int | None = Field(None, ge=0)
+    host_bytes: int | None = Field(None, ge=0)
+
+
 class EngineConfig(BaseModel):
     """Where the engine runs and how it edits."""
 

@@ -4,8 +4,9 @@ import logging
 from collections import OrderedDict
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
+from fisedit.engine.config import TierConfig
 from fisedit.engine.recipe import SessionRecipe, rebuild, recipe_of, replay
 from fisedit.engine.session import EditSession, Engine, StepCallback, Version
 from fisedit.engine.snapshot import SnapshotError, restore, snapshot, snapshot_versions
@@ -16,13 +17,6 @@ log = logging.getLogger(__name__)
 Tier = Literal["device", "host", "store", "recipe"]
 TIERS: tuple[Tier, ...] = ("device", "host", "store", "recipe")
 AdoptPath = Literal["restore", "restore+replay", "rebuild"]
-
-
-class TierConfig(BaseModel):
-    """Byte budgets for the session caches of one engine; None means unlimited."""
-
-    device_bytes: int | None = Field(None, ge=0)
-    host_bytes: int | None = Field(None, ge=0)
 
 
 class TierUsage(BaseModel):

@@ -5,8 +5,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from fisedit.engine.config import EngineConfig
-from fisedit.engine.tiers import TierConfig
+from fisedit.engine.config import EngineConfig, TierConfig
 from fisedit.storage import ObjectStore, open_store, validate_key
 
 
