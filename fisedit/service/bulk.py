@@ -421,17 +421,16 @@ def _summary(
 def bulk_settings(args: argparse.Namespace) -> tuple[ServiceConfig, BulkOptions]:
     """The service config (from --config, with the flags' overrides) and the run's options."""
     config = ServiceConfig.from_yaml(args.config) if args.config else ServiceConfig()
-    updates: dict[str, Any] = {}
+    # As plain data, so that the whole config is validated again with the flags' values.
+    settings = config.model_dump()
     if args.model:
-        updates["model"] = args.model
-    if args.out or args.endpoint_url:
-        store = config.store.model_dump()
-        store |= {k: v for k, v in (("url", args.out), ("endpoint_url", args.endpoint_url)) if v}
-        updates["store"] = StoreConfig(**store)
+        settings["model"] = args.model
+    for field, value in (("url", args.out), ("endpoint_url", args.endpoint_url)):
+        if value:
+            settings["store"][field] = value
     if args.mask_steps is not None:
-        edit = config.engine.edit.model_copy(update={"mask_steps": args.mask_steps})
-        updates["engine"] = config.engine.model_copy(update={"edit": edit})
-    config = ServiceConfig.model_validate({**config.model_dump(), **updates})
+        settings["engine"]["edit"]["mask_steps"] = args.mask_steps
+    config = ServiceConfig.model_validate(settings)
     options = BulkOptions(
         run=args.run,
         workers=args.workers,

@@ -10,11 +10,11 @@ import time
 from collections.abc import Callable
 
 import ray
-from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
 from fisedit.engine.config import GenerationParams
 from fisedit.service.config import ServiceConfig
-from fisedit.service.jobs import FINISHED, ChainSpec, JobRecord, JobState
+from fisedit.service.jobs import FINISHED, ChainSpec, JobRecord, JobState, root_cause
 from fisedit.service.names import JOB_QUEUE, ROUTER
 from fisedit.service.results import EditRequest, EditResult, StaleVersionError
 
@@ -56,7 +56,7 @@ class Client:
     def _call(self, actor: str, method: str, *args):
         """Calls a service actor, retrying while it restarts: for up to `timeout_s` while
         Ray says it is restarting (Ray ends that state, with the actor back or dead), and
-        per the config's policy when it is gone."""
+        per the config's policy when it is gone. An error the actor raised is raised here."""
         policy = self.config.retry
         deadline = time.monotonic() + self.timeout_s
         retry = gone = 0
@@ -66,6 +66,10 @@ class Client:
                     self._actors[actor] = ray.get_actor(actor, namespace=self.config.namespace)
                 ref = getattr(self._actors[actor], method).remote(*args)
                 return ray.get(ref, timeout=self.timeout_s)
+            except RayTaskError as error:
+                # The actor's own error (a ValueError naming the field, say), with Ray's
+                # remote traceback kept as its cause rather than in its message.
+                raise root_cause(error) from error
             except ActorUnavailableError:
                 if time.monotonic() >= deadline:
                     raise

@@ -163,8 +163,12 @@ class ServiceConfig(BaseModel):
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "ServiceConfig":
-        """Reads a YAML file; missing fields keep their defaults."""
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        """Reads a YAML file; missing fields keep their defaults. A file that is not YAML
+        is a ValueError naming it."""
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ValueError(f"{path}: not valid YAML ({error})") from None
         if not isinstance(data, dict):
             raise ValueError(
                 f"{path}: expected a mapping of config fields, got {type(data).__name__}"

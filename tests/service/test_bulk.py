@@ -24,6 +24,7 @@ import ray
 import torch
 from PIL import Image
 from polling import wait_until
+from pydantic import ValidationError
 
 from fisedit.engine.config import EditConfig, EngineConfig, GenerationParams
 from fisedit.engine.session import Engine
@@ -405,6 +406,16 @@ def test_cli_arguments_override_the_service_config(tmp_path):
     assert config.engine.edit.mask_steps == 2
     assert (options.run, options.workers, options.max_groups) == ("r1", 3, 5)
     assert options.defaults.steps == 4
+
+
+@pytest.mark.parametrize("mask_steps", ["0", "-1"])
+def test_a_mask_steps_flag_out_of_range_is_refused_naming_it(mask_steps):
+    parser = argparse.ArgumentParser()
+    add_bulk_arguments(parser)
+    args = parser.parse_args(["in.jsonl", "--run", "r", "--mask-steps", mask_steps])
+
+    with pytest.raises(ValidationError, match="engine.edit.mask_steps"):
+        bulk_settings(args)
 
 
 def test_actors_reserve_the_configs_worker_resources():

@@ -50,6 +50,13 @@ def test_invalid_yaml_names_the_field(tmp_path, yaml_text, field):
         ServiceConfig.from_yaml(path)
 
 
+def test_a_file_that_is_not_yaml_is_an_error_naming_it(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("model: tiny\nworkers: [1\n")
+    with pytest.raises(ValueError, match=f"{path}: not valid YAML"):
+        ServiceConfig.from_yaml(path)
+
+
 def test_backoff_grows_to_its_cap():
     policy = RetryPolicy(backoff_s=0.5, backoff_factor=2, max_backoff_s=3)
     assert [policy.delay(n) for n in (1, 2, 3, 4)] == [0.5, 1.0, 2.0, 3.0]
