@@ -8,7 +8,7 @@ import ray
 
 from fisedit.service.config import ServiceConfig
 from fisedit.service.jobs import JobQueue
-from fisedit.service.names import JOB_QUEUE, ROUTER, worker_name
+from fisedit.service.names import JOB_QUEUE, ROUTER, is_worker_name, worker_name
 from fisedit.service.router import SessionRouter
 from fisedit.service.worker import EditWorker
 
@@ -41,17 +41,29 @@ def start(config: ServiceConfig) -> None:
     ray.get([*ready, queue.list_jobs.remote()], timeout=config.call_timeout_s)
 
 
+def running(namespace: str) -> list[str]:
+    """The service's live actors in `namespace`: router, job queue and every worker, however
+    many workers the config that started them named."""
+    names = {
+        actor["name"]
+        for actor in ray.util.list_named_actors(all_namespaces=True)
+        if actor["namespace"] == namespace
+    }
+    return [n for n in (ROUTER, JOB_QUEUE) if n in names] + sorted(filter(is_worker_name, names))
+
+
 def stop(config: ServiceConfig, drain: bool = False) -> None:
-    """Kills the service's actors (the job records stay in the store). With `drain`, each
-    live worker first snapshots the sessions it holds, so they restore elsewhere later."""
-    names = [ROUTER, JOB_QUEUE, *(worker_name(i) for i in range(config.workers))]
+    """Kills the service's actors in the config's namespace, every worker included (the job
+    records stay in the store). With `drain`, each live worker first snapshots the sessions
+    it holds, so they restore elsewhere later."""
+    names = running(config.namespace)
     undrained = []  # a failed drain stops nothing: every committed version is in the store
     if drain:
-        for name in names[2:]:
+        for name in filter(is_worker_name, names):
             try:
                 worker = ray.get_actor(name, namespace=config.namespace)
             except ValueError:
-                continue
+                continue  # gone since
             try:
                 ray.get(worker.drain.remote(), timeout=config.call_timeout_s)
             except Exception as error:

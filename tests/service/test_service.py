@@ -441,10 +441,14 @@ def test_a_chain_survives_the_death_of_its_worker_with_identical_images(client, 
         assert np.array_equal(_image(client, lost.image_key), _image(client, kept.image_key))
 
 
-def test_a_drained_stop_stops_everything_and_names_the_sessions_it_could_not_snapshot(
+def test_a_drained_stop_stops_every_worker_and_names_the_sessions_it_could_not_snapshot(
     ray_cluster, tiny_model_dir, tmp_path
 ):
-    config = _config(tiny_model_dir, StoreConfig(url=str(tmp_path)), 1)
+    # Two workers (on CPUs: the module's service holds two of the three edit slots), then a
+    # stop with a config that names one, as `fisedit down` without --config would.
+    config = _config(tiny_model_dir, StoreConfig(url=str(tmp_path)), 2).model_copy(
+        update={"worker_resources": WorkerResources(num_cpus=0.5)}
+    )
     deploy.start(config)
     try:
         client = Client(config=config, timeout_s=TIMEOUT)
@@ -452,22 +456,16 @@ def test_a_drained_stop_stops_everything_and_names_the_sessions_it_could_not_sna
         # Something in the way of the blocked session's first shard: no snapshot of it.
         shard = f"tenants/local/sessions/{blocked.session_id}/v0/shard-00000.safetensors"
         (tmp_path / shard).mkdir(parents=True)
-        assert _running(config) == {ROUTER, JOB_QUEUE, worker_name(0)}
+        assert deploy.running(config.namespace) == [ROUTER, JOB_QUEUE, "worker-0", "worker-1"]
 
         with pytest.raises(RuntimeError, match="not every session was snapshotted") as stopped:
-            deploy.stop(config, drain=True)
-        wait_until(lambda: not _running(config), "the stopped actors' end", TIMEOUT)
+            deploy.stop(config.model_copy(update={"workers": 1}), drain=True)
+        wait_until(lambda: not deploy.running(config.namespace), "the actors' end", TIMEOUT)
     finally:
         deploy.stop(config)  # whatever a failure left running
 
-    assert f"{worker_name(0)}: " in str(stopped.value)
-    assert f"snapshotted 1 sessions but not {blocked.session_id}: " in str(stopped.value)
+    assert f"{blocked.worker_id}: " in str(stopped.value)
+    assert f"but not {blocked.session_id}: " in str(stopped.value)
     store = config.store.open(f"tenants/{config.tenant}")
     assert store.exists(f"sessions/{kept.session_id}/v0/manifest.json")
     assert not store.exists(f"sessions/{blocked.session_id}/v0/manifest.json")
-
-
-def _running(config: ServiceConfig) -> set[str]:
-    """The names of the config's actors that are alive."""
-    actors = ray.util.list_named_actors(all_namespaces=True)
-    return {a["name"] for a in actors if a["namespace"] == config.namespace}
