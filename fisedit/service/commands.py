@@ -252,17 +252,20 @@ def add_bulk_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments of `fisedit serve`."""
-    parser.add_argument("--config", help="service config YAML (default: the embedded one)")
     parser.add_argument(
-        "--port", type=int, default=8000, help="HTTP port on 127.0.0.1 (default: %(default)s)"
+        "--config",
+        help="service config YAML (default: one worker, the tiny model, the local store, "
+        "anonymous on 127.0.0.1)",
     )
     parser.add_argument(
-        "--store", default="fisedit-store", help="store directory or URL (default: %(default)s)"
+        "--port", type=int, help="HTTP port (default: the config's http.port, else 8000)"
+    )
+    parser.add_argument(
+        "--store", help="store directory or URL (default: the config's, else fisedit-store)"
     )
     parser.add_argument(
         "--model",
-        default="tiny",
-        help="diffusers directory, hub id or tiny (default: %(default)s)",
+        help="diffusers directory, hub id or tiny (default: the config's, else tiny)",
     )
 
 

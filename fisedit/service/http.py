@@ -54,7 +54,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from fisedit.engine.config import GenerationParams, Prompt
 from fisedit.engine.recipe import SessionRecipe
 from fisedit.service import deploy
-from fisedit.service.config import HttpConfig, ServiceConfig, StoreConfig
+from fisedit.service.config import HttpConfig, ServiceConfig
 from fisedit.service.jobs import (
     FINISHED,
     IDEMPOTENCY_KEY,
@@ -1081,8 +1081,12 @@ def app_builder(args: dict) -> Application:
     return serve_cli_app(load_config(args.get("config")))
 
 
-app = serve_cli_app(load_config())
-"""For `serve run fisedit.service.http:app` (config from $FISEDIT_CONFIG)."""
+def __getattr__(name: str) -> Application:
+    # `app`, for `serve run fisedit.service.http:app`, is built when Serve asks for it, from
+    # $FISEDIT_CONFIG: importing this module (`fisedit serve`, a replica) reads no config.
+    if name == "app":
+        return serve_cli_app(load_config())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # `fisedit serve`: the whole service on this machine
@@ -1090,15 +1094,20 @@ app = serve_cli_app(load_config())
 
 def local_config(args: argparse.Namespace) -> ServiceConfig:
     """The config `fisedit serve` runs: the file given, else one CPU worker on the local
-    store with the tiny model, anonymous on 127.0.0.1."""
+    store with the tiny model, anonymous on 127.0.0.1; --model, --store and --port set over
+    either."""
     if args.config:
-        return ServiceConfig.from_yaml(args.config)
-    return ServiceConfig(
-        model=args.model,
-        store=StoreConfig(url=args.store),
-        workers=1,
-        http=HttpConfig(host="127.0.0.1", port=args.port, anonymous=True),
-    )
+        settings = ServiceConfig.from_yaml(args.config).model_dump()
+    else:
+        http = HttpConfig(host="127.0.0.1", anonymous=True)
+        settings = ServiceConfig(model="tiny", workers=1, http=http).model_dump()
+    if args.model is not None:
+        settings["model"] = args.model
+    if args.store is not None:
+        settings["store"]["url"] = args.store
+    if args.port is not None:
+        settings["http"]["port"] = args.port
+    return ServiceConfig.model_validate(settings)
 
 
 def serve_command(args: argparse.Namespace) -> None:

@@ -10,7 +10,10 @@ import asyncio
 import base64
 import io
 import json
+import os
 import socket
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -571,7 +574,7 @@ def test_a_call_past_the_request_timeout_answers_504_with_a_json_body(alice, con
     assert json.loads(answer.body)["detail"][0]["type"] == "timeout"
 
 
-def test_fisedit_serve_runs_the_embedded_defaults_anonymously_on_localhost():
+def test_fisedit_serve_runs_the_embedded_defaults_anonymously_on_localhost(tmp_path):
     parser = argparse.ArgumentParser()
     add_serve_arguments(parser)
 
@@ -579,11 +582,36 @@ def test_fisedit_serve_runs_the_embedded_defaults_anonymously_on_localhost():
 
     assert (config.model, config.workers, config.store.url) == ("tiny", 1, "fisedit-store")
     assert (config.http.host, config.http.port, config.http.anonymous) == ("127.0.0.1", 9001, True)
+    # A config file, with the flags given set over it.
+    (tmp_path / "service.yaml").write_text("workers: 3\nhttp: {port: 8100}\n")
+    given = ["--config", str(tmp_path / "service.yaml"), "--store", str(tmp_path / "s")]
+    from_file = local_config(parser.parse_args([*given, "--model", "tiny-sd2"]))
+    assert (from_file.workers, from_file.http.port, from_file.model) == (3, 8100, "tiny-sd2")
+    assert from_file.store.url == str(tmp_path / "s") and not from_file.http.anonymous
     with pytest.raises(ValueError, match="localhost only"):
         HttpConfig(host="0.0.0.0", anonymous=True)
     # Under `serve run`, Serve's http_options decide the address: anonymous mode is refused.
     with pytest.raises(ValueError, match="http.anonymous: anonymous mode is only for"):
         serve_cli_app(config)
+
+
+def test_importing_the_app_module_reads_no_config_and_serve_run_gets_the_named_one(tmp_path):
+    """`serve run fisedit.service.http:app` reads $FISEDIT_CONFIG when it asks for `app`;
+    `fisedit serve` and Serve's replicas import the module without it."""
+    code = (
+        "import fisedit.service.http as http\n"
+        "try:\n    http.app\nexcept OSError as error:\n    print('app:', error)\n"
+    )
+    environment = os.environ | {"FISEDIT_CONFIG": str(tmp_path / "missing.yaml")}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=environment
+    )
+
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (
+        done.stdout.strip()
+        == f"app: [Errno 2] No such file or directory: '{tmp_path}/missing.yaml'"
+    )
 
 
 NASTY = [None, "", -1, 2**70, 1.5, "x" * 5000, "../../etc/passwd", "\u0000é", [], {"a": 1}, True]
