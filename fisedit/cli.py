@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from fisedit.engine.config import EditConfig, EditParams, GenerationParams
+from fisedit.engine.config import DType, EditConfig, EditParams, GenerationParams
 
 DEMO_PROMPTS = [
     "a photo of a cat sitting on a wooden bench in a park",
@@ -42,14 +42,6 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def _engine(model: str, args: argparse.Namespace):
-    from fisedit.engine.config import EngineConfig
-    from fisedit.engine.session import Engine
-
-    # Engine.from_pretrained builds the tiny models (tiny, tiny-sd2, tiny-sdxl) itself.
-    return Engine.from_pretrained(model, EngineConfig(device=args.device, dtype=args.dtype))
-
-
 def _check_device(device: str) -> None:
     import torch
 
@@ -61,11 +53,15 @@ def _check_device(device: str) -> None:
         raise UsageError(f"--device {device}: no CUDA device is available here")
 
 
-def _load_engine(model: str, args: argparse.Namespace):
+def _load_engine(model: str, device: str, dtype: str):
     """The engine, once the input is known to be good; loading takes minutes on a real model."""
-    _log(f"loading model {model} on {args.device}")
+    from fisedit.engine.config import EngineConfig
+    from fisedit.engine.session import Engine
+
+    _log(f"loading model {model} on {device} in {dtype}")
     _quiet_libraries()
-    return _engine(model, args)
+    # Engine.from_pretrained builds the tiny models (tiny, tiny-sd2, tiny-sdxl) itself.
+    return Engine.from_pretrained(model, EngineConfig(device=device, dtype=dtype))
 
 
 def _log(message: str) -> None:
@@ -145,7 +141,7 @@ def demo(args: argparse.Namespace) -> None:
 def _engine_demo(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    engine = _load_engine(args.model, args)
+    engine = _load_engine(args.model, args.device, args.dtype)
     from fisedit.engine.images import psnr
 
     session = engine.generate(
@@ -207,6 +203,9 @@ class SessionFile(BaseModel):
     recipe that recomputes the session, and every version's report."""
 
     model: str
+    """The model as `generate` was given it; a directory's absolute path."""
+    dtype: DType = "float32"
+    """The engine's dtype at `generate` (its snapshots restore only in it)."""
     latent_size: tuple[int, int]
     vae_scale_factor: int
     recipe: RecipeHead
@@ -235,6 +234,7 @@ def _write_session(directory: Path, model: str, session) -> None:
     engine_model = session.engine.model
     saved = SessionFile(
         model=model,
+        dtype=session.engine.config.dtype,
         latent_size=engine_model.latent_shape[1:],
         vae_scale_factor=engine_model.vae_scale_factor,
         recipe=recipe_of(session).model_dump(mode="json"),
@@ -310,10 +310,12 @@ def generate(args: argparse.Namespace) -> None:
         raise UsageError(f"--out {out} is a file, not a directory")
     _check_device(args.device)
     out.mkdir(parents=True, exist_ok=True)
-    engine = _load_engine(args.model, args)
+    engine = _load_engine(args.model, args.device, args.dtype)
     session = engine.generate(**params.model_dump())
     _save_png(out / "base.png", session.image)
-    _keep_newest_snapshot(out, args.model, session)
+    # A directory by its absolute path, so that edits run from anywhere find it.
+    model = str(Path(args.model).resolve()) if Path(args.model).is_dir() else args.model
+    _keep_newest_snapshot(out, model, session)
 
 
 def edit(args: argparse.Namespace) -> None:
@@ -337,7 +339,8 @@ def edit(args: argparse.Namespace) -> None:
 
         mask = load_mask(args.mask, saved.latent_size, saved.vae_scale_factor)
     _check_device(args.device)
-    engine = _load_engine(saved.model, args)
+    # The session's own dtype unless another is asked for: its snapshot restores only in it.
+    engine = _load_engine(saved.model, args.device, args.dtype or saved.dtype)
     session = _open_session(engine, directory, saved)
     before = session.version
     version = session.edit(params.prompt, mask=mask, mask_steps=params.mask_steps)
@@ -440,13 +443,14 @@ def _parser() -> argparse.ArgumentParser:
             "--device", default=device, help="torch device, e.g. cpu, cuda (default: %(default)s)"
         )
 
-    def engine_options(sub: argparse.ArgumentParser) -> None:
+    def engine_options(sub: argparse.ArgumentParser, dtype: str | None = "float32") -> None:
         placement(sub)
+        shown = dtype or "the session's"
         sub.add_argument(
             "--dtype",
-            default="float32",
+            default=dtype,
             choices=["float32", "float16", "bfloat16"],
-            help="weights and activations (default: %(default)s)",
+            help=f"weights and activations (default: {shown})",
         )
 
     def sampling(sub: argparse.ArgumentParser) -> None:
@@ -525,7 +529,7 @@ def _parser() -> argparse.ArgumentParser:
         "--mask they capture the edited region (default: a fifth of the session's steps, "
         "0 with --mask)",
     )
-    engine_options(sub)
+    engine_options(sub, dtype=None)
 
     sub = command("history", history, "list a session's versions and their reports")
     sub.add_argument(

@@ -19,13 +19,14 @@ from fisedit.engine.images import REGION_COLOUR, SEAM_COLOUR
 STEPS = "4"
 
 
-def _fisedit(*args: str, check: bool = True, flags: tuple[str, ...] = ()):
+def _fisedit(*args: str, check: bool = True, flags: tuple[str, ...] = (), cwd=None):
     return subprocess.run(
         [sys.executable, *flags, "-m", "fisedit.cli", *args],
         capture_output=True,
         text=True,
         timeout=1200,
         check=check,
+        cwd=cwd,
     )
 
 
@@ -120,6 +121,21 @@ def test_edits_restore_the_newest_snapshot_and_history_lists_the_versions(sessio
     assert len(rows) == 3 and rows[2].split()[:4] == ["2", "1", "6.2%", "14.1%"]
     assert rows[0].split()[:3] == ["0", "-", "-"]
     assert rows[2].endswith("a red dog")
+
+
+def test_a_session_made_from_a_relative_model_path_in_bfloat16_edits_anywhere_as_made(
+    tiny_model_dir, tmp_path
+):
+    model = Path(tiny_model_dir)
+    made = ["generate", "--out", str(tmp_path / "s"), "--prompt", "a cat", "--steps", "2"]
+    _fisedit(*made, "--model", model.name, "--dtype", "bfloat16", cwd=model.parent)
+    edited = _fisedit("edit", "--session", str(tmp_path / "s"), "--prompt", "a dog", cwd=tmp_path)
+
+    saved = json.loads((tmp_path / "s/session.json").read_text())
+    assert (saved["model"], saved["dtype"]) == (str(model), "bfloat16")
+    assert f"loading model {model} on cpu in bfloat16" in edited.stderr
+    assert "restored version 0 from its snapshot" in edited.stderr
+    assert _report(edited)["version"] == 1
 
 
 def test_the_mask_image_shows_the_recomputed_region_and_the_seam(session_dir, tmp_path):
