@@ -4,9 +4,11 @@
 config's namespace, so any driver (or a Ray Jobs entrypoint) finds them again.
 """
 
+import warnings
+
 import ray
 
-from fisedit.service.config import ServiceConfig
+from fisedit.service.config import ServiceConfig, WorkerResources
 from fisedit.service.jobs import JobQueue
 from fisedit.service.names import JOB_QUEUE, ROUTER, is_worker_name, worker_name
 from fisedit.service.router import SessionRouter
@@ -19,6 +21,7 @@ def start(config: ServiceConfig) -> None:
     started them, until `stop` (or the cluster's end)."""
     common = {"namespace": config.namespace, "get_if_exists": True, "lifetime": "detached"}
     resources = config.worker_resources
+    _warn_if_nothing_offers(resources)
     workers = [
         ray.remote(EditWorker)
         .options(
@@ -39,6 +42,21 @@ def start(config: ServiceConfig) -> None:
     # The router maps what the workers hold, the queue resumes unfinished jobs.
     ready = [*(worker.health.remote() for worker in workers), router.stats.remote()]
     ray.get([*ready, queue.list_jobs.remote()], timeout=config.call_timeout_s)
+
+
+def _warn_if_nothing_offers(resources: WorkerResources) -> None:
+    """Says which of a worker's resources the cluster has none of: its workers would wait
+    for a node that offers them (which an autoscaler may add), and `start` time out."""
+    offered = ray.cluster_resources()
+    wanted = {"CPU": resources.num_cpus, "GPU": resources.num_gpus, **resources.resources}
+    missing = [name for name, amount in wanted.items() if amount > offered.get(name, 0)]
+    if missing:
+        warnings.warn(
+            f"worker_resources: no node of this cluster offers {', '.join(missing)} "
+            f"(it has {', '.join(sorted(n for n in offered if not n.startswith('node:')))}); "
+            "the workers wait for one that does",
+            stacklevel=3,
+        )
 
 
 def running(namespace: str) -> list[str]:

@@ -4,6 +4,7 @@ affinity, stale versions, bad input, jobs, idempotency, cancellation, and failov
 import io
 import time
 import uuid
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -469,3 +470,11 @@ def test_a_drained_stop_stops_every_worker_and_names_the_sessions_it_could_not_s
     store = config.store.open(f"tenants/{config.tenant}")
     assert store.exists(f"sessions/{kept.session_id}/v0/manifest.json")
     assert not store.exists(f"sessions/{blocked.session_id}/v0/manifest.json")
+
+
+def test_starting_workers_that_no_node_can_hold_says_which_resources_are_missing(ray_cluster):
+    with pytest.warns(UserWarning, match="no node of this cluster offers GPU, fast_disk \\(it has"):
+        deploy._warn_if_nothing_offers(WorkerResources(num_gpus=1, resources={"fast_disk": 1}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        deploy._warn_if_nothing_offers(WorkerResources(num_cpus=1, resources={"edit_slot": 1}))
