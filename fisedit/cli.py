@@ -198,6 +198,20 @@ class RecipeHead(BaseModel):
     params: GenerationParams
 
 
+class ReportHead(BaseModel):
+    """The part of a version's report that `history` shows (the whole EditReport is kept)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    version: int
+    base_version: int | None
+    prompt: str
+    mask_ratio: float
+    changed_pixel_ratio: float
+    mac_fraction: float
+    total_latency_s: float
+
+
 class SessionFile(BaseModel):
     """session.json: the model, what is needed to check an edit before loading it, the
     recipe that recomputes the session, and every version's report."""
@@ -209,7 +223,7 @@ class SessionFile(BaseModel):
     latent_size: tuple[int, int]
     vae_scale_factor: int
     recipe: RecipeHead
-    versions: list[dict]
+    versions: list[ReportHead]
     """Each version's EditReport, oldest first."""
 
 
@@ -358,20 +372,19 @@ def history(args: argparse.Namespace) -> None:
     session.json only; loads no model."""
     saved = _read_session(Path(args.session))
     if args.json:
-        print(json.dumps(saved.versions, indent=2))
+        print(json.dumps([report.model_dump() for report in saved.versions], indent=2))
         return
     print(
         f"{'version':>7}  {'parent':>6}  {'mask':>6}  {'pixels':>6}  {'MACs':>6}  "
         f"{'latency':>8}  prompt"
     )
     for report in saved.versions:
-        parent = report["base_version"]
-        mask = "-" if parent is None else f"{report['mask_ratio']:.1%}"
+        parent = report.base_version
+        mask = "-" if parent is None else f"{report.mask_ratio:.1%}"
         print(
-            f"{report['version']:>7}  {'-' if parent is None else parent:>6}  {mask:>6}  "
-            f"{report['changed_pixel_ratio']:>6.1%}  "
-            f"{report['mac_fraction']:>6.1%}  {report['total_latency_s']:>6.2f} s  "
-            f"{report['prompt']}"
+            f"{report.version:>7}  {'-' if parent is None else parent:>6}  {mask:>6}  "
+            f"{report.changed_pixel_ratio:>6.1%}  {report.mac_fraction:>6.1%}  "
+            f"{report.total_latency_s:>6.2f} s  {report.prompt}"
         )
 
 

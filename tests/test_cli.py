@@ -267,6 +267,18 @@ def test_bad_input_fails_before_the_model_loads(session_dir, tmp_path, make_args
     assert not [line for line in result.stderr.splitlines() if re.search(r"\|\s+diffusers$", line)]
 
 
+def test_history_of_a_damaged_session_file_names_what_is_wrong(session_dir, tmp_path):
+    directory = _copy(session_dir, tmp_path / "s")
+    saved = json.loads((directory / "session.json").read_text())
+    saved["versions"][0].pop("base_version")
+    (directory / "session.json").write_text(json.dumps(saved))
+
+    result = _fisedit("history", "--session", str(directory), check=False)
+
+    assert result.returncode == 2, result.stderr
+    assert "is not a fisedit session: versions.0.base_version: Field required" in result.stderr
+
+
 def test_a_model_that_cannot_load_is_a_clear_error(tmp_path):
     result = _fisedit("demo", "--out", str(tmp_path), "--model", "/no/such/model", check=False)
 
