@@ -10,6 +10,8 @@ from typing import IO, Any
 from urllib.parse import unquote, urlsplit
 
 MAX_KEY_BYTES = 1024
+# A local store keeps a segment as a file name; every backend keeps the same limit.
+MAX_SEGMENT_BYTES = 255
 # SigV4 presigned URLs cannot outlive seven days; every backend keeps the same limit.
 MAX_PRESIGN_S = 7 * 24 * 3600
 
@@ -74,6 +76,9 @@ def _key_problem(key: str) -> str | None:
         return "it has an empty segment ('//' or a trailing '/')"
     if "." in segments or ".." in segments:
         return "it has a '.' or '..' segment"
+    longest = max(len(segment.encode()) for segment in segments)
+    if longest > MAX_SEGMENT_BYTES:
+        return f"it has a segment of {longest} bytes, over the limit of {MAX_SEGMENT_BYTES}"
     return None
 
 

@@ -28,13 +28,16 @@ BAD_KEYS = [
     ("lone\udc80surrogate", "not valid UTF-8"),
     ("k" * 1025, "1025 bytes in UTF-8, over the limit of 1024"),
     ("é" * 513, "1026 bytes in UTF-8, over the limit of 1024"),
+    ("a/" + "k" * 256, "a segment of 256 bytes, over the limit of 255"),
+    ("é" * 128, "a segment of 256 bytes, over the limit of 255"),
 ]
 
 GOOD_KEYS = [
     "manifest.json",
     "sessions/abc/v3/manifest.json",
-    "k" * 1024,
-    "é" * 512,
+    "/".join(["k" * 255] * 4),  # 1023 bytes
+    "/".join(["é" * 127] * 4),
+    "k" * 255,
     ".hidden/.config",
     "...",
     "a/..b/c..",
