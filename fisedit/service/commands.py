@@ -140,7 +140,8 @@ def demo(args: argparse.Namespace, prompts: list[str]) -> None:
                 "edits": [{"prompt": prompt} for prompt in prompts[1:]],
             }
         )
-        record = follow(client, job_id, timeout_s=config.call_timeout_s)
+        # One call per prompt (the generation, then each edit), each within call_timeout_s.
+        record = follow(client, job_id, timeout_s=config.call_timeout_s * len(prompts))
         summary = save_results(client, record, out, config.engine.edit)
         for edit in summary["edits"]:
             print(
