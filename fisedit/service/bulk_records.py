@@ -240,14 +240,10 @@ def parse_records(
     defaults = defaults or BulkDefaults()
     groups: dict[str, BulkGroup] = {}
     failed: list[ManifestRow] = []
-    first_row: dict[str, int] = {}  # of each record id
+    first_rows: dict[str, int] = {}  # of each id of our records
     for row, raw in enumerate(records):
         try:
-            group, variations = _read_record(raw, row, defaults, producer)
-            record_id = variations[0].record_id
-            if record_id in first_row:
-                raise ValueError(f"id: {record_id!r} is the id of row {first_row[record_id]} too")
-            first_row[record_id] = row
+            group, variations = _read_record(raw, row, defaults, producer, first_rows)
         except (ValidationError, ValueError) as error:
             reason = _reason(error) if isinstance(error, ValidationError) else str(error)
             record_id = raw.get("id") if isinstance(raw, dict) else None
@@ -270,7 +266,7 @@ def parse_records(
 
 
 def _read_record(
-    raw: Any, row: int, defaults: BulkDefaults, producer: str
+    raw: Any, row: int, defaults: BulkDefaults, producer: str, first_rows: dict[str, int]
 ) -> tuple[BulkGroup, list[GroupVariation]]:
     if isinstance(raw, Exception):
         raise ValueError(str(raw))
@@ -280,6 +276,9 @@ def _read_record(
     raw = {name: value for name, value in raw.items() if value is not None}
     if "base_prompt" in raw or "variations" in raw:
         record = VariationRecord.model_validate(raw)
+        if record.id in first_rows:
+            raise ValueError(f"id: {record.id!r} is the id of row {first_rows[record.id]} too")
+        first_rows[record.id] = row
         generation = GenerationParams(
             prompt=record.base_prompt,
             seed=record.seed,

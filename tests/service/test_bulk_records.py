@@ -80,10 +80,14 @@ def test_ids_change_with_what_made_them_so_a_rerun_of_a_changed_input_recomputes
 
 def test_a_record_with_the_id_of_an_earlier_one_fails_and_does_not_join_its_chain():
     records = [_ours("a", chain=True), _ours("a", variations=["a fox"], chain=True)]
+    records.append({"input": "a house", "output": "a red house"})  # record id row2
+    records.append(_ours("row2", variations=["a wolf"]))  # ours: another record's id
 
     parsed = parse_records(records, "r", DEFAULTS)
 
-    assert [[v.prompt for v in g.variations] for g in parsed.groups] == [["a dog"]]
+    assert [[v.prompt for v in g.variations] for g in parsed.groups] == [
+        ["a dog"], ["a red house"], ["a wolf"]
+    ]  # fmt: skip
     (failed,) = parsed.failed
     assert failed.row == 1 and failed.error == "malformed record: id: 'a' is the id of row 0 too"
 
