@@ -96,12 +96,14 @@ class DiffusionModel:
         """The latent shape of a `height` x `width` image; a clear error for sizes the UNet
         cannot run at."""
         multiple = self.size_multiple
-        if height % multiple or width % multiple:
-            raise ValueError(
-                f"height and width must be multiples of {multiple} for this model (its VAE "
-                f"scales by {self.vae_scale_factor} and its UNet halves the latent "
-                f"{len(self.unet.config.block_out_channels) - 1} times), not {height}x{width}"
-            )
+        for side, pixels in (("height", height), ("width", width)):
+            if pixels % multiple:
+                raise ValueError(
+                    f"{side}: {pixels} is not a multiple of {multiple}, as both sides of an "
+                    f"image of this model must be (its VAE scales by {self.vae_scale_factor} "
+                    f"and its UNet halves the latent "
+                    f"{len(self.unet.config.block_out_channels) - 1} times)"
+                )
         scale = self.vae_scale_factor
         return (self.unet.config.in_channels, height // scale, width // scale)
 

@@ -95,7 +95,7 @@ def test_latent_shape_follows_the_image_size_in_multiples_the_unet_can_run(tiny_
 
     assert model.size_multiple == 16  # VAE scale 4, two UNet halvings
     assert model.latent_shape_at(64, 96) == (4, 16, 24)
-    with pytest.raises(ValueError, match="multiples of 16 for this model"):
+    with pytest.raises(ValueError, match="^width: 72 is not a multiple of 16"):
         model.latent_shape_at(64, 72)
 
 

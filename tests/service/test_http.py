@@ -273,6 +273,7 @@ def test_another_tenant_gets_404_and_no_key_401(base_url, alice, bob, session):
         ({"prompt": "a cat", "scheduler": "nope"}, 422, ["body", "scheduler"]),
         ({"prompt": "a cat", "colour": "red"}, 422, ["body", "colour"]),
         ({"prompt": "a cat " * 50}, 422, ["body", "prompt"]),
+        ({"prompt": "a cat", "steps": STEPS, "width": 120}, 422, ["body", "width"]),  # 16s
     ],
 )
 def test_invalid_generations_are_refused_naming_the_field(alice, body, status, field):
