@@ -8,12 +8,15 @@ before it loads a model, so bad input fails at once.
 """
 
 import argparse
+import fcntl
 import inspect
 import json
 import os
 import sys
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -305,6 +308,21 @@ def _open_session(engine, directory: Path, saved: SessionFile):
     return session
 
 
+@contextmanager
+def _only_command_on(directory: Path) -> Iterator[None]:
+    """Holds the session directory's lock: a second edit of it at the same time would
+    restore the same version and delete the snapshot the first one writes."""
+    if not directory.is_dir():
+        yield  # _read_session says what is wrong
+        return
+    with open(directory / ".lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UsageError(f"another fisedit command is editing {directory}") from None
+        yield
+
+
 def generate(args: argparse.Namespace) -> None:
     """Generates a base image and starts a session in --out: base.png, session.json (the
     recipe and reports) and the snapshot of the newest version under store/."""
@@ -341,6 +359,11 @@ def edit(args: argparse.Namespace) -> None:
     masks and reports stay). A prompt that encodes like the current one makes no version.
     """
     directory = Path(args.session)
+    with _only_command_on(directory):
+        _edit(args, directory)
+
+
+def _edit(args: argparse.Namespace, directory: Path) -> None:
     saved = _read_session(directory)
     steps, has_mask = saved.recipe.params.steps, args.mask is not None
     try:

@@ -1,6 +1,7 @@
 """The `fisedit` command line, run as a user would, on the tiny model."""
 
 import argparse
+import fcntl
 import json
 import os
 import re
@@ -265,6 +266,17 @@ def test_bad_input_fails_before_the_model_loads(session_dir, tmp_path, make_args
     assert "errors.pydantic.dev" not in result.stderr
     assert "loading model" not in result.stderr
     assert not [line for line in result.stderr.splitlines() if re.search(r"\|\s+diffusers$", line)]
+
+
+def test_a_second_edit_of_a_session_while_one_runs_is_refused(session_dir, tmp_path):
+    directory = _copy(session_dir, tmp_path / "s")
+    with open(directory / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # as the running edit holds it
+        refused = _fisedit("edit", "--session", str(directory), "--prompt", "a dog", check=False)
+
+    assert refused.returncode == 2
+    assert f"error: another fisedit command is editing {directory}" in refused.stderr
+    assert "loading model" not in refused.stderr
 
 
 def test_history_of_a_damaged_session_file_names_what_is_wrong(session_dir, tmp_path):
