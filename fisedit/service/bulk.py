@@ -47,6 +47,7 @@ from fisedit.service.bulk_records import (
     variation_row,
 )
 from fisedit.service.config import ServiceConfig, StoreConfig
+from fisedit.service.deploy import warn_if_unoffered
 from fisedit.storage import ObjectExistsError, ObjectStore
 
 
@@ -290,14 +291,21 @@ def read_manifest(store: ObjectStore, layout: BulkLayout) -> list[ManifestRow]:
 def _done_rows(
     store: ObjectStore, layout: BulkLayout, groups: list[BulkGroup]
 ) -> dict[tuple[str, str], ManifestRow]:
-    """Variations of `groups` an earlier attempt of the run finished, by (group, variation).
-    Rows stored for inputs that have changed since have other ids, and are left out."""
-    wanted = {layout.row_key(g.id, v.id): (g.id, v.id) for g in groups for v in g.variations}
-    return {
-        wanted[key]: ManifestRow.model_validate_json(store.get(key))
-        for key in store.list(layout.prefix)
-        if key in wanted
-    }
+    """Variations of `groups` an earlier attempt of the run finished, by (group, variation),
+    their rows saying where in today's input they are. Rows stored for inputs that have
+    changed since have other ids, and are left out."""
+    wanted = {layout.row_key(g.id, v.id): (g, v) for g in groups for v in g.variations}
+    done = {}
+    for key in store.list(layout.prefix):
+        if key in wanted:
+            group, variation = wanted[key]
+            stored = ManifestRow.model_validate_json(store.get(key))
+            # The outputs' fields from then, the input's from now (records may have moved).
+            input_fields = variation_row(layout, group, variation, status=stored.status)
+            done[group.id, variation.id] = stored.model_copy(
+                update=input_fields.model_dump(exclude_unset=True)
+            )
+    return done
 
 
 def producer(config: ServiceConfig) -> str:
@@ -346,6 +354,7 @@ def run_bulk(
     if todo_groups:
         if not ray.is_initialized():
             ray.init(address=address)
+        warn_if_unoffered(_actor_resources(config, options), "the GroupEditor actors")
         items = [{"group": g.model_dump_json(), "todo": json.dumps(t)} for g, t in todo_groups]
         results = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             GroupEditor,

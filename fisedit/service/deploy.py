@@ -8,7 +8,7 @@ import warnings
 
 import ray
 
-from fisedit.service.config import ServiceConfig, WorkerResources
+from fisedit.service.config import ServiceConfig
 from fisedit.service.jobs import JobQueue
 from fisedit.service.names import JOB_QUEUE, ROUTER, is_worker_name, worker_name
 from fisedit.service.router import SessionRouter
@@ -21,7 +21,7 @@ def start(config: ServiceConfig) -> None:
     started them, until `stop` (or the cluster's end)."""
     common = {"namespace": config.namespace, "get_if_exists": True, "lifetime": "detached"}
     resources = config.worker_resources
-    _warn_if_nothing_offers(resources)
+    warn_if_unoffered(resources.model_dump(), "the workers")
     workers = [
         ray.remote(EditWorker)
         .options(
@@ -44,17 +44,19 @@ def start(config: ServiceConfig) -> None:
     ray.get([*ready, queue.list_jobs.remote()], timeout=config.call_timeout_s)
 
 
-def _warn_if_nothing_offers(resources: WorkerResources) -> None:
-    """Says which of a worker's resources the cluster has none of: its workers would wait
-    for a node that offers them (which an autoscaler may add), and `start` time out."""
+def warn_if_unoffered(options: dict, actors: str) -> None:
+    """Says which resources of an actor's `options` (num_cpus, num_gpus, resources) no node
+    of the cluster offers enough of: `actors` would wait for a node that does (which an
+    autoscaler may add), and calls on them time out."""
+    wanted = {"CPU": options.get("num_cpus", 0), "GPU": options.get("num_gpus", 0)}
+    wanted |= options.get("resources") or {}
     offered = ray.cluster_resources()
-    wanted = {"CPU": resources.num_cpus, "GPU": resources.num_gpus, **resources.resources}
     missing = [name for name, amount in wanted.items() if amount > offered.get(name, 0)]
     if missing:
+        has = ", ".join(sorted(n for n in offered if not n.startswith("node:")))
         warnings.warn(
-            f"worker_resources: no node of this cluster offers {', '.join(missing)} "
-            f"(it has {', '.join(sorted(n for n in offered if not n.startswith('node:')))}); "
-            "the workers wait for one that does",
+            f"worker_resources: no node of this cluster offers {', '.join(missing)} (it has "
+            f"{has}); {actors} wait for one that does",
             stacklevel=3,
         )
 

@@ -214,6 +214,7 @@ def test_a_rerun_after_a_record_changed_computes_that_record_alone_and_keeps_no_
     records = [json.loads(line) for line in path.read_text().splitlines()[:-1]]
     old_prompt = records[1]["variations"][0]
     records[1]["variations"][0] = "a photo of a wolf in a field"
+    records[2]["id"] = "o2-renamed"  # the same work: resumed, under its new name
     changed = tmp_path / "changed.jsonl"
     changed.write_text("\n".join(map(json.dumps, records)) + "\n")
 
@@ -224,6 +225,8 @@ def test_a_rerun_after_a_record_changed_computes_that_record_alone_and_keeps_no_
     prompts = [r.prompt for r in rows if r.record_id == "o1"]
     assert prompts == ["a photo of a wolf in a field"] and old_prompt not in prompts
     assert len(rows) == 41  # as before, less the unreadable last line
+    assert [r.row for r in rows if r.record_id == "o2-renamed"] == [2]
+    assert not [r for r in rows if r.record_id == "o2"]
 
 
 def _check_against_the_engine(engine, store, layout, groups) -> None:
@@ -284,7 +287,9 @@ def test_a_base_that_cannot_be_generated_fails_its_variations_and_stores_nothing
 
     assert [r.status for r in rows] == ["failed", "failed"]
     assert all(
-        r.error.startswith("RuntimeError: the base generation failed: ValueError: height and")
+        r.error.startswith(
+            "RuntimeError: the base generation failed: ValueError: height: 72 is not"
+        )
         for r in rows
     )
     assert not list(editor.store.list(editor.layout.prefix))

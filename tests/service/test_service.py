@@ -473,8 +473,10 @@ def test_a_drained_stop_stops_every_worker_and_names_the_sessions_it_could_not_s
 
 
 def test_starting_workers_that_no_node_can_hold_says_which_resources_are_missing(ray_cluster):
+    wanting = WorkerResources(num_gpus=1, resources={"fast_disk": 1}).model_dump()
     with pytest.warns(UserWarning, match="no node of this cluster offers GPU, fast_disk \\(it has"):
-        deploy._warn_if_nothing_offers(WorkerResources(num_gpus=1, resources={"fast_disk": 1}))
+        deploy.warn_if_unoffered(wanting, "the workers")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        deploy._warn_if_nothing_offers(WorkerResources(num_cpus=1, resources={"edit_slot": 1}))
+        offered = WorkerResources(num_cpus=1, resources={"edit_slot": 1}).model_dump()
+        deploy.warn_if_unoffered(offered, "the workers")
