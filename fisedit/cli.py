@@ -30,6 +30,8 @@ DEMO_PROMPTS = [
     "a photo of a dog sitting on a red bench in a park",
     "a photo of a dog sitting on a red bench in a park at night",
 ]
+TINY_MODEL_NAMES = ("tiny", "tiny-sd2", "tiny-sdxl")
+"""fisedit.engine.models.TINY_MODELS, named here so that options are checked without torch."""
 SESSION_FILE = "session.json"
 STORE_DIR = "store"
 """The session directory's local object store, which holds the newest version's snapshot."""
@@ -312,7 +314,7 @@ def _open_session(engine, directory: Path, saved: SessionFile):
 def _only_command_on(directory: Path) -> Iterator[None]:
     """Holds the session directory's lock: a second edit of it at the same time would
     restore the same version and delete the snapshot the first one writes."""
-    if not directory.is_dir():
+    if not (directory / SESSION_FILE).is_file():
         yield  # _read_session says what is wrong
         return
     with open(directory / ".lock", "a") as lock:
@@ -341,12 +343,15 @@ def generate(args: argparse.Namespace) -> None:
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file, not a directory")
     _check_device(args.device)
+    # A model directory by its absolute path, so that edits run from anywhere find it; the
+    # tiny models by name, which load_model takes before any directory of that name.
+    model = args.model
+    if model not in TINY_MODEL_NAMES and Path(model).is_dir():
+        model = str(Path(model).resolve())
     out.mkdir(parents=True, exist_ok=True)
-    engine = _load_engine(args.model, args.device, args.dtype)
+    engine = _load_engine(model, args.device, args.dtype)
     session = engine.generate(**params.model_dump())
     _save_png(out / "base.png", session.image)
-    # A directory by its absolute path, so that edits run from anywhere find it.
-    model = str(Path(args.model).resolve()) if Path(args.model).is_dir() else args.model
     _keep_newest_snapshot(out, model, session)
 
 

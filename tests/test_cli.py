@@ -139,6 +139,15 @@ def test_a_session_made_from_a_relative_model_path_in_bfloat16_edits_anywhere_as
     assert _report(edited)["version"] == 1
 
 
+def test_a_tiny_model_is_saved_by_name_even_beside_a_directory_of_that_name(tmp_path):
+    from fisedit.cli import TINY_MODEL_NAMES
+    from fisedit.engine.models import TINY_MODELS
+
+    assert set(TINY_MODEL_NAMES) == set(TINY_MODELS)
+    _fisedit("generate", "--out", "tiny", "--prompt", "a cat", "--steps", "2", cwd=tmp_path)
+    assert json.loads((tmp_path / "tiny/session.json").read_text())["model"] == "tiny"
+
+
 def test_the_mask_image_shows_the_recomputed_region_and_the_seam(session_dir, tmp_path):
     directory = _copy(session_dir, tmp_path / "s")
     mask = np.zeros((128, 128), dtype=np.uint8)

@@ -106,8 +106,8 @@ class GroupVariation(BaseModel):
     """A variation as its group's worker runs it."""
 
     id: str
-    """Key segment within the group: v<n>-<digest>, n its position in the group, the digest
-    of what it edits (for a chain, of every edit up to it)."""
+    """Key segment within the group: v<index>-<digest>, the digest of its record's id and
+    what it edits (for a chain, every edit up to it)."""
     prompt: str
     mask: str | None = None
     row: int
@@ -218,11 +218,12 @@ def _group_id(generation: GenerationParams, chain_record: str | None, producer: 
 
 
 def _variation_id(group: "BulkGroup", variation: GroupVariation) -> str:
-    """Its position, and a digest of what it edits: an input changed under a run id gets new
-    keys, so a rerun computes it instead of taking the earlier output for it."""
+    """Its position in its record, and a digest of its record and what it edits: an input
+    changed under a run id gets new keys, so a rerun computes it instead of taking the
+    earlier output for it, while the other records' keys stay."""
     edits = [*group.variations, variation] if group.chain else [variation]
-    digest = _digest([group.id, [(v.prompt, v.mask) for v in edits]])
-    return f"v{len(group.variations)}-{digest[:8]}"
+    identity = [group.id, variation.record_id, [(v.prompt, v.mask) for v in edits]]
+    return f"v{variation.index}-{_digest(identity)[:8]}"
 
 
 def parse_records(

@@ -66,10 +66,6 @@ class Client:
                     self._actors[actor] = ray.get_actor(actor, namespace=self.config.namespace)
                 ref = getattr(self._actors[actor], method).remote(*args)
                 return ray.get(ref, timeout=self.timeout_s)
-            except RayTaskError as error:
-                # The actor's own error (a ValueError naming the field, say), with Ray's
-                # remote traceback kept as its cause rather than in its message.
-                raise root_cause(error) from error
             except ActorUnavailableError:
                 if time.monotonic() >= deadline:
                     raise
@@ -78,6 +74,11 @@ class Client:
                 gone += 1
                 if gone == policy.attempts:
                     raise
+            except RayTaskError as error:
+                # The actor's own error (a ValueError naming the field, say), with Ray's
+                # remote traceback kept as its cause rather than in its message. After the
+                # two above: an actor the called one calls that restarts is retried too.
+                raise root_cause(error) from error
             retry += 1
             time.sleep(policy.delay(retry))
 

@@ -37,7 +37,7 @@ def test_our_records_with_the_same_base_share_one_group_and_chains_keep_their_ow
     assert [(_position(v.id), v.prompt, v.record_id, v.index) for v in shared.variations] == [
         ("v0", "a dog on a bench", "a", 0),
         ("v1", "a fox", "a", 1),
-        ("v2", "a bird on a bench", "b", 0),
+        ("v0", "a bird on a bench", "b", 0),
     ]
     assert shared.variations[1].mask == "masks/m.png"
     assert chain.chain and [_position(v.id) for v in chain.variations] == ["v0", "v1"]
@@ -61,6 +61,7 @@ def test_ids_change_with_what_made_them_so_a_rerun_of_a_changed_input_recomputes
     records = [
         _ours("a", variations=["a dog", "a fox"]),
         _ours("c", variations=["a red cat", "a red cat at night"], chain=True),
+        _ours("b", variations=["a bird"]),  # the same base as a: one group
     ]
     (shared, chain) = _ids(parse_records(records, "r", DEFAULTS))
 
@@ -68,9 +69,12 @@ def test_ids_change_with_what_made_them_so_a_rerun_of_a_changed_input_recomputes
     records[0]["variations"][0] = "a wolf"
     records[1]["variations"][0] = "a blue cat"
     (shared2, chain2) = _ids(parse_records(records, "r", DEFAULTS))
-    assert shared2[0] == shared[0] and shared2[1][1] == shared[1][1]
+    assert shared2[0] == shared[0] and shared2[1][1:] == shared[1][1:]
     assert shared2[1][0] != shared[1][0]
     assert chain2[0] == chain[0] and set(chain2[1]).isdisjoint(chain[1])
+    # A variation gone from one record: another record's keys stay.
+    records[0]["variations"].pop()
+    assert _ids(parse_records(records, "r", DEFAULTS))[0][1][-1] == shared[1][-1]
     # The base, or what makes the images (the model and the engine settings): the group's.
     records[0]["base_prompt"] = "a cat on a sofa"
     assert _ids(parse_records(records, "r", DEFAULTS))[0][0] != shared[0]
