@@ -5,9 +5,9 @@ The UNet is built on the meta device (shapes, no storage) with the Triton kernel
 A recording step runs first, then sparse steps over centred square masks, as the engine
 captures a session's edit: a dense step records into slots, then files them into the run's
 cache; a sparse step records in place into the maps of the version it edits (`StepMaps`),
-copying only its layer outputs into their slots first, runs with the step index in device
-memory, then files the slots back. (An edit of a fork, which shares its cache, also copies
-every map it reads into a new cache: `StepMaps.fill`.) Triton
+copying only its sparse layers' outputs into static maps first, and runs with the step
+index in device memory. (An edit of a fork, which shares its cache, also copies every map
+it reads into a new cache: `StepMaps.fill`.) Triton
 launches are recorded, not run, with grids sized for an H100 (132 SMs); every other op is
 counted by a dispatch mode.
 
@@ -20,8 +20,9 @@ profiler, no caches modelled):
   `index_copy_`/`index_put_` write as many as they are given; attention counts its
   queries, keys, values and output, as a fused kernel moves them;
 - a Triton kernel counts what it addresses: the active rows it gathers or scatters (not the
-  whole map, and a convolution's halo taps not again), whole maps it reduces or copies,
-  whole weights once, and the fp32 partial sums of a split-K convolution written and read.
+  whole map, and a convolution's halo taps not again; into a mirror, again), whole maps it
+  reduces or copies, whole weights once, and the fp32 partial sums of a split-K convolution
+  written and read.
 
 A CUDA graph removes launch overhead from the host, but each kernel still costs a few
 microseconds on the GPU, so the count is a floor on the sparse step's time that no MAC
@@ -237,6 +238,7 @@ def _conv_bytes(bound: dict, grid) -> int:
         if bound["PARTIAL"]:
             return moved + partials
     moved += rows * cols * _element(bound, "out_ptr")
+    moved += rows * cols * _element(bound, "mirror_ptr") if bound["MIRROR"] else 0
     moved += rows * cols * _element(bound, "res_ptr") if bound["HAS_RESIDUAL"] else 0
     return moved + (_nbytes(bound["bias_ptr"]) if bound["HAS_BIAS"] else 0)
 
@@ -251,6 +253,7 @@ def _gather_tokens_bytes(bound: dict, grid) -> int:
 def _scatter_tokens_bytes(bound: dict, grid) -> int:
     elements = grid[2] * bound["P"] * bound["C"]
     moved = elements * (_element(bound, "tokens_ptr") + _element(bound, "out_ptr"))
+    moved += elements * _element(bound, "mirror_ptr") if bound["MIRROR"] else 0
     return moved + (elements * _element(bound, "res_ptr") if bound["HAS_RESIDUAL"] else 0)
 
 
@@ -339,8 +342,6 @@ class MetaUNet:
             )
             if plan is None:
                 self.cache.put_step(0, state.record.tensors)
-            else:
-                state.record.file(0)
         return state.macs, counter, launches
 
 

@@ -169,9 +169,10 @@ class StepMaps:
     place; layers that run dense write their whole maps. So the run's cache ends up holding
     the new maps without further copies. With a Python step every map is a view of the run's
     cache at the step. With a step index in device memory (a captured graph replays one call
-    for every step) a view cannot follow the step: layer outputs (`<layer>.out`), which the
-    UNet's own ops read, go to static slots that `file` copies into the cache after the
-    call; every other map is a StepView of the cache, which kernels address at the index.
+    for every step) a view cannot follow the step, so every map is a StepView of the cache,
+    which kernels address at the index; but the UNet's own ops read the outputs of sparse
+    layers (`<layer>.out` among `reads`), so those are static maps, filled like the rest, and
+    kernels write their region into the cache too (`mirror`).
     """
 
     def __init__(
@@ -183,7 +184,7 @@ class StepMaps:
     ) -> None:
         self.record, self.reads = record, reads
         self.maps: dict[str, torch.Tensor | StepView] = {}
-        self.slots: dict[str, torch.Tensor] = {}
+        self.mirrors: dict[str, StepView] = {}
         for name in source.tensors:
             if name in RUN_STATE:
                 continue
@@ -194,43 +195,44 @@ class StepMaps:
                 record.tensors[name] = buffer
             if not isinstance(step, torch.Tensor):
                 self.maps[name] = buffer[step]
-            elif name.endswith(".out"):
-                self.maps[name] = self.slots[name] = torch.empty_like(buffer[0])
+                continue
+            view = StepView(buffer, step.reshape(1))
+            if name.endswith(".out") and name in reads:
+                self.maps[name], self.mirrors[name] = torch.empty_like(buffer[0]), view
             else:
-                self.maps[name] = StepView(buffer, step.reshape(1))
+                self.maps[name] = view
 
     def __getitem__(self, name: str) -> torch.Tensor | StepView:
         return self.maps[name]
 
+    def mirror(self, name: str) -> StepView | None:
+        """Where a kernel writing the region of map `name` writes it too: the run's cache
+        at the step, when the map is a static one (else None)."""
+        return self.mirrors.get(name)
+
     def fill(self, source: "ActivationCache | HostPrefetcher", step: int) -> None:
-        """Sets every map the call reads to `source`'s at `step` (a map the run records in
-        place, in `source`'s own memory, already is)."""
+        """Sets every map the call reads to `source`'s at `step`: the static ones, and the
+        run's cache where it is not `source`'s own memory (recording in place, it is)."""
         targets, values = [], []
         for name in self.reads:
-            if name in self.slots:
-                targets.append(self.slots[name])
-            elif self.record.tensors[name] is not source.tensors.get(name):
-                targets.append(self.record.tensors[name][step])
-            else:
-                continue
-            values.append(source.get(name, step))
+            filled = [self.maps[name]] if name in self.mirrors else []
+            if self.record.tensors[name] is not source.tensors.get(name):
+                filled.append(self.record.tensors[name][step])
+            if filled:
+                targets += filled
+                values += [source.get(name, step)] * len(filled)
         if targets:
             torch._foreach_copy_(targets, values)
 
     def put(self, name: str, step: int | torch.Tensor, value: torch.Tensor) -> None:
         """Records `value` as this step's map `name`, unless the call wrote it in place."""
-        target = self.maps[name]
-        if value is target:
+        target = self.mirrors.get(name, self.maps[name])
+        if value is self.maps[name]:
             return
         if isinstance(target, StepView):
             target.write(value)
         else:
             target.copy_(value)
-
-    def file(self, step: int) -> None:
-        """Copies the slots into the run's cache at `step`."""
-        if self.slots:
-            self.record.put_step(step, self.slots)
 
 
 class HostPrefetcher:

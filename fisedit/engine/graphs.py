@@ -10,13 +10,15 @@ for generations and for every edit's capture steps.
 A sparse step reads its plan's index tensors, and the maps it records (`StepMaps`) at a
 step index held in device memory: each map starts as the previous version's at the step
 (copied before the replay, unless the run records in the previous version's own memory),
-and kernels write the region into it at the step index; only layer outputs pass through
-slots. Its graph is therefore bound to the memory of the maps it records into, not to the
-cache it reads, and lives with those maps (`ActivationCache.graphs`): an edit that records
-in place into the cache an earlier edit made (a session's next edit) replays that edit's
-graph, its new plan loaded into the captured plan's index tensors. Plans pad their active
-pixels to buckets (`SparsePlan.signature`), so a similar mask compiles nothing and captures
-nothing. Nothing in a replay depends on Python state, and no host sync happens in the loop.
+and kernels write the region into it at the step index; the outputs of sparse layers,
+which the UNet's own ops read, are static maps, filled the same way, whose region kernels
+write into the cache too. Its graph is therefore bound to the memory of the maps it
+records into, not to the cache it reads, and lives with those maps
+(`ActivationCache.graphs`): an edit that records in place into the cache an earlier edit
+made (a session's next edit) replays that edit's graph, its new plan loaded into the
+captured plan's index tensors. Plans pad their active pixels to buckets
+(`SparsePlan.signature`), so a similar mask compiles nothing and captures nothing.
+Nothing in a replay depends on Python state, and no host sync happens in the loop.
 
 All captures share one memory pool, and dense ones, per latent shape, one set of slots:
 replays run one at a time, and what a replay writes (its output, the slots) is read before
@@ -142,9 +144,7 @@ class CapturedUNetStep:
             self.graph.replay()
         elif not first:
             self.output = self._call(MacCount(), source)
-        if self.maps is not None:
-            self.maps.file(step)
-        elif record is not None:
+        if self.maps is None and record is not None:
             record.put_step(step, self.slots.tensors)
         macs.add(self.step_macs.dense, self.step_macs.executed)
         return self.output

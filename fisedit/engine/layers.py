@@ -251,10 +251,11 @@ class SparseLayer(nn.Module):
         unless given), as tokens [B, P, C_out], or with `into` = (key, index) scattered
         straight into this step's map `key`, which it returns."""
         bias = conv.bias if bias is None else bias
-        out, out_index = None, None
+        out, out_index, mirror = None, None, None
         if into is not None:
-            out, out_index = self.target(into[0]), into[1]
+            out, out_index, mirror = self.target(into[0]), into[1], self.mirror(into[0])
         args = (x, taps, conv.weight, bias, norm_affine, residual, out_scale, out, out_index)
+        args += (mirror,)
         if not self.state.use_triton(x):
             return with_step_views(conv_kernels.sparse_conv2d_reference)(*args)
         packed = self.packed(conv, lambda c: conv_kernels.pack_conv_weight(c.weight))
@@ -284,7 +285,7 @@ class SparseLayer(nn.Module):
         (+ residual)."""
         out = self.target(key)
         scatter = self.kernel(token_kernels, "scatter_tokens_into", out)
-        return scatter(out, index, tokens, residual)
+        return scatter(out, index, tokens, residual, self.mirror(key))
 
     def layer_norm_rows(self, norm: nn.LayerNorm, rows: torch.Tensor | StepView) -> torch.Tensor:
         """LayerNorm of every row of a token map [B, L, D]."""
@@ -319,6 +320,11 @@ class SparseLayer(nn.Module):
         """This step's map `key`, which a sparse call records: the cached one until the call
         writes into it."""
         return self.state.record[f"{self.name}.{key}"]
+
+    def mirror(self, key: str) -> StepView | None:
+        """Where kernels writing the region of this step's map `key` write it too (see
+        `StepMaps.mirror`)."""
+        return self.state.record.mirror(f"{self.name}.{key}")
 
     def save(self, key: str, value: torch.Tensor) -> None:
         if self.state.record is not None:

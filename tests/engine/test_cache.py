@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from fisedit.engine import EditConfig, Engine, EngineConfig
-from fisedit.engine.cache import ActivationCache, HostPrefetcher, StepSlots
+from fisedit.engine.cache import ActivationCache, HostPrefetcher, StepMaps, StepSlots
+from fisedit.engine.kernels.launch import StepView
 from fisedit.engine.plan import SparsePlan
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -76,6 +77,51 @@ def test_a_channels_last_cache_stores_every_map_nhwc_whatever_layout_it_arrives_
         assert torch.equal(cache.get("map", 1), nchw)
     assert filed.tensors["tokens"].is_contiguous()
     assert recorded.to("cpu").channels_last
+
+
+def _previous_version(steps: int = 3) -> ActivationCache:
+    cache = ActivationCache(steps, channels_last=True)
+    for step in range(steps):
+        for name in ("sparse.out", "sparse.norm2_in", "dense.out"):
+            cache.put(name, step, torch.randn(2, 4, 3, 5))
+    return cache
+
+
+def test_a_step_in_device_memory_gives_sparse_outputs_static_maps_mirrored_in_the_cache():
+    source = _previous_version()
+    edited = source.edited_in_place()
+    step = torch.tensor(1)
+    maps = StepMaps(edited, source, step, frozenset({"sparse.out", "sparse.norm2_in"}))
+    maps.fill(source, 1)
+
+    # The UNet reads a sparse layer's output: a static map, filled with the step's, its
+    # region written into the cache beside it. Every other map is the cache at the step.
+    static = maps["sparse.out"]
+    assert isinstance(static, torch.Tensor) and torch.equal(static, source.get("sparse.out", 1))
+    mirror = maps.mirror("sparse.out")
+    assert mirror.buffer is source.tensors["sparse.out"] and int(mirror.step) == 1
+    for name in ("sparse.norm2_in", "dense.out"):
+        assert isinstance(maps[name], StepView) and maps.mirror(name) is None
+        assert maps[name].buffer is source.tensors[name]
+    # A map written in place is left alone; a dense layer's output goes straight in.
+    new = torch.randn(2, 4, 3, 5)
+    maps.put("sparse.out", step, static)
+    maps.put("dense.out", step, new)
+    assert torch.equal(source.get("dense.out", 1), new)
+    assert torch.equal(source.get("sparse.out", 1), static)
+
+
+def test_a_fork_s_step_fills_its_own_cache_and_the_static_maps_from_the_shared_one():
+    source = _previous_version()
+    own = ActivationCache(source.steps, channels_last=True)
+    reads = frozenset({"sparse.out", "sparse.norm2_in"})
+    maps = StepMaps(own, source, torch.tensor(2), reads)
+    maps.fill(source, 2)
+
+    for name in reads:
+        assert torch.equal(own.get(name, 2), source.get(name, 2))
+        assert own.tensors[name] is not source.tensors[name]
+    assert torch.equal(maps["sparse.out"], source.get("sparse.out", 2))
 
 
 def test_unknown_names_are_clear_errors():

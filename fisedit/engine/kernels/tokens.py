@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fisedit.engine.kernels.launch import StepView, launcher, step_addressed
+from fisedit.engine.kernels.launch import StepView, launcher, mirror_addressed, step_addressed
 from fisedit.engine.sparse_ops import gather_tokens, scatter_tokens_
 
 
@@ -214,9 +214,13 @@ def scatter_tokens_into_reference(
     index: torch.Tensor,
     tokens: torch.Tensor,
     residual: torch.Tensor | None = None,
+    mirror: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Sets the active pixels of the map `out` [B, C, H, W] to tokens (+ residual), in place."""
+    """Sets the active pixels of the map `out` [B, C, H, W] to tokens (+ residual), in place,
+    and those of `mirror`, a map like `out`, too."""
     values = tokens.float() if residual is None else tokens.float() + residual.float()
+    if mirror is not None:
+        scatter_tokens_(mirror, index, values)
     return scatter_tokens_(out, index, values)
 
 
@@ -226,6 +230,8 @@ def _scatter_tokens_kernel(
     res_ptr,
     index_ptr,
     out_ptr,
+    mirror_ptr,
+    mirror_step_ptr,
     P,
     C,
     W,
@@ -235,11 +241,13 @@ def _scatter_tokens_kernel(
     sr_b,
     sr_p,
     sr_c,
+    sm_s,
     so_b,
     so_c,
     so_h,
     so_w,
     HAS_RESIDUAL: tl.constexpr,
+    MIRROR: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -257,6 +265,9 @@ def _scatter_tokens_kernel(
     pix = b * so_b + (pos // W) * so_h + (pos % W) * so_w
     out_offs = pix[:, None] + offs_c[None, :] * so_c
     tl.store(out_ptr + out_offs, values.to(out_ptr.dtype.element_ty), mask=mask)
+    if MIRROR:
+        mirror_ptr += tl.load(mirror_step_ptr) * sm_s
+        tl.store(mirror_ptr + out_offs, values.to(mirror_ptr.dtype.element_ty), mask=mask)
 
 
 def scatter_tokens_into(
@@ -264,26 +275,32 @@ def scatter_tokens_into(
     index: torch.Tensor,
     tokens: torch.Tensor,
     residual: torch.Tensor | None = None,
+    mirror: torch.Tensor | StepView | None = None,
 ) -> torch.Tensor:
-    """`scatter_tokens_into_reference` as one kernel."""
+    """`scatter_tokens_into_reference` as one kernel (`mirror` may be a StepView)."""
     batch, channels, _, width = out.shape
     n_pix = index.shape[0]
     if n_pix == 0 or batch == 0 or channels == 0:
         return out
     block_p, block_c = _tile(n_pix), _tile(channels)
     grid = (triton.cdiv(n_pix, block_p), triton.cdiv(channels, block_c), batch)
+    mirror_base, mirror_step, mirror_step_stride = mirror_addressed(mirror, out)
     launcher(_scatter_tokens_kernel, out.device)[grid](
         tokens,
         tokens if residual is None else residual,
         index.contiguous(),
         out,
+        mirror_base,
+        mirror_step,
         n_pix,
         channels,
         width,
         *tokens.stride(),
         *(residual.stride() if residual is not None else (0, 0, 0)),
+        mirror_step_stride,
         *out.stride(),
         HAS_RESIDUAL=residual is not None,
+        MIRROR=mirror is not None,
         BLOCK_P=block_p,
         BLOCK_C=block_c,
     )

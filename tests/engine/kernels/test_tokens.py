@@ -12,7 +12,7 @@ from torch import nn
 
 from fisedit.engine import sparse_ops
 from fisedit.engine.kernels.group_norm import group_norm_affine, group_norm_affine_reference
-from fisedit.engine.kernels.launch import StepView, interpreting
+from fisedit.engine.kernels.launch import StepView, interpreting, with_step_views
 from fisedit.engine.kernels.tokens import (
     gather_rows_layernorm,
     gather_rows_layernorm_reference,
@@ -154,6 +154,48 @@ def test_scatter_tokens_into_matches_reference(memory_format, residual):
     scatter_tokens_into_reference(expected, INDEX, tokens, res)
     assert got is out
     torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
+
+
+def _mirror_of(out: torch.Tensor) -> StepView:
+    """Step 1 of a [3, ...] cache of noise laid out as `out` (channels_last or not)."""
+    buffer = _randn(3 * out.shape[0], *out.shape[1:], seed=5).to(
+        memory_format=torch.channels_last if out.stride(1) == 1 else torch.contiguous_format
+    )
+    return StepView(buffer.view(3, *out.shape), torch.tensor([1], device=DEVICE))
+
+
+@pytest.mark.parametrize("memory_format", FORMATS)
+@pytest.mark.parametrize("kernel", ["triton", "reference"])
+def test_scatter_writes_the_same_pixels_into_a_mirror_at_a_step_and_nothing_else(
+    memory_format, kernel
+):
+    """A captured sparse step's layer output: a static map the UNet reads, and the run's
+    cache at the step, which gets only the active pixels written."""
+    out = _map(memory_format=memory_format)
+    mirror = _mirror_of(out)
+    before, expected = mirror.buffer.clone(), out.clone()
+    tokens, residual = _tokens(), _tokens(seed=2)
+    scatter = (
+        scatter_tokens_into
+        if kernel == "triton"
+        else with_step_views(scatter_tokens_into_reference)
+    )
+    got = scatter(out, INDEX, tokens, residual, mirror)
+
+    scatter_tokens_into_reference(expected, INDEX, tokens, residual)
+    assert got is out
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
+    cached = before[1].clone()
+    scatter_tokens_into_reference(cached, INDEX, tokens, residual)
+    torch.testing.assert_close(mirror.buffer[1], cached, atol=1e-6, rtol=1e-6)
+    assert torch.equal(mirror.buffer[[0, 2]], before[[0, 2]])
+
+
+def test_a_mirror_laid_out_unlike_its_map_is_refused():
+    out = _map(memory_format="channels_last")
+    mirror = StepView(_randn(3, *out.shape), torch.tensor([1], device=DEVICE))
+    with pytest.raises(ValueError, match="a mirror must be laid out as its map"):
+        scatter_tokens_into(out, INDEX, _tokens(), None, mirror)
 
 
 def _layer_norm(dim: int = 20) -> nn.LayerNorm:
