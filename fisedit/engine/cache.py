@@ -226,9 +226,11 @@ class StepMaps:
 
     def put(self, name: str, step: int | torch.Tensor, value: torch.Tensor) -> None:
         """Records `value` as this step's map `name`, unless the call wrote it in place."""
-        target = self.mirrors.get(name, self.maps[name])
         if value is self.maps[name]:
             return
+        # A static map is read only where its layer returns it: any other value goes
+        # straight into the cache.
+        target = self.mirrors.get(name, self.maps[name])
         if isinstance(target, StepView):
             target.write(value)
         else:
