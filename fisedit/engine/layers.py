@@ -254,8 +254,8 @@ class SparseLayer(nn.Module):
         out, out_index, mirror = None, None, None
         if into is not None:
             out, out_index, mirror = self.target(into[0]), into[1], self.mirror(into[0])
-        args = (x, taps, conv.weight, bias, norm_affine, residual, out_scale, out, out_index)
-        args += (mirror,)
+        args = (x, taps, conv.weight, bias, norm_affine, residual, out_scale)
+        args += (out, out_index, mirror)
         if not self.state.use_triton(x):
             return with_step_views(conv_kernels.sparse_conv2d_reference)(*args)
         packed = self.packed(conv, lambda c: conv_kernels.pack_conv_weight(c.weight))
