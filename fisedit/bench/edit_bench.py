@@ -247,6 +247,10 @@ class ModelBench:
         self.added = model.added_conditions(self.embeds)
         self.timestep = torch.tensor(500.0, device=device)
 
+    def text(self, engine: Engine) -> tuple[torch.Tensor, torch.Tensor]:
+        """The text embeddings and their keys and values, computed once as a run does."""
+        return self.embeds.hidden, engine.text_keys_values(self.embeds)
+
     def unet_call(self, unet) -> Callable[[], object]:
         def call():
             with torch.no_grad():
@@ -274,7 +278,7 @@ class ModelBench:
 
         def call():
             maps = engine.step_maps(record, cache, step, reads)
-            with engine.unet_pass(step, MacCount(), plan, cache, maps):
+            with engine.unet_pass(step, MacCount(), plan, cache, maps, self.text(engine)):
                 return self.unet_call(engine.model.unet)()
 
         return call
@@ -295,7 +299,7 @@ class ModelBench:
             dense = timer.collect()
             record = ActivationCache(self.steps, channels_last=engine.config.channels_last)
             maps = engine.step_maps(record, cache, step, engine.sparse_reads(plan, cache))
-            with engine.unet_pass(step, MacCount(), plan, cache, maps):
+            with engine.unet_pass(step, MacCount(), plan, cache, maps, self.text(engine)):
                 call()
                 timer.collect()
                 for _ in range(repeats):

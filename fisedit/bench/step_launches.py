@@ -330,6 +330,9 @@ class MetaUNet:
             reads = sparse_reads(self.layers, plan, self.cache)
             state.record = StepMaps(edited, self.cache, state.step, reads)
         state.shared.forget()
+        if plan is not None:
+            # A run computes its text keys and values once, before its steps.
+            state.shared.text.given(self.context, state.shared.text.compute(self.context))
         counter = _OpCounter()
         with recording_launches(H100_SMS) as launches, _AttentionAsOneOp(counter), counter:
             if plan is not None:

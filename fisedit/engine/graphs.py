@@ -2,10 +2,12 @@
 
 Every shape in a denoise step is static: the latents and prompt embeddings, and for sparse
 steps the mask, hence every index tensor. A captured step owns static input buffers that
-each call fills before replaying. What a dense step records goes to static slots (one step
-of a cache) and is copied into the run's cache at the step's index after each replay, so
-the graph does not belong to a run: the engine captures its dense step once and replays it
-for generations and for every edit's capture steps.
+each call fills before replaying (what a run passes at every step, its prompt embeddings
+and, for sparse steps, their text keys and values, only when the run changes). What a
+dense step records goes to static slots (one step of a cache) and is copied into the run's
+cache at the step's index after each replay, so the graph does not belong to a run: the
+engine captures its dense step once and replays it for generations and for every edit's
+capture steps.
 
 A sparse step reads its plan's index tensors, and the maps it records (`StepMaps`) at a
 step index held in device memory: each map starts as the previous version's at the step
@@ -63,7 +65,8 @@ class CapturedUNetStep:
 
     def _call(self, macs: MacCount, source) -> torch.Tensor:
         record = self.slots if self.maps is None else self.maps
-        with self.engine.unet_pass(self.step, macs, self.plan, source, record):
+        text = None if self.plan is None else (self.hidden, self.inputs["text"])
+        with self.engine.unet_pass(self.step, macs, self.plan, source, record, text):
             return self.engine.model.unet(
                 self.sample,
                 self.timestep,
@@ -82,9 +85,13 @@ class CapturedUNetStep:
             "hidden": embeds.hidden,
         }
         inputs.update({f"added.{k}": v for k, v in (added or {}).items()})
+        if self.plan is not None:
+            inputs["text"] = self.engine.text_keys_values(embeds)
         if self.captured:
             for name, value in inputs.items():
-                self.inputs[name].copy_(value)
+                # What a run passes at every step (its embeddings) is copied in once.
+                if value is not self.loaded[name]:
+                    self.inputs[name].copy_(value)
             self.step.fill_(step)
         else:
             self.inputs = {name: value.clone() for name, value in inputs.items()}
@@ -94,6 +101,8 @@ class CapturedUNetStep:
             self.step = torch.tensor(step, device=sample.device)
             if self.plan is not None:
                 self.maps = StepMaps(record, source, self.step, reads)
+        self.loaded = inputs
+        """This call's inputs: held, so that their ids are not reused while compared."""
         if self.maps is not None:
             self.maps.fill(source, step)
 

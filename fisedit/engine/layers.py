@@ -65,7 +65,8 @@ class SharedInputLinears:
     instead of one launch per layer; each layer's output is a slice of the result.
 
     `forget` starts a new call: a captured graph then computes the matmul itself, whatever
-    an earlier call computed for the same input buffer."""
+    an earlier call computed for the same input buffer, unless `given` hands it the outputs
+    computed before."""
 
     def __init__(self, prepare: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         self.prepare = prepare
@@ -92,16 +93,24 @@ class SharedInputLinears:
             bias = torch.cat([w.new_zeros(w.shape[0]) if b is None else b for w, b in parts])
         self.stacked = (torch.cat([w for w, _ in parts]), bias)
 
-    def of(self, key: Any, x: torch.Tensor) -> torch.Tensor:
-        """The output [..., out] of layer `key` for the input `x`."""
+    def compute(self, x: torch.Tensor) -> torch.Tensor:
+        """Every layer's output for the input `x`, stacked along the last dimension."""
         if self.stacked is None:
             self._stack()
+        return F.linear(x if self.prepare is None else self.prepare(x), *self.stacked)
+
+    def of(self, key: Any, x: torch.Tensor) -> torch.Tensor:
+        """The output [..., out] of layer `key` for the input `x`."""
         # Identity, not value: the input is held here until the next call, so its id is
         # never reused while it is compared.
         if x is not self.input:
-            self.input = x
-            self.output = F.linear(x if self.prepare is None else self.prepare(x), *self.stacked)
+            self.input, self.output = x, self.compute(x)
         return self.output[..., self.slices[key]]
+
+    def given(self, x: torch.Tensor, output: torch.Tensor) -> None:
+        """Makes `output`, `compute(x)` done before this call, the call's outputs for `x`:
+        an input that stays the same over many calls is multiplied once."""
+        self.input, self.output = x, output
 
     def forget(self) -> None:
         self.input = self.output = None
@@ -116,7 +125,8 @@ class SharedLinears:
     raw_time: SharedInputLinears = field(default_factory=SharedInputLinears)
     """The same, for resnets that skip the SiLU."""
     text: SharedInputLinears = field(default_factory=SharedInputLinears)
-    """Each cross-attention's keys and values of the text embeddings."""
+    """Each cross-attention's keys and values of the text embeddings, which stay the same
+    over a run's steps: computed once per run (`Engine.text_keys_values`)."""
 
     def forget(self) -> None:
         """Starts a new UNet call."""
@@ -495,6 +505,8 @@ class SparseTransformer(SparseLayer):
             for attn, kv in ((block.attn1, keys), (block.attn2, context)):
                 inner_dim = attn.to_q.out_features
                 total += _linear_macs(attn.to_q, active) + _linear_macs(attn.to_out[0], active)
+                # attn2's keys and values count at every step, as a dense step computes them,
+                # though a sparse one reads them from its run (under 1% of its MACs).
                 total += _linear_macs(attn.to_k, kv) + _linear_macs(attn.to_v, kv)
                 total += 2 * active * kv * inner_dim
             total += sum(

@@ -201,11 +201,12 @@ class DenoiseRun:
             out = graph(*args, source, reads)
             self.capture_s += 0.0 if captured else graph.capture_s
         else:
-            record = self.record
+            engine, record, text = self.engine, self.record, None
             if plan is not None:
-                record = self.engine.step_maps(self.record, source, step, reads)
-            with self.engine.unet_pass(step, macs, plan, source, record):
-                out = self.engine.model.unet(
+                record = engine.step_maps(self.record, source, step, reads)
+                text = (self.embeds.hidden, engine.text_keys_values(self.embeds))
+            with engine.unet_pass(step, macs, plan, source, record, text):
+                out = engine.model.unet(
                     model_in,
                     unet_t,
                     encoder_hidden_states=self.embeds.hidden,
@@ -261,6 +262,7 @@ class Engine:
         self.layers = wrap_unet(model.unet, self.state)
         self.step_graphs = StepGraphs(self)
         """Captured UNet calls, replayed by every run (dense) and edit (sparse) they fit."""
+        self._text_keys_values: tuple[PromptEmbeddings, torch.Tensor] | None = None
         if self.config.channels_last:
             model.unet.to(memory_format=torch.channels_last)
 
@@ -352,20 +354,33 @@ class Engine:
         plan: SparsePlan | None = None,
         source: ActivationCache | HostPrefetcher | None = None,
         record: ActivationCache | StepSlots | StepMaps | None = None,
+        text: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> Iterator[None]:
         """UNet calls inside run as denoise step `step`: sparse over `plan` reading `source`,
         as the plan's config says (dense without a plan), recording into `record` when given,
-        counting into `macs`."""
+        counting into `macs`; `text`: the text embeddings the calls get and their
+        `text_keys_values`, when computed before."""
         state = self.state
         state.step, state.plan, state.source = step, plan, source
         state.record, state.macs = record, macs
         state.config = self.config.sparse if plan is None else plan.config
         state.shared.forget()
+        if text is not None:
+            state.shared.text.given(*text)
         try:
             yield
         finally:
             state.plan = state.source = state.record = None
             state.config = self.config.sparse
+
+    @torch.no_grad()
+    def text_keys_values(self, embeds: PromptEmbeddings) -> torch.Tensor:
+        """Every cross-attention's keys and values of `embeds.hidden`, stacked, as sparse
+        steps read them: they stay the same over a run's steps, so a run computes them once
+        (for the embeddings it last got), not at every step."""
+        if self._text_keys_values is None or self._text_keys_values[0] is not embeds:
+            self._text_keys_values = (embeds, self.state.shared.text.compute(embeds.hidden))
+        return self._text_keys_values[1]
 
     def step_maps(
         self, record: ActivationCache, source, step: int, reads: frozenset[str]

@@ -124,6 +124,25 @@ def test_a_session_s_next_edit_with_a_similar_mask_replays_the_captured_sparse_s
         assert torch.equal(static.current.cache.tensors[name], tensor), name
 
 
+@pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
+def test_an_edit_computes_its_text_keys_and_values_once_not_at_every_step(
+    tiny_model_dir, static_step_engine, static
+):
+    engine_class = static_step_engine if static else Engine
+    engine = engine_class.from_pretrained(tiny_model_dir, EngineConfig(progress=False))
+    session = engine.generate("a cat", steps=3, seed=5)
+    text, inputs = engine.state.shared.text, []
+    compute = text.compute
+    text.compute = lambda hidden: inputs.append(hidden) or compute(hidden)
+
+    for prompt, mask in zip(("a dog", "a fox"), _masks(), strict=False):
+        session.edit(prompt, mask=mask)
+        assert session.current.report.sparse_steps == 3
+
+    assert len(inputs) == 2
+    assert not torch.equal(inputs[0], inputs[1])
+
+
 @needs_cuda
 def test_on_a_gpu_the_next_edit_with_a_similar_mask_captures_nothing(tiny_model_dir):
     engine = Engine.from_pretrained(tiny_model_dir, EngineConfig(device="cuda", progress=False))
