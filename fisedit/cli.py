@@ -23,6 +23,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from fisedit.engine.config import DType, EditConfig, EditParams, GenerationParams
+from fisedit.storage import StorageError
 
 DEMO_PROMPTS = [
     "a photo of a cat sitting on a wooden bench in a park",
@@ -661,7 +662,7 @@ def main(argv: list[str] | None = None) -> None:
     except ValidationError as error:
         _log(f"error: {_describe(error)}")
         raise SystemExit(2) from error
-    except (ValueError, OSError) as error:
+    except (ValueError, OSError, StorageError) as error:
         _log(f"error: {error}")
         raise SystemExit(2) from error
 

@@ -318,6 +318,20 @@ def test_a_hub_id_is_looked_up_offline_even_when_the_environment_does_not_say_so
     assert "huggingface.co" not in result.stderr  # no request was made
 
 
+def test_a_bulk_run_into_a_missing_bucket_is_a_clear_error_before_ray_starts(s3_endpoint):
+    examples = Path(__file__).parents[1] / "jobs" / "examples" / "variations.jsonl"
+    result = _fisedit(
+        *("bulk", str(examples), "--run", "r1", "--out", "s3://no-such-bucket/runs"),
+        *("--endpoint-url", s3_endpoint, "--address", "127.0.0.1:1"),
+        check=False,
+    )
+
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: s3://no-such-bucket/runs: bucket 'no-such-bucket' does not exist at {s3_endpoint}"
+    )
+
+
 def test_help_lists_every_command_and_every_option_has_a_default_or_is_required():
     top = _fisedit("--help").stdout
     parser = _parser()

@@ -18,7 +18,9 @@ from fisedit.service.worker import EditWorker
 def start(config: ServiceConfig) -> None:
     """Starts every actor the config names that is not running yet, and waits until the
     workers have loaded the model. The actors are detached: they outlive the driver that
-    started them, until `stop` (or the cluster's end)."""
+    started them, until `stop` (or the cluster's end). A store that is missing or out of
+    reach fails here, naming it, before any actor starts."""
+    config.store.open().check()
     common = {"namespace": config.namespace, "get_if_exists": True, "lifetime": "detached"}
     resources = config.worker_resources
     warn_if_unoffered(resources.model_dump(), "the workers")

@@ -653,7 +653,7 @@ async def readyz(gw: GatewayDep) -> JSONResponse:
     """Readiness: workers up and the store reachable."""
     try:
         stats = await gw.call(ROUTER, "stats")
-        gw.store.exists("owners/readyz")
+        gw.store.check()
     except Exception as error:
         return JSONResponse({"status": "unavailable", "reason": str(error)}, 503)
     if not stats["workers"]:

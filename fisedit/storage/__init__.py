@@ -10,6 +10,7 @@ from fisedit.storage.base import (
     ObjectNotFoundError,
     ObjectStore,
     StorageError,
+    StoreNotFoundError,
     open_store,
     validate_key,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "S3Config",
     "S3ObjectStore",
     "StorageError",
+    "StoreNotFoundError",
     "open_store",
     "validate_key",
 ]

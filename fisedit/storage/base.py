@@ -45,6 +45,18 @@ class ObjectExistsError(StorageError):
         return type(self), (self.key, self.store)
 
 
+class StoreNotFoundError(StorageError):
+    """The store itself is missing (an S3 bucket that does not exist): every call fails
+    until it is created, rather than reading as empty."""
+
+    def __init__(self, store: str, reason: str) -> None:
+        super().__init__(f"{store}: {reason}")
+        self.store, self.reason = store, reason
+
+    def __reduce__(self):
+        return type(self), (self.store, self.reason)
+
+
 class InvalidKeyError(StorageError, ValueError):
     """The key is not a safe relative POSIX path."""
 
@@ -136,6 +148,11 @@ class ObjectStore(ABC):
     def exists(self, key: str) -> bool:
         """Whether an object is stored under key."""
         return self._exists(validate_key(key))
+
+    def check(self) -> None:
+        """Raises StorageError if the store cannot be used now: StoreNotFoundError if it
+        does not exist, the backend's own error if it cannot be reached."""
+        self.exists("probe")
 
     def delete(self, key: str) -> None:
         """Remove the object under key, if any."""

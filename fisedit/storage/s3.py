@@ -1,7 +1,7 @@
 """Objects in an S3-compatible bucket (AWS, MinIO, Ceph), under an optional key prefix."""
 
 from collections.abc import Iterator
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from typing import IO, Literal
 
 import boto3
@@ -9,7 +9,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from fisedit.storage.base import ObjectStore, validate_key
+from fisedit.storage.base import ObjectStore, StoreNotFoundError, validate_key
 
 MiB = 1 << 20
 _MAX_PARTS = 10_000
@@ -73,19 +73,39 @@ class S3ObjectStore(ObjectStore):
     def _location(self, key: str) -> dict[str, str]:
         return {"Bucket": self.config.bucket, "Key": self._root + key}
 
+    def _no_bucket(self) -> StoreNotFoundError:
+        endpoint = self.config.endpoint_url or "AWS"
+        return StoreNotFoundError(
+            self.url, f"bucket {self.config.bucket!r} does not exist at {endpoint}"
+        )
+
+    @contextmanager
+    def _in_bucket(self) -> Iterator[None]:
+        """Raises StoreNotFoundError for S3's answer that the bucket does not exist."""
+        try:
+            yield
+        except ClientError as error:
+            if _code(error) == "NoSuchBucket":
+                raise self._no_bucket() from None
+            raise
+
     def _write(self, key: str, stream: IO[bytes], size: int, create_only: bool) -> bool:
         condition = {"IfNoneMatch": "*"} if create_only else {}
         try:
-            if size > self.config.multipart_threshold:
-                self._multipart_upload(key, stream, size, condition)
-            else:
-                self._client.put_object(**self._location(key), Body=stream, **condition)
+            with self._in_bucket():
+                self._upload(key, stream, size, condition)
         except ClientError as error:
             # A retried write whose first attempt landed unseen also ends here, as a loss.
             if create_only and _code(error) in _LOST_CREATE_CODES:
                 return False
             raise
         return True
+
+    def _upload(self, key: str, stream: IO[bytes], size: int, condition: dict[str, str]) -> None:
+        if size > self.config.multipart_threshold:
+            self._multipart_upload(key, stream, size, condition)
+        else:
+            self._client.put_object(**self._location(key), Body=stream, **condition)
 
     def _multipart_upload(
         self, key: str, stream: IO[bytes], size: int, condition: dict[str, str]
@@ -122,7 +142,8 @@ class S3ObjectStore(ObjectStore):
 
     def _open(self, key: str) -> IO[bytes] | None:
         try:
-            return self._client.get_object(**self._location(key))["Body"]
+            with self._in_bucket():
+                return self._client.get_object(**self._location(key))["Body"]
         except ClientError as error:
             if _code(error) in _MISSING_CODES:
                 return None
@@ -131,14 +152,23 @@ class S3ObjectStore(ObjectStore):
     def _exists(self, key: str) -> bool:
         try:
             self._client.head_object(**self._location(key))
+            return True
         except ClientError as error:
-            if _code(error) in _MISSING_CODES:
-                return False
-            raise
-        return True
+            if _code(error) not in _MISSING_CODES:
+                raise
+        # HEAD answers have no body: this 404 means no such key, or no such bucket.
+        try:
+            self._client.head_bucket(Bucket=self.config.bucket)
+        except ClientError as error:
+            if _code(error) in {"404", "NoSuchBucket"}:
+                raise self._no_bucket() from None
+            if _code(error) not in {"403", "AccessDenied"}:  # 403: it exists, not ours to list
+                raise
+        return False
 
     def _delete(self, key: str) -> None:
-        self._client.delete_object(**self._location(key))
+        with self._in_bucket():
+            self._client.delete_object(**self._location(key))
 
     def _presign_get(self, key: str, expires_s: int) -> str:
         return self._client.generate_presigned_url(
@@ -149,9 +179,10 @@ class S3ObjectStore(ObjectStore):
         pages = self._client.get_paginator("list_objects_v2").paginate(
             Bucket=self.config.bucket, Prefix=self._root + prefix
         )
-        for page in pages:
-            for item in page.get("Contents", []):
-                yield item["Key"].removeprefix(self._root)
+        with self._in_bucket():
+            for page in pages:
+                for item in page.get("Contents", []):
+                    yield item["Key"].removeprefix(self._root)
 
 
 def _code(error: ClientError) -> str:

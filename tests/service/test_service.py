@@ -27,6 +27,7 @@ from fisedit.service.config import (
 from fisedit.service.jobs import ChainSpec, JobRecord, UnknownJobError
 from fisedit.service.names import JOB_QUEUE, ROUTER, worker_name
 from fisedit.service.results import EditRequest, StaleVersionError
+from fisedit.storage import StoreNotFoundError
 
 STEPS = 4
 TIMEOUT = 240
@@ -470,6 +471,16 @@ def test_a_drained_stop_stops_every_worker_and_names_the_sessions_it_could_not_s
     store = config.store.open(f"tenants/{config.tenant}")
     assert store.exists(f"sessions/{kept.session_id}/v0/manifest.json")
     assert not store.exists(f"sessions/{blocked.session_id}/v0/manifest.json")
+
+
+def test_starting_on_a_missing_bucket_fails_naming_it_before_any_actor_starts(
+    ray_cluster, tiny_model_dir, s3_endpoint
+):
+    store = StoreConfig(url="s3://no-such-bucket/fisedit", endpoint_url=s3_endpoint)
+    config = _config(tiny_model_dir, store, 1)
+    with pytest.raises(StoreNotFoundError, match="bucket 'no-such-bucket' does not exist"):
+        deploy.start(config)
+    assert deploy.running(config.namespace) == []
 
 
 def test_starting_workers_that_no_node_can_hold_says_which_resources_are_missing(ray_cluster):

@@ -1,10 +1,12 @@
 import os
+import pickle
+import re
 import uuid
 
 import pytest
 from pydantic import ValidationError
 
-from fisedit.storage import ObjectExistsError, S3Config
+from fisedit.storage import ObjectExistsError, S3Config, S3ObjectStore, StoreNotFoundError
 
 MiB = 1 << 20
 
@@ -106,3 +108,29 @@ def test_config_strips_slashes_from_the_prefix(given, kept):
 def test_config_rejects_bad_settings(options):
     with pytest.raises(ValidationError):
         S3Config(**{"bucket": "bucket", **options})
+
+
+KEY = "sessions/abc/manifest.json"
+STORE_CALLS = {
+    "check": lambda store: store.check(),
+    "exists": lambda store: store.exists(KEY),
+    "get": lambda store: store.get(KEY),
+    "put": lambda store: store.put(KEY, b"{}"),
+    "list": lambda store: store.list("sessions/"),
+    "delete": lambda store: store.delete(KEY),
+}
+
+
+@pytest.mark.parametrize("call", STORE_CALLS.values(), ids=STORE_CALLS.keys())
+def test_a_missing_bucket_fails_every_call_naming_it_rather_than_reading_as_empty(
+    s3_endpoint, call
+):
+    store = S3ObjectStore(S3Config(bucket="no-such-bucket", endpoint_url=s3_endpoint))
+    named = f"bucket 'no-such-bucket' does not exist at {re.escape(s3_endpoint)}"
+    with pytest.raises(StoreNotFoundError, match=named):
+        call(store)
+
+
+def test_a_missing_store_error_crosses_processes_whole():
+    error = StoreNotFoundError("s3://no-such-bucket/", "gone")
+    assert str(pickle.loads(pickle.dumps(error))) == "s3://no-such-bucket/: gone"
