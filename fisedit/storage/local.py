@@ -52,7 +52,15 @@ class LocalObjectStore(ObjectStore):
 
     def _write(self, key: str, stream: IO[bytes], size: int, create_only: bool) -> bool:
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_dir():
+            raise InvalidKeyError(key, "a local store holds objects below it (a folder)")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            above = next(p for p in path.parents if p.is_file()).relative_to(self._root)
+            raise InvalidKeyError(
+                key, f"a local store holds the object {above.as_posix()!r}, so nothing below it"
+            ) from None
         tmp = path.with_name(_TMP_PREFIX + secrets.token_hex(8))
         try:
             with open(tmp, "xb") as file:

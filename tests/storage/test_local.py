@@ -105,6 +105,18 @@ def test_a_directory_is_not_an_object(store):
     assert store.get("a/b") == b"x"
 
 
+def test_an_object_cannot_also_be_a_folder_and_a_write_says_which_key_is_in_the_way(store):
+    store.put("a/b", b"x")
+    store.put("c", b"y")
+
+    with pytest.raises(InvalidKeyError, match="'a': a local store holds objects below it"):
+        store.put("a", b"z")
+    with pytest.raises(InvalidKeyError, match="holds the object 'c', so nothing below it"):
+        store.put("c/d/e", b"z")
+    assert store.list() == ["a/b", "c"]
+    assert store.get("a/b") == b"x" and store.get("c") == b"y"
+
+
 def test_reopening_the_root_sees_the_same_objects(store, root):
     store.put("k", b"v")
 
