@@ -7,9 +7,10 @@ config's namespace, so any driver (or a Ray Jobs entrypoint) finds them again.
 import warnings
 
 import ray
+from ray.exceptions import RayTaskError
 
-from fisedit.service.config import ServiceConfig
-from fisedit.service.jobs import JobQueue
+from fisedit.service.config import ServiceConfig, StoreConfig
+from fisedit.service.jobs import JobQueue, root_cause
 from fisedit.service.names import JOB_QUEUE, ROUTER, is_worker_name, worker_name
 from fisedit.service.router import SessionRouter
 from fisedit.service.worker import EditWorker
@@ -20,7 +21,12 @@ def start(config: ServiceConfig) -> None:
     workers have loaded the model. The actors are detached: they outlive the driver that
     started them, until `stop` (or the cluster's end). A store that is missing or out of
     reach fails here, naming it, before any actor starts."""
-    config.store.open().check()
+    # Checked on the cluster, as the actors will use it: the driver may lack its credentials.
+    checked = ray.remote(num_cpus=0)(_check_store).remote(config.store)
+    try:
+        ray.get(checked, timeout=config.call_timeout_s)
+    except RayTaskError as error:
+        raise root_cause(error) from error
     common = {"namespace": config.namespace, "get_if_exists": True, "lifetime": "detached"}
     resources = config.worker_resources
     warn_if_unoffered(resources.model_dump(), "the workers")
@@ -44,6 +50,10 @@ def start(config: ServiceConfig) -> None:
     # The router maps what the workers hold, the queue resumes unfinished jobs.
     ready = [*(worker.health.remote() for worker in workers), router.stats.remote()]
     ray.get([*ready, queue.list_jobs.remote()], timeout=config.call_timeout_s)
+
+
+def _check_store(store: StoreConfig) -> None:
+    store.open().check()
 
 
 def warn_if_unoffered(options: dict, actors: str) -> None:
