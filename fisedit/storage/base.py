@@ -150,8 +150,8 @@ class ObjectStore(ABC):
         return self._exists(validate_key(key))
 
     def check(self) -> None:
-        """Raises StorageError if the store cannot be used now: StoreNotFoundError if it
-        does not exist, the backend's own error if it cannot be reached."""
+        """Returns if the store can be used now; raises StoreNotFoundError if it does not
+        exist, the backend's own error if it cannot be reached."""
         self.exists("probe")
 
     def delete(self, key: str) -> None:
