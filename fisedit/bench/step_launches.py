@@ -258,17 +258,11 @@ def _scatter_tokens_bytes(bound: dict, grid) -> int:
 
 
 def _layernorm_rows_bytes(bound: dict, grid) -> int:
-    rows = bound["P"] * grid[1] * bound["D"]
-    moved = rows * (_element(bound, "rows_ptr") + _element(bound, "out_ptr"))
-    moved += _nbytes(bound["weight_ptr"]) if bound["HAS_WEIGHT"] else 0
-    return moved + (_nbytes(bound["bias_ptr"]) if bound["HAS_BIAS"] else 0)
-
-
-def _summed_layernorm_bytes(bound: dict, grid) -> int:
-    rows = bound["P"] * grid[1] * bound["D"]
-    moved = rows * (_element(bound, "rows_ptr") + _element(bound, "sum_ptr"))
-    moved += rows * (_element(bound, "res_ptr") if bound["HAS_RESIDUAL"] else 0)
-    moved += rows * _element(bound, "out_ptr")
+    elements = bound["P"] * grid[1] * bound["D"]
+    moved = elements * (_element(bound, "rows_ptr") + _element(bound, "out_ptr"))
+    if bound["HAS_RESIDUAL"]:
+        moved += elements * (_element(bound, "res_ptr") + _element(bound, "sum_ptr"))
+    moved += elements * _element(bound, "map_ptr") if bound["SCATTER"] else 0
     moved += _nbytes(bound["weight_ptr"]) if bound["HAS_WEIGHT"] else 0
     return moved + (_nbytes(bound["bias_ptr"]) if bound["HAS_BIAS"] else 0)
 
@@ -278,18 +272,20 @@ def _group_norm_bytes(bound: dict, grid) -> int:
     return elements * _element(bound, "x_ptr") + _nbytes(bound["out_ptr"])
 
 
-def _geglu_bytes(bound: dict, grid) -> int:
-    elements = bound["M"] * bound["INNER"]
-    return elements * (2 * _element(bound, "x_ptr") + _element(bound, "out_ptr"))
+def _linear_bytes(bound: dict, grid) -> int:
+    rows, outputs = bound["M"], bound["N"] // (2 if bound["GEGLU"] else 1)
+    moved = rows * bound["K"] * _element(bound, "x_ptr") + _nbytes(bound["w_ptr"])
+    moved += rows * outputs * _element(bound, "out_ptr")
+    moved += rows * outputs * _element(bound, "res_ptr") if bound["HAS_RESIDUAL"] else 0
+    return moved + (_nbytes(bound["bias_ptr"]) if bound["HAS_BIAS"] else 0)
 
 
 _TRITON_BYTES = {
-    "_geglu_kernel": _geglu_bytes,
+    "_linear_kernel": _linear_bytes,
     "_sparse_conv_kernel": _conv_bytes,
     "_gather_tokens_affine_kernel": _gather_tokens_bytes,
     "_scatter_tokens_kernel": _scatter_tokens_bytes,
-    "_gather_rows_layernorm_kernel": _layernorm_rows_bytes,
-    "_layernorm_rows_kernel": _summed_layernorm_bytes,
+    "_layernorm_rows_kernel": _layernorm_rows_bytes,
     "_group_norm_affine_kernel": _group_norm_bytes,
 }
 

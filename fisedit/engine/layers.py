@@ -11,7 +11,7 @@ into it in place.
 With `SparseConfig(kernels="dense")` sparse calls are done the slow way, as a reference:
 the whole diffusers module runs, and hooks paste the cached map outside the active region
 wherever the sparse call reads one from the cache (the layer's output, and inside it the
-inputs of resnets' second norm and of transformer blocks).
+inputs of resnets' second norm and of transformer blocks' self-attention).
 """
 
 from collections.abc import Callable
@@ -31,16 +31,12 @@ from torch import nn
 from fisedit.engine.cache import ActivationCache, HostPrefetcher, StepMaps, StepSlots
 from fisedit.engine.config import SparseConfig
 from fisedit.engine.kernels import group_norm as norm_kernels
+from fisedit.engine.kernels import linear as linear_kernels
 from fisedit.engine.kernels import sparse_conv as conv_kernels
 from fisedit.engine.kernels import tokens as token_kernels
 from fisedit.engine.kernels.launch import StepView, with_step_views
 from fisedit.engine.plan import LayerGeometry, SparsePlan
-from fisedit.engine.sparse_ops import (
-    attention,
-    attention_over,
-    key_value_projection,
-    pointwise,
-)
+from fisedit.engine.sparse_ops import attention_over, key_value_projection, pointwise
 
 
 @dataclass
@@ -177,7 +173,7 @@ class SparseLayer(nn.Module):
         self.name = name
         self.inner = inner
         self.state = state
-        self._packed: dict[nn.Module, Any] = {}
+        self._packed: dict[Any, Any] = {}
         self.region: torch.Tensor | None = None
         """While a sparse call runs densely (kernels="dense"): its active pixels, [H, W]."""
 
@@ -271,11 +267,31 @@ class SparseLayer(nn.Module):
         packed = self.packed(conv, lambda c: conv_kernels.pack_conv_weight(c.weight))
         return conv_kernels.sparse_conv2d_triton(*args, packed_weight=packed)
 
-    def packed(self, module: nn.Module, pack: Callable[[nn.Module], Any]) -> Any:
-        """`pack(module)`: weights rearranged for the sparse pass, computed once."""
-        if module not in self._packed:
-            self._packed[module] = pack(module)
-        return self._packed[module]
+    def packed(self, module: nn.Module, pack: Callable[[nn.Module], Any], kind: str = "") -> Any:
+        """`pack(module)`: weights rearranged for the sparse pass, computed once (per
+        `kind`, where one module's weights are packed more than one way)."""
+        if (module, kind) not in self._packed:
+            self._packed[module, kind] = pack(module)
+        return self._packed[module, kind]
+
+    def linear(
+        self,
+        x: torch.Tensor | StepView,
+        layer: nn.Module,
+        weights: Callable[[nn.Module], tuple[torch.Tensor, torch.Tensor | None]] | None = None,
+        residual: torch.Tensor | None = None,
+        geglu: bool = False,
+    ) -> torch.Tensor:
+        """A linear over token rows x [B, L, K] (a StepView too) with `weights(layer)`
+        (weight [N, K], bias; by default the layer's own), GEGLU after it with `geglu`, then
+        + residual."""
+        weight, bias = self.packed(layer, weights or (lambda m: (m.weight, m.bias)))
+        if not self.state.use_triton(x):
+            reference = with_step_views(linear_kernels.linear_reference)
+            return reference(x, weight, bias, residual, geglu)
+        pack = linear_kernels.pack_linear
+        packed = self.packed(layer, lambda _: pack(weight, bias, geglu), kind="triton")
+        return linear_kernels.linear(x, None, residual=residual, geglu=geglu, packed=packed)
 
     def gather(
         self, x: torch.Tensor, index: torch.Tensor, norm_affine: torch.Tensor | None = None
@@ -297,20 +313,15 @@ class SparseLayer(nn.Module):
         scatter = self.kernel(token_kernels, "scatter_tokens_into", out)
         return scatter(out, index, tokens, residual, self.mirror(key))
 
-    def layer_norm_rows(self, norm: nn.LayerNorm, rows: torch.Tensor | StepView) -> torch.Tensor:
-        """LayerNorm of every row of a token map [B, L, D]."""
-        gather = self.kernel(token_kernels, "gather_rows_layernorm", rows)
-        return gather(rows, None, norm.weight, norm.bias, norm.eps)
-
     def summed_layer_norm(
         self,
         norm: nn.LayerNorm,
         rows: torch.Tensor,
         residual: torch.Tensor | None = None,
         into: tuple[str, torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor | StepView, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(rows + residual, its LayerNorm), as tokens [B, P, D]; with `into` = (key, index)
-        the sum goes into rows `index` of this step's token map `key`, which comes first."""
+        the LayerNorm also goes into rows `index` of this step's token map `key`."""
         out, index = (None, None) if into is None else (self.target(into[0]), into[1])
         layernorm = self.kernel(token_kernels, "layernorm_rows", rows)
         return layernorm(rows, residual, norm.weight, norm.bias, norm.eps, out, index)
@@ -421,8 +432,9 @@ class SparseTransformer(SparseLayer):
     """Transformer2DModel: GN -> proj_in -> transformer blocks -> proj_out, plus the input.
 
     Queries exist at active tokens only. Self-attention keys and values come from the
-    block's full input, fresh at active tokens and cached elsewhere (or, with
-    `active_only_attention`, from the active tokens alone).
+    block's full normalised input (the input of attn1, which the cache keeps: normalising is
+    per token, so the cached rows stay right), fresh at active tokens and cached elsewhere
+    (or, with `active_only_attention`, from the active tokens alone).
     """
 
     def __init__(self, name: str, inner: Transformer2DModel, state: StepState) -> None:
@@ -430,12 +442,12 @@ class SparseTransformer(SparseLayer):
         self.recorded = ("out", *self._block_keys)
         self.text = state.shared.text
         for key, block in zip(self._block_keys, inner.transformer_blocks, strict=True):
-            self.record_input(block, key)
+            self.record_input(block.attn1, key)
             self.text.add(block.attn2, lambda attn=block.attn2: key_value_projection(attn))
 
     @property
     def _block_keys(self) -> list[str]:
-        return [f"block{j}" for j in range(len(self.inner.transformer_blocks))]
+        return [f"block{j}.attn1_in" for j in range(len(self.inner.transformer_blocks))]
 
     @staticmethod
     def supports(module: nn.Module) -> bool:
@@ -468,32 +480,33 @@ class SparseTransformer(SparseLayer):
         residual, normed = self.gather(x, index, affine)
         h = pointwise(model.proj_in, normed)
         for key, block in zip(self._block_keys, model.transformer_blocks, strict=True):
-            # The block's input map: cached, with the active rows set to h.
-            full, queries = self.summed_layer_norm(block.norm1, h, into=(key, index))
+            # attn1's input map: cached, with the active rows set to the new ones.
+            _, queries = self.summed_layer_norm(block.norm1, h, into=(key, index))
             active_only = self.state.config.active_only_attention
-            context = queries if active_only else self.layer_norm_rows(block.norm1, full)
+            context = queries if active_only else self.target(key)
             attended = self.attend(block.attn1, queries, context)
             h, normed = self.summed_layer_norm(block.norm2, attended, h)
             text = self.text.of(block.attn2, encoder_hidden_states)
             attended = attention_over(block.attn2, normed, text)
             h, normed = self.summed_layer_norm(block.norm3, attended, h)
-            h = self.feed_forward(block.ff, normed) + h
+            h = self.feed_forward(block.ff, normed, h)
         return self.mixed("out", index, pointwise(model.proj_out, h), residual)
 
-    def feed_forward(self, ff: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-        """A diffusers FeedForward on tokens, its GEGLU fused after the projection."""
+    def feed_forward(self, ff: nn.Module, tokens: torch.Tensor, residual: torch.Tensor):
+        """A diffusers FeedForward on tokens, + residual; with a GEGLU, as two fused linears:
+        the projection with the GEGLU, the output projection with the residual."""
         activation, *rest = ff.net
-        if not isinstance(activation, GEGLU):
-            return ff(tokens)
-        projected = pointwise(activation.proj, tokens)
-        hidden = self.kernel(token_kernels, "geglu", projected)(projected)
-        for layer in rest:
-            hidden = layer(hidden)
-        return hidden
+        # Dropout is the identity: the engine runs the model in eval mode.
+        layers = [m for m in rest if not isinstance(m, nn.Dropout)]
+        if not isinstance(activation, GEGLU) or [type(m) for m in layers] != [nn.Linear]:
+            return ff(tokens) + residual
+        hidden = self.linear(tokens, activation.proj, geglu=True)
+        return self.linear(hidden, layers[0], residual=residual)
 
-    def attend(self, attn: nn.Module, queries: torch.Tensor, context: torch.Tensor):
-        """`attn` with queries at the active tokens, keys and values from `context`."""
-        return attention(attn, queries, context, self.packed(attn, key_value_projection))
+    def attend(self, attn: nn.Module, queries: torch.Tensor, context: torch.Tensor | StepView):
+        """`attn` with queries at the active tokens, keys and values from the token map
+        `context` [B, L, D] (a StepView too)."""
+        return attention_over(attn, queries, self.linear(context, attn, key_value_projection))
 
     def macs(self, x, active, encoder_hidden_states=None, **kwargs):
         model, batch = self.inner, x.shape[0]

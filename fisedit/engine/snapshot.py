@@ -21,7 +21,8 @@ from fisedit.engine.recipe import ModelMismatchError, SessionRecipe, check_model
 from fisedit.engine.session import EditReport, EditSession, Engine, Version
 from fisedit.storage import ObjectExistsError, ObjectNotFoundError, ObjectStore
 
-FORMAT = "fisedit-snapshot/1"
+# 2: transformer blocks cache attn1's (normalised) input, no longer the block's input.
+FORMAT = "fisedit-snapshot/2"
 SHARD_BYTES = 256 * 2**20
 
 

@@ -60,23 +60,10 @@ def key_value_projection(attn: nn.Module) -> tuple[torch.Tensor, torch.Tensor | 
     return weight, torch.cat([attn.to_k.bias, attn.to_v.bias]) if has_bias else None
 
 
-def attention(
-    attn: nn.Module,
-    queries: torch.Tensor,
-    context: torch.Tensor,
-    key_value: tuple[torch.Tensor, torch.Tensor | None] | None = None,
-) -> torch.Tensor:
-    """A diffusers `Attention` with queries from `queries` and keys/values from `context`.
-
-    Keys and values come from one matmul with `key_value_projection(attn)` (pass it to
-    stack the weights once)."""
-    weight, bias = key_value or key_value_projection(attn)
-    return attention_over(attn, queries, F.linear(context, weight, bias))
-
-
 def attention_over(attn: nn.Module, queries: torch.Tensor, keys_values: torch.Tensor):
-    """`attention` with the context's keys and values [B, L, 2 * inner] already projected
-    (by `key_value_projection`'s weights)."""
+    """A diffusers `Attention` with queries from `queries` [B, P, D] and the context's keys
+    and values [B, L, 2 * inner], projected by `key_value_projection`'s weights: on a subset
+    of the queries, the matching rows of the full attention."""
     q = attn.to_q(queries)
     k, v = keys_values.chunk(2, dim=-1)
     batch, heads = q.shape[0], attn.heads

@@ -9,7 +9,7 @@ def test_sd15_step_costs_match_published_figures():
 
     # About 0.8 TMAC per CFG step at 512 px (shared/baselines/h200-dense.md).
     assert size.dense_macs_per_step == pytest.approx(0.80e12, rel=0.01)
-    # Block outputs, conv1 outputs, transformer-block inputs and GN statistics, fp16.
+    # Block outputs, conv1 outputs and self-attention inputs, fp16.
     assert 150 * 2**20 < size.cache_bytes_per_step < 250 * 2**20
 
 

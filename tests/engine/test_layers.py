@@ -113,6 +113,31 @@ def test_sparse_layer_equals_dense_layer_on_active_region(engine, recorded, name
     assert torch.count_nonzero(out.flatten(2)[:, :, inactive]) == 0
 
 
+def test_a_transformer_caches_its_blocks_self_attention_inputs_normalised(engine, recorded):
+    """A sparse step takes self-attention's keys and values of inactive tokens from the
+    cache: it keeps attn1's input, the block input after norm1 (normalising is per token, so
+    cached rows need no work), not the block input it would normalise whole at every step."""
+    cache, inputs = recorded
+    name = "down_blocks.0.attentions.0"
+    layer = next(layer for layer in engine.layers if layer.name == name)
+    block = layer.inner.transformer_blocks[0]
+    block_inputs = []
+    hook = block.register_forward_pre_hook(lambda _, args: block_inputs.append(args[0]))
+    args, kwargs = inputs[name]
+    try:
+        with torch.no_grad():
+            layer.dense(*args, **kwargs)
+    finally:
+        hook.remove()
+
+    assert layer.reads(SparsePlan(_square_mask(), SparseConfig()), cache) == [
+        f"{name}.out",
+        f"{name}.block0.attn1_in",
+    ]
+    expected = block.norm1(block_inputs[0])
+    torch.testing.assert_close(cache.get(f"{name}.block0.attn1_in", 0), expected)
+
+
 @on_cpu_triton
 @pytest.mark.parametrize(
     # Between them every kernel, and upsampled taps.

@@ -101,68 +101,7 @@ def gather_tokens_affine(
     return tokens, normed
 
 
-def gather_rows_layernorm_reference(
-    rows: torch.Tensor,
-    index: torch.Tensor | None,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    eps: float,
-) -> torch.Tensor:
-    """LayerNorm over D of rows[:, index] ([B, L, D] -> [B, P, D]; all rows if index is None)."""
-    picked = rows if index is None else rows[:, index]
-    weight = None if weight is None else weight.float()
-    bias = None if bias is None else bias.float()
-    normed = F.layer_norm(picked.float(), picked.shape[-1:], weight, bias, eps)
-    return normed.to(rows.dtype)
-
-
-@triton.jit(do_not_specialize=["P"])
-def _gather_rows_layernorm_kernel(
-    rows_ptr,
-    rows_step_ptr,
-    index_ptr,
-    weight_ptr,
-    bias_ptr,
-    out_ptr,
-    P,
-    D,
-    eps,
-    sr_s,
-    sr_b,
-    sr_l,
-    sr_d,
-    HAS_INDEX: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    # One program normalises BLOCK_P output rows, each held whole in registers.
-    rows_ptr += tl.load(rows_step_ptr) * sr_s
-    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    b = tl.program_id(1)
-    row = offs_p
-    if HAS_INDEX:
-        row = tl.load(index_ptr + offs_p, mask=offs_p < P, other=0)
-    offs = tl.arange(0, BLOCK_D)
-    d_mask = offs < D
-    mask = (offs_p < P)[:, None] & d_mask[None, :]
-    x = tl.load(
-        rows_ptr + b * sr_b + row[:, None] * sr_l + offs[None, :] * sr_d, mask=mask, other=0.0
-    ).to(tl.float32)
-    mean = tl.sum(x, axis=1) / D
-    centred = tl.where(mask, x - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / D + eps)
-    y = centred * rstd[:, None]
-    if HAS_WEIGHT:
-        y = y * tl.load(weight_ptr + offs, mask=d_mask).to(tl.float32)[None, :]
-    if HAS_BIAS:
-        y = y + tl.load(bias_ptr + offs, mask=d_mask).to(tl.float32)[None, :]
-    out_offs = (b * P + offs_p)[:, None] * D + offs[None, :]
-    tl.store(out_ptr + out_offs, y.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-# Elements of the [rows, D] tile one program of the row kernels or `geglu` holds.
+# Elements of the [rows, D] tile one program of `layernorm_rows` holds.
 ROWS_TILE_ELEMENTS = 4096
 
 
@@ -170,43 +109,6 @@ def _rows_tile(n_rows: int, dim: int) -> tuple[int, int]:
     """(BLOCK_P, BLOCK_D) of a row kernel: whole rows, as many as fit the tile."""
     block_d = triton.next_power_of_2(dim)
     return min(triton.next_power_of_2(n_rows), max(1, ROWS_TILE_ELEMENTS // block_d)), block_d
-
-
-def gather_rows_layernorm(
-    rows: torch.Tensor | StepView,
-    index: torch.Tensor | None,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    eps: float,
-) -> torch.Tensor:
-    """`gather_rows_layernorm_reference` as one kernel, with fp32 statistics."""
-    batch, length, dim = rows.shape
-    n_rows = length if index is None else index.shape[0]
-    out = torch.empty(batch, n_rows, dim, dtype=rows.dtype, device=rows.device)
-    if out.numel() == 0:
-        return out
-    base, step, step_stride = step_addressed(rows)
-    block_p, block_d = _rows_tile(n_rows, dim)
-    grid = (triton.cdiv(n_rows, block_p), batch)
-    launcher(_gather_rows_layernorm_kernel, rows.device)[grid](
-        base,
-        step,
-        base if index is None else index.contiguous(),
-        base if weight is None else weight.contiguous(),
-        base if bias is None else bias.contiguous(),
-        out,
-        n_rows,
-        dim,
-        float(eps),
-        step_stride,
-        *rows.stride(),
-        HAS_INDEX=index is not None,
-        HAS_WEIGHT=weight is not None,
-        HAS_BIAS=bias is not None,
-        BLOCK_P=block_p,
-        BLOCK_D=block_d,
-    )
-    return out
 
 
 def scatter_tokens_into_reference(
@@ -316,25 +218,27 @@ def layernorm_rows_reference(
     out: torch.Tensor | None = None,
     index: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows + residual, its LayerNorm over D), for tokens [B, P, D]. The sum is rounded to
-    its dtype before it is normalised, as adding and then normalising would do. Given the
-    token map `out` [B, L, D] and `index` [P], the sum goes into rows `index` of `out` in
-    place, and `out` comes first instead."""
-    summed = rows if residual is None else rows + residual
+    """(rows + residual, its LayerNorm over D with fp32 statistics), for tokens [B, P, D];
+    without a residual the sum is `rows` itself. The sum is rounded to its dtype before it
+    is normalised, as adding and then normalising would do. Given the token map `out`
+    [B, L, D] and `index` [P], the LayerNorm also goes into rows `index` of `out`, in place."""
+    summed = rows if residual is None else (rows + residual).to(rows.dtype)
+    weight = None if weight is None else weight.float()
+    bias = None if bias is None else bias.float()
+    normed = F.layer_norm(summed.float(), summed.shape[-1:], weight, bias, eps).to(rows.dtype)
     if out is not None:
-        out[:, index] = summed.to(out.dtype)
-        summed = out[:, index]
-    normed = gather_rows_layernorm_reference(summed, None, weight, bias, eps)
-    return (summed if out is None else out), normed
+        out[:, index] = normed.to(out.dtype)
+    return summed, normed
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["P"])
 def _layernorm_rows_kernel(
     rows_ptr,
     res_ptr,
     index_ptr,
     sum_ptr,
-    sum_step_ptr,
+    map_ptr,
+    map_step_ptr,
     weight_ptr,
     bias_ptr,
     out_ptr,
@@ -347,10 +251,10 @@ def _layernorm_rows_kernel(
     sres_b,
     sres_p,
     sres_d,
-    ss_s,
-    ss_b,
-    ss_l,
-    ss_d,
+    sm_s,
+    sm_b,
+    sm_l,
+    sm_d,
     HAS_RESIDUAL: tl.constexpr,
     SCATTER: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
@@ -359,7 +263,6 @@ def _layernorm_rows_kernel(
     BLOCK_D: tl.constexpr,
 ):
     # One program sums and normalises BLOCK_P token rows, each held whole in registers.
-    sum_ptr += tl.load(sum_step_ptr) * ss_s
     offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     b = tl.program_id(1)
     offs = tl.arange(0, BLOCK_D)
@@ -367,16 +270,14 @@ def _layernorm_rows_kernel(
     mask = (offs_p < P)[:, None] & d_mask[None, :]
     x = tl.load(
         rows_ptr + b * sr_b + offs_p[:, None] * sr_p + offs[None, :] * sr_d, mask=mask, other=0.0
-    ).to(tl.float32)
+    )
+    out_offs = (b * P + offs_p)[:, None] * D + offs[None, :]
     if HAS_RESIDUAL:
         res_offs = b * sres_b + offs_p[:, None] * sres_p + offs[None, :] * sres_d
-        x += tl.load(res_ptr + res_offs, mask=mask, other=0.0).to(tl.float32)
-    row = offs_p
-    if SCATTER:
-        row = tl.load(index_ptr + offs_p, mask=offs_p < P, other=0)
-    summed = x.to(sum_ptr.dtype.element_ty)
-    tl.store(sum_ptr + b * ss_b + row[:, None] * ss_l + offs[None, :] * ss_d, summed, mask=mask)
-    x = summed.to(tl.float32)
+        res = tl.load(res_ptr + res_offs, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + res.to(tl.float32)).to(sum_ptr.dtype.element_ty)
+        tl.store(sum_ptr + out_offs, x, mask=mask)
+    x = x.to(tl.float32)
     mean = tl.sum(x, axis=1) / D
     centred = tl.where(mask, x - mean[:, None], 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / D + eps)
@@ -385,8 +286,13 @@ def _layernorm_rows_kernel(
         y = y * tl.load(weight_ptr + offs, mask=d_mask).to(tl.float32)[None, :]
     if HAS_BIAS:
         y = y + tl.load(bias_ptr + offs, mask=d_mask).to(tl.float32)[None, :]
-    out_offs = (b * P + offs_p)[:, None] * D + offs[None, :]
-    tl.store(out_ptr + out_offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+    y = y.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + out_offs, y, mask=mask)
+    if SCATTER:
+        map_ptr += tl.load(map_step_ptr) * sm_s
+        row = tl.load(index_ptr + offs_p, mask=offs_p < P, other=0)
+        map_offs = b * sm_b + row[:, None] * sm_l + offs[None, :] * sm_d
+        tl.store(map_ptr + map_offs, y.to(map_ptr.dtype.element_ty), mask=mask)
 
 
 def layernorm_rows(
@@ -397,26 +303,27 @@ def layernorm_rows(
     eps: float,
     out: torch.Tensor | StepView | None = None,
     index: torch.Tensor | None = None,
-) -> tuple[torch.Tensor | StepView, torch.Tensor]:
-    """`layernorm_rows_reference` as one kernel, with fp32 statistics."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`layernorm_rows_reference` as one kernel (`out` may be a StepView)."""
     batch, n_rows, dim = rows.shape
     if (out is None) != (index is None):
         raise ValueError("out and index go together")
-    summed = torch.empty_like(rows) if out is None else out
+    summed = rows if residual is None else torch.empty_like(rows)
     normed = torch.empty(batch, n_rows, dim, dtype=rows.dtype, device=rows.device)
     if normed.numel() == 0:
         return summed, normed
-    base, step, step_stride = step_addressed(summed)
+    base, step, step_stride = step_addressed(normed if out is None else out)
     block_p, block_d = _rows_tile(n_rows, dim)
     grid = (triton.cdiv(n_rows, block_p), batch)
     launcher(_layernorm_rows_kernel, rows.device)[grid](
         rows,
         rows if residual is None else residual,
         rows if index is None else index.contiguous(),
+        summed,
         base,
         step,
-        base if weight is None else weight.contiguous(),
-        base if bias is None else bias.contiguous(),
+        rows if weight is None else weight.contiguous(),
+        rows if bias is None else bias.contiguous(),
         normed,
         n_rows,
         dim,
@@ -424,7 +331,7 @@ def layernorm_rows(
         *rows.stride(),
         *(residual.stride() if residual is not None else (0, 0, 0)),
         step_stride,
-        *summed.stride(),
+        *(out.stride() if out is not None else (0, 0, 0)),
         HAS_RESIDUAL=residual is not None,
         SCATTER=index is not None,
         HAS_WEIGHT=weight is not None,
@@ -433,58 +340,3 @@ def layernorm_rows(
         BLOCK_D=block_d,
     )
     return summed, normed
-
-
-def geglu_reference(projected: torch.Tensor) -> torch.Tensor:
-    """GEGLU after its projection: [..., 2 * I] -> [..., I], hidden * gelu(gate) with the
-    hidden half first, as diffusers' GEGLU (exact, erf-based GELU)."""
-    hidden, gate = projected.chunk(2, dim=-1)
-    return hidden * F.gelu(gate)
-
-
-@triton.jit
-def _geglu_kernel(
-    x_ptr,
-    out_ptr,
-    M,
-    INNER,
-    sx_m,
-    so_m,
-    BLOCK_M: tl.constexpr,
-    BLOCK_I: tl.constexpr,
-):
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
-    mask = (offs_m < M)[:, None] & (offs_i < INNER)[None, :]
-    row = x_ptr + offs_m[:, None] * sx_m + offs_i[None, :]
-    hidden = tl.load(row, mask=mask, other=0.0).to(tl.float32)
-    gate = tl.load(row + INNER, mask=mask, other=0.0).to(tl.float32)
-    gelu = 0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476))
-    out = out_ptr + offs_m[:, None] * so_m + offs_i[None, :]
-    tl.store(out, (hidden * gelu).to(out_ptr.dtype.element_ty), mask=mask)
-
-
-def geglu(projected: torch.Tensor) -> torch.Tensor:
-    """`geglu_reference` as one kernel, computed in fp32."""
-    *lead, width = projected.shape
-    inner = width // 2
-    x = projected.reshape(-1, width)
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    out = torch.empty(x.shape[0], inner, dtype=x.dtype, device=x.device)
-    if out.numel() == 0:
-        return out.reshape(*lead, inner)
-    block_i = _tile(inner, cap=128)
-    block_m = _tile(x.shape[0], cap=ROWS_TILE_ELEMENTS // block_i)
-    grid = (triton.cdiv(x.shape[0], block_m), triton.cdiv(inner, block_i))
-    launcher(_geglu_kernel, x.device)[grid](
-        x,
-        out,
-        x.shape[0],
-        inner,
-        x.stride(0),
-        out.stride(0),
-        BLOCK_M=block_m,
-        BLOCK_I=block_i,
-    )
-    return out.reshape(*lead, inner)

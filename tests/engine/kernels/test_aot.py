@@ -25,9 +25,8 @@ REGISTER_BUDGETS = {
     "_group_norm_affine_kernel": 80,  # 64
     "_gather_tokens_affine_kernel": 64,  # 48
     "_scatter_tokens_kernel": 48,  # 34
-    "_gather_rows_layernorm_kernel": 72,  # 56: up to 4096-element tiles of rows
     "_layernorm_rows_kernel": 80,  # 64: up to 4096-element tiles of rows
-    "_geglu_kernel": 104,  # 80
+    "_linear_kernel": 96,  # 72: 64x64x64 tiles, bias and residual
 }
 
 
@@ -53,10 +52,9 @@ def test_recording_collects_the_launches_without_running_them(edit_launches):
         "_group_norm_affine_kernel",
         "_sparse_conv_kernel",
         "_gather_tokens_affine_kernel",
-        "_gather_rows_layernorm_kernel",
         "_scatter_tokens_kernel",
         "_layernorm_rows_kernel",
-        "_geglu_kernel",
+        "_linear_kernel",
     }
     # Split-K launches come in pairs: partial sums over a 3-D grid, then the finalise pass.
     split = [launch for launch in launches if launch.kwargs.get("PARTIAL")]

@@ -7,19 +7,14 @@ tests/conftest.py).
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers.models.activations import GEGLU
 from torch import nn
 
 from fisedit.engine import sparse_ops
 from fisedit.engine.kernels.group_norm import group_norm_affine, group_norm_affine_reference
 from fisedit.engine.kernels.launch import StepView, interpreting, with_step_views
 from fisedit.engine.kernels.tokens import (
-    gather_rows_layernorm,
-    gather_rows_layernorm_reference,
     gather_tokens_affine,
     gather_tokens_affine_reference,
-    geglu,
-    geglu_reference,
     layernorm_rows,
     layernorm_rows_reference,
     scatter_tokens_into,
@@ -94,43 +89,6 @@ def test_low_precision_gather_normalises_like_fp32_group_norm(dtype, tolerance, 
     torch.testing.assert_close(
         normed.double(), sparse_ops.gather_tokens(expected, INDEX), atol=tolerance, rtol=tolerance
     )
-
-
-def test_layernorm_reference_equals_the_layer():
-    layer = nn.LayerNorm(20).requires_grad_(False)
-    nn.init.normal_(layer.weight)
-    nn.init.normal_(layer.bias)
-    layer.to(DEVICE)
-    rows = _randn(2, 64, 20)
-    expected = layer(rows)[:, INDEX]
-    got = gather_rows_layernorm_reference(rows, INDEX, layer.weight, layer.bias, layer.eps)
-    torch.testing.assert_close(got, expected)
-
-
-@pytest.mark.parametrize("indexed", [False, True], ids=["all-rows", "indexed"])
-@pytest.mark.parametrize("affine", [False, True], ids=["no-affine", "affine"])
-def test_gather_rows_layernorm_matches_reference(indexed, affine):
-    gen = torch.Generator().manual_seed(0)
-    # An offset mean checks that the variance is taken about it.
-    rows = (torch.randn(2, 64, 20, generator=gen) * 3 + 5).to(DEVICE)
-    index = INDEX if indexed else None
-    weight, bias = (torch.randn(20, generator=gen).to(DEVICE) for _ in range(2))
-    if not affine:
-        weight = bias = None
-    got = gather_rows_layernorm(rows, index, weight, bias, 1e-5)
-    expected = gather_rows_layernorm_reference(rows, index, weight, bias, 1e-5)
-    assert got.shape == (2, len(INDEX) if indexed else 64, 20)
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("indexed", [False, True], ids=["all-rows", "indexed"])
-def test_gather_rows_layernorm_spans_programs_the_last_one_partial(indexed):
-    # 20 channels: a program holds 128 rows, so 300 rows take three.
-    rows = _randn(2, 300, 20) * 3 + 5
-    index = torch.arange(299, -1, -1, device=DEVICE) if indexed else None
-    got = gather_rows_layernorm(rows, index, None, None, 1e-5)
-    expected = gather_rows_layernorm_reference(rows, index, None, None, 1e-5)
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_scatter_reference_replaces_exactly_the_active_pixels_in_place():
@@ -211,64 +169,63 @@ def test_summed_layernorm_reference_adds_then_normalises():
     summed, normed = layernorm_rows_reference(rows, residual, layer.weight, layer.bias, layer.eps)
     torch.testing.assert_close(summed, rows + residual, atol=0, rtol=0)
     torch.testing.assert_close(normed, layer(rows + residual))
+    summed, normed = layernorm_rows_reference(rows, None, layer.weight, layer.bias, layer.eps)
+    assert summed is rows
+    torch.testing.assert_close(normed, layer(rows))
 
 
 @pytest.mark.parametrize("affine", [False, True], ids=["no-affine", "affine"])
-def test_summed_layernorm_matches_reference(affine):
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_summed_layernorm_matches_reference(affine, residual):
     layer = _layer_norm()
     weight, bias = (layer.weight, layer.bias) if affine else (None, None)
-    # Offset rows and a residual with its own strides.
+    # Offset rows (the variance is taken about the mean) and a residual with its own strides.
     rows = _tokens() * 3 + 5
-    residual = _tokens(seed=2).transpose(1, 2).contiguous().transpose(1, 2)
-    got = layernorm_rows(rows, residual, weight, bias, 1e-5)
-    expected = layernorm_rows_reference(rows, residual, weight, bias, 1e-5)
+    res = _tokens(seed=2).transpose(1, 2).contiguous().transpose(1, 2) if residual else None
+    got = layernorm_rows(rows, res, weight, bias, 1e-5)
+    expected = layernorm_rows_reference(rows, res, weight, bias, 1e-5)
     for got_part, expected_part in zip(got, expected, strict=True):
         torch.testing.assert_close(got_part, expected_part, atol=1e-5, rtol=1e-5)
 
 
-def test_layernorm_rows_into_a_step_of_a_cache_sets_only_those_rows():
-    """Rows written into step 1 of a [steps, B, L, D] buffer, addressed through a step
-    index in device memory, as a captured sparse step writes its run's cache."""
+def test_summed_layernorm_spans_programs_the_last_one_partial():
+    # 20 channels: a program holds 128 rows, so 300 rows take three.
+    rows, residual = _randn(2, 300, 20) * 3 + 5, _randn(2, 300, 20, seed=3)
+    got = layernorm_rows(rows, residual, None, None, 1e-5)
+    expected = layernorm_rows_reference(rows, residual, None, None, 1e-5)
+    for got_part, expected_part in zip(got, expected, strict=True):
+        torch.testing.assert_close(got_part, expected_part, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kernel", ["triton", "reference"])
+def test_layernorm_rows_into_a_step_of_a_cache_sets_only_those_rows(kernel):
+    """The LayerNorm written into rows of step 1 of a [steps, B, L, D] buffer, addressed
+    through a step index in device memory, as a captured sparse step writes attn1's input
+    into its run's cache."""
     layer = _layer_norm()
     buffer, rows = _randn(3, 2, 64, 20), _tokens(seed=3)
     view = StepView(buffer.clone(), torch.tensor([1], device=DEVICE))
-    out, normed = layernorm_rows(rows, None, layer.weight, layer.bias, layer.eps, view, INDEX)
-    expected_map = buffer[1].clone()
-    _, expected = layernorm_rows_reference(
-        rows, None, layer.weight, layer.bias, layer.eps, expected_map, INDEX
-    )
-    assert out is view
-    torch.testing.assert_close(normed, expected, atol=1e-5, rtol=1e-5)
+    run = layernorm_rows if kernel == "triton" else with_step_views(layernorm_rows_reference)
+    summed, normed = run(rows, None, layer.weight, layer.bias, layer.eps, view, INDEX)
+    assert summed is rows
     torch.testing.assert_close(normed, layer(rows), atol=1e-5, rtol=1e-5)
-    assert torch.equal(view.buffer[1], expected_map) and torch.equal(view.buffer[1][:, INDEX], rows)
+    expected_map = buffer[1].clone()
+    expected_map[:, INDEX] = normed
+    assert torch.equal(view.buffer[1], expected_map)
     for step in (0, 2):
         assert torch.equal(view.buffer[step], buffer[step])
-
-
-def test_geglu_reference_is_the_diffusers_activation_after_its_projection():
-    layer = GEGLU(20, 12).requires_grad_(False).to(DEVICE)
-    tokens = _tokens()
-    torch.testing.assert_close(geglu_reference(layer.proj(tokens)), layer(tokens))
-
-
-def test_geglu_matches_reference():
-    # More rows and inner channels than one program's tile.
-    projected = _randn(2, 40, 2 * 150, seed=4) * 3
-    got = geglu(projected)
-    assert got.shape == (2, 40, 150)
-    torch.testing.assert_close(got, geglu_reference(projected), atol=1e-5, rtol=1e-5)
 
 
 def test_empty_index_gives_empty_gathers_and_unchanged_maps():
     x, rows = _map(), _randn(2, 64, 20)
     tokens, normed = gather_tokens_affine(x, EMPTY, _randn(2, 2, 20))
     assert tokens.shape == normed.shape == (2, 0, 20)
-    assert gather_rows_layernorm(rows, EMPTY, None, None, 1e-5).shape == (2, 0, 20)
     none = torch.zeros(2, 0, 20, device=DEVICE)
     torch.testing.assert_close(scatter_tokens_into(x.clone(), EMPTY, none, none), x, atol=0, rtol=0)
-    summed, normed = layernorm_rows(none, None, None, None, 1e-5, rows.clone(), EMPTY)
-    torch.testing.assert_close(summed, rows, atol=0, rtol=0)
-    assert normed.shape == (2, 0, 20)
+    into = rows.clone()
+    summed, normed = layernorm_rows(none, None, None, None, 1e-5, into, EMPTY)
+    assert summed is none and normed.shape == (2, 0, 20)
+    assert torch.equal(into, rows)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -284,9 +241,6 @@ def test_fp16_on_gpu_matches_reference():
 
     rows = torch.randn(2, 64, 320, device="cuda", dtype=torch.half)
     weight, bias = torch.randn(320, device="cuda").half(), torch.randn(320, device="cuda").half()
-    got = gather_rows_layernorm(rows, index, weight, bias, 1e-5)
-    expected = gather_rows_layernorm_reference(rows, index, weight, bias, 1e-5)
-    torch.testing.assert_close(got, expected, atol=1e-2, rtol=1e-2)
 
     out = scatter_tokens_into(x.clone(), index, normed, tokens)
     expected = scatter_tokens_into_reference(x.clone(), index, normed, tokens)
@@ -297,6 +251,3 @@ def test_fp16_on_gpu_matches_reference():
     expected = layernorm_rows_reference(first, second, weight, bias, 1e-5)
     for got_part, expected_part in zip(got, expected, strict=True):
         torch.testing.assert_close(got_part, expected_part, atol=1e-2, rtol=1e-2)
-
-    projected = torch.randn(2, 64, 640, device="cuda", dtype=torch.half)
-    torch.testing.assert_close(geglu(projected), geglu_reference(projected), atol=1e-2, rtol=1e-2)
