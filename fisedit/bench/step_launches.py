@@ -5,9 +5,9 @@ The UNet is built on the meta device (shapes, no storage) with the Triton kernel
 A recording step runs first, then sparse steps over centred square masks, as the engine
 captures a session's edit: a dense step records into slots, then files them into the run's
 cache; a sparse step records in place into the maps of the version it edits (`StepMaps`),
-copying only its sparse layers' outputs into static maps first, and runs with the step
-index in device memory. (An edit of a fork, which shares its cache, also copies every map
-it reads into a new cache: `StepMaps.fill`.) Triton
+runs with the step index in device memory, and copies a sparse layer's output out of the
+cache only where the UNet's own ops read it (`StaticMapReads`). (An edit of a fork, which
+shares its cache, also copies every map it reads into a new cache: `StepMaps.fill`.) Triton
 launches are recorded, not run, with grids sized for an H100 (132 SMs); every other op is
 counted by a dispatch mode.
 
@@ -20,7 +20,7 @@ profiler, no caches modelled):
   `index_copy_`/`index_put_` write as many as they are given; attention counts its
   queries, keys, values and output, as a fused kernel moves them;
 - a Triton kernel counts what it addresses: the active rows it gathers or scatters (not the
-  whole map, and a convolution's halo taps not again; into a mirror, again), whole maps it
+  whole map, and a convolution's halo taps not again), whole maps it
   reduces or copies, whole weights once, and the fp32 partial sums of a split-K convolution
   written and read.
 
@@ -35,6 +35,7 @@ and its registers, spills and shared memory are reported.
 import argparse
 import json
 from collections import Counter
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -238,7 +239,6 @@ def _conv_bytes(bound: dict, grid) -> int:
         if bound["PARTIAL"]:
             return moved + partials
     moved += rows * cols * _element(bound, "out_ptr")
-    moved += rows * cols * _element(bound, "mirror_ptr") if bound["MIRROR"] else 0
     moved += rows * cols * _element(bound, "res_ptr") if bound["HAS_RESIDUAL"] else 0
     return moved + (_nbytes(bound["bias_ptr"]) if bound["HAS_BIAS"] else 0)
 
@@ -253,7 +253,6 @@ def _gather_tokens_bytes(bound: dict, grid) -> int:
 def _scatter_tokens_bytes(bound: dict, grid) -> int:
     elements = grid[2] * bound["P"] * bound["C"]
     moved = elements * (_element(bound, "tokens_ptr") + _element(bound, "out_ptr"))
-    moved += elements * _element(bound, "mirror_ptr") if bound["MIRROR"] else 0
     return moved + (elements * _element(bound, "res_ptr") if bound["HAS_RESIDUAL"] else 0)
 
 
@@ -333,12 +332,15 @@ class MetaUNet:
         with recording_launches(H100_SMS) as launches, _AttentionAsOneOp(counter), counter:
             if plan is not None:
                 state.record.fill(self.cache, 0)
-            self.unet(
-                self.sample,
-                torch.tensor(500, device="meta"),
-                encoder_hidden_states=self.context,
-                added_cond_kwargs=self.added,
-            )
+            with state.record.reading() if plan is not None else nullcontext():
+                out = self.unet(
+                    self.sample,
+                    torch.tensor(500, device="meta"),
+                    encoder_hidden_states=self.context,
+                    added_cond_kwargs=self.added,
+                ).sample
+                if plan is not None:
+                    state.record.filled(out)
             if plan is None:
                 self.cache.put_step(0, state.record.tensors)
         return state.macs, counter, launches

@@ -1,6 +1,10 @@
 """Per-step tensors recorded while denoising: the state the next edit reuses."""
 
+import contextlib
+
 import torch
+import torch.utils._pytree
+from torch.overrides import TorchFunctionMode
 
 from fisedit.engine.kernels.launch import StepView
 
@@ -165,14 +169,15 @@ class StepMaps:
     previous version), where it reads and writes them.
 
     Each map the call reads (`reads`: those of layers whose resolution runs sparse) starts as
-    the previous version's (`fill`, one batched copy), and the call writes its region in
-    place; layers that run dense write their whole maps. So the run's cache ends up holding
-    the new maps without further copies. With a Python step every map is a view of the run's
-    cache at the step. With a step index in device memory (a captured graph replays one call
-    for every step) a view cannot follow the step, so every map is a StepView of the cache,
-    which kernels address at the index; but the UNet's own ops read the outputs of sparse
-    layers (`<layer>.out` among `reads`), so those are static maps, filled like the rest, and
-    kernels write their region into the cache too (`mirror`).
+    the previous version's, and the call writes its region in place; layers that run dense
+    write their whole maps. So the run's cache ends up holding the new maps without further
+    copies; an edit that does not record in the previous version's own memory first copies
+    them over (`fill`). With a Python step every map is a view of the run's cache at the
+    step. With a step index in device memory (a captured graph replays one call for every
+    step) a view cannot follow the step, so every map is a StepView of the cache, which
+    kernels address at the index; the UNet's own ops, which pass sparse layers' outputs
+    (`<layer>.out` among `reads`) on, get a static map for each, which the call fills from
+    the cache only where one of those ops reads it (`reading`).
     """
 
     def __init__(
@@ -184,7 +189,8 @@ class StepMaps:
     ) -> None:
         self.record, self.reads = record, reads
         self.maps: dict[str, torch.Tensor | StepView] = {}
-        self.mirrors: dict[str, StepView] = {}
+        self.statics: dict[str, torch.Tensor] = {}
+        """Each sparse layer's output as the UNet's ops get it, with a step in device memory."""
         for name in source.tensors:
             if name in RUN_STATE:
                 continue
@@ -196,45 +202,126 @@ class StepMaps:
             if not isinstance(step, torch.Tensor):
                 self.maps[name] = buffer[step]
                 continue
-            view = StepView(buffer, step.reshape(1))
+            self.maps[name] = StepView(buffer, step.reshape(1))
             if name.endswith(".out") and name in reads:
-                self.maps[name], self.mirrors[name] = torch.empty_like(buffer[0]), view
-            else:
-                self.maps[name] = view
+                self.statics[name] = torch.empty_like(buffer[0])
+        self._behind = {id(static): name for name, static in self.statics.items()}
 
     def __getitem__(self, name: str) -> torch.Tensor | StepView:
         return self.maps[name]
 
-    def mirror(self, name: str) -> StepView | None:
-        """Where a kernel writing the region of map `name` writes it too: the run's cache
-        at the step, when the map is a static one (else None)."""
-        return self.mirrors.get(name)
+    def static(self, name: str) -> torch.Tensor | None:
+        """The static map the UNet's ops get for map `name` (None: the map itself)."""
+        return self.statics.get(name)
+
+    def is_static(self, value: object) -> bool:
+        return id(value) in self._behind
+
+    def behind(self, value: torch.Tensor) -> torch.Tensor | StepView:
+        """The map behind `value` when it is a static map (else `value`): what kernels read."""
+        name = self._behind.get(id(value))
+        return value if name is None else self.maps[name]
+
+    def filled(self, value: torch.Tensor) -> torch.Tensor:
+        """`value`, set to the map behind it in the cache first when it is a static map."""
+        name = self._behind.get(id(value))
+        if name is not None:
+            view = self.maps[name]
+            torch.index_select(view.buffer, 0, view.step, out=value.unsqueeze(0))
+        return value
+
+    def reading(self) -> "StaticMapReads | contextlib.nullcontext":
+        """Where the UNet's ops read static maps, filled when read (see `StaticMapReads`)."""
+        return StaticMapReads(self) if self.statics else contextlib.nullcontext()
 
     def fill(self, source: "ActivationCache | HostPrefetcher", step: int) -> None:
-        """Sets every map the call reads to `source`'s at `step`: the static ones, and the
-        run's cache where it is not `source`'s own memory (recording in place, it is)."""
+        """Sets every map the call reads to `source`'s at `step`, where the run's cache is not
+        `source`'s own memory (recording in place, it is)."""
         targets, values = [], []
         for name in self.reads:
-            filled = [self.maps[name]] if name in self.mirrors else []
             if self.record.tensors[name] is not source.tensors.get(name):
-                filled.append(self.record.tensors[name][step])
-            if filled:
-                targets += filled
-                values += [source.get(name, step)] * len(filled)
+                targets.append(self.record.tensors[name][step])
+                values.append(source.get(name, step))
         if targets:
             torch._foreach_copy_(targets, values)
 
     def put(self, name: str, step: int | torch.Tensor, value: torch.Tensor) -> None:
         """Records `value` as this step's map `name`, unless the call wrote it in place."""
-        if value is self.maps[name]:
+        target = self.maps[name]
+        if value is target:
             return
-        # A static map is read only where its layer returns it: any other value goes
-        # straight into the cache.
-        target = self.mirrors.get(name, self.maps[name])
         if isinstance(target, StepView):
             target.write(value)
         else:
             target.copy_(value)
+
+
+# Tensor functions that read no elements: a static map stays unfilled through them.
+_METADATA = {"shape", "dtype", "device", "size", "dim", "ndim", "stride", "numel", "layout"}
+_METADATA |= {"is_contiguous", "element_size", "requires_grad", "is_cuda", "__len__"}
+
+
+class StaticMapReads(TorchFunctionMode):
+    """Fills a StepMaps' static maps when the UNet's ops first read them in a call, from the
+    cache at the step; a concatenation along channels (the skip connections) reads the cache
+    behind its static inputs directly into its output. Sparse layers read the cache behind
+    a static map themselves (`StepMaps.behind`), so a map only they read is never copied."""
+
+    def __init__(self, maps: StepMaps) -> None:
+        super().__init__()
+        self.maps = maps
+        self.filled: set[int] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name == "__get__":
+            name = getattr(getattr(func, "__self__", None), "__name__", name)
+        if name in _METADATA:
+            return func(*args, **kwargs)
+        if func is torch.cat and _along_channels(args, kwargs) and self._reads_static(args[0]):
+            return self._cat(args[0])
+        for value in torch.utils._pytree.tree_leaves((args, kwargs)):
+            if self.maps.is_static(value) and id(value) not in self.filled:
+                self.maps.filled(value)
+                self.filled.add(id(value))
+        return func(*args, **kwargs)
+
+    def _reads_static(self, tensors: list[torch.Tensor]) -> bool:
+        return any(self.maps.is_static(t) for t in tensors)
+
+    def _cat(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        first = tensors[0]
+        channels = sum(t.shape[1] for t in tensors)
+        layout = torch.channels_last if _nhwc(first, False) else torch.contiguous_format
+        out = torch.empty(
+            (first.shape[0], channels, *first.shape[2:]),
+            dtype=first.dtype,
+            device=first.device,
+            memory_format=layout,
+        )
+        start = 0
+        for tensor in tensors:
+            part = out[:, start : start + tensor.shape[1]]
+            start += tensor.shape[1]
+            view = self.maps.behind(tensor)
+            if isinstance(view, StepView):
+                torch.index_select(view.buffer, 0, view.step, out=part.unsqueeze(0))
+            else:
+                part.copy_(tensor)
+        return out
+
+
+def _along_channels(args: tuple, kwargs: dict) -> bool:
+    """Whether torch.cat's arguments join [B, C, H, W] maps along C."""
+    dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+    tensors = args[0]
+    return (
+        set(kwargs) <= {"dim"}
+        and all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in tensors)
+        and dim in (1, -3)
+        and len({(t.shape[0], *t.shape[2:], t.dtype) for t in tensors}) == 1
+    )
 
 
 class HostPrefetcher:

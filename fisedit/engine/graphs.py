@@ -12,9 +12,9 @@ capture steps.
 A sparse step reads its plan's index tensors, and the maps it records (`StepMaps`) at a
 step index held in device memory: each map starts as the previous version's at the step
 (copied before the replay, unless the run records in the previous version's own memory),
-and kernels write the region into it at the step index; the outputs of sparse layers,
-which the UNet's own ops read, are static maps, filled the same way, whose region kernels
-write into the cache too. Its graph is therefore bound to the memory of the maps it
+and kernels write the region into it at the step index; the UNet's own ops get static maps
+for the outputs of sparse layers, which the replay fills from the cache where those ops
+read them (`StaticMapReads`). Its graph is therefore bound to the memory of the maps it
 records into, not to the cache it reads, and lives with those maps
 (`ActivationCache.graphs`): an edit that records in place into the cache an earlier edit
 made (a session's next edit) replays that edit's graph, its new plan loaded into the
@@ -67,12 +67,14 @@ class CapturedUNetStep:
         record = self.slots if self.maps is None else self.maps
         text = None if self.plan is None else (self.hidden, self.inputs["text"])
         with self.engine.unet_pass(self.step, macs, self.plan, source, record, text):
-            return self.engine.model.unet(
+            out = self.engine.model.unet(
                 self.sample,
                 self.timestep,
                 encoder_hidden_states=self.hidden,
                 added_cond_kwargs=self.added,
             ).sample
+            # The output head's static map, which only the denoise loop reads.
+            return out if self.maps is None else self.maps.filled(out)
 
     def _load(
         self, sample, timestep, step: int, embeds: PromptEmbeddings, added, record, source, reads

@@ -191,13 +191,26 @@ class SparseLayer(nn.Module):
             # Nothing to recompute: this step's maps already hold the cached ones.
             out, executed = self.target("out"), 0
         else:
-            out = self.sparse(x, geometry, *args, **kwargs)
+            out = self.sparse(self.behind(x), geometry, *args, **kwargs)
             executed = self.macs(x, geometry.index.numel(), **kwargs)
         pixels = out.shape[-2] * out.shape[-1]
         dense_macs = self.macs(x, pixels, **kwargs)
         state.macs.add(dense_macs, dense_macs if executed is None else executed)
         self.save("out", out)
-        return self.wrap(out, **kwargs)
+        return self.wrap(self.passed_on(out), **kwargs)
+
+    def behind(self, x: torch.Tensor) -> torch.Tensor | StepView:
+        """The map a sparse call reads for its input `x`: the cache behind it when `x` is a
+        static map (`StepMaps.behind`), which is then never copied for this layer."""
+        record = self.state.record
+        return record.behind(x) if isinstance(record, StepMaps) else x
+
+    def passed_on(self, out: torch.Tensor | StepView) -> torch.Tensor:
+        """What the UNet gets for this call's output: the output, or with a step in device
+        memory its static map (`StepMaps.static`)."""
+        if not isinstance(out, StepView):
+            return out
+        return self.state.record.static(f"{self.name}.out")
 
     def reads(self, plan: SparsePlan, cache: ActivationCache) -> list[str]:
         """The names in `cache` a sparse call over `plan` reads: every map this layer
@@ -257,11 +270,8 @@ class SparseLayer(nn.Module):
         unless given), as tokens [B, P, C_out], or with `into` = (key, index) scattered
         straight into this step's map `key`, which it returns."""
         bias = conv.bias if bias is None else bias
-        out, out_index, mirror = None, None, None
-        if into is not None:
-            out, out_index, mirror = self.target(into[0]), into[1], self.mirror(into[0])
-        args = (x, taps, conv.weight, bias, norm_affine, residual, out_scale)
-        args += (out, out_index, mirror)
+        out, out_index = (None, None) if into is None else (self.target(into[0]), into[1])
+        args = (x, taps, conv.weight, bias, norm_affine, residual, out_scale, out, out_index)
         if not self.state.use_triton(x):
             return with_step_views(conv_kernels.sparse_conv2d_reference)(*args)
         packed = self.packed(conv, lambda c: conv_kernels.pack_conv_weight(c.weight))
@@ -311,7 +321,7 @@ class SparseLayer(nn.Module):
         (+ residual)."""
         out = self.target(key)
         scatter = self.kernel(token_kernels, "scatter_tokens_into", out)
-        return scatter(out, index, tokens, residual, self.mirror(key))
+        return scatter(out, index, tokens, residual)
 
     def summed_layer_norm(
         self,
@@ -341,11 +351,6 @@ class SparseLayer(nn.Module):
         """This step's map `key`, which a sparse call records: the cached one until the call
         writes into it."""
         return self.state.record[f"{self.name}.{key}"]
-
-    def mirror(self, key: str) -> StepView | None:
-        """Where kernels writing the region of this step's map `key` write it too (see
-        `StepMaps.mirror`)."""
-        return self.state.record.mirror(f"{self.name}.{key}")
 
     def save(self, key: str, value: torch.Tensor) -> None:
         if self.state.record is not None:

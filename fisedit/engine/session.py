@@ -9,7 +9,7 @@ import time
 import uuid
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Literal
 
@@ -368,7 +368,8 @@ class Engine:
         if text is not None:
             state.shared.text.given(*text)
         try:
-            yield
+            with record.reading() if isinstance(record, StepMaps) else nullcontext():
+                yield
         finally:
             state.plan = state.source = state.record = None
             state.config = self.config.sparse

@@ -87,31 +87,72 @@ def _previous_version(steps: int = 3) -> ActivationCache:
     return cache
 
 
-def test_a_step_in_device_memory_gives_sparse_outputs_static_maps_mirrored_in_the_cache():
-    source = _previous_version()
-    edited = source.edited_in_place()
+def _static_step(source: ActivationCache) -> tuple[StepMaps, torch.Tensor]:
+    """Step 1 of an edit recording in place into `source`, with its step in device memory."""
     step = torch.tensor(1)
-    maps = StepMaps(edited, source, step, frozenset({"sparse.out", "sparse.norm2_in"}))
+    maps = StepMaps(
+        source.edited_in_place(), source, step, frozenset({"sparse.out", "sparse.norm2_in"})
+    )
     maps.fill(source, 1)
+    return maps, step
 
-    # The UNet reads a sparse layer's output: a static map, filled with the step's, its
-    # region written into the cache beside it. Every other map is the cache at the step.
-    static = maps["sparse.out"]
-    assert isinstance(static, torch.Tensor) and torch.equal(static, source.get("sparse.out", 1))
-    mirror = maps.mirror("sparse.out")
-    assert mirror.buffer is source.tensors["sparse.out"] and int(mirror.step) == 1
-    for name in ("sparse.norm2_in", "dense.out"):
-        assert isinstance(maps[name], StepView) and maps.mirror(name) is None
+
+def test_a_step_in_device_memory_hands_the_unet_static_maps_of_sparse_outputs():
+    source = _previous_version()
+    maps, step = _static_step(source)
+
+    # Every map is the cache at the step, which kernels address at the index; the UNet's
+    # ops get a static map for a sparse layer's output, and kernels read the cache behind it.
+    for name in ("sparse.out", "sparse.norm2_in", "dense.out"):
+        assert isinstance(maps[name], StepView) and int(maps[name].step) == 1
         assert maps[name].buffer is source.tensors[name]
+    static = maps.static("sparse.out")
+    assert static.shape == (2, 4, 3, 5) and static.is_contiguous(memory_format=torch.channels_last)
+    assert maps.static("sparse.norm2_in") is None and maps.static("dense.out") is None
+    assert maps.behind(static) is maps["sparse.out"]
+    other = torch.randn(2, 4, 3, 5)
+    assert maps.behind(other) is other
     # A map written in place is left alone; a dense layer's output goes straight in.
     new = torch.randn(2, 4, 3, 5)
-    maps.put("sparse.out", step, static)
+    maps.put("sparse.out", step, maps["sparse.out"])
     maps.put("dense.out", step, new)
     assert torch.equal(source.get("dense.out", 1), new)
-    assert torch.equal(source.get("sparse.out", 1), static)
 
 
-def test_a_fork_s_step_fills_its_own_cache_and_the_static_maps_from_the_shared_one():
+def test_the_unet_s_ops_read_a_static_map_filled_from_the_cache_and_only_then():
+    source = _previous_version()
+    maps, _ = _static_step(source)
+    static = maps.static("sparse.out").fill_(float("nan"))
+    cached = source.get("sparse.out", 1)
+
+    with maps.reading():
+        # Shapes and layouts read no element: nothing is copied for them.
+        assert static.shape[1] == 4 and static.dim() == 4 and static.dtype == torch.float32
+    assert static.isnan().all()
+    with maps.reading():
+        doubled = static * 2
+    assert torch.equal(doubled, cached * 2) and torch.equal(static, cached)
+
+
+def test_a_concatenation_along_channels_reads_the_cache_behind_static_maps():
+    """The skip connections: torch.cat of a static map and a plain one takes the static
+    map's values from the cache, so the static map itself is never filled."""
+    source = _previous_version()
+    maps, _ = _static_step(source)
+    static = maps.static("sparse.out").fill_(float("nan"))
+    plain = torch.randn(2, 3, 3, 5)
+
+    with maps.reading():
+        joined = torch.cat([plain, static], dim=1)
+    expected = torch.cat([plain, source.get("sparse.out", 1)], dim=1)
+    assert torch.equal(joined, expected) and static.isnan().all()
+    with maps.reading():
+        # Not along channels: the static map is filled first.
+        stacked = torch.cat([static, static], dim=0)
+    assert torch.equal(stacked, torch.cat([source.get("sparse.out", 1)] * 2))
+
+
+def test_a_fork_s_step_fills_its_own_cache_from_the_shared_one():
     source = _previous_version()
     own = ActivationCache(source.steps, channels_last=True)
     reads = frozenset({"sparse.out", "sparse.norm2_in"})
@@ -121,7 +162,7 @@ def test_a_fork_s_step_fills_its_own_cache_and_the_static_maps_from_the_shared_o
     for name in reads:
         assert torch.equal(own.get(name, 2), source.get(name, 2))
         assert own.tensors[name] is not source.tensors[name]
-    assert torch.equal(maps["sparse.out"], source.get("sparse.out", 2))
+        assert maps[name].buffer is own.tensors[name]
 
 
 def test_unknown_names_are_clear_errors():

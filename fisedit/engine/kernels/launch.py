@@ -87,22 +87,18 @@ def _step_zero(device: torch.device) -> torch.Tensor:
 
 
 def with_step_views(reference: Any) -> Any:
-    """`reference` (a kernel's PyTorch reference, which writes in place only its `out` and
-    `mirror` arguments) taking StepViews too: they are read into tensors, and views given
-    as `out` or `mirror` are written back; a view given as `out` stands for the map in what
-    the reference returns."""
-    written = _written_positions(reference)
+    """`reference` (a kernel's PyTorch reference, which writes in place only its `out`
+    argument) taking StepViews too: they are read into tensors, and a view given as `out`
+    is written back, and stands for the map in what the reference returns."""
+    out = _out_position(reference)
 
     @functools.wraps(reference)
     def call(*args):
         tensors = [a.read() if isinstance(a, StepView) else a for a in args]
         result = reference(*tensors)
-        for position in written.values():
-            if position < len(args) and isinstance(args[position], StepView):
-                args[position].write(tensors[position])
-        out = written.get("out")
         if out is None or out >= len(args) or not isinstance(args[out], StepView):
             return result
+        args[out].write(tensors[out])
         view, tensor = args[out], tensors[out]
         if isinstance(result, tuple):
             return tuple(view if r is tensor else r for r in result)
@@ -112,25 +108,9 @@ def with_step_views(reference: Any) -> Any:
 
 
 @functools.cache
-def _written_positions(reference: Any) -> dict[str, int]:
+def _out_position(reference: Any) -> int | None:
     names = list(inspect.signature(reference).parameters)
-    return {name: names.index(name) for name in ("out", "mirror") if name in names}
-
-
-def mirror_addressed(
-    mirror: "torch.Tensor | StepView | None", out: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """`step_addressed(mirror)` for a kernel that writes what it writes into the map `out`
-    into `mirror` too, at the same offsets (so it must have `out`'s shape and strides);
-    without a mirror, `out` stands in, never written twice."""
-    if mirror is None:
-        return step_addressed(out)
-    if mirror.shape != out.shape or mirror.stride() != out.stride():
-        raise ValueError(
-            f"a mirror must be laid out as its map: shape {tuple(mirror.shape)} strides "
-            f"{mirror.stride()}, map {tuple(out.shape)} strides {out.stride()}"
-        )
-    return step_addressed(mirror)
+    return names.index("out") if "out" in names else None
 
 
 @dataclass

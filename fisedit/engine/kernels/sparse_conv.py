@@ -4,9 +4,8 @@ Rows are the B * P active (sample, pixel) pairs, columns the output channels, an
 the T kernel taps times the C input channels. Each program gathers its rows' inputs with
 their halo straight from the feature map (any strides; -1 taps read zero padding), applies
 the GroupNorm affine and SiLU on load, and accumulates in fp32 with tl.dot. The epilogue adds
-bias and residual, scales, and writes tokens or scatters the rows into a feature map, and
-into a mirror of it too when given (the run's cache, beside the static map a captured UNet
-reads). The input and scattered-into maps may be StepViews of a per-step cache.
+bias and residual, scales, and writes tokens or scatters the rows into a feature map. The
+input and scattered-into maps may be StepViews of a per-step cache.
 
 Few active pixels make a small grid with a long serial K loop (latency-bound), so K is split
 across programs: each split writes an fp32 partial sum, and a finalise pass of the same kernel
@@ -18,13 +17,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fisedit.engine.kernels.launch import (
-    StepView,
-    launcher,
-    mirror_addressed,
-    multiprocessors,
-    step_addressed,
-)
+from fisedit.engine.kernels.launch import StepView, launcher, multiprocessors, step_addressed
 from fisedit.engine.sparse_ops import scatter_tokens_
 
 # Splits beyond this add workspace traffic for little extra parallelism.
@@ -50,7 +43,6 @@ def sparse_conv2d_reference(
     out_scale: float = 1.0,
     out: torch.Tensor | None = None,
     out_index: torch.Tensor | None = None,
-    mirror: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The conv at the active pixels in plain PyTorch, computed in fp32.
 
@@ -59,8 +51,7 @@ def sparse_conv2d_reference(
     norm_affine [2, B, C] (fp32, from `group_norm_affine`) makes the input
     silu(x * scale + shift), computed in fp32, with padding still zero.
     Returns tokens [B, P, C_out] = (conv + bias + residual) * out_scale, or, given `out` and
-    `out_index` [P], writes them into `out` [B, C_out, H_out, W_out] in place and returns it
-    (and into `mirror`, a map like `out`, too).
+    `out_index` [P], writes them into `out` [B, C_out, H_out, W_out] in place and returns it.
     """
     batch, channels = x.shape[:2]
     # A trailing zero column for padding taps to read.
@@ -76,8 +67,6 @@ def sparse_conv2d_reference(
     if residual is not None:
         result = result + residual.float()
     result = (result * out_scale).to(x.dtype)
-    if mirror is not None:
-        scatter_tokens_(mirror, out_index, result)
     return result if out is None else scatter_tokens_(out, out_index, result)
 
 
@@ -94,8 +83,6 @@ def _sparse_conv_kernel(
     res_ptr,
     out_ptr,
     out_step_ptr,
-    mirror_ptr,
-    mirror_step_ptr,
     out_index_ptr,
     part_ptr,
     M,
@@ -124,7 +111,6 @@ def _sparse_conv_kernel(
     sr_p,
     sr_c,
     so_s,
-    sm_s,
     so_b,
     so_c,
     so_h,
@@ -133,7 +119,6 @@ def _sparse_conv_kernel(
     HAS_AFFINE: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     SCATTER: tl.constexpr,
-    MIRROR: tl.constexpr,
     PARTIAL: tl.constexpr,
     FINALISE: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -144,7 +129,6 @@ def _sparse_conv_kernel(
     fused (neither flag): the whole K loop and the epilogue;
     PARTIAL: split program_id(2) of the K loop, written to part_ptr [n_splits, M, N] in fp32;
     FINALISE: sums those partials in split order, then the epilogue.
-    MIRROR: the epilogue stores into mirror_ptr, laid out as out_ptr, too.
     """
     x_ptr += tl.load(x_step_ptr) * sx_s
     out_ptr += tl.load(out_step_ptr) * so_s
@@ -206,9 +190,6 @@ def _sparse_conv_kernel(
         pix = b * so_b + (pos // W_out) * so_h + (pos % W_out) * so_w
         out_offs = pix[:, None] + offs_n[None, :] * so_c
         tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=tile_mask)
-        if MIRROR:
-            mirror_ptr += tl.load(mirror_step_ptr) * sm_s
-            tl.store(mirror_ptr + out_offs, acc.to(mirror_ptr.dtype.element_ty), mask=tile_mask)
 
 
 def _block_sizes(rows: int, cols: int, channels: int) -> tuple[int, int, int]:
@@ -242,7 +223,6 @@ def sparse_conv2d_triton(
     out_scale: float = 1.0,
     out: torch.Tensor | StepView | None = None,
     out_index: torch.Tensor | None = None,
-    mirror: torch.Tensor | StepView | None = None,
     *,
     packed_weight: torch.Tensor | None = None,
     split_k: int | None = None,
@@ -266,8 +246,6 @@ def sparse_conv2d_triton(
         )
     if (out is None) != (out_index is None):
         raise ValueError("out and out_index go together")
-    if mirror is not None and out is None:
-        raise ValueError("a mirror mirrors an out map")
     c_out = packed_weight.shape[1]
     if bias is not None and bias.stride(-1) != 1:
         bias = bias.contiguous()
@@ -300,7 +278,6 @@ def sparse_conv2d_triton(
         out_width = n_pix
     x_base, x_step, x_step_stride = step_addressed(x)
     out_base, out_step, out_step_stride = step_addressed(out)
-    mirror_base, mirror_step, mirror_step_stride = mirror_addressed(mirror, out)
     partials = (
         torch.empty(split_k, rows, c_out, dtype=torch.float32, device=x.device)
         if split_k > 1
@@ -319,8 +296,6 @@ def sparse_conv2d_triton(
         res,
         out_base,
         out_step,
-        mirror_base,
-        mirror_step,
         taps if out_index is None else out_index,
         partials,
         rows,
@@ -341,7 +316,6 @@ def sparse_conv2d_triton(
         *(affine.stride() if norm_affine is not None else (0, 0, 0)),
         *(res.stride() if residual is not None else (0, 0, 0)),
         out_step_stride,
-        mirror_step_stride,
         *out_strides,
     ]
     flags = dict(
@@ -349,7 +323,6 @@ def sparse_conv2d_triton(
         HAS_AFFINE=norm_affine is not None,
         HAS_RESIDUAL=residual is not None,
         SCATTER=scatter,
-        MIRROR=mirror is not None,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,

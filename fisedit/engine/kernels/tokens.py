@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fisedit.engine.kernels.launch import StepView, launcher, mirror_addressed, step_addressed
+from fisedit.engine.kernels.launch import StepView, launcher, step_addressed
 from fisedit.engine.sparse_ops import gather_tokens, scatter_tokens_
 
 
@@ -35,6 +35,7 @@ def gather_tokens_affine_reference(
 @triton.jit(do_not_specialize=["P"])
 def _gather_tokens_affine_kernel(
     x_ptr,
+    x_step_ptr,
     index_ptr,
     affine_ptr,
     tokens_ptr,
@@ -42,6 +43,7 @@ def _gather_tokens_affine_kernel(
     P,
     C,
     W,
+    sx_s,
     sx_b,
     sx_c,
     sx_h,
@@ -53,6 +55,7 @@ def _gather_tokens_affine_kernel(
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
+    x_ptr += tl.load(x_step_ptr) * sx_s
     b = tl.program_id(2)
     offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -71,9 +74,10 @@ def _gather_tokens_affine_kernel(
 
 
 def gather_tokens_affine(
-    x: torch.Tensor, index: torch.Tensor, norm_affine: torch.Tensor | None = None
+    x: torch.Tensor | StepView, index: torch.Tensor, norm_affine: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`gather_tokens_affine_reference` as one kernel; without an affine, tokens come twice."""
+    """`gather_tokens_affine_reference` as one kernel (`x` may be a StepView); without an
+    affine, tokens come twice."""
     batch, channels, _, width = x.shape
     n_pix = index.shape[0]
     tokens = torch.empty(batch, n_pix, channels, dtype=x.dtype, device=x.device)
@@ -82,9 +86,11 @@ def gather_tokens_affine(
         return tokens, normed
     block_p, block_c = _tile(n_pix), _tile(channels)
     grid = (triton.cdiv(n_pix, block_p), triton.cdiv(channels, block_c), batch)
-    affine = x if norm_affine is None else norm_affine
+    base, step, step_stride = step_addressed(x)
+    affine = base if norm_affine is None else norm_affine
     launcher(_gather_tokens_affine_kernel, x.device)[grid](
-        x,
+        base,
+        step,
         index.contiguous(),
         affine,
         tokens,
@@ -92,6 +98,7 @@ def gather_tokens_affine(
         n_pix,
         channels,
         width,
+        step_stride,
         *x.stride(),
         *(affine.stride() if norm_affine is not None else (0, 0, 0)),
         HAS_AFFINE=norm_affine is not None,
@@ -116,13 +123,9 @@ def scatter_tokens_into_reference(
     index: torch.Tensor,
     tokens: torch.Tensor,
     residual: torch.Tensor | None = None,
-    mirror: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Sets the active pixels of the map `out` [B, C, H, W] to tokens (+ residual), in place,
-    and those of `mirror`, a map like `out`, too."""
+    """Sets the active pixels of the map `out` [B, C, H, W] to tokens (+ residual), in place."""
     values = tokens.float() if residual is None else tokens.float() + residual.float()
-    if mirror is not None:
-        scatter_tokens_(mirror, index, values)
     return scatter_tokens_(out, index, values)
 
 
@@ -132,8 +135,7 @@ def _scatter_tokens_kernel(
     res_ptr,
     index_ptr,
     out_ptr,
-    mirror_ptr,
-    mirror_step_ptr,
+    out_step_ptr,
     P,
     C,
     W,
@@ -143,16 +145,16 @@ def _scatter_tokens_kernel(
     sr_b,
     sr_p,
     sr_c,
-    sm_s,
+    so_s,
     so_b,
     so_c,
     so_h,
     so_w,
     HAS_RESIDUAL: tl.constexpr,
-    MIRROR: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
+    out_ptr += tl.load(out_step_ptr) * so_s
     b = tl.program_id(2)
     offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -167,42 +169,36 @@ def _scatter_tokens_kernel(
     pix = b * so_b + (pos // W) * so_h + (pos % W) * so_w
     out_offs = pix[:, None] + offs_c[None, :] * so_c
     tl.store(out_ptr + out_offs, values.to(out_ptr.dtype.element_ty), mask=mask)
-    if MIRROR:
-        mirror_ptr += tl.load(mirror_step_ptr) * sm_s
-        tl.store(mirror_ptr + out_offs, values.to(mirror_ptr.dtype.element_ty), mask=mask)
 
 
 def scatter_tokens_into(
-    out: torch.Tensor,
+    out: torch.Tensor | StepView,
     index: torch.Tensor,
     tokens: torch.Tensor,
     residual: torch.Tensor | None = None,
-    mirror: torch.Tensor | StepView | None = None,
-) -> torch.Tensor:
-    """`scatter_tokens_into_reference` as one kernel (`mirror` may be a StepView)."""
+) -> torch.Tensor | StepView:
+    """`scatter_tokens_into_reference` as one kernel (`out` may be a StepView)."""
     batch, channels, _, width = out.shape
     n_pix = index.shape[0]
     if n_pix == 0 or batch == 0 or channels == 0:
         return out
     block_p, block_c = _tile(n_pix), _tile(channels)
     grid = (triton.cdiv(n_pix, block_p), triton.cdiv(channels, block_c), batch)
-    mirror_base, mirror_step, mirror_step_stride = mirror_addressed(mirror, out)
-    launcher(_scatter_tokens_kernel, out.device)[grid](
+    base, step, step_stride = step_addressed(out)
+    launcher(_scatter_tokens_kernel, tokens.device)[grid](
         tokens,
         tokens if residual is None else residual,
         index.contiguous(),
-        out,
-        mirror_base,
-        mirror_step,
+        base,
+        step,
         n_pix,
         channels,
         width,
         *tokens.stride(),
         *(residual.stride() if residual is not None else (0, 0, 0)),
-        mirror_step_stride,
+        step_stride,
         *out.stride(),
         HAS_RESIDUAL=residual is not None,
-        MIRROR=mirror is not None,
         BLOCK_P=block_p,
         BLOCK_C=block_c,
     )

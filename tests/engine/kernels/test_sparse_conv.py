@@ -215,27 +215,6 @@ def test_reads_and_scatters_into_maps_at_a_step_in_device_memory(kernel):
     assert torch.equal(out.buffer[[0, 1]], before[[0, 1]])
 
 
-@pytest.mark.parametrize("kernel", ["triton", "reference"])
-def test_scatters_the_same_pixels_into_a_mirror_at_a_step_in_device_memory(kernel):
-    """A captured sparse step's layer output: a static map the UNet reads, and the run's
-    cache at the step beside it, which gets only the active pixels written."""
-    case = Case("3x3-c20", "border")
-    base = torch.randn(2, 16, *case.out_hw, device=DEVICE)
-    out, mirror = base.clone(), _steps_of(torch.randn_like(base), 2)
-    before = mirror.buffer.clone()
-    conv = sparse_conv2d_triton if kernel == "triton" else with_step_views(sparse_conv2d_reference)
-    args = (case.taps, case.conv.weight, case.conv.bias, case.affine(), case.residual, 0.5)
-    returned = conv(case.x, *args, out, case.index, mirror)
-
-    expected, cached = base.clone(), before[2].clone()
-    sparse_conv2d_reference(case.x, *args, expected, case.index)
-    sparse_conv2d_reference(case.x, *args, cached, case.index)
-    assert returned is out
-    torch.testing.assert_close(out, expected, atol=ATOL, rtol=RTOL)
-    torch.testing.assert_close(mirror.buffer[2], cached, atol=ATOL, rtol=RTOL)
-    assert torch.equal(mirror.buffer[[0, 1]], before[[0, 1]])
-
-
 def test_empty_mask_launches_nothing(monkeypatch):
     def no_launch(*args):
         raise AssertionError("launched a kernel for an empty mask")
