@@ -47,7 +47,7 @@ from fisedit.service.bulk_records import (
     variation_row,
 )
 from fisedit.service.config import ServiceConfig, StoreConfig
-from fisedit.service.deploy import warn_if_unoffered
+from fisedit.service.deploy import warn_if_no_room, warn_if_unoffered
 from fisedit.storage import ObjectExistsError, ObjectStore
 
 
@@ -354,14 +354,17 @@ def run_bulk(
     if todo_groups:
         if not ray.is_initialized():
             ray.init(address=address)
-        warn_if_unoffered(_actor_resources(config, options), "the GroupEditor actors")
+        resources = _actor_resources(config, options)
+        actors = min(options.workers, len(todo_groups))
+        warn_if_unoffered(resources, "the GroupEditor actors")
+        warn_if_no_room(resources, actors, "GroupEditor actors")
         items = [{"group": g.model_dump_json(), "todo": json.dumps(t)} for g, t in todo_groups]
         results = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             GroupEditor,
             batch_size=1,
-            compute=ActorPoolStrategy(size=min(options.workers, len(items))),
+            compute=ActorPoolStrategy(size=actors),
             fn_constructor_kwargs={"config_json": config.model_dump_json(), "run": options.run},
-            **_actor_resources(config, options),
+            **resources,
         )
         total = sum(len(t) for _, t in todo_groups)
         with tqdm(total=total, desc=f"bulk {options.run}", disable=not options.progress) as bar:

@@ -30,6 +30,8 @@ def start(config: ServiceConfig) -> None:
     common = {"namespace": config.namespace, "get_if_exists": True, "lifetime": "detached"}
     resources = config.worker_resources
     warn_if_unoffered(resources.model_dump(), "the workers")
+    starting = {worker_name(i) for i in range(config.workers)} - set(running(config.namespace))
+    warn_if_no_room(resources.model_dump(), len(starting), "workers")
     workers = [
         ray.remote(EditWorker)
         .options(
@@ -56,12 +58,17 @@ def _check_store(store: StoreConfig) -> None:
     store.open().check()
 
 
+def _wanted(options: dict) -> dict[str, float]:
+    """An actor's `options` (num_cpus, num_gpus, resources) as Ray names the resources."""
+    wanted = {"CPU": options.get("num_cpus", 0), "GPU": options.get("num_gpus", 0)}
+    return wanted | (options.get("resources") or {})
+
+
 def warn_if_unoffered(options: dict, actors: str) -> None:
     """Says which resources of an actor's `options` (num_cpus, num_gpus, resources) no node
     of the cluster offers enough of: `actors` would wait for a node that does (which an
     autoscaler may add), and calls on them time out."""
-    wanted = {"CPU": options.get("num_cpus", 0), "GPU": options.get("num_gpus", 0)}
-    wanted |= options.get("resources") or {}
+    wanted = _wanted(options)
     offered = ray.cluster_resources()
     missing = [name for name, amount in wanted.items() if amount > offered.get(name, 0)]
     if missing:
@@ -71,6 +78,43 @@ def warn_if_unoffered(options: dict, actors: str) -> None:
             f"{has}); {actors} wait for one that does",
             stacklevel=3,
         )
+
+
+def room_for(options: dict, resources: dict[str, float]) -> int | None:
+    """How many actors with `options` the `resources` hold (None: no limit)."""
+    wanted = _wanted(options).items()
+    return min(
+        (int(resources.get(name, 0) // amount) for name, amount in wanted if amount), default=None
+    )
+
+
+def room_warning(
+    options: dict, count: int, actors: str, offered: dict[str, float], available: dict[str, float]
+) -> str | None:
+    """What `warn_if_no_room` says, given the cluster's `offered` and `available` resources."""
+    now, most = room_for(options, available), room_for(options, offered)
+    if now is None or now >= count or most == 0:
+        return None  # room, or none on any node (`warn_if_unoffered` says so)
+    wanted = {name: amount for name, amount in _wanted(options).items() if amount}
+    each = ", ".join(f"{amount:g} {name}" for name, amount in wanted.items())
+    free = ", ".join(f"{available.get(name, 0):g} {name}" for name in wanted)
+    why = (
+        f"the cluster holds at most {most} at once, so the rest wait for more nodes"
+        if most < count
+        else "the rest wait until other actors, such as the service's workers, release "
+        "what they hold"
+    )
+    return f"room now for {now} of the {count} {actors} ({each} each, {free} free): {why}"
+
+
+def warn_if_no_room(options: dict, count: int, actors: str) -> None:
+    """Says when the cluster has room now for fewer than `count` actors with `options`,
+    and why they wait: other actors hold what they need, or no more fit."""
+    message = room_warning(
+        options, count, actors, ray.cluster_resources(), ray.available_resources()
+    )
+    if message is not None:
+        warnings.warn(message, stacklevel=3)
 
 
 def running(namespace: str) -> list[str]:

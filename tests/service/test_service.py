@@ -491,3 +491,33 @@ def test_starting_workers_that_no_node_can_hold_says_which_resources_are_missing
         warnings.simplefilter("error")
         offered = WorkerResources(num_cpus=1, resources={"edit_slot": 1}).model_dump()
         deploy.warn_if_unoffered(offered, "the workers")
+
+
+def test_room_for_counts_the_actors_that_resources_hold():
+    each = WorkerResources(num_cpus=0.5, resources={"edit_slot": 1}).model_dump()
+    assert deploy.room_for(each, {"CPU": 2.0, "edit_slot": 3.0}) == 3
+    assert deploy.room_for(each, {"CPU": 1.0, "edit_slot": 3.0}) == 2
+    assert deploy.room_for(each, {"CPU": 4.0}) == 0
+    assert deploy.room_for(WorkerResources(num_cpus=0).model_dump(), {}) is None
+
+
+def test_actors_without_room_now_are_told_why_they_wait():
+    each = WorkerResources(num_cpus=1, resources={"edit_slot": 1}).model_dump()
+    offered = {"CPU": 4.0, "edit_slot": 3.0}
+    held = {"CPU": 4.0, "edit_slot": 1.0}
+    assert deploy.room_warning(each, 2, "workers", offered, held) == (
+        "room now for 1 of the 2 workers (1 CPU, 1 edit_slot each, 4 CPU, 1 edit_slot free): "
+        "the rest wait until other actors, such as the service's workers, release what they hold"
+    )
+    too_many = deploy.room_warning(each, 4, "workers", offered, offered)
+    assert too_many.endswith("the cluster holds at most 3 at once, so the rest wait for more nodes")
+    assert deploy.room_warning(each, 3, "workers", offered, offered) is None
+    # No node offers a GPU at all: warn_if_unoffered says that.
+    assert deploy.room_warning({"num_gpus": 1}, 1, "workers", offered, offered) is None
+
+
+def test_starting_more_actors_than_the_cluster_holds_at_once_says_so(ray_cluster):
+    each = WorkerResources(num_cpus=0, resources={"edit_slot": 1}).model_dump()
+    # The test cluster offers three edit slots.
+    with pytest.warns(UserWarning, match="of the 4 workers .* holds at most 3 at once"):
+        deploy.warn_if_no_room(each, 4, "workers")
