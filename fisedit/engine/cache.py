@@ -6,7 +6,7 @@ import torch
 import torch.utils._pytree
 from torch.overrides import TorchFunctionMode
 
-from fisedit.engine.kernels.launch import StepView
+from fisedit.engine.kernels.launch import ChannelConcat, StepView
 
 RUN_STATE = ("latents", "solver_history")
 """What the denoise loop records after each UNet call; the UNet's layers record the rest."""
@@ -206,6 +206,8 @@ class StepMaps:
             if name.endswith(".out") and name in reads:
                 self.statics[name] = torch.empty_like(buffer[0])
         self._behind = {id(static): name for name, static in self.statics.items()}
+        self._joins: dict[int, tuple[torch.Tensor, ChannelConcat]] = {}
+        self._filled: set[int] = set()
 
     def __getitem__(self, name: str) -> torch.Tensor | StepView:
         return self.maps[name]
@@ -215,20 +217,54 @@ class StepMaps:
         return self.statics.get(name)
 
     def is_static(self, value: object) -> bool:
-        return id(value) in self._behind
+        """Whether `value` is a static map, or a join of maps (`joined`), filled when read."""
+        return id(value) in self._behind or id(value) in self._joins
 
-    def behind(self, value: torch.Tensor) -> torch.Tensor | StepView:
-        """The map behind `value` when it is a static map (else `value`): what kernels read."""
+    def behind(self, value: torch.Tensor) -> torch.Tensor | StepView | ChannelConcat:
+        """What kernels read for `value`: the map behind a static map, the parts of a join,
+        else `value` itself."""
+        if id(value) in self._joins:
+            return self._joins[id(value)][1]
         name = self._behind.get(id(value))
         return value if name is None else self.maps[name]
 
+    def joined(self, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+        """torch.cat([first, second], dim=1) of maps, either of them static, as a static map:
+        filled when read (`filled`); kernels read its parts (`behind`)."""
+        batch, channels, *hw = first.shape
+        layout = torch.channels_last if _nhwc(first, False) else torch.contiguous_format
+        out = torch.empty(
+            (batch, channels + second.shape[1], *hw),
+            dtype=first.dtype,
+            device=first.device,
+            memory_format=layout,
+        )
+        self._joins[id(out)] = (out, ChannelConcat(self.behind(first), self.behind(second)))
+        return out
+
     def filled(self, value: torch.Tensor) -> torch.Tensor:
-        """`value`, set to the map behind it in the cache first when it is a static map."""
-        name = self._behind.get(id(value))
-        if name is not None:
-            view = self.maps[name]
-            torch.index_select(view.buffer, 0, view.step, out=value.unsqueeze(0))
+        """`value`, set first (once per call) to what it stands for when it is a static map:
+        its map in the cache, or the parts of a join."""
+        if not self.is_static(value) or id(value) in self._filled:
+            return value
+        self._filled.add(id(value))
+        behind = self.behind(value)
+        parts = [behind] if isinstance(behind, StepView) else [behind.first, behind.second]
+        start = 0
+        for part in parts:
+            target = value[:, start : start + part.shape[1]]
+            start += part.shape[1]
+            if isinstance(part, StepView):
+                # Indexing at the step straight into the target: one read, one write.
+                torch.index_select(part.buffer, 0, part.step, out=target.unsqueeze(0))
+            else:
+                target.copy_(part)
         return value
+
+    def start_call(self) -> None:
+        """Forgets the last call's joins and fills: static maps are filled again."""
+        self._joins.clear()
+        self._filled.clear()
 
     def reading(self) -> "StaticMapReads | contextlib.nullcontext":
         """Where the UNet's ops read static maps, filled when read (see `StaticMapReads`)."""
@@ -262,15 +298,18 @@ _METADATA |= {"is_contiguous", "element_size", "requires_grad", "is_cuda", "__le
 
 
 class StaticMapReads(TorchFunctionMode):
-    """Fills a StepMaps' static maps when the UNet's ops first read them in a call, from the
-    cache at the step; a concatenation along channels (the skip connections) reads the cache
-    behind its static inputs directly into its output. Sparse layers read the cache behind
+    """Fills a StepMaps' static maps when the UNet's ops read them in a call, from the
+    cache at the step; a concatenation of two maps along channels (a skip connection) is a
+    static map too, whose parts the resnet after it reads. Sparse layers read what is behind
     a static map themselves (`StepMaps.behind`), so a map only they read is never copied."""
 
     def __init__(self, maps: StepMaps) -> None:
         super().__init__()
         self.maps = maps
-        self.filled: set[int] = set()
+
+    def __enter__(self):
+        self.maps.start_call()
+        return super().__enter__()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -279,48 +318,24 @@ class StaticMapReads(TorchFunctionMode):
             name = getattr(getattr(func, "__self__", None), "__name__", name)
         if name in _METADATA:
             return func(*args, **kwargs)
-        if func is torch.cat and _along_channels(args, kwargs) and self._reads_static(args[0]):
-            return self._cat(args[0])
+        if func is torch.cat and _joins_two_maps(args, kwargs, self.maps):
+            return self.maps.joined(*args[0])
         for value in torch.utils._pytree.tree_leaves((args, kwargs)):
-            if self.maps.is_static(value) and id(value) not in self.filled:
-                self.maps.filled(value)
-                self.filled.add(id(value))
+            self.maps.filled(value)
         return func(*args, **kwargs)
 
-    def _reads_static(self, tensors: list[torch.Tensor]) -> bool:
-        return any(self.maps.is_static(t) for t in tensors)
 
-    def _cat(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        first = tensors[0]
-        channels = sum(t.shape[1] for t in tensors)
-        layout = torch.channels_last if _nhwc(first, False) else torch.contiguous_format
-        out = torch.empty(
-            (first.shape[0], channels, *first.shape[2:]),
-            dtype=first.dtype,
-            device=first.device,
-            memory_format=layout,
-        )
-        start = 0
-        for tensor in tensors:
-            part = out[:, start : start + tensor.shape[1]]
-            start += tensor.shape[1]
-            view = self.maps.behind(tensor)
-            if isinstance(view, StepView):
-                torch.index_select(view.buffer, 0, view.step, out=part.unsqueeze(0))
-            else:
-                part.copy_(tensor)
-        return out
-
-
-def _along_channels(args: tuple, kwargs: dict) -> bool:
-    """Whether torch.cat's arguments join [B, C, H, W] maps along C."""
+def _joins_two_maps(args: tuple, kwargs: dict, maps: StepMaps) -> bool:
+    """Whether torch.cat's arguments join two [B, C, H, W] maps along C, one of them static."""
     dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
     tensors = args[0]
     return (
         set(kwargs) <= {"dim"}
+        and len(tensors) == 2
         and all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in tensors)
         and dim in (1, -3)
         and len({(t.shape[0], *t.shape[2:], t.dtype) for t in tensors}) == 1
+        and any(maps.is_static(t) for t in tensors)
     )
 
 

@@ -34,7 +34,7 @@ from fisedit.engine.kernels import group_norm as norm_kernels
 from fisedit.engine.kernels import linear as linear_kernels
 from fisedit.engine.kernels import sparse_conv as conv_kernels
 from fisedit.engine.kernels import tokens as token_kernels
-from fisedit.engine.kernels.launch import StepView, with_step_views
+from fisedit.engine.kernels.launch import ChannelConcat, StepView, with_step_views
 from fisedit.engine.plan import LayerGeometry, SparsePlan
 from fisedit.engine.sparse_ops import attention_over, key_value_projection, pointwise
 
@@ -167,6 +167,9 @@ class SparseLayer(nn.Module):
     """Common control flow: dense and recording through the wrapped module, or sparse."""
 
     recorded: tuple[str, ...] = ("out",)
+    reads_parts = False
+    """Whether a sparse call takes its input as a ChannelConcat (the kernels it runs on it
+    read each channel from its part)."""
 
     def __init__(self, name: str, inner: nn.Module, state: StepState) -> None:
         super().__init__()
@@ -199,11 +202,17 @@ class SparseLayer(nn.Module):
         self.save("out", out)
         return self.wrap(self.passed_on(out), **kwargs)
 
-    def behind(self, x: torch.Tensor) -> torch.Tensor | StepView:
-        """The map a sparse call reads for its input `x`: the cache behind it when `x` is a
-        static map (`StepMaps.behind`), which is then never copied for this layer."""
+    def behind(self, x: torch.Tensor) -> torch.Tensor | StepView | ChannelConcat:
+        """The map a sparse call reads for its input `x`: what is behind it when `x` is a
+        static map (`StepMaps.behind`), which is then never copied for this layer; the
+        parts of a join only for a layer that `reads_parts`."""
         record = self.state.record
-        return record.behind(x) if isinstance(record, StepMaps) else x
+        if not isinstance(record, StepMaps):
+            return x
+        behind = record.behind(x)
+        if isinstance(behind, ChannelConcat) and not self.reads_parts:
+            return record.filled(x)
+        return behind
 
     def passed_on(self, out: torch.Tensor | StepView) -> torch.Tensor:
         """What the UNet gets for this call's output: the output, or with a step in device
@@ -265,17 +274,19 @@ class SparseLayer(nn.Module):
         out_scale: float = 1.0,
         bias: torch.Tensor | None = None,
         into: tuple[str, torch.Tensor] | None = None,
+        split_k: int | None = None,
     ) -> torch.Tensor:
         """(conv(x) + bias + residual) * out_scale at the active pixels (bias: the conv's own
         unless given), as tokens [B, P, C_out], or with `into` = (key, index) scattered
-        straight into this step's map `key`, which it returns."""
+        straight into this step's map `key`, which it returns. `split_k`: see
+        `sparse_conv2d_triton`."""
         bias = conv.bias if bias is None else bias
         out, out_index = (None, None) if into is None else (self.target(into[0]), into[1])
         args = (x, taps, conv.weight, bias, norm_affine, residual, out_scale, out, out_index)
         if not self.state.use_triton(x):
             return with_step_views(conv_kernels.sparse_conv2d_reference)(*args)
         packed = self.packed(conv, lambda c: conv_kernels.pack_conv_weight(c.weight))
-        return conv_kernels.sparse_conv2d_triton(*args, packed_weight=packed)
+        return conv_kernels.sparse_conv2d_triton(*args, packed_weight=packed, split_k=split_k)
 
     def packed(self, module: nn.Module, pack: Callable[[nn.Module], Any], kind: str = "") -> Any:
         """`pack(module)`: weights rearranged for the sparse pass, computed once (per
@@ -397,6 +408,8 @@ class SparseResnet(SparseLayer):
         if inner.time_emb_proj is not None:
             self.time.add(inner, lambda: _time_projection(inner))
         self.record_input(inner.norm2, "norm2_in")
+        # After a skip connection, the kernels read the joined maps' parts.
+        self.reads_parts = inner.conv_shortcut is not None
 
     @staticmethod
     def supports(module: nn.Module) -> bool:
@@ -418,9 +431,12 @@ class SparseResnet(SparseLayer):
             bias = self.time.of(block, temb)
         affine = self.group_norm_affine(block.norm1, x)
         mid = self.conv_active(x, block.conv1, taps, affine, bias=bias, into=("norm2_in", index))
-        skip, _ = self.gather(x, index)
-        if block.conv_shortcut is not None:
-            skip = pointwise(block.conv_shortcut, skip)
+        if block.conv_shortcut is None:
+            skip, _ = self.gather(x, index)
+        else:
+            # A 1x1 conv: its K loop is short, and splitting it would only add traffic.
+            at_index = self.state.plan.taps(block.conv_shortcut, geometry.hw, geometry.hw)
+            skip = self.conv_active(x, block.conv_shortcut, at_index, split_k=1)
         affine = self.group_norm_affine(block.norm2, mid)
         scale = 1 / block.output_scale_factor
         return self.conv_active(mid, block.conv2, taps, affine, skip, scale, into=("out", index))

@@ -4,7 +4,7 @@ import torch
 
 from fisedit.engine import EditConfig, Engine, EngineConfig
 from fisedit.engine.cache import ActivationCache, HostPrefetcher, StepMaps, StepSlots
-from fisedit.engine.kernels.launch import StepView
+from fisedit.engine.kernels.launch import ChannelConcat, StepView
 from fisedit.engine.plan import SparsePlan
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -134,9 +134,10 @@ def test_the_unet_s_ops_read_a_static_map_filled_from_the_cache_and_only_then():
     assert torch.equal(doubled, cached * 2) and torch.equal(static, cached)
 
 
-def test_a_concatenation_along_channels_reads_the_cache_behind_static_maps():
-    """The skip connections: torch.cat of a static map and a plain one takes the static
-    map's values from the cache, so the static map itself is never filled."""
+def test_a_skip_connection_s_concatenation_is_a_join_its_resnet_reads_in_parts():
+    """torch.cat of a static map and a plain one along channels copies nothing: it gives a
+    static map whose parts kernels read (`behind`); any other op reading it fills it with
+    the concatenation, the static part's values taken from the cache."""
     source = _previous_version()
     maps, _ = _static_step(source)
     static = maps.static("sparse.out").fill_(float("nan"))
@@ -144,12 +145,18 @@ def test_a_concatenation_along_channels_reads_the_cache_behind_static_maps():
 
     with maps.reading():
         joined = torch.cat([plain, static], dim=1)
-    expected = torch.cat([plain, source.get("sparse.out", 1)], dim=1)
-    assert torch.equal(joined, expected) and static.isnan().all()
+        parts = maps.behind(joined)
+    assert isinstance(parts, ChannelConcat) and parts.shape == (2, 7, 3, 5)
+    assert parts.first is plain and parts.second is maps["sparse.out"]
+    assert static.isnan().all()
     with maps.reading():
-        # Not along channels: the static map is filled first.
+        joined = torch.cat([plain, static], dim=1)
+        doubled = joined * 2
+        # Not along channels: the static map itself is filled first.
         stacked = torch.cat([static, static], dim=0)
-    assert torch.equal(stacked, torch.cat([source.get("sparse.out", 1)] * 2))
+    cached = source.get("sparse.out", 1)
+    assert torch.equal(doubled, torch.cat([plain, cached], dim=1) * 2)
+    assert torch.equal(stacked, torch.cat([cached, cached]))
 
 
 def test_a_fork_s_step_fills_its_own_cache_from_the_shared_one():

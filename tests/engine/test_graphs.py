@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from fisedit.engine import EditConfig, Engine, EngineConfig
+from fisedit.engine import EditConfig, Engine, EngineConfig, SparseConfig
+from fisedit.engine.kernels.launch import interpreting
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -91,6 +92,31 @@ def test_captured_sparse_steps_record_into_their_own_edit_and_equal_eager_ones(
             assert torch.equal(version.cache.tensors[name], tensor), (version.mask.sum(), name)
     # Forks read one cache, so each edit records into a new one, with its own sparse step.
     assert [len(version.cache.graphs) for version in static] == [1, 1, 1]
+
+
+def test_through_the_triton_kernels_the_static_step_path_records_what_eager_steps_record(
+    tiny_model_dir, static_step_engine
+):
+    """Kernels reading maps at a step index, skip connections' joins in two parts and
+    static maps filled where the UNet reads them, on CUDA where a GPU is and interpreted
+    elsewhere; a join's parts split the channel chunks where a concatenation does not, so
+    sums may round differently."""
+    device = "cpu" if interpreting() else "cuda"
+    config = EngineConfig(progress=False, device=device, sparse=SparseConfig(kernels="triton"))
+    mask = _masks()[0]
+    edits = []
+    for engine_class in (Engine, static_step_engine):
+        engine = engine_class.from_pretrained(tiny_model_dir, config)
+        session = engine.generate("a cat", steps=3, seed=5)
+        edits.append(session.edit("a dog", mask=mask, mask_steps=1))
+    eager, static = edits
+
+    assert static.report.sparse_steps == 2
+    tolerance = 1e-5 if device == "cpu" else 1e-2  # TF32 on a GPU
+    for name, tensor in eager.cache.tensors.items():
+        torch.testing.assert_close(
+            static.cache.tensors[name], tensor, atol=tolerance, rtol=tolerance, msg=name
+        )
 
 
 def _edit_chain(engine: Engine):

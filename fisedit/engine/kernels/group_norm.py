@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from fisedit.engine.kernels.launch import StepView, launcher, step_addressed
+from fisedit.engine.kernels.launch import ChannelConcat, StepView, launcher, part_addresses
 
 # Elements one program loads per iteration.
 TILE_ELEMENTS = 2048
@@ -43,11 +43,14 @@ def group_norm_affine_reference(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Te
 def _group_norm_affine_kernel(
     x_ptr,
     x_step_ptr,
+    x2_ptr,
+    x2_step_ptr,
     weight_ptr,
     bias_ptr,
     out_ptr,
     HW,
     W,
+    C1,
     group_channels,
     eps,
     sx_s,
@@ -55,36 +58,50 @@ def _group_norm_affine_kernel(
     sx_c,
     sx_h,
     sx_w,
+    sx2_s,
+    sx2_b,
+    sx2_c,
+    sx2_h,
+    sx2_w,
     so_k,
     so_b,
     so_c,
+    TWO_PARTS: tl.constexpr,
     BLOCK_HW: tl.constexpr,
     BLOCK_G: tl.constexpr,
 ):
+    """TWO_PARTS: channels from C1 on are channel - C1 of x2 (a ChannelConcat)."""
     x_ptr += tl.load(x_step_ptr) * sx_s
     b = tl.program_id(0)
     g = tl.program_id(1)
     offs_g = tl.arange(0, BLOCK_G)
     g_mask = offs_g < group_channels
     c = g * group_channels + offs_g
+    in_first = g_mask
     base = x_ptr + b * sx_b + c[None, :] * sx_c
+    if TWO_PARTS:
+        in_first = g_mask & (c < C1)
+        x2_ptr += tl.load(x2_step_ptr) * sx2_s
+        in_second = g_mask & (c >= C1)
+        base2 = x2_ptr + b * sx2_b + (c - C1)[None, :] * sx2_c
     count = HW * group_channels
 
     total = tl.zeros((BLOCK_HW, BLOCK_G), dtype=tl.float32)
     for start in range(0, HW, BLOCK_HW):
         pix = start + tl.arange(0, BLOCK_HW)
-        mask = (pix < HW)[:, None] & g_mask[None, :]
-        offs = ((pix // W) * sx_h + (pix % W) * sx_w)[:, None]
-        total += tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
+        total += _load_group(base, pix, in_first, W, HW, sx_h, sx_w)
+        if TWO_PARTS:
+            total += _load_group(base2, pix, in_second, W, HW, sx2_h, sx2_w)
     mean = tl.sum(tl.sum(total, axis=1), axis=0) / count
 
     squares = tl.zeros((BLOCK_HW, BLOCK_G), dtype=tl.float32)
     for start in range(0, HW, BLOCK_HW):
         pix = start + tl.arange(0, BLOCK_HW)
+        values = _load_group(base, pix, in_first, W, HW, sx_h, sx_w)
+        if TWO_PARTS:
+            values += _load_group(base2, pix, in_second, W, HW, sx2_h, sx2_w)
         mask = (pix < HW)[:, None] & g_mask[None, :]
-        offs = ((pix // W) * sx_h + (pix % W) * sx_w)[:, None]
-        centred = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32) - mean
-        centred = tl.where(mask, centred, 0.0)
+        centred = tl.where(mask, values - mean, 0.0)
         squares += centred * centred
     rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(squares, axis=1), axis=0) / count + eps)
 
@@ -95,9 +112,19 @@ def _group_norm_affine_kernel(
     tl.store(out + so_k, shift, mask=g_mask)
 
 
-def group_norm_affine(norm: nn.GroupNorm, x: torch.Tensor | StepView) -> torch.Tensor:
+@triton.jit
+def _load_group(base, pix, channels, W, HW, s_h, s_w):
+    """A [pixels, channels] tile of a group in fp32, zero where masked."""
+    mask = (pix < HW)[:, None] & channels[None, :]
+    offs = ((pix // W) * s_h + (pix % W) * s_w)[:, None]
+    return tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
+
+
+def group_norm_affine(
+    norm: nn.GroupNorm, x: torch.Tensor | StepView | ChannelConcat
+) -> torch.Tensor:
     """`group_norm_affine_reference` as one kernel; `x` [B, C, H, W] may have any strides,
-    or be a StepView."""
+    or be a StepView, or a ChannelConcat of such maps."""
     batch, channels, height, width = x.shape
     out = torch.empty(2, batch, channels, dtype=torch.float32, device=x.device)
     if out.numel() == 0:
@@ -105,21 +132,27 @@ def group_norm_affine(norm: nn.GroupNorm, x: torch.Tensor | StepView) -> torch.T
     group_channels = channels // norm.num_groups
     block_g = triton.next_power_of_2(group_channels)
     pixels = height * width
-    block_hw = min(triton.next_power_of_2(pixels), max(16, TILE_ELEMENTS // block_g))
-    x_base, x_step, x_step_stride = step_addressed(x)
+    # Two parts: two loads per tile, so half the tile (else registers spill).
+    tile = TILE_ELEMENTS // (2 if isinstance(x, ChannelConcat) else 1)
+    block_hw = min(triton.next_power_of_2(pixels), max(16, tile // block_g))
+    first, second, first_channels = part_addresses(x)
     launcher(_group_norm_affine_kernel, x.device)[(batch, norm.num_groups)](
-        x_base,
-        x_step,
+        first.base,
+        first.step,
+        second.base,
+        second.step,
         norm.weight,
         norm.bias,
         out,
         pixels,
         width,
+        first_channels,
         group_channels,
         float(norm.eps),
-        x_step_stride,
-        *x.stride(),
+        *first.strides,
+        *second.strides,
         *out.stride(),
+        TWO_PARTS=isinstance(x, ChannelConcat),
         BLOCK_HW=block_hw,
         BLOCK_G=block_g,
     )

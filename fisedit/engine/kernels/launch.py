@@ -71,6 +71,64 @@ class StepView:
         self.buffer.index_copy_(0, self.step.reshape(1), value[None].to(self.dtype))
 
 
+@dataclass(frozen=True)
+class ChannelConcat:
+    """Two maps [B, C1, H, W] and [B, C2, H, W] (tensors or StepViews) joined along channels
+    without a copy: kernels that take one read each channel from its part (the input of a
+    resnet after a skip connection)."""
+
+    first: "torch.Tensor | StepView"
+    second: "torch.Tensor | StepView"
+
+    @property
+    def shape(self) -> torch.Size:
+        batch, channels, height, width = self.first.shape
+        return torch.Size((batch, channels + self.second.shape[1], height, width))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.first.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.first.device
+
+    def dim(self) -> int:
+        return 4
+
+    def read(self) -> torch.Tensor:
+        """The joined map, copied."""
+        return torch.cat([_read(self.first), _read(self.second)], dim=1)
+
+
+def _read(map_: "torch.Tensor | StepView | ChannelConcat") -> torch.Tensor:
+    return map_.read() if isinstance(map_, StepView | ChannelConcat) else map_
+
+
+@dataclass(frozen=True)
+class PartAddress:
+    """Where a kernel finds one part of a map: the tensor to point at, the step pointer, and
+    the strides (between steps, then of the map's four dimensions)."""
+
+    base: torch.Tensor
+    step: torch.Tensor
+    strides: tuple[int, ...]
+
+
+def part_addresses(
+    map_: "torch.Tensor | StepView | ChannelConcat",
+) -> tuple[PartAddress, PartAddress, int]:
+    """The two parts of a ChannelConcat as a kernel addresses them, and the first part's
+    channel count; a single map is its own first part, and repeated as the second."""
+    first, second = (map_.first, map_.second) if isinstance(map_, ChannelConcat) else (map_,) * 2
+
+    def address(part) -> PartAddress:
+        base, step, step_stride = step_addressed(part)
+        return PartAddress(base, step, (step_stride, *part.stride()))
+
+    return address(first), address(second), first.shape[1]
+
+
 def step_addressed(map_: "torch.Tensor | StepView") -> tuple[torch.Tensor, torch.Tensor, int]:
     """What a kernel gets for a map: the tensor to point at, a pointer to the step index and
     the stride between steps. A plain tensor is its own step 0."""
@@ -88,13 +146,14 @@ def _step_zero(device: torch.device) -> torch.Tensor:
 
 def with_step_views(reference: Any) -> Any:
     """`reference` (a kernel's PyTorch reference, which writes in place only its `out`
-    argument) taking StepViews too: they are read into tensors, and a view given as `out`
-    is written back, and stands for the map in what the reference returns."""
+    argument) taking StepViews and ChannelConcats too: they are read into tensors, and a
+    view given as `out` is written back, and stands for the map in what the reference
+    returns."""
     out = _out_position(reference)
 
     @functools.wraps(reference)
     def call(*args):
-        tensors = [a.read() if isinstance(a, StepView) else a for a in args]
+        tensors = [_read(a) for a in args]
         result = reference(*tensors)
         if out is None or out >= len(args) or not isinstance(args[out], StepView):
             return result

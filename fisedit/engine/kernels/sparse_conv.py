@@ -17,7 +17,14 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fisedit.engine.kernels.launch import StepView, launcher, multiprocessors, step_addressed
+from fisedit.engine.kernels.launch import (
+    ChannelConcat,
+    StepView,
+    launcher,
+    multiprocessors,
+    part_addresses,
+    step_addressed,
+)
 from fisedit.engine.sparse_ops import scatter_tokens_
 
 # Splits beyond this add workspace traffic for little extra parallelism.
@@ -76,6 +83,8 @@ def sparse_conv2d_reference(
 def _sparse_conv_kernel(
     x_ptr,
     x_step_ptr,
+    x2_ptr,
+    x2_step_ptr,
     taps_ptr,
     w_ptr,
     bias_ptr,
@@ -88,10 +97,12 @@ def _sparse_conv_kernel(
     M,
     P,
     C,
+    C1,
     N,
     W_in,
     W_out,
     c_chunks,
+    c_chunks1,
     k_chunks,
     chunks_per_split,
     n_splits,
@@ -101,6 +112,11 @@ def _sparse_conv_kernel(
     sx_c,
     sx_h,
     sx_w,
+    sx2_s,
+    sx2_b,
+    sx2_c,
+    sx2_h,
+    sx2_w,
     sb_b,
     st_p,
     st_t,
@@ -119,6 +135,7 @@ def _sparse_conv_kernel(
     HAS_AFFINE: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     SCATTER: tl.constexpr,
+    TWO_PARTS: tl.constexpr,
     PARTIAL: tl.constexpr,
     FINALISE: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -129,8 +146,12 @@ def _sparse_conv_kernel(
     fused (neither flag): the whole K loop and the epilogue;
     PARTIAL: split program_id(2) of the K loop, written to part_ptr [n_splits, M, N] in fp32;
     FINALISE: sums those partials in split order, then the epilogue.
+    TWO_PARTS: input channels from C1 on are channel - C1 of x2 (a ChannelConcat); a chunk
+    of channels lies in one part (c_chunks1 chunks cover the first).
     """
     x_ptr += tl.load(x_step_ptr) * sx_s
+    if TWO_PARTS:
+        x2_ptr += tl.load(x2_step_ptr) * sx2_s
     out_ptr += tl.load(out_step_ptr) * so_s
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -154,14 +175,26 @@ def _sparse_conv_kernel(
         # One chunk is BLOCK_K input channels of one tap.
         for i in range(start, end):
             t = i // c_chunks
-            c = (i % c_chunks) * BLOCK_K + offs_k
-            c_mask = c < C
+            chunk = i % c_chunks
             pos = tl.load(taps_ptr + p * st_p + t * st_t, mask=row_mask, other=-1).to(tl.int32)
             valid = pos >= 0
             pos = tl.where(valid, pos, 0)
-            pix = b * sx_b + (pos // W_in) * sx_h + (pos % W_in) * sx_w
+            y_in, x_in = pos // W_in, pos % W_in
+            # c: the input channel (of both parts); local: within its part.
+            local = chunk * BLOCK_K + offs_k
+            c_mask = local < C1
+            a_ptrs = x_ptr + (b * sx_b + y_in * sx_h + x_in * sx_w)[:, None] + local[None, :] * sx_c
+            # Nested: the constexpr prunes the runtime branch from one-part variants.
+            if TWO_PARTS:  # noqa: SIM102
+                if chunk >= c_chunks1:
+                    local = (chunk - c_chunks1) * BLOCK_K + offs_k
+                    c_mask = local < C - C1
+                    pix = b * sx2_b + y_in * sx2_h + x_in * sx2_w
+                    a_ptrs = x2_ptr + pix[:, None] + local[None, :] * sx2_c
+                    local += C1
+            c = local
             a_mask = valid[:, None] & c_mask[None, :]
-            a = tl.load(x_ptr + pix[:, None] + c[None, :] * sx_c, mask=a_mask, other=0.0)
+            a = tl.load(a_ptrs, mask=a_mask, other=0.0)
             if HAS_AFFINE:
                 # Masked scale and shift load as 0, so padding stays silu(0) = 0.
                 aff = b[:, None] * sa_b + c[None, :] * sa_c
@@ -214,7 +247,7 @@ def _auto_split_k(tiles: int, k_chunks: int, device: torch.device) -> int:
 
 
 def sparse_conv2d_triton(
-    x: torch.Tensor | StepView,
+    x: torch.Tensor | StepView | ChannelConcat,
     taps: torch.Tensor,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None = None,
@@ -235,6 +268,7 @@ def sparse_conv2d_triton(
     """
     batch, channels, _, width = x.shape
     n_pix, n_taps = taps.shape
+    first, second, first_channels = part_addresses(x)
     if packed_weight is None:
         if weight is None:
             raise ValueError("pass weight or packed_weight")
@@ -257,8 +291,10 @@ def sparse_conv2d_triton(
     run = launcher(_sparse_conv_kernel, x.device)
 
     rows = batch * n_pix
-    block_m, block_n, block_k = _block_sizes(rows, c_out, channels)
-    c_chunks = triton.cdiv(channels, block_k)
+    widest = max(first_channels, channels - first_channels)
+    block_m, block_n, block_k = _block_sizes(rows, c_out, widest)
+    first_chunks = triton.cdiv(first_channels, block_k)
+    c_chunks = first_chunks + triton.cdiv(channels - first_channels, block_k)
     k_chunks = n_taps * c_chunks
     tiles = (triton.cdiv(rows, block_m), triton.cdiv(c_out, block_n))
     if split_k is None:
@@ -276,7 +312,6 @@ def sparse_conv2d_triton(
         # Tokens [B, P, C_out] as a [B, C_out, 1, P] map.
         out_strides = (out.stride(0), out.stride(2), 0, out.stride(1))
         out_width = n_pix
-    x_base, x_step, x_step_stride = step_addressed(x)
     out_base, out_step, out_step_stride = step_addressed(out)
     partials = (
         torch.empty(split_k, rows, c_out, dtype=torch.float32, device=x.device)
@@ -284,14 +319,16 @@ def sparse_conv2d_triton(
         else out_base
     )
     # Absent tensors get a stand-in pointer that their constexpr flag keeps unread.
-    affine = x_base if norm_affine is None else norm_affine
-    res = x_base if residual is None else residual
+    affine = taps if norm_affine is None else norm_affine
+    res = taps if residual is None else residual
     args = [
-        x_base,
-        x_step,
+        first.base,
+        first.step,
+        second.base,
+        second.step,
         taps,
         packed_weight,
-        x_base if bias is None else bias,
+        taps if bias is None else bias,
         affine,
         res,
         out_base,
@@ -301,16 +338,18 @@ def sparse_conv2d_triton(
         rows,
         n_pix,
         channels,
+        first_channels,
         c_out,
         width,
         out_width,
         c_chunks,
+        first_chunks,
         k_chunks,
         chunks_per_split,
         split_k,
         float(out_scale),
-        x_step_stride,
-        *x.stride(),
+        *first.strides,
+        *second.strides,
         0 if bias is None or bias.dim() == 1 else bias.stride(0),
         *taps.stride(),
         *(affine.stride() if norm_affine is not None else (0, 0, 0)),
@@ -323,6 +362,7 @@ def sparse_conv2d_triton(
         HAS_AFFINE=norm_affine is not None,
         HAS_RESIDUAL=residual is not None,
         SCATTER=scatter,
+        TWO_PARTS=isinstance(x, ChannelConcat),
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,

@@ -10,7 +10,6 @@ import torch
 from fisedit.engine.config import EngineConfig, SparseConfig
 from fisedit.engine.kernels.aot import compile_launches
 from fisedit.engine.kernels.launch import recording_launches
-from fisedit.engine.session import Engine
 
 # Shared memory per thread block on sm_90.
 SM90_SHARED_BYTES = 227 * 1024
@@ -31,9 +30,10 @@ REGISTER_BUDGETS = {
 
 
 @pytest.fixture(scope="module")
-def edit_launches(tiny_model_dir):
+def edit_launches(tiny_model_dir, static_step_engine):
     config = EngineConfig(dtype="float16", progress=False, sparse=SparseConfig(kernels="triton"))
-    engine = Engine.from_pretrained(tiny_model_dir, config)
+    # The launches of the steps a GPU captures (a step index in device memory).
+    engine = static_step_engine.from_pretrained(tiny_model_dir, config)
     mask = torch.zeros(32, 32, dtype=torch.bool)
     mask[6:26, 4:20] = True
     # Nothing is run, so this works on any machine; the values computed around are junk.

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fisedit.engine.kernels.group_norm import group_norm_affine, group_norm_affine_reference
-from fisedit.engine.kernels.launch import StepView, interpreting
+from fisedit.engine.kernels.launch import ChannelConcat, StepView, interpreting
 
 DEVICE = "cpu" if interpreting() else "cuda"
 
@@ -90,6 +90,20 @@ def test_reads_a_channels_last_map_at_a_step_in_device_memory():
     view = StepView(buffer, torch.tensor([1], device=DEVICE))
 
     torch.testing.assert_close(group_norm_affine(norm, view), group_norm_affine_reference(norm, x))
+
+
+def test_reads_a_map_in_two_channel_parts_as_their_concatenation():
+    """A skip connection's input, never concatenated: 12 + 8 channels in 4 groups of 5, so
+    groups straddle the parts; the second part a channels_last map at a step."""
+    norm = _norm(4, 20)
+    first, second = _map(12, 8, 8), _map(8, 8, 8, channels_last=True)
+    buffer = torch.randn(3 * 2, 8, 8, 8, device=DEVICE).to(memory_format=torch.channels_last)
+    buffer = buffer.view(3, 2, 8, 8, 8)
+    buffer[2] = second
+    joined = ChannelConcat(first, StepView(buffer, torch.tensor([2], device=DEVICE)))
+
+    expected = group_norm_affine_reference(norm, torch.cat([first, second], dim=1))
+    torch.testing.assert_close(group_norm_affine(norm, joined), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_an_empty_batch_launches_nothing():

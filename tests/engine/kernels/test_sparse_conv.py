@@ -11,7 +11,7 @@ from torch import nn
 
 from fisedit.engine.kernels import sparse_conv
 from fisedit.engine.kernels.group_norm import group_norm_affine, group_norm_affine_reference
-from fisedit.engine.kernels.launch import StepView, interpreting, with_step_views
+from fisedit.engine.kernels.launch import ChannelConcat, StepView, interpreting, with_step_views
 from fisedit.engine.kernels.sparse_conv import (
     pack_conv_weight,
     sparse_conv2d_reference,
@@ -213,6 +213,32 @@ def test_reads_and_scatters_into_maps_at_a_step_in_device_memory(kernel):
     assert returned is out
     torch.testing.assert_close(out.buffer[2], expected, atol=ATOL, rtol=RTOL)
     assert torch.equal(out.buffer[[0, 1]], before[[0, 1]])
+
+
+@pytest.mark.parametrize("kernel", ["triton", "reference"])
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_reads_an_input_in_two_channel_parts_as_their_concatenation(kernel, split_k):
+    """A resnet after a skip connection reads the two maps it joins, never concatenated:
+    72 + 20 channels (the first part's last chunk of 64 partial), the second part a map at
+    a step in device memory, with the GroupNorm affine of the whole."""
+    case = Case("3x3-c20", "border")  # its taps, and a residual of 16 channels
+    gen = torch.Generator().manual_seed(3)
+    first = torch.randn(2, 72, 8, 8, generator=gen).to(DEVICE)
+    second = (
+        torch.randn(2, 20, 8, 8, generator=gen).to(DEVICE).to(memory_format=torch.channels_last)
+    )
+    whole = torch.cat([first, second], dim=1)
+    conv = nn.Conv2d(92, 16, 3, padding=1).requires_grad_(False).to(DEVICE)
+    norm = nn.GroupNorm(4, 92).requires_grad_(False).to(DEVICE)
+    affine = group_norm_affine_reference(norm, whole)
+    joined = ChannelConcat(first, _steps_of(second, 1))
+    args = (case.taps, conv.weight, conv.bias, affine, case.residual, 0.5)
+
+    if kernel == "triton":
+        got = sparse_conv2d_triton(joined, *args, split_k=split_k)
+    else:
+        got = with_step_views(sparse_conv2d_reference)(joined, *args)
+    torch.testing.assert_close(got, sparse_conv2d_reference(whole, *args), atol=ATOL, rtol=RTOL)
 
 
 def test_empty_mask_launches_nothing(monkeypatch):
