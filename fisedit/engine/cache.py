@@ -206,6 +206,7 @@ class StepMaps:
             if name.endswith(".out") and name in reads:
                 self.statics[name] = torch.empty_like(buffer[0])
         self._behind = {id(static): name for name, static in self.statics.items()}
+        # By id, holding each join so that its id is not reused within the call.
         self._joins: dict[int, tuple[torch.Tensor, ChannelConcat]] = {}
         self._filled: set[int] = set()
 
