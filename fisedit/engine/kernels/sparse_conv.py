@@ -9,7 +9,10 @@ input and scattered-into maps may be StepViews of a per-step cache.
 
 Few active pixels make a small grid with a long serial K loop (latency-bound), so K is split
 across programs: each split writes an fp32 partial sum, and a finalise pass of the same kernel
-adds the partials in a fixed order (deterministic, no atomics) before the epilogue.
+adds the partials in a fixed order (deterministic, no atomics) before the epilogue. A split
+pays where the weights are what the conv waits on (few rows, many channels: more programs
+pull them at once); where the rows are many and the weights small, the partials would move
+more bytes than the weights, so such a conv runs unsplit.
 """
 
 import torch
@@ -241,9 +244,15 @@ def _programs_wanted(device: torch.device) -> int:
     return 16 if sms is None else 2 * sms
 
 
-def _auto_split_k(tiles: int, k_chunks: int, device: torch.device) -> int:
-    """Enough splits to give about two programs per SM, when the output tiles alone do not."""
-    return max(1, min(triton.cdiv(_programs_wanted(device), tiles), k_chunks, MAX_SPLIT_K))
+def _auto_split_k(
+    tiles: int, k_chunks: int, rows: int, c_out: int, weight_bytes: int, device: torch.device
+) -> int:
+    """Enough splits to give about two programs per SM, when the output tiles alone do not,
+    as long as the fp32 partials (each split writes rows x c_out, the finalise pass reads
+    them) move no more bytes than the weights."""
+    affordable = weight_bytes // (8 * rows * c_out)
+    wanted = triton.cdiv(_programs_wanted(device), tiles)
+    return max(1, min(wanted, affordable, k_chunks, MAX_SPLIT_K))
 
 
 def sparse_conv2d_triton(
@@ -298,7 +307,8 @@ def sparse_conv2d_triton(
     k_chunks = n_taps * c_chunks
     tiles = (triton.cdiv(rows, block_m), triton.cdiv(c_out, block_n))
     if split_k is None:
-        split_k = _auto_split_k(tiles[0] * tiles[1], k_chunks, x.device)
+        weight_bytes = packed_weight.numel() * packed_weight.element_size()
+        split_k = _auto_split_k(tiles[0] * tiles[1], k_chunks, rows, c_out, weight_bytes, x.device)
     split_k = max(1, min(split_k, k_chunks))
     chunks_per_split = triton.cdiv(k_chunks, split_k)
     # No empty splits: the last one may be short but never idle.

@@ -10,6 +10,7 @@ import torch
 from fisedit.engine.config import EngineConfig, SparseConfig
 from fisedit.engine.kernels.aot import compile_launches
 from fisedit.engine.kernels.launch import recording_launches
+from fisedit.engine.kernels.sparse_conv import sparse_conv2d_triton
 
 # Shared memory per thread block on sm_90.
 SM90_SHARED_BYTES = 227 * 1024
@@ -40,6 +41,12 @@ def edit_launches(tiny_model_dir, static_step_engine):
     with recording_launches() as launches:
         session = engine.generate("a cat on a bench", steps=3, seed=0)
         version = session.edit("a dog on a bench", mask=mask)
+        # The tiny model's weights are too small to pay for split-K's partials; the split
+        # variants of one of its convs are compiled too.
+        channels = engine.model.unet.config.block_out_channels[0]
+        x = torch.zeros(2, channels, 32, 32, dtype=torch.float16)
+        weight = torch.zeros(channels, channels, 3, 3, dtype=torch.float16)
+        sparse_conv2d_triton(x, torch.zeros(20, 9, dtype=torch.long), weight, split_k=3)
     return version, launches
 
 

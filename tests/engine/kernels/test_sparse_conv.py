@@ -11,7 +11,13 @@ from torch import nn
 
 from fisedit.engine.kernels import sparse_conv
 from fisedit.engine.kernels.group_norm import group_norm_affine, group_norm_affine_reference
-from fisedit.engine.kernels.launch import ChannelConcat, StepView, interpreting, with_step_views
+from fisedit.engine.kernels.launch import (
+    ChannelConcat,
+    StepView,
+    interpreting,
+    recording_launches,
+    with_step_views,
+)
 from fisedit.engine.kernels.sparse_conv import (
     pack_conv_weight,
     sparse_conv2d_reference,
@@ -151,6 +157,32 @@ def test_split_k_does_not_change_the_result(layer):
             case.x, case.taps, case.conv.weight, case.conv.bias, split_k=split_k, **kwargs
         )
         torch.testing.assert_close(got, expected, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize(
+    ("rows", "channels", "expected_splits"),
+    [
+        # SD 1.5 at a 15% mask, on an H100: 16x16 maps of 1280 channels have few rows and
+        # 28 MiB of weights, which more programs pull at once.
+        (128, 1280, 7),
+        # 64x64 maps of 320 channels: 100 tiles, and 3 splits would write 9.4 MiB of
+        # partials for 1.8 MiB of weights.
+        (1280, 320, 1),
+    ],
+)
+def test_split_k_by_default_only_where_its_partials_move_fewer_bytes_than_the_weights(
+    rows, channels, expected_splits
+):
+    x = torch.empty(2, channels, 64, 64, dtype=torch.float16, device="meta")
+    taps = torch.empty(rows // 2, 9, dtype=torch.long, device="meta")
+    weight = torch.empty(channels, channels, 3, 3, dtype=torch.float16, device="meta")
+
+    with recording_launches(multiprocessors=132) as launches:
+        sparse_conv2d_triton(x, taps, weight)
+
+    splits = launches[0].kwargs.get("PARTIAL") and launches[0].grid[2]
+    assert (splits or 1) == expected_splits
+    assert len(launches) == (1 if expected_splits == 1 else 2)
 
 
 def test_packed_weight_replaces_the_raw_weight():

@@ -52,8 +52,9 @@ def test_after_a_warm_up_twenty_random_masks_compile_no_new_variant(unet):
     new = set().union(*(_variants(unet, mask, True) for mask in masks)) - warm
 
     # Before buckets, with every count specialised: 57 after this warm-up, and these masks
-    # added 33 more (at 7 of them, the last at the 16th). With buckets: 39 in all.
-    assert len(warm) == 39
+    # added 33 more (at 7 of them, the last at the 16th). With buckets: 38 in all (39 when
+    # convs with small weights split K too).
+    assert len(warm) == 38
     assert not new, f"{len(new)} variants compiled after the warm-up"
 
 
