@@ -251,6 +251,12 @@ class ModelBench:
         """The text embeddings and their keys and values, computed once as a run does."""
         return self.embeds.hidden, engine.text_keys_values(self.embeds)
 
+    def time_projections(self, engine: Engine) -> torch.Tensor | None:
+        """The resnets' time projections at the step's timestep, computed before the step
+        as a run does."""
+        projections = engine.time_projections(self.timestep[None], self.added)
+        return None if projections is None else projections[0]
+
     def unet_call(self, unet) -> Callable[[], object]:
         def call():
             with torch.no_grad():
@@ -270,15 +276,17 @@ class ModelBench:
         plan = SparsePlan(mask.to(device), engine.config.sparse, device)
         record = ActivationCache(self.steps, channels_last=engine.config.channels_last)
         reads = engine.sparse_reads(plan, cache)
+        # What a run computes once, before its steps.
+        per_run = (self.text(engine), self.time_projections(engine))
         if engine.graphs:
             # Captured for (and kept by) the new cache it records into, as an edit's step is.
             graph = engine.step_graphs.sparse_step(self.sample[:1].shape, plan, record)
             args = (self.sample, self.timestep, step, self.embeds, self.added, record)
-            return lambda: graph(*args, MacCount(), cache, reads)
+            return lambda: graph(*args, MacCount(), cache, reads, per_run[1])
 
         def call():
             maps = engine.step_maps(record, cache, step, reads)
-            with engine.unet_pass(step, MacCount(), plan, cache, maps, self.text(engine)):
+            with engine.unet_pass(step, MacCount(), plan, cache, maps, *per_run):
                 return self.unet_call(engine.model.unet)()
 
         return call
@@ -299,7 +307,8 @@ class ModelBench:
             dense = timer.collect()
             record = ActivationCache(self.steps, channels_last=engine.config.channels_last)
             maps = engine.step_maps(record, cache, step, engine.sparse_reads(plan, cache))
-            with engine.unet_pass(step, MacCount(), plan, cache, maps, self.text(engine)):
+            run = (self.text(engine), self.time_projections(engine))
+            with engine.unet_pass(step, MacCount(), plan, cache, maps, *run):
                 call()
                 timer.collect()
                 for _ in range(repeats):

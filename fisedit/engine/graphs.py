@@ -3,7 +3,8 @@
 Every shape in a denoise step is static: the latents and prompt embeddings, and for sparse
 steps the mask, hence every index tensor. A captured step owns static input buffers that
 each call fills before replaying (what a run passes at every step, its prompt embeddings
-and, for sparse steps, their text keys and values, only when the run changes). What a
+and, for sparse steps, their text keys and values, only when the run changes; a sparse
+step's row of the run's time projections at every step). What a
 dense step records goes to static slots (one step of a cache) and is copied into the run's
 cache at the step's index after each replay, so the graph does not belong to a run: the
 engine captures its dense step once and replays it for generations and for every edit's
@@ -66,7 +67,8 @@ class CapturedUNetStep:
     def _call(self, macs: MacCount, source) -> torch.Tensor:
         record = self.slots if self.maps is None else self.maps
         text = None if self.plan is None else (self.hidden, self.inputs["text"])
-        with self.engine.unet_pass(self.step, macs, self.plan, source, record, text):
+        projections = self.inputs.get("time_projections")
+        with self.engine.unet_pass(self.step, macs, self.plan, source, record, text, projections):
             out = self.engine.model.unet(
                 self.sample,
                 self.timestep,
@@ -77,7 +79,16 @@ class CapturedUNetStep:
             return out if self.maps is None else self.maps.filled(out)
 
     def _load(
-        self, sample, timestep, step: int, embeds: PromptEmbeddings, added, record, source, reads
+        self,
+        sample,
+        timestep,
+        step: int,
+        embeds: PromptEmbeddings,
+        added,
+        record,
+        source,
+        reads,
+        time_projections,
     ) -> None:
         """Fills the static input buffers with this call's inputs (the first call makes them),
         and a sparse step's maps with the previous version's."""
@@ -89,6 +100,8 @@ class CapturedUNetStep:
         inputs.update({f"added.{k}": v for k, v in (added or {}).items()})
         if self.plan is not None:
             inputs["text"] = self.engine.text_keys_values(embeds)
+        if time_projections is not None:
+            inputs["time_projections"] = time_projections
         if self.captured:
             for name, value in inputs.items():
                 # What a run passes at every step (its embeddings) is copied in once.
@@ -140,15 +153,17 @@ class CapturedUNetStep:
         macs: MacCount,
         source: "ActivationCache | HostPrefetcher | None" = None,
         reads: frozenset[str] = frozenset(),
+        time_projections: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The UNet output for denoise step `step`, recorded into `record` at `step` (a
         sparse step always into the maps of its first call's record), a sparse step reading
         `source` outside its region (the maps `reads`, Engine.sparse_reads, as of its first
-        call).
+        call) and taking its resnets' `time_projections` (the step's row of the run's) when
+        given.
 
         The output is a static buffer: the next call overwrites it."""
         first = not self.captured
-        self._load(sample, timestep, step, embeds, added, record, source, reads)
+        self._load(sample, timestep, step, embeds, added, record, source, reads, time_projections)
         if first:
             self._capture(source)
         if self.graph is not None:

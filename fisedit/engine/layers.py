@@ -64,6 +64,9 @@ class SharedInputLinears:
     an earlier call computed for the same input buffer, unless `given` hands it the outputs
     computed before."""
 
+    ANY_INPUT = object()
+    """For `given`: the outputs hold for whatever input the call's layers pass."""
+
     def __init__(self, prepare: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         self.prepare = prepare
         """Applied to the input first (once)."""
@@ -77,6 +80,13 @@ class SharedInputLinears:
         """Registers layer `key`; `weights()` gives its (weight [out, in], bias [out] or None)
         when first needed, on the device and in the dtype of the model by then."""
         self.layers[key] = weights
+
+    @property
+    def width(self) -> int:
+        """The stacked outputs' size: the sum of the layers' output sizes."""
+        if self.stacked is None:
+            self._stack()
+        return self.stacked[0].shape[0]
 
     def _stack(self) -> None:
         parts = [weights() for weights in self.layers.values()]
@@ -99,13 +109,14 @@ class SharedInputLinears:
         """The output [..., out] of layer `key` for the input `x`."""
         # Identity, not value: the input is held here until the next call, so its id is
         # never reused while it is compared.
-        if x is not self.input:
+        if x is not self.input and self.input is not self.ANY_INPUT:
             self.input, self.output = x, self.compute(x)
         return self.output[..., self.slices[key]]
 
-    def given(self, x: torch.Tensor, output: torch.Tensor) -> None:
-        """Makes `output`, `compute(x)` done before this call, the call's outputs for `x`:
-        an input that stays the same over many calls is multiplied once."""
+    def given(self, x: "torch.Tensor | object", output: torch.Tensor) -> None:
+        """Makes `output`, `compute(x)` done before this call, the call's outputs for `x`
+        (or for any input, with `ANY_INPUT`): an input known before many calls is
+        multiplied once."""
         self.input, self.output = x, output
 
     def forget(self) -> None:
@@ -128,6 +139,27 @@ class SharedLinears:
         """Starts a new UNet call."""
         for linears in (self.time, self.raw_time, self.text):
             linears.forget()
+
+    @property
+    def _time_parts(self) -> list[SharedInputLinears]:
+        return [linears for linears in (self.time, self.raw_time) if linears.layers]
+
+    def time_projections(self, emb: torch.Tensor) -> torch.Tensor | None:
+        """Every resnet's time projection of the time embeddings `emb` [..., D], stacked
+        along the last dimension (None without such resnets). A run's embeddings are known
+        before its steps (its timesteps, and SDXL's added conditions), so it computes these
+        for all its steps in one matmul, not one per step."""
+        parts = [linears.compute(emb) for linears in self._time_parts]
+        return torch.cat(parts, -1) if parts else None
+
+    def given_time_projections(self, projections: torch.Tensor) -> None:
+        """Makes `projections` (one step of `time_projections`) this call's, whatever time
+        embedding its resnets pass."""
+        start = 0
+        for linears in self._time_parts:
+            width = linears.width
+            linears.given(SharedInputLinears.ANY_INPUT, projections[..., start : start + width])
+            start += width
 
 
 @dataclass
@@ -387,6 +419,34 @@ class SparseLayer(nn.Module):
             return (value, *args[1:])
 
         module.register_forward_pre_hook(hook)
+
+
+@torch.no_grad()
+def time_embeddings(
+    unet: nn.Module, timesteps: torch.Tensor, added: dict | None, batch: int
+) -> torch.Tensor | None:
+    """The time embeddings a UNet2DConditionModel hands its resnets at each of `timesteps`
+    [S] (float), for a batch of `batch` with the added conditions `added` (SDXL's): [S, batch,
+    D], made by the UNet's own embedding modules as its forward makes them, all steps in one
+    call. None for a UNet whose embedding depends on more (class labels, a timestep
+    condition, other added embeddings)."""
+    config = unet.config
+    if (
+        unet.class_embedding is not None
+        or config.time_cond_proj_dim is not None
+        or config.addition_embed_type not in (None, "text_time")
+    ):
+        return None
+    steps = timesteps.shape[0]
+    like = torch.empty(steps * batch, device=unet.device, dtype=unet.dtype)
+    flat = timesteps.to(unet.device, torch.float32).repeat_interleave(batch)
+    emb = unet.time_embedding(unet.get_time_embed(sample=like, timestep=flat), None)
+    if config.addition_embed_type is not None:
+        repeated = {k: v.repeat(steps, *[1] * (v.dim() - 1)) for k, v in added.items()}
+        emb = emb + unet.get_aug_embed(emb, None, repeated)
+    if unet.time_embed_act is not None:
+        emb = unet.time_embed_act(emb)
+    return emb.reshape(steps, batch, -1)
 
 
 def _time_projection(block: ResnetBlock2D) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,6 +11,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
@@ -24,7 +25,7 @@ from fisedit.engine.cache import ActivationCache, HostPrefetcher, StepMaps, Step
 from fisedit.engine.config import EditParams, EngineConfig, GenerationParams, SchedulerName
 from fisedit.engine.graphs import CapturedUNetStep, StepGraphs
 from fisedit.engine.images import blend_weight, preserve_background
-from fisedit.engine.layers import MacCount, StepState, sparse_reads, wrap_unet
+from fisedit.engine.layers import MacCount, StepState, sparse_reads, time_embeddings, wrap_unet
 from fisedit.engine.masks import latent_difference, load_mask, target_area_capture
 from fisedit.engine.models import DiffusionModel, PromptEmbeddings, load_model
 from fisedit.engine.plan import SparsePlan
@@ -194,18 +195,21 @@ class DenoiseRun:
         # Always a float timestep: a graph's static buffer keeps the dtype of its first call,
         # and an integer one would truncate the fractional timesteps of a later Euler run.
         unet_t = torch.as_tensor(t, dtype=torch.float32, device=model_in.device)
+        projections = None
+        if plan is not None and self.time_projections is not None:
+            projections = self.time_projections[step]
         graph = self._graph(plan)
         if graph is not None:
             captured = graph.captured
             args = (model_in, unet_t, step, self.embeds, self.added, self.record, macs)
-            out = graph(*args, source, reads)
+            out = graph(*args, source, reads, projections)
             self.capture_s += 0.0 if captured else graph.capture_s
         else:
             engine, record, text = self.engine, self.record, None
             if plan is not None:
                 record = engine.step_maps(self.record, source, step, reads)
                 text = (self.embeds.hidden, engine.text_keys_values(self.embeds))
-            with engine.unet_pass(step, macs, plan, source, record, text):
+            with engine.unet_pass(step, macs, plan, source, record, text, projections):
                 out = engine.model.unet(
                     model_in,
                     unet_t,
@@ -220,6 +224,12 @@ class DenoiseRun:
             self.record.put("solver_history", step, self._history[-1])
         if self.on_step is not None:
             self.on_step(step + 1, self.params.steps)
+
+    @cached_property
+    def time_projections(self) -> torch.Tensor | None:
+        """What sparse steps take for their resnets' time projections, for every step:
+        computed by the first sparse step, once."""
+        return self.engine.time_projections(self.scheduler.timesteps, self.added)
 
     def _graph(self, plan: SparsePlan | None) -> CapturedUNetStep | None:
         """The engine's captured UNet call, dense or for `plan` recording into this run's
@@ -355,11 +365,13 @@ class Engine:
         source: ActivationCache | HostPrefetcher | None = None,
         record: ActivationCache | StepSlots | StepMaps | None = None,
         text: tuple[torch.Tensor, torch.Tensor] | None = None,
+        time_projections: torch.Tensor | None = None,
     ) -> Iterator[None]:
         """UNet calls inside run as denoise step `step`: sparse over `plan` reading `source`,
         as the plan's config says (dense without a plan), recording into `record` when given,
         counting into `macs`; `text`: the text embeddings the calls get and their
-        `text_keys_values`, when computed before."""
+        `text_keys_values`, when computed before; `time_projections`: the step's row of
+        the run's `time_projections`, when computed before."""
         state = self.state
         state.step, state.plan, state.source = step, plan, source
         state.record, state.macs = record, macs
@@ -367,6 +379,8 @@ class Engine:
         state.shared.forget()
         if text is not None:
             state.shared.text.given(*text)
+        if time_projections is not None:
+            state.shared.given_time_projections(time_projections)
         try:
             with record.reading() if isinstance(record, StepMaps) else nullcontext():
                 yield
@@ -382,6 +396,15 @@ class Engine:
         if self._text_keys_values is None or self._text_keys_values[0] is not embeds:
             self._text_keys_values = (embeds, self.state.shared.text.compute(embeds.hidden))
         return self._text_keys_values[1]
+
+    @torch.no_grad()
+    def time_projections(self, timesteps: torch.Tensor, added: dict | None) -> torch.Tensor | None:
+        """The sparse resnets' time projections at each of a run's `timesteps` [S], for its
+        guidance batch of two with the added conditions `added`: [S, 2, total], a row per
+        step for `unet_pass` (see `SharedLinears.time_projections`); None where the UNet's
+        time embedding depends on more than these."""
+        emb = time_embeddings(self.model.unet, timesteps, added, batch=2)
+        return None if emb is None else self.state.shared.time_projections(emb)
 
     def step_maps(
         self, record: ActivationCache, source, step: int, reads: frozenset[str]

@@ -2,11 +2,13 @@
 
 import pytest
 import torch
+from diffusers.models.resnet import ResnetBlock2D
 
 from fisedit.engine.cache import ActivationCache
 from fisedit.engine.config import EngineConfig, SparseConfig
 from fisedit.engine.kernels.launch import interpreting
-from fisedit.engine.layers import SparseConv, SparseResnet, SparseTransformer
+from fisedit.engine.layers import SparseConv, SparseResnet, SparseTransformer, time_embeddings
+from fisedit.engine.models import load_model
 from fisedit.engine.plan import SparsePlan
 from fisedit.engine.session import Engine
 from fisedit.engine.sparse_ops import gather_tokens, key_value_projection
@@ -218,6 +220,45 @@ def test_shared_linears_give_each_layer_its_output_and_recompute_in_each_call(en
     shared.forget()
     expected = torch.nn.functional.linear(text, *key_value_projection(first))
     torch.testing.assert_close(shared.of(first, text), expected)
+
+
+@pytest.mark.parametrize("variant", ["sd15", "sdxl"])
+def test_a_runs_time_embeddings_are_those_the_unet_hands_its_resnets(tiny_model_dirs, variant):
+    """A run's time embeddings, for all its steps in one call, equal what the UNet's call at
+    each step gives its resnets (SDXL's with the pooled text and size conditions)."""
+    model = load_model(tiny_model_dirs[variant])
+    embeds = model.encode_for_guidance("a cat on a bench")
+    added = model.added_conditions(embeds)
+    timesteps = torch.tensor([999.0, 500.0, 1.5])
+    resnet = next(m for m in model.unet.modules() if isinstance(m, ResnetBlock2D))
+    handed = []
+    hook = resnet.register_forward_pre_hook(lambda _, args: handed.append(args[1]))
+    sample = torch.randn(2, *model.latent_shape)
+    with torch.no_grad():
+        for t in timesteps:
+            model.unet(sample, t, encoder_hidden_states=embeds.hidden, added_cond_kwargs=added)
+    hook.remove()
+    table = time_embeddings(model.unet, timesteps, added, batch=2)
+    assert table.shape == (3, *handed[0].shape)
+    for row, temb in zip(table, handed, strict=True):
+        torch.testing.assert_close(row, temb)
+
+
+def test_resnets_take_the_time_projections_given_for_their_call(engine):
+    """A run projects its time embeddings for every resnet and step at once; given a step's
+    row, a call's resnets take their slices of it, whatever embedding the UNet passes them."""
+    shared = engine.state.shared
+    resnets = list(shared.time.layers)
+    assert len(resnets) > 1
+    emb = torch.randn(3, 2, resnets[0].time_emb_proj.in_features)
+    table = shared.time_projections(emb)
+    shared.forget()
+    shared.given_time_projections(table[1])
+    passed = torch.randn(2, emb.shape[-1])
+    for block in resnets:
+        expected = block.time_emb_proj(torch.nn.functional.silu(emb[1])) + block.conv1.bias
+        torch.testing.assert_close(shared.time.of(block, passed), expected)
+    shared.forget()
 
 
 def test_shared_linears_take_outputs_computed_before_the_call(engine):
