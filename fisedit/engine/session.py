@@ -406,6 +406,24 @@ class Engine:
         emb = time_embeddings(self.model.unet, timesteps, added, batch=2)
         return None if emb is None else self.state.shared.time_projections(emb)
 
+    def check_edit(
+        self, generation: GenerationParams, prompt: str, mask, mask_steps: int | None
+    ) -> tuple[EditParams, torch.Tensor | None]:
+        """An edit's request checked against a session generated with `generation` (filled
+        in): its EditParams, and its mask (as `edit` takes it, or None) at the latent size.
+        ValueError naming the field (`mask_steps`) otherwise, or from `load_mask`."""
+        params = EditParams.for_session(
+            prompt, mask_steps, mask is not None, generation.steps, self.config.edit
+        )
+        return params, None if mask is None else self.load_mask(mask, generation)
+
+    def load_mask(self, mask, generation: GenerationParams) -> torch.Tensor:
+        """A mask as `edit` takes it, as a bool tensor at the latent size of a session
+        generated with `generation` (filled in); ValueError if it is empty or fits neither
+        the latent nor the image size."""
+        latent_hw = self.model.latent_shape_at(generation.height, generation.width)[1:]
+        return load_mask(mask, latent_hw, self.model.vae_scale_factor)
+
     def step_maps(
         self, record: ActivationCache, source, step: int, reads: frozenset[str]
     ) -> StepMaps:
@@ -767,15 +785,9 @@ class EditSession:
         return self.engine.run_edit(self, params, user_mask, reference=mode)
 
     def _validate(self, prompt: str, mask, mask_steps: int | None):
-        config = self.engine.config.edit
-        params = EditParams.for_session(
-            prompt, mask_steps, mask is not None, self.params.steps, config
-        )
-        return params, None if mask is None else self.load_mask(mask)
+        return self.engine.check_edit(self.params, prompt, mask, mask_steps)
 
     def load_mask(self, mask) -> torch.Tensor:
         """A mask as `edit` takes it, as a bool tensor at this session's latent size;
         ValueError if it is empty or fits neither the latent nor the image size."""
-        model = self.engine.model
-        latent_hw = model.latent_shape_at(self.params.height, self.params.width)[1:]
-        return load_mask(mask, latent_hw, model.vae_scale_factor)
+        return self.engine.load_mask(mask, self.params)

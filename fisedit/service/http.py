@@ -183,10 +183,12 @@ def _not_found(kind: str, ident: str) -> ApiError:
 
 
 def _field_of(message: str) -> tuple[list[str], str]:
-    """Service errors read "field: reason" when they know the field the client sent."""
+    """Service errors read "field: reason" when they know the field the client sent (a
+    dotted path, as `edits.1.mask`, for one inside a list)."""
     field, sep, reason = message.partition(": ")
-    if sep and field.isidentifier():
-        return ["body", field], reason
+    path = field.split(".")
+    if sep and path[0].isidentifier() and all(p.isidentifier() or p.isdigit() for p in path):
+        return ["body", *path], reason
     return ["body"], message
 
 
@@ -764,8 +766,10 @@ async def edit_session(
             422, ["header", "If-Match"], f"names {extends}, the body {body.extends}", "conflict"
         )
     extends = body.extends if extends is None else extends
+    request = EditRequest(**dict(body.spec()), extends=extends)
     if prefer is not None and "respond-async" in prefer.lower():
-        current = await gw.call(ROUTER, "version", session_id, loc=["path", "session_id"])
+        # Checked now, as a synchronous edit would be: bad input gets its 422 at once.
+        current = await gw.call(ROUTER, "check_edit", session_id, None, request)
         if extends is not None and extends != current:
             raise ApiError(
                 409, ["body", "extends"], f"session {session_id} is at version {current}",
@@ -775,7 +779,6 @@ async def edit_session(
         job_id = await _submit(gw, tenant, spec)
         accepted = Accepted(job_id=job_id, status_url=f"/v1/jobs/{job_id}")
         return JSONResponse(accepted.model_dump(), 202)
-    request = EditRequest(**dict(body.spec()), extends=extends)
     return Version.of(await gw.call(ROUTER, "edit", session_id, request))
 
 

@@ -268,6 +268,7 @@ class JobQueue:
             session_id, base_version = job_id, 0
         else:
             session_id, base_version = spec.session_id, await self._version(spec.session_id)
+        await self._check_edits(spec)
         record = JobRecord(
             job_id=job_id, spec=spec, session_id=session_id, base_version=base_version
         )
@@ -360,6 +361,29 @@ class JobQueue:
             if isinstance(cause, KeyError):
                 raise ValueError(f"session_id: {cause.args[0]}") from None
             raise
+
+    async def _check_edits(self, spec: ChainSpec) -> None:
+        """Refuses a chain with an edit that would fail for its own faults (a mask or
+        mask_steps that does not fit the session), naming the edit, before it is queued.
+        Edits without either depend on nothing but their prompt, already checked."""
+        params = None if spec.session_id is not None else spec.generation()
+        for index, edit in enumerate(spec.edits):
+            if edit.mask is None and edit.mask_key is None and edit.mask_steps is None:
+                continue
+            try:
+                router = self._router()
+            except ValueError:
+                return  # no router yet: the job's edits are checked when they run
+            call = router.check_edit.remote(spec.session_id, params, EditRequest(**dict(edit)))
+            try:
+                await asyncio.wait_for(call, self.config.call_timeout_s)
+            except Exception as error:
+                cause = root_cause(error)
+                if isinstance(cause, ValueError):
+                    raise ValueError(f"edits.{index}.{cause}") from None
+                # Not the edit's fault (no live worker yet, a timeout): the job meets it
+                # again when it runs, retries it, and reports it.
+                return
 
     def _check(self, spec: ChainSpec) -> None:
         if spec.model is not None and spec.model != self.config.model:

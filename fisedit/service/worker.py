@@ -54,7 +54,8 @@ class SessionHost:
     """The sessions of one engine, each committed to the store after every version.
 
     Not thread-safe: one caller at a time (the EditWorker's engine thread). `summary` is
-    replaced, never mutated, after every call, so other threads may read it.
+    replaced, never mutated, after every call, so other threads may read it, and
+    `check_edit` reads only the store and the model, so other threads may call it.
     """
 
     def __init__(self, config: ServiceConfig, worker_id: str, engine: Engine | None = None):
@@ -97,11 +98,26 @@ class SessionHost:
         self.pool.edit(
             session_id,
             request.prompt,
-            mask=self._mask(request, session),
+            mask=self._mask(request, session.params),
             mask_steps=request.mask_steps,
             on_step=on_step,
         )
         return self._commit(self.pool.get(session_id), path, started, request.request_id)
+
+    def check_edit(
+        self, session_id: str | None, params: GenerationParams | None, request: EditRequest
+    ) -> None:
+        """Raises the ValueError `edit` would for the request's own faults (a mask or
+        mask_steps that does not fit the session), without editing or bringing the session
+        here: the session `session_id` as stored, or a new one generated with `params`."""
+        if params is None:
+            recipe = newest_recipe(self.store, check_session_id(session_id))
+            if recipe is None:
+                raise UnknownSessionError(f"unknown session {session_id!r}: nothing committed")
+            params = recipe.params
+        params = self.engine.filled_in(params)
+        mask = self._mask(request, params)
+        self.engine.check_edit(params, request.prompt, mask, request.mask_steps)
 
     def adopt(self, session_id: str) -> tuple[int, CachePath]:
         """Takes over a session from the store: its newest snapshot plus a replay of later
@@ -160,9 +176,10 @@ class SessionHost:
         self.adopt(session_id)
         return self._adopted.pop(session_id)
 
-    def _mask(self, request: EditRequest, session: EditSession) -> torch.Tensor | None:
-        """The request's mask for `session`; a ValueError naming the field `mask` if it is
-        not an image, or not of the session's latent or image size."""
+    def _mask(self, request: EditRequest, params: GenerationParams) -> torch.Tensor | None:
+        """The request's mask for a session generated with `params`; a ValueError naming
+        the field `mask` if it is not an image, or not of the session's latent or image
+        size."""
         data = request.mask
         if request.mask_key is not None:
             try:
@@ -175,7 +192,7 @@ class SessionHost:
             image = Image.open(io.BytesIO(data))
         except UNREADABLE as error:
             raise ValueError(f"mask: not a readable image ({error})") from error
-        height, width = session.params.height, session.params.width
+        height, width = params.height, params.width
         if image.height > height or image.width > width:  # checked before it is decoded
             raise ValueError(
                 f"mask: {image.width}x{image.height} pixels, larger than the image "
@@ -186,7 +203,7 @@ class SessionHost:
         except UNREADABLE as error:
             raise ValueError(f"mask: not a readable image ({error})") from error
         try:
-            return session.load_mask(pixels)
+            return self.engine.load_mask(pixels, params)
         except ValueError as error:
             raise ValueError(f"mask: {error}") from error
 
@@ -245,6 +262,12 @@ class EditWorker:
 
     async def adopt(self, session_id: str) -> tuple[int, CachePath]:
         return await self._run(self._host.adopt, session_id)
+
+    async def check_edit(
+        self, session_id: str | None, params: GenerationParams | None, request: EditRequest
+    ) -> None:
+        # Beside the engine thread: a check does not wait for the edits queued there.
+        await asyncio.to_thread(self._host.check_edit, session_id, params, request)
 
     async def snapshot(self, session_id: str) -> str:
         return await self._run(self._host.snapshot, session_id)

@@ -445,6 +445,34 @@ def test_an_edit_with_prefer_respond_async_answers_202_with_a_job(alice, session
     assert job["state"] == "succeeded" and job["results"][0]["version"] == current + 1
 
 
+def test_queued_edits_with_bad_input_are_refused_at_once_naming_the_edit(alice, session):
+    """An edit queued as a job (with `Prefer: respond-async`, or in a chain) is checked
+    against its session before it is queued, as a synchronous edit is: a mask that does not
+    fit gets a 422 naming it, no job is made, and the session keeps its version."""
+    session_id = session["session_id"]
+    versions = len(alice.get(f"/v1/sessions/{session_id}").json()["versions"])
+    jobs = {job["job_id"] for job in alice.get("/v1/jobs").json()}
+    wrong_size = {"prompt": "a dog", "mask": _png(np.ones((40, 40), bool))}
+
+    queued = alice.post(
+        f"/v1/sessions/{session_id}/edits", json=wrong_size, headers={"Prefer": "respond-async"}
+    )
+    assert _field(queued, 422) == ["body", "mask"] and "size" in queued.text
+    empty = {"prompt": "a dog", "mask": _png(np.zeros((32, 32), bool))}
+    chain = {"session_id": session_id, "steps": STEPS, "edits": [{"prompt": "a"}, empty]}
+    chain = alice.post("/v1/jobs", json=chain)
+    assert _field(chain, 422) == ["body", "edits", "1", "mask"] and "empty" in chain.text
+    # A new session's edits are checked against the size it will have.
+    new = alice.post("/v1/jobs", json={"prompt": "a cat", "steps": STEPS, "edits": [wrong_size]})
+    assert _field(new, 422) == ["body", "edits", "0", "mask"]
+    too_late = {"prompt": "a dog", "mask_steps": STEPS}
+    new = alice.post("/v1/jobs", json={"prompt": "a cat", "steps": STEPS, "edits": [too_late]})
+    assert _field(new, 422) == ["body", "edits", "0", "mask_steps"]
+
+    assert {job["job_id"] for job in alice.get("/v1/jobs").json()} == jobs
+    assert len(alice.get(f"/v1/sessions/{session_id}").json()["versions"]) == versions
+
+
 def test_requests_past_a_tenants_bound_get_429_and_accepted_ones_finish(alice):
     def generate(seed: int):
         return alice.post("/v1/sessions", json={"prompt": "a cat", "steps": STEPS, "seed": seed})

@@ -241,12 +241,15 @@ def test_unknown_models_and_sessions_are_refused_at_submission(client):
     assert type(refused.value) is ValueError  # the queue's own error, not Ray's wrapper of it
 
 
-def test_a_mask_that_is_not_an_image_fails_the_job_with_the_reason(client):
-    spec = _chain() | {"edits": [{"prompt": "a dog", "mask": b"not a png"}]}
-    record = client.wait(client.submit_chain(spec), timeout=TIMEOUT)
+def test_a_chain_with_a_mask_that_is_not_an_image_is_refused_naming_the_edit(client):
+    """A chain's edits are checked before it is queued (against the session its
+    generation will make): bad input is refused at once, and nothing is queued."""
+    spec = _chain() | {"edits": [{"prompt": "a dog"}, {"prompt": "a fox", "mask": b"not a png"}]}
+    jobs = {record.job_id for record in client.list_jobs()}
 
-    assert record.state == "failed" and "mask: not a readable image" in record.error
-    assert record.results == [] and record.generated is not None
+    with pytest.raises(ValueError, match=r"edits\.1\.mask: not a readable image"):
+        client.submit_chain(spec)
+    assert {record.job_id for record in client.list_jobs()} == jobs
 
 
 def test_a_chain_job_reports_every_edit(client):

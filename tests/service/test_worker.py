@@ -115,6 +115,27 @@ def test_stale_versions_and_bad_masks_are_refused_and_the_session_stays(engine, 
     assert host.store.list("sessions/s1/v2/") == []
 
 
+def test_a_worker_checks_an_edit_against_the_stored_session_without_taking_it(engine, config):
+    """What a job's edit would be refused for is found before it is queued: any worker
+    checks it against the session as stored (or the one a generation will make)."""
+    SessionHost(config, "w0", engine).generate("s1", BASE)
+    other = SessionHost(config, "w1", engine)
+    square, empty = png(np.ones((32, 32), np.uint8)), png(np.zeros((32, 32), np.uint8))
+
+    other.check_edit("s1", None, EditRequest(prompt="a fox", mask=square))
+    with pytest.raises(ValueError, match="mask: the mask is empty"):
+        other.check_edit("s1", None, EditRequest(prompt="a fox", mask=empty))
+    with pytest.raises(ValueError, match="mask_steps: .* must be smaller"):
+        other.check_edit("s1", None, EditRequest(prompt="a fox", mask_steps=BASE.steps))
+    with pytest.raises(ValueError, match="mask: mask size .* matches neither"):
+        other.check_edit(
+            None, BASE.model_copy(update={"height": 64}), EditRequest(prompt="a", mask=square)
+        )
+    with pytest.raises(KeyError, match="unknown session 's2'"):
+        other.check_edit("s2", None, EditRequest(prompt="a fox"))
+    assert "s1" not in other.pool and other.summary["sessions"] == {}
+
+
 def test_another_worker_adopts_a_lost_session_and_edits_it_identically(engine, config):
     holder = SessionHost(config, "w0", engine)
     holder.generate("s1", BASE)
