@@ -3,13 +3,15 @@ UNet, on no GPU.
 
 The UNet is built on the meta device (shapes, no storage) with the Triton kernels selected.
 A recording step runs first, then sparse steps over centred square masks, as the engine
-captures a session's edit: a dense step records into slots, then files them into the run's
-cache; a sparse step records in place into the maps of the version it edits (`StepMaps`),
+captures a session's edit: a dense step records its maps where it makes them (`StepSlots`),
+then files them into the run's cache; a sparse step records in place into the maps of the version it edits (`StepMaps`),
 runs with the step index in device memory, and copies a sparse layer's output out of the
 cache only where the UNet's own ops read it (`StaticMapReads`). (An edit of a fork, which
 shares its cache, also copies every map it reads into a new cache: `StepMaps.fill`.) Triton
 launches are recorded, not run, with grids sized for an H100 (132 SMs); every other op is
-counted by a dispatch mode.
+counted by a dispatch mode. Maps are laid out as on a GPU: a convolution with channels_last
+weights returns channels_last maps (the meta device would return NCHW), so the copies that
+layout causes (PyTorch's GroupNorm makes its input contiguous first) or saves are counted.
 
 Bytes moved count what each launched op reads plus what it writes, from tensor sizes (no
 profiler, no caches modelled):
@@ -104,6 +106,10 @@ def _nbytes(value) -> int:
     return elements * value.element_size()
 
 
+def _channels_last(tensor: torch.Tensor) -> bool:
+    return tensor.dim() == 4 and tensor.is_contiguous(memory_format=torch.channels_last)
+
+
 def _op_bytes(func, args, kwargs, out) -> int:
     """Bytes an op reads and writes, by the rules in the module docstring."""
     name = func.overloadpacket.__name__
@@ -169,6 +175,11 @@ class _OpCounter(TorchDispatchMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         name = func.overloadpacket.__name__
+        if name == "convolution" and any(_channels_last(t) for t in args[:2]):
+            # On the meta device a convolution returns NCHW; cuDNN returns channels_last
+            # where its input or weight is (as the model's weights are), and so do the ops
+            # after it: the maps' layout decides which reshapes and records copy.
+            out = out.contiguous(memory_format=torch.channels_last)
         if not (self.inside_attention or func.is_view or name in _NO_KERNEL):
             self.ops[name] += _foreach_launches(args[0]) if name.startswith("_foreach") else 1
             self.bytes[name] += _op_bytes(func, args, kwargs, out)
@@ -318,7 +329,6 @@ class MetaUNet:
             MacCount(),
         )
         if plan is None:
-            # Fresh slots: their clones stand for the copies into a captured step's own slots.
             state.record = StepSlots(channels_last=True)
         else:
             edited = self.cache.edited_in_place()

@@ -146,19 +146,26 @@ class ActivationCache:
 
 
 class StepSlots:
-    """One step's recorded tensors in static buffers: what a captured UNet call writes,
-    whatever step it runs (`ActivationCache.put_step` files them under the step). Feature
-    maps are laid out as in an `ActivationCache` with the same `channels_last`."""
+    """One step's recorded tensors, where a UNet call left them, whatever step it runs
+    (`ActivationCache.put_step` files them under the step). Feature maps are laid out as in
+    an `ActivationCache` with the same `channels_last`.
+
+    A tensor in that layout is held as the call made it, not copied: in a captured call it
+    lives in the graph's memory, which every replay writes again. One in another layout (a
+    map a layer returns NCHW) is copied into a static slot of the cache's layout."""
 
     def __init__(self, channels_last: bool = False) -> None:
         self.tensors: dict[str, torch.Tensor] = {}
         self.channels_last = channels_last
 
     def put(self, name: str, step: int | torch.Tensor, value: torch.Tensor) -> None:
+        nhwc = _nhwc(value, self.channels_last)
+        layout = torch.channels_last if nhwc else torch.contiguous_format
+        if value.is_contiguous(memory_format=layout):
+            self.tensors[name] = value
+            return
         slot = self.tensors.get(name)
         if slot is None:
-            nhwc = _nhwc(value, self.channels_last)
-            layout = torch.channels_last if nhwc else torch.preserve_format
             self.tensors[name] = value.clone(memory_format=layout)
         else:
             slot.copy_(value)

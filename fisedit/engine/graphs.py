@@ -5,10 +5,11 @@ steps the mask, hence every index tensor. A captured step owns static input buff
 each call fills before replaying (what a run passes at every step, its prompt embeddings
 and, for sparse steps, their text keys and values, only when the run changes; a sparse
 step's row of the run's time projections at every step). What a
-dense step records goes to static slots (one step of a cache) and is copied into the run's
-cache at the step's index after each replay, so the graph does not belong to a run: the
-engine captures its dense step once and replays it for generations and for every edit's
-capture steps.
+dense step records stays where the captured call made it, in the graph's memory (a map in
+another layout than the cache's is copied into a static slot: `StepSlots`), and is copied
+into the run's cache at the step's index after each replay, so the graph does not belong to
+a run: the engine captures its dense step once and replays it for generations and for
+every edit's capture steps.
 
 A sparse step reads its plan's index tensors, and the maps it records (`StepMaps`) at a
 step index held in device memory: each map starts as the previous version's at the step
@@ -23,9 +24,9 @@ captured plan's index tensors. Plans pad their active pixels to buckets
 (`SparsePlan.signature`), so a similar mask compiles nothing and captures nothing.
 Nothing in a replay depends on Python state, and no host sync happens in the loop.
 
-All captures share one memory pool, and dense ones, per latent shape, one set of slots:
-replays run one at a time, and what a replay writes (its output, the slots) is read before
-the next one.
+All captures share one memory pool: replays run one at a time, and what a replay writes
+(its output, what it records) is read before the next one; what a dense step records is
+held, so no later capture allocates its memory.
 
 On a CPU nothing is captured: the same static buffers and plans run eagerly, so tests can
 check this path without a GPU.

@@ -61,6 +61,25 @@ def test_put_step_files_a_step_of_slots_in_one_go():
         assert torch.equal(cache.get(name, 1), value)
 
 
+def test_step_slots_hold_a_map_as_made_and_copy_only_one_in_another_layout():
+    """A captured dense step records without copying: a map in the cache's layout is held
+    where the call made it (a graph's replay writes it there again); one in another layout
+    is copied into a static slot of the cache's layout, which later calls refill."""
+    slots = StepSlots(channels_last=True)
+    nhwc = torch.randn(2, 4, 3, 5).to(memory_format=torch.channels_last)
+    nchw = torch.randn(2, 4, 3, 5)
+
+    slots.put("made", 0, nhwc)
+    slots.put("converted", 0, nchw)
+    slot = slots.tensors["converted"]
+    again = torch.randn(2, 4, 3, 5)
+    slots.put("converted", 1, again)
+
+    assert slots.tensors["made"] is nhwc
+    assert slots.tensors["converted"] is slot and torch.equal(slot, again)
+    assert slot.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_a_channels_last_cache_stores_every_map_nhwc_whatever_layout_it_arrives_in():
     nchw, tokens = torch.randn(2, 4, 3, 5), torch.randn(2, 15, 4)
     slots = StepSlots(channels_last=True)
