@@ -4,14 +4,15 @@ UNet, on no GPU.
 The UNet is built on the meta device (shapes, no storage) with the Triton kernels selected.
 A recording step runs first, then sparse steps over centred square masks, as the engine
 captures a session's edit: a dense step records its maps where it makes them (`StepSlots`),
-then files them into the run's cache; a sparse step records in place into the maps of the version it edits (`StepMaps`),
-runs with the step index in device memory, and copies a sparse layer's output out of the
-cache only where the UNet's own ops read it (`StaticMapReads`). (An edit of a fork, which
-shares its cache, also copies every map it reads into a new cache: `StepMaps.fill`.) Triton
-launches are recorded, not run, with grids sized for an H100 (132 SMs); every other op is
-counted by a dispatch mode. Maps are laid out as on a GPU: a convolution with channels_last
-weights returns channels_last maps (the meta device would return NCHW), so the copies that
-layout causes (PyTorch's GroupNorm makes its input contiguous first) or saves are counted.
+then files them into the run's cache; a sparse step records in place into the maps of the
+version it edits (`StepMaps`), runs with the step index in device memory, and copies a
+sparse layer's output out of the cache only where the UNet's own ops read it
+(`StaticMapReads`). (An edit of a fork, which shares its cache, also copies every map it
+reads into a new cache: `StepMaps.fill`.) Triton launches are recorded, not run, with grids
+sized for an H100 (132 SMs); every other op is counted by a dispatch mode. Maps are laid
+out as on a GPU: a convolution with channels_last weights returns channels_last maps (the
+meta device would return NCHW), so the copies that layout causes (PyTorch's GroupNorm makes
+its input contiguous first) or saves are counted.
 
 Bytes moved count what each launched op reads plus what it writes, from tensor sizes (no
 profiler, no caches modelled):

@@ -193,6 +193,9 @@ class StepReporter:
         self._answer = self.queue.step.remote(self.job_id, self.edit, step, steps)
 
 
+CHECK_S = 30.0
+"""How long a submission waits for a worker to check an edit (`_check_edits`); one that
+takes longer (workers still starting) is left to the job, which checks it when it runs."""
 FINISHED_MARKERS = "jobs/finished/"
 _ID = STORE_ID.pattern.strip("^$")
 MARKER = re.compile(rf"^{FINISHED_MARKERS}{_ID}/(\d+)-({_ID})$")
@@ -376,7 +379,7 @@ class JobQueue:
                 return  # no router yet: the job's edits are checked when they run
             call = router.check_edit.remote(spec.session_id, params, EditRequest(**dict(edit)))
             try:
-                await asyncio.wait_for(call, self.config.call_timeout_s)
+                await asyncio.wait_for(call, CHECK_S)
             except Exception as error:
                 cause = root_cause(error)
                 if isinstance(cause, ValueError):
