@@ -85,7 +85,9 @@ class Client:
     # Jobs
 
     def submit_chain(self, spec: ChainSpec | dict) -> str:
-        """Queues an edit chain (validated here first); returns the job id."""
+        """Queues an edit chain (validated here first); returns the job id. An edit whose
+        mask or mask_steps does not fit the session is refused before anything is queued,
+        with a ValueError naming it (`edits.1.mask: ...`)."""
         return self._call(JOB_QUEUE, "submit", ChainSpec.model_validate(spec))
 
     def status(self, job_id: str) -> JobRecord:
