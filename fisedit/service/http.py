@@ -766,19 +766,24 @@ async def edit_session(
             422, ["header", "If-Match"], f"names {extends}, the body {body.extends}", "conflict"
         )
     extends = body.extends if extends is None else extends
-    request = EditRequest(**dict(body.spec()), extends=extends)
     if prefer is not None and "respond-async" in prefer.lower():
-        # Checked now, as a synchronous edit would be: bad input gets its 422 at once.
-        current = await gw.call(ROUTER, "check_edit", session_id, None, request)
+        current = await gw.call(ROUTER, "version", session_id, loc=["path", "session_id"])
         if extends is not None and extends != current:
             raise ApiError(
                 409, ["body", "extends"], f"session {session_id} is at version {current}",
                 "stale_version",
             )  # fmt: skip
         spec = ChainSpec(session_id=session_id, edits=[body.spec()])
-        job_id = await _submit(gw, tenant, spec)
+        try:
+            job_id = await _submit(gw, tenant, spec)
+        except ApiError as error:
+            # The queue checks the chain's one edit (body.edits.0.mask): this body is it.
+            if error.loc[:3] == ["body", "edits", "0"]:
+                error.loc = ["body", *error.loc[3:]]
+            raise
         accepted = Accepted(job_id=job_id, status_url=f"/v1/jobs/{job_id}")
         return JSONResponse(accepted.model_dump(), 202)
+    request = EditRequest(**dict(body.spec()), extends=extends)
     return Version.of(await gw.call(ROUTER, "edit", session_id, request))
 
 

@@ -127,15 +127,14 @@ class SessionRouter:
 
     async def check_edit(
         self, session_id: str | None, params: GenerationParams | None, request: EditRequest
-    ) -> int | None:
+    ) -> None:
         """Raises the ValueError an edit with `request` would for its own faults (a mask or
         mask_steps that does not fit the session), without running it: a worker checks it
         against the session `session_id` (its holder, if any) or against a new one generated
-        with `params`. Returns the session's current version (None for a new one)."""
+        with `params`."""
         await self._ready()
         placement = None if session_id is None else await self._placement(session_id)
         await self._dispatch(placement, "check_edit", session_id, params, request)
-        return None if placement is None else placement.version
 
     async def snapshot(self, session_id: str) -> str:
         """Has the holder snapshot the session's current version; returns the manifest key."""
