@@ -3,8 +3,9 @@
 Dense diffusers eager, dense torch.compile with CUDA graphs (mode reduce-overhead) and
 FISEdit, on full-size UNet shapes with random weights (no downloads), for masks covering
 5%, 15% and 30% of the latent (centred squares and one irregular mask), with supplied masks
-(no dense steps) and with k dense mask steps. Prints each case as it finishes, writes
-`<device>-<date>.json` and a PNG of speedup against mask ratio with the MAC limit.
+(no dense steps) and with k dense mask steps; then each layer's and each kernel's time in
+a dense and a sparse step. Prints each case as it finishes, writes `<device>-<date>.json`
+and a PNG of speedup against mask ratio with the MAC limit.
 
 Every timing is a median over repeats, reported with its spread; on CPU, where other
 processes disturb timings most, end-to-end runs are repeated too. A case whose timings
@@ -21,7 +22,8 @@ import tempfile
 import time
 import traceback
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -32,6 +34,8 @@ from diffusers import (
     StableDiffusionXLPipeline,
 )
 from pydantic import BaseModel
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
 
 from fisedit.engine.cache import ActivationCache
 from fisedit.engine.config import EngineConfig
@@ -108,6 +112,41 @@ class LayerProfile(BaseModel):
     active_fraction: float
     dense_ms: float
     sparse_ms: float
+
+
+class KernelTime(BaseModel):
+    """One kernel's time in an eager dense or sparse step, from torch.profiler: on a GPU a
+    device kernel's time; on CPU, where nothing is launched, a PyTorch operator's self time."""
+
+    model: str
+    step: str
+    """"dense" or "sparse"."""
+    kernel: str
+    calls: float
+    """Launches per step."""
+    ms: float
+    """Milliseconds per step, all its launches together."""
+
+
+def kernel_times(call: Callable[[], object], repeats: int, cuda: bool) -> dict[str, tuple]:
+    """{kernel: (launches, milliseconds)} per call of `call`, most time first, over
+    `repeats` profiled calls after one unprofiled."""
+    call()
+    kind = DeviceType.CUDA if cuda else DeviceType.CPU
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as run:
+        for _ in range(repeats):
+            call()
+        if cuda:
+            torch.cuda.synchronize()
+    times = {
+        event.key: (
+            event.count / repeats,
+            (event.self_device_time_total if cuda else event.self_cpu_time_total) / 1000 / repeats,
+        )
+        for event in run.key_averages()
+        if event.device_type == kind
+    }
+    return dict(sorted(times.items(), key=lambda item: -item[1][1]))
 
 
 class LayerTimer:
@@ -291,24 +330,33 @@ class ModelBench:
 
         return call
 
+    @contextmanager
+    def eager_sparse_steps(
+        self, engine: Engine, base: EditSession, mask: torch.Tensor
+    ) -> Iterator[SparsePlan]:
+        """Inside, a call of the engine's UNet is an eager sparse step over `mask` (its plan
+        is yielded), as an edit of `base` runs it, recording into a new cache."""
+        device, step, cache = engine.model.device, self.steps // 2, base.current.cache
+        plan = SparsePlan(mask.to(device), engine.config.sparse, device)
+        record = ActivationCache(self.steps, channels_last=engine.config.channels_last)
+        maps = engine.step_maps(record, cache, step, engine.sparse_reads(plan, cache))
+        run = (self.text(engine), self.time_projections(engine))
+        with engine.unet_pass(step, MacCount(), plan, cache, maps, *run):
+            yield plan
+
     def profile_layers(
         self, engine: Engine, base: EditSession, mask: torch.Tensor, repeats: int
     ) -> list[LayerProfile]:
         """Per-layer time of an eager dense step and an eager sparse step over `mask`."""
-        device, step, cache = engine.model.device, self.steps // 2, base.current.cache
-        plan = SparsePlan(mask.to(device), engine.config.sparse, device)
         call = self.unet_call(engine.model.unet)
-        timer = LayerTimer(engine.layers, device)
+        timer = LayerTimer(engine.layers, engine.model.device)
         try:
             call()
             timer.collect()
             for _ in range(repeats):
                 call()
             dense = timer.collect()
-            record = ActivationCache(self.steps, channels_last=engine.config.channels_last)
-            maps = engine.step_maps(record, cache, step, engine.sparse_reads(plan, cache))
-            run = (self.text(engine), self.time_projections(engine))
-            with engine.unet_pass(step, MacCount(), plan, cache, maps, *run):
+            with self.eager_sparse_steps(engine, base, mask) as plan:
                 call()
                 timer.collect()
                 for _ in range(repeats):
@@ -327,6 +375,21 @@ class ModelBench:
                 sparse_ms=sparse[layer.name],
             )
             for layer in engine.layers
+        ]
+
+    def profile_kernels(
+        self, engine: Engine, base: EditSession, mask: torch.Tensor, repeats: int
+    ) -> list[KernelTime]:
+        """Each kernel's time in an eager dense step and an eager sparse step over `mask`:
+        where a step's time goes, beside what `fisedit.bench.step_launches` counts."""
+        call, cuda = self.unet_call(engine.model.unet), engine.model.device.type == "cuda"
+        dense = kernel_times(call, repeats, cuda)
+        with self.eager_sparse_steps(engine, base, mask):
+            sparse = kernel_times(call, repeats, cuda)
+        return [
+            KernelTime(model=self.name, step=step, kernel=kernel, calls=calls, ms=ms)
+            for step, times in (("dense", dense), ("sparse", sparse))
+            for kernel, (calls, ms) in times.items()
         ]
 
     def dense(self, method: str, unet, repeats: int) -> BenchRun:
@@ -438,22 +501,33 @@ class BenchResults:
     meta: dict
     runs: list[BenchRun] = field(default_factory=list)
     layers: list[LayerProfile] = field(default_factory=list)
+    kernels: list[KernelTime] = field(default_factory=list)
     errors: list[dict] = field(default_factory=list)
     """Measurements that failed (see `_attempt`)."""
 
-    def add(self, runs: list[BenchRun], layers: list[LayerProfile] | None = None) -> list[BenchRun]:
-        """Records finished cases, writes everything, then prints the cases; returns them."""
+    def add(
+        self,
+        runs: list[BenchRun],
+        layers: list[LayerProfile] | None = None,
+        kernels: list[KernelTime] | None = None,
+    ) -> list[BenchRun]:
+        """Records finished cases and profiles, writes everything, then prints the cases and
+        the sparse step's costliest kernels; returns the cases."""
         self.runs += runs
         self.layers += layers or []
+        self.kernels += kernels or []
         self.write()
         for run in runs:
             print(table_row(run), flush=True)
+        for line in kernel_table(kernels or []):
+            print(line, flush=True)
         return runs
 
     def write(self) -> Path:
         """Writes <device>-<date>.json and .png under `out`; returns the JSON path."""
         meta = {**self.meta, "errors": self.errors}
-        return write_results(self.runs, self.layers, self.device, self.out, meta)
+        profiles = {"layers": self.layers, "kernels": self.kernels}
+        return write_results(self.runs, profiles, self.device, self.out, meta)
 
 
 def bench_model(
@@ -508,7 +582,10 @@ def bench_model(
     layers = _attempt(
         errors, f"{name} layer profile", bench.profile_layers, engine, base, mask, repeats
     )
-    results.add([], [profile for profiles in layers for profile in profiles])
+    kernels = _attempt(
+        errors, f"{name} kernel profile", bench.profile_kernels, engine, base, mask, repeats
+    )
+    results.add([], [p for ps in layers for p in ps], [k for ks in kernels for k in ks])
 
 
 def _attempt(errors: list[dict], what: str, measure: Callable, *args) -> list:
@@ -535,11 +612,12 @@ def device_name(device: str) -> str:
 
 
 def write_results(
-    runs: list[BenchRun], layers: list[LayerProfile], device: str, out: Path, meta: dict
+    runs: list[BenchRun], profiles: dict[str, list], device: str, out: Path, meta: dict
 ) -> Path:
     """Writes <device>-<date>.json and .png under `out`, each replacing the last in one step
-    (a reader never sees half a file); returns the JSON path. The date is `meta`'s, the day
-    the run started: a run that goes past midnight keeps writing the same files."""
+    (a reader never sees half a file); returns the JSON path. `profiles` holds the layer
+    and kernel profiles by name. The date is `meta`'s, the day the run started: a run that
+    goes past midnight keeps writing the same files."""
     out.mkdir(parents=True, exist_ok=True)
     name = device_name(device)
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
@@ -548,7 +626,7 @@ def write_results(
         "device": name,
         **meta,
         "runs": [run.model_dump() for run in runs],
-        "layers": [layer.model_dump() for layer in layers],
+        **{name: [entry.model_dump() for entry in entries] for name, entries in profiles.items()},
     }
     partial = stem.with_suffix(".json.partial")
     partial.write_text(json.dumps(payload, indent=2))
@@ -608,6 +686,24 @@ def table_row(run: BenchRun) -> str:
         f"{timing(run.end_to_end_ms, 'end_to_end', 9)}  "
         f"{run.mac_fraction:5.2f} {eff}" + ("  NOISY" if run.noisy else "")
     )
+
+
+def kernel_table(kernels: list[KernelTime], top: int = 10) -> list[str]:
+    """Each model's costliest kernels in its sparse step: milliseconds and share of the
+    step's profiled time, and launches, per step."""
+    lines = []
+    for model in dict.fromkeys(k.model for k in kernels):
+        sparse = [k for k in kernels if k.model == model and k.step == "sparse"]
+        total = sum(k.ms for k in sparse)
+        if not total:
+            lines.append(f"kernels of the {model} sparse step: the profiler recorded none")
+            continue
+        lines.append(f"costliest kernels of the {model} sparse step ({total:.2f} ms profiled):")
+        lines += [
+            f"  {k.ms:9.3f} ms {k.ms / total:4.0%} {k.calls:6g}x  {k.kernel[:90]}"
+            for k in sparse[:top]
+        ]
+    return lines
 
 
 def run_benchmark(

@@ -117,6 +117,24 @@ def test_cpu_smoke_run_writes_well_formed_results(tmp_path):
     # At the latent resolution only the mask's blocks are active; 8x8 layers run dense.
     assert 0 < layers["conv_in"]["active_fraction"] < 0.5
     assert layers["mid_block.resnets.0"]["active_fraction"] == 1.0
+    # The kernel profile: on CPU, PyTorch operators per step, most time first.
+    kernels = {"dense": {}, "sparse": {}}
+    for kernel in data["kernels"]:
+        kernels[kernel["step"]][kernel["kernel"]] = (kernel["calls"], kernel["ms"])
+    for times in kernels.values():
+        assert all(calls > 0 and ms >= 0 for calls, ms in times.values())
+        assert [ms for _, ms in times.values()] == sorted(
+            (ms for _, ms in times.values()), reverse=True
+        )
+    # Each GroupNorm's statistics come once per step: in a sparse step from the reference
+    # kernel's var_mean where the layer runs sparse, from GroupNorm where it runs dense.
+    norms = kernels["dense"]["aten::native_group_norm"][0]
+    dense_run, sparse_run = (
+        kernels["sparse"][op][0] for op in ("aten::native_group_norm", "aten::var_mean")
+    )
+    assert "aten::var_mean" not in kernels["dense"]
+    assert dense_run > 0 and sparse_run > 0 and dense_run + sparse_run == norms
+    assert "costliest kernels of the tiny sparse step" in rest
 
 
 def test_a_run_writes_one_pair_of_files_named_by_the_day_it_started(tmp_path):
