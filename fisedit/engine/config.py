@@ -61,9 +61,10 @@ class SparseConfig(BaseModel):
     )
     kernels: Literal["auto", "triton", "reference", "dense"] = Field(
         "auto",
-        description="Fused Triton kernels or their PyTorch references; auto: Triton on CUDA. "
-        "dense: each layer computed whole, the cached maps pasted outside the region (the "
-        "slow reference of what the sparse layers compute).",
+        description="Fused Triton kernels or their PyTorch references; auto: Triton on CUDA "
+        "(there dense steps normalise channels_last maps with Triton too). dense: each layer "
+        "computed whole, the cached maps pasted outside the region (the slow reference of "
+        "what the sparse layers compute).",
     )
 
     @classmethod

@@ -6,7 +6,8 @@ UNet's own forward drives them. Dense calls run the diffusers module itself; for
 record what the sparse pass will read. Sparse calls compute only the active pixels of the
 layer's output and take every other pixel from the cache of the same step: each map they
 record starts as the cached one (`StepMaps`), and their kernels write the active pixels
-into it in place.
+into it in place. Every GroupNorm becomes a MapGroupNorm, which keeps channels_last maps
+channels_last in dense calls too.
 
 With `SparseConfig(kernels="dense")` sparse calls are done the slow way, as a reference:
 the whole diffusers module runs, and hooks paste the cached map outside the active region
@@ -193,6 +194,41 @@ def _linear_macs(layer: nn.Module, rows: int) -> int:
 
 def _conv_macs(conv: nn.Conv2d, pixels: int) -> int:
     return pixels * conv.weight.numel()
+
+
+class MapGroupNorm(nn.GroupNorm):
+    """A UNet's nn.GroupNorm (same parameters) that keeps channels_last maps channels_last
+    off the CPU where the step state runs Triton kernels: there PyTorch's GroupNorm copies
+    such a map to NCHW and returns NCHW, which the next convolution then converts back (two
+    copies of the map per norm in a dense step). On CPU, PyTorch's GroupNorm keeps the
+    layout itself; everything else goes to nn.GroupNorm too."""
+
+    def __init__(self, norm: nn.GroupNorm, state: StepState) -> None:
+        super().__init__(norm.num_groups, norm.num_channels, norm.eps, affine=norm.affine)
+        self.weight, self.bias = norm.weight, norm.bias
+        self.state = state
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        channels_last = (
+            x.dim() == 4
+            and not x.is_contiguous()
+            and x.is_contiguous(memory_format=torch.channels_last)
+        )
+        copied = channels_last and x.device.type != "cpu"
+        if copied and self.affine and self.state.use_triton(x):
+            return norm_kernels.group_norm(self, x)
+        return super().forward(x)
+
+
+def _map_group_norms(unet: nn.Module, state: StepState) -> None:
+    """Replaces every nn.GroupNorm in `unet` with a MapGroupNorm, wherever it is held."""
+    replaced: dict[nn.Module, MapGroupNorm] = {}
+    for module in list(unet.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is nn.GroupNorm:
+                if child not in replaced:
+                    replaced[child] = MapGroupNorm(child, state)
+                setattr(module, name, replaced[child])
 
 
 class SparseLayer(nn.Module):
@@ -665,7 +701,9 @@ def sparse_reads(layers: list[SparseLayer], plan: SparsePlan, cache) -> frozense
 
 
 def wrap_unet(unet: nn.Module, state: StepState) -> list[SparseLayer]:
-    """Replaces the layers the sparse pass handles, in place; returns the wrappers."""
+    """Replaces the layers the sparse pass handles, and every GroupNorm with a MapGroupNorm,
+    in place; returns the wrappers."""
+    _map_group_norms(unet, state)  # first: the wrappers hook the norms they record around
     wrappers: list[SparseLayer] = []
     for name, module in list(unet.named_modules()):
         if any(name.startswith(w.name + ".") for w in wrappers):

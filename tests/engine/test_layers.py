@@ -6,8 +6,16 @@ from diffusers.models.resnet import ResnetBlock2D
 
 from fisedit.engine.cache import ActivationCache
 from fisedit.engine.config import EngineConfig, SparseConfig
-from fisedit.engine.kernels.launch import interpreting
-from fisedit.engine.layers import SparseConv, SparseResnet, SparseTransformer, time_embeddings
+from fisedit.engine.kernels.launch import interpreting, recording_launches
+from fisedit.engine.layers import (
+    MapGroupNorm,
+    SparseConv,
+    SparseResnet,
+    SparseTransformer,
+    StepState,
+    time_embeddings,
+    wrap_unet,
+)
 from fisedit.engine.models import load_model
 from fisedit.engine.plan import SparsePlan
 from fisedit.engine.session import Engine
@@ -275,3 +283,56 @@ def test_shared_linears_take_outputs_computed_before_the_call(engine):
     expected = torch.nn.functional.linear(text, *key_value_projection(second)) * 2
     torch.testing.assert_close(shared.of(second, text), expected)
     assert shared.of(first, text).data_ptr() == computed.data_ptr()
+
+
+def test_every_group_norm_of_the_unet_becomes_a_map_group_norm_with_its_parameters(
+    tiny_model_dir,
+):
+    unet = load_model(tiny_model_dir, "cpu", torch.float32).unet
+    weights = {m.weight for m in unet.modules() if isinstance(m, torch.nn.GroupNorm)}
+
+    layers = wrap_unet(unet, StepState())
+
+    norms = [m for m in unet.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and all(type(norm) is MapGroupNorm for norm in norms)
+    assert {norm.weight for norm in norms} == weights
+    head = next(layer for layer in layers if layer.name == "conv_out")
+    assert head.norm is head.inner[0]
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_a_map_group_norm_keeps_a_channels_last_map_channels_last(device):
+    """On CPU PyTorch's GroupNorm keeps the layout itself, so it runs; elsewhere (where it
+    would copy the map to NCHW) the Triton path runs, here recorded on the meta device."""
+    state = StepState(config=SparseConfig(kernels="triton"))
+    norm = MapGroupNorm(torch.nn.GroupNorm(4, 32, eps=1e-6), state).to(device)
+    x = torch.randn(2, 32, 8, 8, device=device).to(memory_format=torch.channels_last)
+
+    with recording_launches(132) as launches:
+        out = norm(x)
+
+    kernels = [launch.kernel.fn.__name__ for launch in launches]
+    expected = [] if device == "cpu" else ["_group_norm_affine_kernel", "_group_norm_apply_kernel"]
+    assert kernels == expected
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    if device == "cpu":
+        torch.testing.assert_close(
+            out, torch.nn.functional.group_norm(x, 4, norm.weight, norm.bias, 1e-6)
+        )
+
+
+@pytest.mark.skipif(interpreting(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_on_a_gpu_a_map_group_norm_is_group_norm_in_the_maps_layout(dtype):
+    norm = torch.nn.GroupNorm(8, 64, eps=1e-6).cuda().to(dtype)
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    mapped = MapGroupNorm(norm, StepState(config=SparseConfig(kernels="auto")))
+    x = (torch.randn(2, 64, 24, 24, device="cuda") * 3 + 1).to(dtype)
+    x = x.to(memory_format=torch.channels_last)
+
+    out = mapped(x)
+
+    assert out.is_contiguous(memory_format=torch.channels_last) and out.dtype == dtype
+    tolerance = {"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {}
+    torch.testing.assert_close(out, norm(x), **tolerance)

@@ -1,4 +1,5 @@
-"""GroupNorm statistics as a per-(sample, channel) affine, in one kernel.
+"""GroupNorm statistics as a per-(sample, channel) affine, in one kernel; and GroupNorm of a
+whole map as that affine applied by a second, in the map's own layout.
 
 The sparse pass applies GroupNorm as silu(x * scale + shift) inside its conv and gather
 kernels, so it needs only scale = weight * rstd and shift = bias - mean * scale per sample
@@ -13,6 +14,10 @@ so when a group's mean is large against its spread, an fp16 scale and shift lose
 bits of the normalised value (errors of 0.03 to 0.04 at mean/std 50, ten times fp16
 GroupNorm's own; bf16 is worse). Kernels that apply it load fp32, compute in fp32 and cast
 only their result.
+
+Dense steps normalise whole maps with `group_norm`: on CUDA, PyTorch's GroupNorm copies a
+channels_last map to NCHW first and returns NCHW, which the convolution after it (with
+channels_last weights) converts back; these two kernels read and write the map as it is.
 """
 
 import torch
@@ -157,3 +162,84 @@ def group_norm_affine(
         BLOCK_G=block_g,
     )
     return out
+
+
+def group_norm_apply_reference(x: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
+    """x * scale + shift over a map [B, C, H, W], in fp32 with the [2, B, C] affine of
+    `group_norm_affine`, in x's dtype and memory layout."""
+    scale, shift = affine.float()[..., None, None].unbind(0)
+    return (x.float() * scale + shift).to(x.dtype)
+
+
+@triton.jit
+def _group_norm_apply_kernel(
+    x_ptr,
+    affine_ptr,
+    out_ptr,
+    HW,
+    C,
+    W,
+    sx_b,
+    sx_c,
+    sx_h,
+    sx_w,
+    sa_k,
+    sa_b,
+    sa_c,
+    so_b,
+    so_c,
+    so_h,
+    so_w,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    b = tl.program_id(2)
+    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = offs_c < C
+    mask = (offs_p < HW)[:, None] & c_mask[None, :]
+    h, w = offs_p // W, offs_p % W
+    x_offs = (b * sx_b + h * sx_h + w * sx_w)[:, None] + offs_c[None, :] * sx_c
+    x = tl.load(x_ptr + x_offs, mask=mask).to(tl.float32)
+    scale = tl.load(affine_ptr + b * sa_b + offs_c * sa_c, mask=c_mask)
+    shift = tl.load(affine_ptr + sa_k + b * sa_b + offs_c * sa_c, mask=c_mask)
+    out = x * scale[None, :] + shift[None, :]
+    out_offs = (b * so_b + h * so_h + w * so_w)[:, None] + offs_c[None, :] * so_c
+    tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def group_norm_apply(x: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
+    """`group_norm_apply_reference` as one kernel: the output has x's strides (channels_last
+    in, channels_last out)."""
+    batch, channels, height, width = x.shape
+    out = torch.empty_like(x)
+    if out.numel() == 0:
+        return out
+    # Tiles of pixels x channels: the channels of a channels_last map are contiguous.
+    block_c = min(64, triton.next_power_of_2(channels))
+    block_p = min(triton.next_power_of_2(height * width), TILE_ELEMENTS // block_c)
+    grid = (triton.cdiv(height * width, block_p), triton.cdiv(channels, block_c), batch)
+    launcher(_group_norm_apply_kernel, x.device)[grid](
+        x,
+        affine,
+        out,
+        height * width,
+        channels,
+        width,
+        *x.stride(),
+        *affine.stride(),
+        *out.stride(),
+        BLOCK_P=block_p,
+        BLOCK_C=block_c,
+    )
+    return out
+
+
+def group_norm_reference(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    """GroupNorm of the map `x` through its fp32 affine, in x's dtype and memory layout."""
+    return group_norm_apply_reference(x, group_norm_affine_reference(norm, x))
+
+
+def group_norm(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    """`group_norm_reference` as two kernels: the statistics, then the affine applied."""
+    return group_norm_apply(x, group_norm_affine(norm, x))

@@ -1,13 +1,18 @@
 """GroupNorm statistics as an affine: the reference reproduces nn.GroupNorm, and the Triton
 kernel equals the reference (compiled on a GPU, interpreted on CPU tensors). The affine is
-fp32 for maps of any dtype."""
+fp32 for maps of any dtype. GroupNorm of a whole map applies it in the map's own layout."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fisedit.engine.kernels.group_norm import group_norm_affine, group_norm_affine_reference
+from fisedit.engine.kernels.group_norm import (
+    group_norm,
+    group_norm_affine,
+    group_norm_affine_reference,
+    group_norm_reference,
+)
 from fisedit.engine.kernels.launch import ChannelConcat, StepView, interpreting
 
 DEVICE = "cpu" if interpreting() else "cuda"
@@ -110,3 +115,33 @@ def test_an_empty_batch_launches_nothing():
     norm = _norm(4, 8)
 
     assert group_norm_affine(norm, torch.zeros(0, 8, 4, 4, device=DEVICE)).shape == (2, 0, 8)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_group_norm_reference_is_group_norm_in_the_maps_layout(channels_last):
+    norm, x = _norm(4, 8), _map(8, 5, 7, channels_last)
+
+    normed = group_norm_reference(norm, x)
+
+    torch.testing.assert_close(normed, norm(x))
+    assert normed.stride() == x.stride()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize(
+    ("groups", "channels", "height", "width"),
+    # Channels fewer than, equal to and more than one tile (64); pixels likewise.
+    [(4, 8, 5, 5), (3, 30, 16, 20), (8, 96, 12, 12), (8, 16, 1, 1)],
+)
+def test_triton_group_norm_matches_reference_and_keeps_the_layout(
+    groups, channels, height, width, channels_last, dtype
+):
+    norm = _norm(groups, channels).to(dtype)
+    x = _map(channels, height, width, channels_last).to(dtype)
+
+    normed = group_norm(norm, x)
+
+    tolerance = {"atol": 1e-5, "rtol": 1e-4} if dtype == torch.float32 else {}
+    torch.testing.assert_close(normed, group_norm_reference(norm, x), **tolerance)
+    assert normed.dtype == dtype and normed.stride() == x.stride()
