@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The prepared GPU check: the side-by-side benchmark, then the CUDA tests (kernels, graphs,
-# prefetch). Run on a lent GPU machine from the repository root with the missing wheels in
-# .whl/ (see bench/README.md); results and logs go to $OUT. Each part stops at its own time
-# limit (seconds: BENCH_S, TESTS_S), and the benchmark writes its JSON and PNG after every
-# case, so a part cut short keeps what it did. The whole script takes at most about 8 minutes.
+# prefetch, the GroupNorm that keeps channels_last maps). Run on a lent GPU machine from the
+# repository root with the missing wheels in .whl/ (see bench/README.md); results and logs
+# go to $OUT. Each part stops at its own time limit (seconds: BENCH_S, TESTS_S), and the
+# benchmark writes its JSON and PNG after every case, so a part cut short keeps what it
+# did. The whole script takes at most about 8 minutes.
 #   MODELS=sd15-512 bash bench/gpu_check.sh
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -16,5 +17,7 @@ timeout "${BENCH_S:-300}" python3 -m fisedit.cli bench --device cuda \
   --models "${MODELS:-sd15-512}" --out "$out" 2>&1 | tee "$out/bench.log"
 echo "bench exit status: ${PIPESTATUS[0]} (124: stopped at BENCH_S)" | tee -a "$out/bench.log"
 timeout "${TESTS_S:-150}" python3 -m pytest -q -p no:cacheprovider tests/engine/kernels \
-  tests/engine/test_cache.py tests/engine/test_graphs.py 2>&1 | tee "$out/gpu-tests.log"
+  tests/engine/test_cache.py tests/engine/test_graphs.py \
+  tests/engine/test_layers.py::test_on_a_gpu_a_map_group_norm_is_group_norm_in_the_maps_layout \
+  2>&1 | tee "$out/gpu-tests.log"
 echo "tests exit status: ${PIPESTATUS[0]} (124: stopped at TESTS_S)" | tee -a "$out/gpu-tests.log"
