@@ -357,12 +357,15 @@ def generate(args: argparse.Namespace) -> None:
 
 
 def edit(args: argparse.Namespace) -> None:
-    """Applies one more edit to a session written by `fisedit generate`.
+    """Applies one more edit to a session written by `fisedit generate`: to its newest
+    version, or with --extends to an older one, which makes a branch beside the later
+    versions (they stay in the history).
 
     The newest version is restored from the snapshot in the session directory, or rebuilt
     from session.json when the snapshot is missing or damaged. Only the new version's
     snapshot is kept: earlier versions' snapshots are deleted to save disk (their images,
-    masks and reports stay). A prompt that encodes like the current one makes no version.
+    masks and reports stay), so an older version is recomputed from the generation first.
+    A prompt that encodes like the extended version's makes no version.
     """
     directory = Path(args.session)
     with _only_command_on(directory):
@@ -376,6 +379,10 @@ def _edit(args: argparse.Namespace, directory: Path) -> None:
         params = EditParams.for_session(args.prompt, args.mask_steps, has_mask, steps, EditConfig())
     except ValidationError as error:
         raise UsageError(_describe(error, _option)) from None
+    newest = len(saved.versions) - 1
+    extends = newest if args.extends is None else args.extends
+    if not 0 <= extends <= newest:
+        raise UsageError(f"--extends: the session's versions are 0 to {newest} (got {extends})")
     mask = None
     if args.mask is not None:
         from fisedit.engine.masks import load_mask
@@ -385,14 +392,28 @@ def _edit(args: argparse.Namespace, directory: Path) -> None:
     # The session's own dtype unless another is asked for: its snapshot restores only in it.
     engine = _load_engine(saved.model, args.device, args.dtype or saved.dtype)
     session = _open_session(engine, directory, saved)
-    before = session.version
-    version = session.edit(params.prompt, mask=mask, mask_steps=params.mask_steps)
-    if version.number == before:
-        _log(f"no new version: the session stays at version {before}")
+    if extends != session.version and session.makes_new_version(params.prompt, extends=extends):
+        edits = _edits_to(saved, extends)
+        _log(
+            f"version {extends} keeps no snapshot (only the newest version does): "
+            "recomputing it first, from the generation"
+            + (f" and {edits} edit{'s' * (edits > 1)}" if edits else "")
+        )
+    version = session.edit(params.prompt, mask=mask, mask_steps=params.mask_steps, extends=extends)
+    if version.number <= newest:
+        _log(f"no new version: the session stays at version {session.version}")
         return
     _save_edit(directory, version, engine.config.edit)
     _keep_newest_snapshot(directory, saved.model, session)
     print(json.dumps(version.report.model_dump(), indent=2))
+
+
+def _edits_to(saved: SessionFile, version: int) -> int:
+    """How many edits made `version`, from the generation on."""
+    edits = 0
+    while (parent := saved.versions[version].base_version) is not None:
+        edits, version = edits + 1, parent
+    return edits
 
 
 def history(args: argparse.Namespace) -> None:
@@ -553,7 +574,7 @@ def _parser() -> argparse.ArgumentParser:
     sampling(sub)
     engine_options(sub)
 
-    sub = command("edit", edit, "edit the newest version of a session")
+    sub = command("edit", edit, "edit a session's newest version, or an older one")
     sub.add_argument(
         "--session", required=True, help="directory written by `fisedit generate` (required)"
     )
@@ -570,6 +591,13 @@ def _parser() -> argparse.ArgumentParser:
         help="dense steps before the sparse ones (k), 0 to the session's steps - 1; without "
         "--mask they capture the edited region (default: a fifth of the session's steps, "
         "0 with --mask)",
+    )
+    sub.add_argument(
+        "--extends",
+        type=int,
+        default=None,
+        help="the version to edit; an older one than the newest makes a branch, recomputed "
+        "from the generation first (default: the newest)",
     )
     engine_options(sub, dtype=None)
 

@@ -183,6 +183,29 @@ def test_a_damaged_snapshot_is_rebuilt_from_the_recipe_with_the_same_result(sess
     assert _snapshots(damaged) == ["v1"]
 
 
+def test_an_edit_of_an_older_version_makes_a_branch_beside_the_later_ones(session_dir, tmp_path):
+    directory = _copy(session_dir, tmp_path / "s")
+    fresh = _copy(session_dir, tmp_path / "fresh")
+    _fisedit("edit", "--session", str(directory), "--prompt", "a dog")
+
+    branch = _fisedit("edit", "--session", str(directory), "--prompt", "a fox", "--extends", "0")
+    same = _fisedit("edit", "--session", str(directory), "--prompt", "A cat", "--extends", "0")
+    _fisedit("edit", "--session", str(fresh), "--prompt", "a fox")
+
+    assert "recomputing it first, from the generation\n" in branch.stderr
+    report = _report(branch)
+    assert (report["version"], report["base_version"]) == (2, 0)
+    # The branch is the edit a session at version 0 makes.
+    assert np.array_equal(_png(directory / "edit_2.png"), _png(fresh / "edit_1.png"))
+    saved = json.loads((directory / "session.json").read_text())
+    assert [e["parent"] for e in saved["recipe"]["edits"]] == [0, 0]
+    assert [v["base_version"] for v in saved["versions"]] == [None, 0, 0]
+    assert _snapshots(directory) == ["v2"]
+    # Version 0's prompt again: no version, and nothing recomputed to find that out.
+    assert "no new version: the session stays at version 2" in same.stderr
+    assert "recomputing" not in same.stderr
+
+
 def test_an_edit_that_changes_nothing_makes_no_version(session_dir, tmp_path):
     directory = _copy(session_dir, tmp_path / "s")
 
@@ -223,6 +246,10 @@ def _blank_png(path: Path, size: int) -> str:
             "is not a session directory",
         ),
         (
+            lambda s, t: ["edit", "--session", str(s), "--prompt", "a", "--extends", "1"],
+            "--extends: the session's versions are 0 to 0 (got 1)",
+        ),
+        (
             lambda s, t: ["edit", "--session", str(s), "--prompt", "a", "--mask", f"{t}/no.png"],
             "mask file not found",
         ),
@@ -259,6 +286,7 @@ def _blank_png(path: Path, size: int) -> str:
         "empty-edit-prompt",
         "mask-steps",
         "not-a-session",
+        "extends",
         "missing-mask",
         "empty-mask",
         "mask-size",

@@ -645,22 +645,23 @@ class EditSession:
         fails after the move stays at `extends`.
 
         A prompt with the extended version's text embeddings changes nothing: that version
-        itself is returned, no new version is made, and NoChangeWarning is issued (compare
-        the returned version's number with the one you extended).
+        itself is returned, no new version is made, the session stays at its current
+        version (nothing is recomputed), and NoChangeWarning is issued (compare the returned
+        version's number with the one you extended).
         """
         base = self.current if extends is None else self._version(extends)
         params, user_mask = self._validate(prompt, mask, mask_steps)
-        self.checkout(base.number)
         if self.engine.same_text_embeddings(params.prompt, base.prompt):
             warnings.warn(
                 NoChangeWarning(
                     f"{params.prompt!r} has the same text embeddings as version "
                     f"{base.number}'s prompt {base.prompt!r}: nothing to edit, "
-                    f"the session stays at version {base.number}"
+                    f"the session stays at version {self.version}"
                 ),
                 stacklevel=2,
             )
             return base
+        self.checkout(base.number)
         version = self._edit_from(base, params, user_mask, on_step, owned=True)
         self._move_to(version, version.cache)
         self.history.append(version)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from fisedit.engine import EditConfig, Engine, EngineConfig, UnknownVersionError
+from fisedit.engine import EditConfig, Engine, EngineConfig, NoChangeWarning, UnknownVersionError
 from fisedit.engine.recipe import SessionRecipe, rebuild, recipe_of
 from fisedit.engine.snapshot import restore, snapshot
 from fisedit.engine.tiers import adopt
@@ -120,6 +120,19 @@ def test_recipes_written_before_branching_read_as_a_chain():
         session_id="s", model_id="tiny", config_hash="0", params={"prompt": CAT}, edits=edits
     )
     assert [e.parent for e in recipe.edits] == [0, 1] and recipe.version == 2
+
+
+def test_an_edit_of_an_older_version_that_changes_nothing_recomputes_nothing(tree):
+    session = tree.fork()
+    current = session.current
+
+    # CLIP's tokenizer ignores case: version 1's text embeddings.
+    with pytest.warns(NoChangeWarning, match="version 1's prompt .*stays at version 3"):
+        same = session.edit(DOG.upper(), extends=1)
+
+    assert same is session.history[1] and same.cache is None
+    assert session.current is current and current.cache is not None
+    assert len(session.history) == 4
 
 
 def test_a_version_that_does_not_exist_is_named_in_the_error(tree):
