@@ -140,7 +140,8 @@ class Client:
 
     def edit(self, session_id: str, prompt: str, extends: int | None = None, **options):
         """Edits a session; `extends` (its current version) guards against stale state;
-        options: mask (PNG bytes), mask_key, mask_steps."""
+        options: mask (PNG bytes), mask_key, mask_steps, and from_version, an older version
+        to edit instead of the current one (a branch, numbered after the newest)."""
         request = EditRequest(prompt=prompt, extends=extends, **options)
         try:
             return self._call(ROUTER, "edit", session_id, request)

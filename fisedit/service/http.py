@@ -212,7 +212,13 @@ class SessionEditBody(EditBody):
     model_config = _example(prompt="a dog on a bench", extends=0)
 
     extends: int | None = Field(
-        None, ge=0, description="The version this edit extends (or send it as If-Match)."
+        None, ge=0, description="The session's current version (or send it as If-Match)."
+    )
+    from_version: int | None = Field(
+        None,
+        ge=0,
+        description="An older version to edit instead of the current one: the new version "
+        "branches off it, and the later versions stay.",
     )
 
 
@@ -229,6 +235,9 @@ class JobBody(GenerateBody):
 
     prompt: Prompt | None = None
     session_id: str | None = Field(None, pattern=STORE_ID.pattern)
+    from_version: int | None = Field(
+        None, ge=0, description="With session_id: the version the first edit edits."
+    )
     edits: list[EditBody] = Field(default_factory=list)
 
     _one_start = model_validator(mode="after")(one_start)
@@ -239,6 +248,7 @@ class Version(BaseModel):
 
     session_id: str
     version: int
+    parent: int | None = Field(description="The version this one was edited from.")
     prompt: str
     image_url: str
     mask_url: str | None
@@ -255,6 +265,7 @@ class Version(BaseModel):
         return cls(
             session_id=result.session_id,
             version=result.version,
+            parent=result.report.base_version,
             prompt=result.report.prompt,
             image_url=f"{base}/image.png",
             mask_url=None if result.mask_key is None else f"{base}/mask.png",
@@ -773,7 +784,7 @@ async def edit_session(
                 409, ["body", "extends"], f"session {session_id} is at version {current}",
                 "stale_version",
             )  # fmt: skip
-        spec = ChainSpec(session_id=session_id, edits=[body.spec()])
+        spec = ChainSpec(session_id=session_id, from_version=body.from_version, edits=[body.spec()])
         try:
             job_id = await _submit(gw, tenant, spec)
         except ApiError as error:
@@ -783,7 +794,7 @@ async def edit_session(
             raise
         accepted = Accepted(job_id=job_id, status_url=f"/v1/jobs/{job_id}")
         return JSONResponse(accepted.model_dump(), 202)
-    request = EditRequest(**dict(body.spec()), extends=extends)
+    request = EditRequest(**dict(body.spec()), extends=extends, from_version=body.from_version)
     return Version.of(await gw.call(ROUTER, "edit", session_id, request))
 
 

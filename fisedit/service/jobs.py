@@ -47,6 +47,7 @@ from fisedit.service.results import (
     EditResult,
     EditSpec,
     StaleVersionError,
+    check_from_version,
     check_session_id,
     is_store_id,
 )
@@ -89,9 +90,12 @@ class JobCancelledError(RuntimeError):
 
 
 def one_start(chain: BaseModel) -> BaseModel:
-    """A chain's validator: it starts from a prompt (a new session) or a session, not both."""
+    """A chain's validator: it starts from a prompt (a new session) or a session, not both;
+    only a session has older versions to start from."""
     if (chain.prompt is None) == (chain.session_id is None):
         raise ValueError("give prompt (a new session) or session_id (continue one)")
+    if chain.from_version is not None and chain.session_id is None:
+        raise ValueError("from_version: give it with session_id, whose version it names")
     return chain
 
 
@@ -105,6 +109,12 @@ class ChainSpec(GenerationParams):
     model: str | None = Field(None, description="Must be the service's model, if given.")
     edits: list[EditSpec] = Field(default_factory=list)
     session_id: str | None = Field(None, description="Continue this session instead.")
+    from_version: int | None = Field(
+        None,
+        ge=0,
+        description="With session_id: the version the first edit edits, when not the "
+        "current one (a branch: the later versions stay).",
+    )
     idempotency_key: str | None = None
 
     @field_validator("session_id")
@@ -271,6 +281,7 @@ class JobQueue:
             session_id, base_version = job_id, 0
         else:
             session_id, base_version = spec.session_id, await self._version(spec.session_id)
+            check_from_version(session_id, base_version, spec.from_version)
         await self._check_edits(spec)
         record = JobRecord(
             job_id=job_id, spec=spec, session_id=session_id, base_version=base_version
@@ -449,15 +460,21 @@ class JobQueue:
             if record.cancel_requested:
                 self._finish(record, "cancelled")
                 return
-            # Each edit extends the version the one before left (the same version when
-            # its prompt changed nothing).
+            # Each edit edits the version the one before gave (the one that edit edited,
+            # when its prompt changed nothing), and extends the newest.
             previous = record.results[-1] if record.results else record.generated
-            extends = record.base_version if previous is None else previous.version
-            reporter = self._reporter(record, index)
-            request_id = f"{record.job_id}/{index}"
-            edit = partial(
-                self._edit, record.session_id, extends, request_id, spec.edits[index], reporter
+            if previous is None:
+                source = record.base_version if spec.from_version is None else spec.from_version
+            else:
+                source = previous.version
+            newest = max([record.base_version, *(r.version for r in record.results)])
+            request = EditRequest(
+                **spec.edits[index].model_dump(),
+                extends=newest,
+                from_version=None if source == newest else source,
+                request_id=f"{record.job_id}/{index}",
             )
+            edit = partial(self._edit, record.session_id, request, self._reporter(record, index))
             result = await self._retrying(record, index, edit)
             record.results.append(result)
             self._event(record, "edited", index, version=result.version)
@@ -469,27 +486,21 @@ class JobQueue:
         return await self._router().generate.remote(params, session_id, reporter)
 
     async def _edit(
-        self,
-        session_id: str,
-        extends: int,
-        request_id: str,
-        edit: EditSpec,
-        reporter: StepReporter,
+        self, session_id: str, request: EditRequest, reporter: StepReporter
     ) -> EditResult:
-        """Applies `edit` to version `extends` of the session, unless a try before already
-        did (the next version is then committed with this `request_id`). Another edit that
-        came first makes this one stale (StaleVersionError)."""
+        """Applies the edit `request` to the session at version `request.extends`, unless a
+        try before already did (the next version is then committed with its `request_id`).
+        Another edit that came first makes this one stale (StaleVersionError)."""
         router = self._router()
-        made_before = partial(self._made_by, router, session_id, extends + 1, request_id)
-        committed = await made_before()
+        made = partial(self._made_by, router, session_id, request.extends + 1, request.request_id)
+        committed = await made()
         if committed is not None:
             return committed
-        request = EditRequest(**edit.model_dump(), extends=extends, request_id=request_id)
         try:
             return await router.edit.remote(session_id, request, reporter)
         except StaleVersionError:
             # A try before this one, which timed out here, may have committed it since.
-            committed = await made_before()
+            committed = await made()
             if committed is None:
                 raise
             return committed

@@ -72,18 +72,20 @@ class EditSpec(BaseModel):
 
 
 class EditRequest(EditSpec):
-    """An edit of a session. `extends` names the version it edits, so a chain never runs
-    on stale state."""
+    """An edit of a session. `extends` names the session's current version, so a chain
+    never runs on stale state; `from_version`, an older version to edit instead of that one
+    (the new version branches off it, numbered after the newest)."""
 
     extends: int | None = Field(None, ge=0)
+    from_version: int | None = Field(None, ge=0)
     request_id: str | None = None
     """Who asked (a job's edit: `<job id>/<index>`), kept in the result: a retry knows its
     own committed edit from another's."""
 
 
 class StaleVersionError(ValueError):
-    """An edit extends a version that is no longer the session's current one. (The engine
-    would branch off an older version; the service edits only the current one, so that
+    """An edit extends a version that is no longer the session's current one. (An edit of
+    an older version names it as `from_version`, and the current one as `extends`, so that
     concurrent clients never edit from under each other.)"""
 
 
@@ -93,6 +95,15 @@ def check_current(session_id: str, current: int, extends: int | None) -> None:
         raise StaleVersionError(
             f"session {session_id} is at version {current}, not {extends}: "
             "fetch the current version before editing"
+        )
+
+
+def check_from_version(session_id: str, current: int, from_version: int | None) -> None:
+    """Raises ValueError (naming `from_version`) unless it is None or one of the session's
+    versions, 0 to `current`."""
+    if from_version is not None and from_version > current:
+        raise ValueError(
+            f"from_version: session {session_id} has versions 0 to {current}, not {from_version}"
         )
 
 

@@ -29,6 +29,7 @@ from fisedit.service.results import (
     EditResult,
     StaleVersionError,
     check_current,
+    check_from_version,
     check_session_id,
     committed_versions,
     stored_result,
@@ -100,13 +101,16 @@ class SessionRouter:
 
         `request.extends`, when given, must be the session's current version
         (StaleVersionError otherwise); without it the edit extends the current version.
-        The worker calls `on_step` after every denoise step.
+        `request.from_version` edits an older version instead (a branch). The worker calls
+        `on_step` after every denoise step.
         """
         await self._ready()
         async with self._lock(session_id):
             placement = await self._placement(session_id)
-            check_current(session_id, placement.version, request.extends)
-            request = request.model_copy(update={"extends": placement.version})
+            current = placement.version
+            check_current(session_id, current, request.extends)
+            check_from_version(session_id, current, request.from_version)
+            request = request.model_copy(update={"extends": current})
             holder = placement.worker_id
             if self.config.affinity:
                 placement = await self._bounded(session_id, placement)
@@ -119,7 +123,8 @@ class SessionRouter:
                 # out here went on to commit there): the next call reads it from the store.
                 self.placements[session_id] = Placement(placement.worker_id, None)
                 raise
-            self.placements[session_id] = Placement(result.worker_id, result.version)
+            # An edit that changed nothing gives the version it edited, maybe an older one.
+            self.placements[session_id] = Placement(result.worker_id, max(result.version, current))
             self.paths[result.cache_path] += 1
             if holder is not None and holder != result.worker_id and holder in self.workers:
                 self.workers[holder].drop.remote(session_id)  # its copy is stale now

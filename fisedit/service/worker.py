@@ -87,22 +87,27 @@ class SessionHost:
     def edit(
         self, session_id: str, request: EditRequest, on_step: StepCallback | None = None
     ) -> EditResult:
-        """Edits the session's current version, first bringing it here if needed: `extends`,
-        when given, must be that version (StaleVersionError otherwise; the service never
-        branches off older versions). On any error the session stays at its last committed
-        version. `on_step` is called after every denoise step."""
+        """Edits the session's current version, or `from_version` (a branch off an older
+        one), first bringing the session here if needed: `extends`, when given, must be the
+        current version (StaleVersionError otherwise). On any error the session stays at its
+        last committed version. `on_step` is called after every denoise step. An edit that
+        changes nothing gives the result of the version it edits."""
         started = time.perf_counter()
         path = self._arrive(session_id, request.extends)
         session = self.pool.get(session_id)
         check_current(session_id, session.version, request.extends)
-        self.pool.edit(
+        edited = self.pool.edit(
             session_id,
             request.prompt,
             mask=self._mask(request, session.params),
             mask_steps=request.mask_steps,
+            extends=request.from_version,
             on_step=on_step,
         )
-        return self._commit(self.pool.get(session_id), path, started, request.request_id)
+        session = self.pool.get(session_id)
+        if edited is not session.current:  # an older version, which changed nothing
+            return stored_result(self.store, session_id, edited.number)
+        return self._commit(session, path, started, request.request_id)
 
     def check_edit(
         self, session_id: str | None, params: GenerationParams | None, request: EditRequest

@@ -204,8 +204,12 @@ def test_a_whole_session_over_http(alice, s3_client):
     mask_key = f"sessions/{session_id}/v1/mask.png"
     third = alice.post(edits, json={"prompt": "a fox on a red bench", "mask_key": mask_key})
 
-    assert [r.status_code for r in (first, second, third)] == [200] * 3, first.text
-    assert [r.json()["version"] for r in (first, second, third)] == [1, 2, 3]
+    # An edit of an older version: a branch off it, after the newest.
+    branch = {"prompt": "a cat on a red bench", "from_version": 1}
+    fourth = alice.post(edits, json=branch, headers={"If-Match": '"3"'})
+
+    assert [r.status_code for r in (first, second, third, fourth)] == [200] * 4, first.text
+    assert [r.json()["version"] for r in (first, second, third, fourth)] == [1, 2, 3, 4]
     assert first.json()["cache_path"] == "hit"
     assert 0 < first.json()["mask_ratio"] < 1 and 0 < first.json()["mac_fraction"] < 1
     history = alice.get(f"/v1/sessions/{session_id}").json()["versions"]
@@ -214,7 +218,9 @@ def test_a_whole_session_over_http(alice, s3_client):
         "a dog on a bench",
         "a dog on a red bench",
         "a fox on a red bench",
+        "a cat on a red bench",
     ]
+    assert [v["parent"] for v in history] == [None, 0, 1, 2, 1]
     stored_mask = _image(alice.get(first.json()["mask_url"]))
     assert set(np.unique(stored_mask)) == {0, 255}
     assert stored_mask.mean() == pytest.approx(255 * first.json()["mask_ratio"])
@@ -312,6 +318,11 @@ def test_invalid_edits_are_refused_naming_the_field(alice, session):
     assert _field(bad_match, 422) == ["header", "If-Match"]
     wrong_size = alice.post(edits, json={"prompt": "a dog", "mask": _png(np.ones((40, 40), bool))})
     assert _field(wrong_size, 422)[-1] == "mask" and "size" in wrong_size.json()["detail"][0]["msg"]
+    for prefer in ({}, {"Prefer": "respond-async"}):
+        beyond = alice.post(edits, json={"prompt": "a dog", "from_version": 99}, headers=prefer)
+        assert _field(beyond, 422) == ["body", "from_version"] and "not 99" in beyond.text
+    new_branch = alice.post("/v1/jobs", json={"prompt": "a cat", "from_version": 0})
+    assert _field(new_branch, 422) == ["body"] and "give it with session_id" in new_branch.text
     superscript = alice.post(edits, json={"prompt": "a dog"}, headers={"If-Match": b"\xb2"})
     assert _field(superscript, 422) == ["header", "If-Match"]
     assert _field(alice.post("/v1/sessions/no%20such/edits", json={"prompt": "x"}), 404)

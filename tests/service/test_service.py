@@ -217,6 +217,36 @@ def test_a_chain_goes_on_from_an_edit_that_changed_nothing(client):
     ]  # fmt: skip
 
 
+def test_an_edit_of_an_older_version_branches_off_it_as_a_fresh_session_would(client):
+    made = client.generate("a cat on a bench", steps=STEPS, seed=6)
+    client.edit(made.session_id, "a dog on a bench", extends=0)
+    fresh = client.generate("a cat on a bench", steps=STEPS, seed=6)
+    expected = client.edit(fresh.session_id, "a fox on a bench")
+
+    branch = client.edit(made.session_id, "a fox on a bench", extends=1, from_version=0)
+    unchanged = client.edit(made.session_id, "A cat on a bench", extends=2, from_version=0)
+    # A chain from version 1: its first edit changes nothing, its second edits version 1.
+    chain = {"session_id": made.session_id, "from_version": 1, "edits": [
+        {"prompt": "a dog on a bench"}, {"prompt": "a dog at night"}
+    ]}  # fmt: skip
+    record = client.wait(client.submit_chain(chain), timeout=TIMEOUT)
+
+    assert (branch.version, branch.report.base_version) == (2, 0)
+    assert np.array_equal(_image(client, branch.image_key), _image(client, expected.image_key))
+    assert unchanged.version == 0  # version 0 itself: nothing to edit
+    assert record.state == "succeeded", record.error
+    assert [(r.version, r.report.base_version) for r in record.results] == [(1, 0), (3, 1)]
+    history = client.history(made.session_id)
+    assert [r.report.base_version for r in history] == [None, 0, 0, 1]
+    with pytest.raises(ValueError, match="from_version: session .* versions 0 to 3, not 9"):
+        client.edit(made.session_id, "a fox", from_version=9)
+    with pytest.raises(ValueError, match="from_version: session .* versions 0 to 3, not 4"):
+        client.submit_chain(chain | {"from_version": 4})
+    with pytest.raises(ValidationError, match="from_version: give it with session_id"):
+        client.submit_chain(_chain(from_version=0))
+    assert len(client.history(made.session_id)) == 4
+
+
 @pytest.mark.parametrize(
     ("change", "field"),
     [

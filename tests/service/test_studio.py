@@ -394,25 +394,36 @@ def test_a_session_in_the_studio(browser, base_url, downloads, tmp_path):
     assert recipe["params"]["prompt"] == PROMPTS[0] and recipe["params"]["steps"] == STEPS
     assert [e["params"]["prompt"] for e in recipe["edits"]] == [PROMPTS[1]]
 
+    # An edit of an older version than the newest branches off it: version 3, made from
+    # version 1, after version 2, which stays.
+    assert _text(driver, "edit-extends") == "(branches off v1)"
+    _edit(driver, "a photo of a cat sitting on a red bench", 4)
+    assert _text(driver, "status") == "Edit done: version 3."
+    assert json.loads(traffic.find("POST", "/edits")[-1]["body"])["from_version"] == 1
+    labels = [b.find_element("css selector", "span").text for b in _versions(driver)]
+    assert labels == ["v0", "v1", "v2", "v3 from v1"]
+    assert _versions(driver)[3].get_attribute("aria-pressed") == "true"
+    assert _text(driver, "edit-extends") == "(extends v3)"
+
     # Escape cancels the edit just sent: queued or running, unless it has finished.
     _submit(driver, "edit-prompt", "a photo of a dog sitting on a blue bench", Keys.ESCAPE)
     _wait(lambda: _idle(driver) and "cancel" in _text(driver, "status").lower(), "cancel")
     status = _text(driver, "status")
     if status == "Edit cancelled.":
-        assert len(_versions(driver)) == 3
-    else:
-        assert status == "Too late to cancel: it had finished. Edit done: version 3.", status
         assert len(_versions(driver)) == 4
+    else:
+        assert status == "Too late to cancel: it had finished. Edit done: version 4.", status
+        assert len(_versions(driver)) == 5
 
     # The HTTP traffic: jobs for the generation and edits (asynchronous), their event
     # streams, the files, the cancel, all with the API key.
     exchanges = traffic.exchanges()
     assert [r["status"] for r in traffic.find("POST", "/v1/jobs")] == [422, 201]
     edits = traffic.find("POST", "/edits")
-    assert [r["status"] for r in edits] == [202, 202, 202]
+    assert [r["status"] for r in edits] == [202] * 4
     assert all(r["headers"]["prefer"] == "respond-async" for r in edits)
     streams = traffic.find("GET", "/events")
-    assert len(streams) == 4 and {(r["status"], r["type"]) for r in streams} == {
+    assert len(streams) == 5 and {(r["status"], r["type"]) for r in streams} == {
         (200, "text/event-stream")
     }
     assert [r["status"] for r in traffic.find("POST", "/cancel")] == [200]

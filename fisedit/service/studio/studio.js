@@ -257,7 +257,7 @@ function reportEnd(end, what, before) {
   } else if (end.state === "cancelled") {
     say(`${what} cancelled.`);
   } else if (newest === before) {
-    say(`No change: the new prompt reads the same to the model (v${newest}).`);
+    say(`No change: the new prompt reads the same to the model (v${state.viewed}).`);
   } else {
     const late = end.cancelling ? "Too late to cancel: it had finished. " : "";
     say(`${late}${what} done: version ${newest}.`);
@@ -293,12 +293,16 @@ function renderStripItem(version) {
   button.type = "button";
   button.className = "version";
   button.dataset.version = version.version;
-  button.setAttribute("aria-label", `Version ${version.version}: ${version.prompt}`);
+  const from = version.parent === null ? "" : `, from version ${version.parent}`;
+  button.setAttribute("aria-label", `Version ${version.version}${from}: ${version.prompt}`);
   button.setAttribute("aria-pressed", "false");
   const thumb = document.createElement("img");
   thumb.alt = ""; // the button's label says what it shows
   const label = document.createElement("span");
   label.textContent = `v${version.version}`;
+  if (version.parent !== null && version.parent !== version.version - 1) {
+    label.textContent += ` from v${version.parent}`; // a branch off an older version
+  }
   const cost = document.createElement("span");
   cost.className = "hint";
   cost.textContent = version.version === 0 ? "base" : `${percent(version.mask_ratio)} mask`;
@@ -347,7 +351,9 @@ async function viewVersion(number) {
   const newest = state.versions.length - 1;
   $("edit-prompt").disabled = false;
   if (number === newest || !$("edit-prompt").value) $("edit-prompt").value = version.prompt;
-  $("edit-extends").textContent = `(extends v${newest})`;
+  // An older version's edit branches off it; the later versions stay.
+  $("edit-extends").textContent =
+    number === newest ? `(extends v${newest})` : `(branches off v${number})`;
   $("edit-button").disabled = state.job !== null;
   await drawOverlay();
 }
@@ -437,6 +443,7 @@ async function edit(event) {
   const form = event.target;
   const before = state.versions.length - 1;
   const body = { prompt: form.elements.namedItem("prompt").value, extends: before };
+  if (state.viewed !== before) body.from_version = state.viewed;
   const submit = async () => {
     const path = `/v1/sessions/${state.sessionId}/edits`;
     const headers = { Prefer: "respond-async" };
