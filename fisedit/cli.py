@@ -358,7 +358,7 @@ def generate(args: argparse.Namespace) -> None:
 
 def edit(args: argparse.Namespace) -> None:
     """Applies one more edit to a session written by `fisedit generate`: to its newest
-    version, or with --extends to an older one, which makes a branch beside the later
+    version, or with --from-version to an older one, which makes a branch beside the later
     versions (they stay in the history).
 
     The newest version is restored from the snapshot in the session directory, or rebuilt
@@ -380,9 +380,9 @@ def _edit(args: argparse.Namespace, directory: Path) -> None:
     except ValidationError as error:
         raise UsageError(_describe(error, _option)) from None
     newest = len(saved.versions) - 1
-    extends = newest if args.extends is None else args.extends
-    if not 0 <= extends <= newest:
-        raise UsageError(f"--extends: the session's versions are 0 to {newest} (got {extends})")
+    source = newest if args.from_version is None else args.from_version
+    if not 0 <= source <= newest:
+        raise UsageError(f"--from-version: the session's versions are 0 to {newest} (got {source})")
     mask = None
     if args.mask is not None:
         from fisedit.engine.masks import load_mask
@@ -392,14 +392,14 @@ def _edit(args: argparse.Namespace, directory: Path) -> None:
     # The session's own dtype unless another is asked for: its snapshot restores only in it.
     engine = _load_engine(saved.model, args.device, args.dtype or saved.dtype)
     session = _open_session(engine, directory, saved)
-    if extends != session.version and session.makes_new_version(params.prompt, extends=extends):
-        edits = _edits_to(saved, extends)
+    if source != session.version and session.makes_new_version(params.prompt, extends=source):
+        edits = _edits_to(saved, source)
         _log(
-            f"version {extends} keeps no snapshot (only the newest version does): "
+            f"version {source} keeps no snapshot (only the newest version does): "
             "recomputing it first, from the generation"
             + (f" and {edits} edit{'s' * (edits > 1)}" if edits else "")
         )
-    version = session.edit(params.prompt, mask=mask, mask_steps=params.mask_steps, extends=extends)
+    version = session.edit(params.prompt, mask=mask, mask_steps=params.mask_steps, extends=source)
     if version.number <= newest:
         _log(f"no new version: the session stays at version {session.version}")
         return
@@ -593,7 +593,7 @@ def _parser() -> argparse.ArgumentParser:
         "0 with --mask)",
     )
     sub.add_argument(
-        "--extends",
+        "--from-version",
         type=int,
         default=None,
         help="the version to edit; an older one than the newest makes a branch, recomputed "

@@ -188,8 +188,10 @@ def test_an_edit_of_an_older_version_makes_a_branch_beside_the_later_ones(sessio
     fresh = _copy(session_dir, tmp_path / "fresh")
     _fisedit("edit", "--session", str(directory), "--prompt", "a dog")
 
-    branch = _fisedit("edit", "--session", str(directory), "--prompt", "a fox", "--extends", "0")
-    same = _fisedit("edit", "--session", str(directory), "--prompt", "A cat", "--extends", "0")
+    branch = _fisedit(
+        "edit", "--session", str(directory), "--prompt", "a fox", "--from-version", "0"
+    )
+    same = _fisedit("edit", "--session", str(directory), "--prompt", "A cat", "--from-version", "0")
     _fisedit("edit", "--session", str(fresh), "--prompt", "a fox")
 
     assert "recomputing it first, from the generation\n" in branch.stderr
@@ -246,8 +248,8 @@ def _blank_png(path: Path, size: int) -> str:
             "is not a session directory",
         ),
         (
-            lambda s, t: ["edit", "--session", str(s), "--prompt", "a", "--extends", "1"],
-            "--extends: the session's versions are 0 to 0 (got 1)",
+            lambda s, t: ["edit", "--session", str(s), "--prompt", "a", "--from-version", "1"],
+            "--from-version: the session's versions are 0 to 0 (got 1)",
         ),
         (
             lambda s, t: ["edit", "--session", str(s), "--prompt", "a", "--mask", f"{t}/no.png"],
@@ -286,7 +288,7 @@ def _blank_png(path: Path, size: int) -> str:
         "empty-edit-prompt",
         "mask-steps",
         "not-a-session",
-        "extends",
+        "from-version",
         "missing-mask",
         "empty-mask",
         "mask-size",
