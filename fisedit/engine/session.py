@@ -676,12 +676,16 @@ class EditSession:
         params, _ = self._validate(prompt, mask, mask_steps)
         return not self.engine.same_text_embeddings(params.prompt, base.prompt)
 
-    @property
-    def edit_bytes(self) -> int:
-        """Bytes an edit of the current version holds beyond the session's cache while it
-        runs: none when it records into that cache in place, else a new cache as large."""
+    def edit_bytes(self, extends: int | None = None) -> int:
+        """Bytes an edit of version `extends` (by default the current one) holds beyond the
+        session's cache while it runs. Another version's cache is made beside the current
+        one's (restored or recomputed; every version's is as large), then recorded into in
+        place. The current version's edit needs none when it records into its cache in
+        place, else a new cache as large."""
         cache = self.current_cache()
-        return 0 if self.engine.edits_in_place(cache) else cache.nbytes
+        if extends not in (None, self.version) or not self.engine.edits_in_place(cache):
+            return cache.nbytes
+        return 0
 
     def current_cache(self) -> ActivationCache:
         """The current version's cache, recomputed first (as `checkout` does) when an edit

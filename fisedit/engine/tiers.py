@@ -98,7 +98,7 @@ class SessionPool:
         """
         session = self.get(session_id)
         if session.makes_new_version(prompt, mask, mask_steps, extends):
-            self._enforce(keep=session_id, reserve=session.edit_bytes)
+            self._enforce(keep=session_id, reserve=session.edit_bytes(extends))
         try:
             version = session.edit(prompt, mask, mask_steps, extends, on_step)
         except Exception:

@@ -244,7 +244,7 @@ def test_a_session_a_failed_edit_left_without_its_cache_still_forks_sizes_and_sn
     assert session.current.cache is None
 
     # Each recomputes the version's cache first, as an edit would.
-    assert session.edit_bytes == 0
+    assert session.edit_bytes() == 0
     _assert_same_cache(session.current.cache, expected)
     session.current.cache = None
     store = LocalObjectStore(LocalConfig(root=tmp_path))
@@ -309,7 +309,7 @@ def test_forks_edit_one_version_independently_and_leave_the_original_as_it_was(e
     prompts = [DOG, "a photo of a bird sitting on a bench"]
 
     # An edit of the session itself would record in place; one of a fork needs a new cache.
-    assert session.edit_bytes == 0 and session.fork().edit_bytes == base_cache.nbytes
+    assert session.edit_bytes() == 0 and session.fork().edit_bytes() == base_cache.nbytes
     variations = [session.fork().edit(prompt) for prompt in prompts]
 
     # Each fork's edit equals the same edit of a fresh session, so forks share nothing

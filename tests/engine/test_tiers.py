@@ -143,6 +143,23 @@ def test_an_edit_of_a_host_session_makes_room_for_its_new_cache_first(engine, se
     assert _tiers(pool, on_host, older, newer) == ["device", "recipe", "device"]
 
 
+def test_a_branch_makes_room_for_the_older_versions_cache_beside_the_current_one(
+    engine, session_bytes
+):
+    pool = _pool(engine, session_bytes)
+    older = pool.generate("a cat", steps=STEPS, seed=1)
+    branched = pool.generate("a cat on a bench", steps=STEPS, seed=2)
+    pool.edit(branched.id, "a dog on a bench")
+    assert _tiers(pool, older, branched) == ["device", "device"]
+    assert branched.edit_bytes(extends=0) == session_bytes
+
+    pool.edit(branched.id, "a fox on a bench", extends=0)
+
+    # Version 0's cache was recomputed beside version 1's: `older` left the device first.
+    assert (branched.version, branched.current.parent) == (2, 0)
+    assert _tiers(pool, older, branched) == ["host", "device"]
+
+
 def test_bad_input_and_a_prompt_that_changes_nothing_move_no_session(engine, session_bytes):
     pool = _pool(engine, session_bytes)
     on_host = pool.generate("a cat", steps=STEPS, seed=1)
