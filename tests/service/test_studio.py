@@ -369,14 +369,21 @@ def test_a_session_in_the_studio(browser, base_url, downloads, tmp_path):
     if os.environ.get(SCREENSHOT_ENV):
         _screenshot(driver, ROOT / "docs" / "studio.png")
 
-    # Switching versions: the base has no edited region, version 1 has its own.
+    # Switching versions: the base has no edited region, version 1 has its own. A draft typed
+    # in the edit box stays while versions are looked through; an empty box takes the prompt
+    # of the version on show.
+    box = driver.find_element("id", "edit-prompt")
+    box.send_keys(" at dusk")
     _versions(driver)[0].click()
     _wait(lambda: image.get_attribute("alt") == f"Version 0: {PROMPTS[0]}", "version 0 shown")
+    assert box.get_attribute("value") == f"{PROMPTS[2]} at dusk"
     assert not overlay.is_displayed()
     assert driver.find_element("id", "overlay-toggle").get_attribute("disabled")
     assert _metrics(driver) == base
+    box.clear()
     _versions(driver)[1].click()
     _wait(lambda: image.get_attribute("alt") == f"Version 1: {PROMPTS[1]}", "version 1 shown")
+    assert box.get_attribute("value") == PROMPTS[1]
     _wait(overlay.is_displayed, "version 1's mask overlay")
     assert _loaded(driver, "#current-image")
     _screenshot(driver, tmp_path / "4-version-1.png")

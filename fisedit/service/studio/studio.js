@@ -10,6 +10,7 @@ const state = {
   sessionId: null,
   versions: [], // the session's Version objects, indexed by version number
   viewed: null, // the version number on show
+  draft: false, // whether the edit box holds text typed since a version's prompt was put there
   job: null, // the running job: {id, cancelling}
   objectUrls: new Map(), // API path -> promise of the fetched file's object URL
 };
@@ -350,7 +351,12 @@ async function viewVersion(number) {
 
   const newest = state.versions.length - 1;
   $("edit-prompt").disabled = false;
-  if (number === newest || !$("edit-prompt").value) $("edit-prompt").value = version.prompt;
+  // The box holds the prompt of the version on show, to edit a few words of, unless the
+  // person typed a draft there: that stays while they look through older versions.
+  if (number === newest || !state.draft || !$("edit-prompt").value) {
+    $("edit-prompt").value = version.prompt;
+    state.draft = false;
+  }
   // An older version's edit branches off it; the later versions stay.
   $("edit-extends").textContent =
     number === newest ? `(extends v${newest})` : `(branches off v${number})`;
@@ -479,6 +485,7 @@ function init() {
   $("edit-form").addEventListener("submit", edit);
   $("prompt").addEventListener("keydown", submitOnEnter);
   $("edit-prompt").addEventListener("keydown", submitOnEnter);
+  $("edit-prompt").addEventListener("input", () => (state.draft = true));
   $("cancel-button").addEventListener("click", cancelJob);
   $("overlay-toggle").addEventListener("change", () => drawOverlay().catch(showError));
   document.addEventListener("keydown", (event) => {
