@@ -279,8 +279,23 @@ def _layernorm_rows_bytes(bound: dict, grid) -> int:
 
 
 def _group_norm_bytes(bound: dict, grid) -> int:
-    elements = grid[0] * grid[1] * bound["group_channels"] * bound["HW"]
-    return elements * _element(bound, "x_ptr") + _nbytes(bound["out_ptr"])
+    programs, block_pixels = grid[0] * grid[1], bound["SIDE"] ** 2
+    blocks = -(-bound["H"] // bound["SIDE"]) * -(-bound["W"] // bound["SIDE"])
+    if bound["LISTED"]:
+        # Each program: the listed blocks' pixels and ids, every block's flag, the cached
+        # statistics of the others (counting padding as blocks, an upper bound).
+        computed = bound["n_listed"]
+        per_program = computed * (block_pixels * bound["group_channels"] * _element(bound, "x_ptr"))
+        per_program += computed * _element(bound, "blocks_ptr") + blocks * _element(
+            bound, "active_ptr"
+        )
+        per_program += (blocks - computed) * 2 * _element(bound, "stats_ptr")
+    else:
+        computed = blocks
+        per_program = bound["H"] * bound["W"] * bound["group_channels"] * _element(bound, "x_ptr")
+    if bound["WRITE_STATS"]:
+        per_program += computed * 2 * _element(bound, "stats_ptr")
+    return programs * per_program + _nbytes(bound["out_ptr"])
 
 
 def _group_norm_apply_bytes(bound: dict, grid) -> int:

@@ -207,17 +207,34 @@ class MapGroupNorm(nn.GroupNorm):
         super().__init__(norm.num_groups, norm.num_channels, norm.eps, affine=norm.affine)
         self.weight, self.bias = norm.weight, norm.bias
         self.state = state
+        self.statistics_name: str | None = None
+        """Where calls that record put the block statistics of the input, for the sparse
+        layer that reads them (`SparseLayer.record_statistics`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        record, name = self.state.record, self.statistics_name
+        recording = record is not None and name is not None
         channels_last = (
             x.dim() == 4
             and not x.is_contiguous()
             and x.is_contiguous(memory_format=torch.channels_last)
         )
-        copied = channels_last and x.device.type != "cpu"
-        if copied and self.affine and self.state.use_triton(x):
-            return norm_kernels.group_norm(self, x)
-        return super().forward(x)
+        triton = x.device.type != "cpu" and self.affine and self.state.use_triton(x)
+        if triton and (channels_last or recording):
+            statistics = None
+            if recording:
+                # The statistics kernel writes them as it goes: in a sparse step, in place.
+                in_place = isinstance(record, StepMaps)
+                statistics = (
+                    record[name] if in_place else norm_kernels.empty_block_statistics(self, x)
+                )
+            out = norm_kernels.group_norm(self, x, statistics)
+        else:
+            out = super().forward(x)
+            statistics = norm_kernels.block_statistics_reference(self, x) if recording else None
+        if recording:
+            record.put(name, self.state.step, statistics)
+        return out
 
 
 def _map_group_norms(unet: nn.Module, state: StepState) -> None:
@@ -235,6 +252,7 @@ class SparseLayer(nn.Module):
     """Common control flow: dense and recording through the wrapped module, or sparse."""
 
     recorded: tuple[str, ...] = ("out",)
+    """The maps this layer records (`<name>.<key>` in the cache)."""
     reads_parts = False
     """Whether a sparse call takes its input as a ChannelConcat (the kernels it runs on it
     read each channel from its part)."""
@@ -245,6 +263,9 @@ class SparseLayer(nn.Module):
         self.inner = inner
         self.state = state
         self._packed: dict[Any, Any] = {}
+        self.statistics: dict[nn.GroupNorm, str] = {}
+        """The GroupNorms whose input's block statistics this layer records, and under what
+        key (`record_statistics`)."""
         self.region: torch.Tensor | None = None
         """While a sparse call runs densely (kernels="dense"): its active pixels, [H, W]."""
 
@@ -290,12 +311,12 @@ class SparseLayer(nn.Module):
         return self.state.record.static(f"{self.name}.out")
 
     def reads(self, plan: SparsePlan, cache: ActivationCache) -> list[str]:
-        """The names in `cache` a sparse call over `plan` reads: every map this layer
+        """The names in `cache` a sparse call over `plan` reads: everything this layer
         records, unless its resolution runs dense (then none)."""
         out = cache.tensors.get(f"{self.name}.out")
         if out is None or plan.at(tuple(out.shape[-2:])).dense:
             return []
-        return [f"{self.name}.{key}" for key in self.recorded]
+        return [f"{self.name}.{key}" for key in (*self.recorded, *self.statistics.values())]
 
     def output_hw(self, x: torch.Tensor, *args, **kwargs) -> tuple[int, int] | None:
         """The output resolution, or None when this call must run dense."""
@@ -415,13 +436,24 @@ class SparseLayer(nn.Module):
         layernorm = self.kernel(token_kernels, "layernorm_rows", rows)
         return layernorm(rows, residual, norm.weight, norm.bias, norm.eps, out, index)
 
-    def group_norm_affine(self, norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
-        """GroupNorm statistics of the map `x` as a [2, B, C] (scale, shift) affine, in fp32
-        whatever the map's dtype (an fp16 shift loses precision when the mean is large). A
-        sparse call computes them over its whole input, fresh in the region and cached
-        elsewhere, as the layer run densely on that input would: exact, and nothing for the
-        cache to keep."""
-        return self.kernel(norm_kernels, "group_norm_affine", x)(norm, x)
+    def record_statistics(self, norm: MapGroupNorm, key: str) -> None:
+        """Records the block statistics of `norm`'s input (a norm of this layer) under `key`
+        in dense calls, for sparse calls to read (`group_norm_affine`)."""
+        self.statistics[norm] = key
+        norm.statistics_name = f"{self.name}.{key}"
+
+    def group_norm_affine(
+        self, norm: nn.GroupNorm, x: torch.Tensor, geometry: LayerGeometry
+    ) -> torch.Tensor:
+        """GroupNorm statistics of the map `x` (this sparse call's input to `norm`, one of
+        `statistics`) as a [2, B, C] (scale, shift) affine, in fp32 whatever the map's dtype
+        (an fp16 shift loses precision when the mean is large). Exact, as the layer run
+        densely on `x` would compute them: x differs from the cached map only in the active
+        blocks of `geometry`, so their statistics are computed again and recorded, and the
+        cached ones of every other block merged with them (kernels/group_norm.py)."""
+        statistics = self.target(self.statistics[norm])
+        affine_of = self.kernel(norm_kernels, "group_norm_affine", x)
+        return affine_of(norm, x, statistics, geometry.blocks, geometry.active_blocks)
 
     def cached(self, key: str) -> torch.Tensor:
         return self.state.source.get(f"{self.name}.{key}", self.state.step)
@@ -504,6 +536,8 @@ class SparseResnet(SparseLayer):
         if inner.time_emb_proj is not None:
             self.time.add(inner, lambda: _time_projection(inner))
         self.record_input(inner.norm2, "norm2_in")
+        self.record_statistics(inner.norm1, "norm1_statistics")
+        self.record_statistics(inner.norm2, "norm2_statistics")
         # After a skip connection, the kernels read the joined maps' parts.
         self.reads_parts = inner.conv_shortcut is not None
 
@@ -525,7 +559,7 @@ class SparseResnet(SparseLayer):
         if block.time_emb_proj is not None and temb is not None:
             # The time embedding adds a per-sample constant to conv1: it becomes the bias.
             bias = self.time.of(block, temb)
-        affine = self.group_norm_affine(block.norm1, x)
+        affine = self.group_norm_affine(block.norm1, x, geometry)
         mid = self.conv_active(x, block.conv1, taps, affine, bias=bias, into=("norm2_in", index))
         if block.conv_shortcut is None:
             skip, _ = self.gather(x, index)
@@ -533,7 +567,7 @@ class SparseResnet(SparseLayer):
             # A 1x1 conv: its K loop is short, and splitting it would only add traffic.
             at_index = self.state.plan.taps(block.conv_shortcut, geometry.hw, geometry.hw)
             skip = self.conv_active(x, block.conv_shortcut, at_index, split_k=1)
-        affine = self.group_norm_affine(block.norm2, mid)
+        affine = self.group_norm_affine(block.norm2, mid, geometry)
         scale = 1 / block.output_scale_factor
         return self.conv_active(mid, block.conv2, taps, affine, skip, scale, into=("out", index))
 
@@ -558,6 +592,7 @@ class SparseTransformer(SparseLayer):
         super().__init__(name, inner, state)
         self.recorded = ("out", *self._block_keys)
         self.text = state.shared.text
+        self.record_statistics(inner.norm, "norm_statistics")
         for key, block in zip(self._block_keys, inner.transformer_blocks, strict=True):
             self.record_input(block.attn1, key)
             self.text.add(block.attn2, lambda attn=block.attn2: key_value_projection(attn))
@@ -593,7 +628,7 @@ class SparseTransformer(SparseLayer):
 
     def sparse(self, x, geometry, encoder_hidden_states=None, *args, **kwargs):
         model, index = self.inner, geometry.index
-        affine = self.group_norm_affine(model.norm, x)
+        affine = self.group_norm_affine(model.norm, x, geometry)
         residual, normed = self.gather(x, index, affine)
         h = pointwise(model.proj_in, normed)
         for key, block in zip(self._block_keys, model.transformer_blocks, strict=True):
@@ -660,6 +695,8 @@ class SparseConv(SparseLayer):
     ) -> None:
         super().__init__(name, inner, state)
         self.conv, self.norm, self.upsample = conv, norm, upsample
+        if norm is not None:
+            self.record_statistics(norm, "norm_statistics")
 
     def output_hw(self, x, *args, output_size=None, **kwargs):
         height, width = x.shape[-2:]
@@ -669,7 +706,7 @@ class SparseConv(SparseLayer):
 
     def sparse(self, x, geometry, *args, **kwargs):
         taps = self.state.plan.taps(self.conv, tuple(x.shape[-2:]), geometry.hw, self.upsample)
-        affine = None if self.norm is None else self.group_norm_affine(self.norm, x)
+        affine = None if self.norm is None else self.group_norm_affine(self.norm, x, geometry)
         return self.conv_active(x, self.conv, taps, affine, into=("out", geometry.index))
 
     def macs(self, x, active, **kwargs):

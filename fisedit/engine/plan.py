@@ -14,19 +14,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from fisedit.engine.config import SparseConfig
+from fisedit.engine.kernels.group_norm import BLOCK_SIDE
 from fisedit.engine.sparse_ops import conv_taps
 
 # The smallest bucket: one 64-row tile of the kernels (so tile sizes never depend on it).
 MIN_BUCKET = 64
+# The GroupNorm statistics kernel loops over blocks in tiles of a few: a smaller floor.
+MIN_BLOCK_BUCKET = 16
 
 
-def bucket(active: int, pixels: int) -> int:
-    """`active` pixels of a `pixels`-pixel layer rounded up to a bucket: at least MIN_BUCKET,
+def bucket(active: int, pixels: int, smallest: int = MIN_BUCKET) -> int:
+    """`active` pixels of a `pixels`-pixel layer rounded up to a bucket: at least `smallest`,
     then multiples of 16 spaced four to an octave (at most a quarter over), at most `pixels`."""
     if active == 0:
         return 0
     step = max(16, (1 << (active - 1).bit_length()) // 8)
-    return min(pixels, max(MIN_BUCKET, -(-active // step) * step))
+    return min(pixels, max(smallest, -(-active // step) * step))
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,11 @@ class LayerGeometry:
     hw: tuple[int, int]
     index: torch.Tensor
     dense: bool
+    blocks: torch.Tensor
+    """The GroupNorm statistics blocks (kernels/group_norm.py) holding active pixels, padded
+    to a bucket with -1 (none)."""
+    active_blocks: torch.Tensor
+    """Every statistics block's flag (uint8), 1 for those in `blocks`."""
 
     @property
     def empty(self) -> bool:
@@ -83,7 +91,8 @@ class SparsePlan:
         scale = 1
         while height % scale == 0 and width % scale == 0 and scale <= min(height, width):
             geometry = self.at((height // scale, width // scale))
-            levels.append((geometry.hw, geometry.index.numel(), geometry.dense))
+            counts = (geometry.index.numel(), geometry.blocks.numel())
+            levels.append((geometry.hw, *counts, geometry.dense))
             scale *= 2
         return (self.config, tuple(levels))
 
@@ -95,7 +104,9 @@ class SparsePlan:
             raise ValueError("a plan loads only plans of its own signature (same buckets)")
         self.mask.copy_(other.mask)
         for hw, geometry in self._geometry.items():
-            geometry.index.copy_(other.at(hw).index)
+            theirs = _plan_tensors(other.at(hw))
+            for mine, their in zip(_plan_tensors(geometry), theirs, strict=True):
+                mine.copy_(their)
         for (_, _, _, in_hw, out_hw, upsample), (conv, taps) in self._taps.items():
             taps.copy_(other.taps(conv, in_hw, out_hw, upsample))
 
@@ -130,10 +141,26 @@ class SparsePlan:
             ..., : hw[0], : hw[1]
         ]
         index = active.flatten().nonzero().flatten()
+        flags = F.max_pool2d(active, BLOCK_SIDE, ceil_mode=True).flatten().to(torch.uint8)
+        blocks = flags.nonzero().flatten().to(torch.int32)
         dense = min(hw) < self.config.dense_below and index.numel() > 0
         if dense:
             index = torch.arange(hw[0] * hw[1])
         elif self._padded and index.numel():
             padding = bucket(index.numel(), hw[0] * hw[1]) - index.numel()
             index = torch.cat([index, index[-1:].expand(padding)])
-        return LayerGeometry(hw=hw, index=index.to(self.device), dense=dense)
+        if self.config.bucketed and blocks.numel():
+            padding = bucket(blocks.numel(), flags.numel(), MIN_BLOCK_BUCKET) - blocks.numel()
+            blocks = torch.cat([blocks, blocks.new_full((padding,), -1)])
+        return LayerGeometry(
+            hw=hw,
+            index=index.to(self.device),
+            dense=dense,
+            blocks=blocks.to(self.device),
+            active_blocks=flags.to(self.device),
+        )
+
+
+def _plan_tensors(geometry: LayerGeometry) -> tuple[torch.Tensor, ...]:
+    """What `SparsePlan.load` copies for one resolution."""
+    return geometry.index, geometry.blocks, geometry.active_blocks

@@ -22,7 +22,8 @@ from fisedit.engine.session import EditReport, EditSession, Engine, Version
 from fisedit.storage import ObjectExistsError, ObjectNotFoundError, ObjectStore
 
 # 2: transformer blocks cache attn1's (normalised) input, no longer the block's input.
-FORMAT = "fisedit-snapshot/2"
+# 3: the block statistics of every GroupNorm input a sparse layer normalises.
+FORMAT = "fisedit-snapshot/3"
 SHARD_BYTES = 256 * 2**20
 
 

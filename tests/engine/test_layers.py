@@ -6,6 +6,10 @@ from diffusers.models.resnet import ResnetBlock2D
 
 from fisedit.engine.cache import ActivationCache
 from fisedit.engine.config import EngineConfig, SparseConfig
+from fisedit.engine.kernels.group_norm import (
+    block_statistics_reference,
+    group_norm_affine_reference,
+)
 from fisedit.engine.kernels.launch import interpreting, recording_launches
 from fisedit.engine.layers import (
     MapGroupNorm,
@@ -54,10 +58,19 @@ def _square_mask() -> torch.Tensor:
     return mask
 
 
-def _sparse_call(engine, recorded, name: str, config: SparseConfig, mask: torch.Tensor):
-    """Runs layer `name` sparsely on its recorded input, recording into a new cache as an
-    edit's step does; its cached output is zeroed first, so active pixels must be recomputed
-    and inactive ones must come from the cache."""
+def _sparse_call(
+    engine,
+    recorded,
+    name: str,
+    config: SparseConfig,
+    mask: torch.Tensor,
+    x: torch.Tensor | None = None,
+    record: ActivationCache | None = None,
+):
+    """Runs layer `name` sparsely on its recorded input (or `x`, the same input changed in
+    the region), recording into a new cache (or `record`) as an edit's step does; its cached
+    output is zeroed first, so active pixels must be recomputed and inactive ones must come
+    from the cache."""
     cache, inputs = recorded
     layer = next(layer for layer in engine.layers if layer.name == name)
     dense = cache.get(f"{name}.out", 0).clone()
@@ -69,9 +82,11 @@ def _sparse_call(engine, recorded, name: str, config: SparseConfig, mask: torch.
     plan = engine.state.plan = SparsePlan(mask, config)
     engine.state.source = source
     reads = engine.sparse_reads(plan, source)
-    engine.state.record = engine.step_maps(ActivationCache(steps=1), source, 0, reads)
+    record = ActivationCache(steps=1) if record is None else record
+    engine.state.record = engine.step_maps(record, source, 0, reads)
     try:
         args, kwargs = inputs[name]
+        args = args if x is None else (x, *args[1:])
         with torch.no_grad():
             out = layer(*args, **kwargs)
     finally:
@@ -143,9 +158,42 @@ def test_a_transformer_caches_its_blocks_self_attention_inputs_normalised(engine
     assert layer.reads(SparsePlan(_square_mask(), SparseConfig()), cache) == [
         f"{name}.out",
         f"{name}.block0.attn1_in",
+        f"{name}.norm_statistics",
     ]
     expected = block.norm1(block_inputs[0])
     torch.testing.assert_close(cache.get(f"{name}.block0.attn1_in", 0), expected)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [SparseConfig(), pytest.param(SparseConfig(kernels="triton"), marks=on_cpu_triton)],
+    ids=["default", "triton"],
+)
+def test_a_sparse_resnet_normalises_an_input_changed_in_its_region_exactly(
+    engine, recorded, config
+):
+    """Its GroupNorm statistics merge those of the region's blocks, computed again, with the
+    recorded ones elsewhere: the output is the reference mode's (the layer run densely on
+    the same maps), and the recorded statistics become those of the maps normalised."""
+    name, mask = "down_blocks.0.resnets.0", _square_mask()
+    (x, *_), _ = recorded[1][name]
+    region = SparsePlan(mask, config).at(tuple(x.shape[-2:])).region
+    changed = torch.where(region, x * 2 + torch.randn_like(x) + 3, x)
+    reference = SparseConfig(kernels="dense")
+    _, _, expected, _ = _sparse_call(engine, recorded, name, reference, mask, changed)
+    record = ActivationCache(steps=1)
+
+    layer, _, out, index = _sparse_call(engine, recorded, name, config, mask, changed, record)
+
+    torch.testing.assert_close(
+        gather_tokens(out, index), gather_tokens(expected, index), atol=1e-5, rtol=1e-4
+    )
+    norms = layer.inner.norm1, layer.inner.norm2
+    inputs = changed, record.get(f"{name}.norm2_in", 0)
+    for key, norm, normalised in zip(("norm1", "norm2"), norms, inputs, strict=True):
+        statistics = record.get(f"{name}.{key}_statistics", 0)
+        expected = block_statistics_reference(norm, normalised)
+        torch.testing.assert_close(statistics, expected, atol=1e-4, rtol=1e-4)
 
 
 @on_cpu_triton
@@ -202,11 +250,20 @@ def test_an_fp16_model_computes_its_group_norm_affines_in_fp32(tiny_model_dir):
     assert resnets
     generator = torch.Generator().manual_seed(0)
 
+    geometry = SparsePlan(_square_mask()[::4, ::4], SparseConfig(dense_below=1)).at((8, 8))
     for layer in resnets:
         norm = layer.inner.norm1
         x = torch.randn(2, norm.num_channels, 8, 8, generator=generator).half() * 4 + 40
-        affine = layer.group_norm_affine(norm, x)
+        cache = ActivationCache(steps=1)
+        try:
+            engine.state.record = cache
+            norm(x)  # records the block statistics a sparse call reads
+            engine.state.record = engine.step_maps(cache, cache, 0, frozenset())
+            affine = layer.group_norm_affine(norm, x, geometry)
+        finally:
+            engine.state.record = None
         assert affine.dtype == torch.float32 and affine.shape == (2, 2, norm.num_channels)
+        torch.testing.assert_close(affine, group_norm_affine_reference(norm, x))
 
 
 def test_shared_linears_give_each_layer_its_output_and_recompute_in_each_call(engine):

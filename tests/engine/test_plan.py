@@ -42,6 +42,17 @@ def test_block_grid_is_clipped_at_odd_sides():
     assert _active(plan, 6) == {(y, x) for y in (4, 5) for x in (4, 5)}
 
 
+def test_statistics_blocks_are_those_holding_active_pixels_padded_with_none():
+    plan = SparsePlan(_mask(8, (3, 4)), SparseConfig(block_size=1, dense_below=1))
+    geometry = plan.at((8, 8))
+
+    # Pixel (3, 4) lies in block (1, 2) of the 4 x 4 grid of 2 x 2 blocks.
+    assert geometry.blocks.tolist() == [6] + [-1] * 15
+    assert geometry.active_blocks.tolist() == [0] * 6 + [1] + [0] * 9
+    exact = SparsePlan(plan.mask, SparseConfig(block_size=1, dense_below=1, bucketed=False))
+    assert exact.at((8, 8)).blocks.tolist() == [6]
+
+
 def test_small_layers_fall_back_to_dense_unless_nothing_is_active():
     config = SparseConfig(block_size=1, dense_below=4)
     partial = SparsePlan(_mask(8, (0, 0)), config)
@@ -107,14 +118,20 @@ def test_a_plan_loads_another_of_its_signature_into_its_own_tensors():
     captured = SparsePlan(_square(64, 8, 8, 20), config)
     conv = torch.nn.Conv2d(4, 4, 3, padding=1)
     taps = captured.taps(conv, (32, 32), (32, 32))
-    mask, indices = captured.mask, {hw: g.index for hw, g in captured._geometry.items()}
+    mask, geometries = captured.mask, dict(captured._geometry)
+    tensors = {hw: (g.index, g.blocks, g.active_blocks) for hw, g in geometries.items()}
     moved = SparsePlan(_square(64, 32, 40, 20), config)
 
     captured.load(moved)
 
     # The same tensors (a captured step replays over them), holding the moved plan's values.
     assert captured.mask is mask and captured.taps(conv, (32, 32), (32, 32)) is taps
-    assert all(captured.at(hw).index is index for hw, index in indices.items())
+    for hw, (index, blocks, active) in tensors.items():
+        geometry = captured.at(hw)
+        assert geometry.index is index and geometry.blocks is blocks
+        assert geometry.active_blocks is active
+        assert torch.equal(blocks, moved.at(hw).blocks)
+        assert torch.equal(active, moved.at(hw).active_blocks)
     assert torch.equal(captured.region, moved.region)
     assert torch.equal(taps, moved.taps(conv, (32, 32), (32, 32)))
     with pytest.raises(ValueError, match="only plans of its own signature"):

@@ -65,7 +65,7 @@ def describe(launch: Launch) -> dict[str, Any]:
 
 
 _TRITON_TYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
-_TRITON_TYPES.update({f"int{n}": f"i{n}" for n in (8, 16, 32, 64)})
+_TRITON_TYPES.update({f"int{n}": f"i{n}" for n in (8, 16, 32, 64)}, uint8="u8")
 
 
 @dataclass(frozen=True)

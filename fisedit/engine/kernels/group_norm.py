@@ -3,11 +3,17 @@ whole map as that affine applied by a second, in the map's own layout.
 
 The sparse pass applies GroupNorm as silu(x * scale + shift) inside its conv and gather
 kernels, so it needs only scale = weight * rstd and shift = bias - mean * scale per sample
-and channel. A sparse step computes them for every norm over the layer's mixed input
-(fresh in the region, cached elsewhere), so one launch replaces the handful of reductions
-and casts the PyTorch version takes. One
-program reduces one (sample, group) over its channels and pixels in fp32, in two passes
-(mean, then the centred variance) for accuracy.
+and channel. One program reduces one (sample, group) over its channels and pixels in fp32.
+
+It reduces the map in blocks of BLOCK_SIDE x BLOCK_SIDE pixels: each block's mean and
+centred sum of squares (M2), merged block by block with Chan's parallel update, which keeps
+the variance accurate when the mean is large against the spread (one read of the map, no
+sum of squares that cancels). A recording call writes every block's statistics; the cache
+keeps them. A sparse step changes a map only in its active blocks, so it recomputes those
+blocks' statistics alone, takes every other block's from the cache, and merges them: the
+statistics of the whole mixed map, exact, for a read of the active blocks' pixels and of the
+other blocks' statistics (8 bytes a block and group, where its pixels hold 80 in a
+320-channel fp16 map).
 
 The affine stays in fp32 whatever the map's dtype: x * scale + shift cancels mean * scale,
 so when a group's mean is large against its spread, an fp16 scale and shift lose the low
@@ -21,6 +27,7 @@ channels_last weights) converts back; these two kernels read and write the map a
 """
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import nn
@@ -30,21 +37,98 @@ from fisedit.engine.kernels.launch import ChannelConcat, StepView, launcher, par
 # Elements one program loads per iteration.
 TILE_ELEMENTS = 2048
 
+BLOCK_SIDE = 2
+"""Side of the pixel blocks whose statistics a recording keeps (see the module doc)."""
 
-def group_norm_affine_reference(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
-    """GroupNorm of `x` as a per-(sample, channel) affine: returns [2, B, C] (scale, shift)
-    in fp32."""
-    batch, channels = x.shape[:2]
-    groups = x.float().reshape(batch, norm.num_groups, -1)
-    var, mean = torch.var_mean(groups, dim=-1, unbiased=False)
-    rstd = torch.rsqrt(var + norm.eps).repeat_interleave(channels // norm.num_groups, dim=1)
-    mean = mean.repeat_interleave(channels // norm.num_groups, dim=1)
+
+def block_grid(height: int, width: int) -> tuple[int, int]:
+    """Rows and columns of statistics blocks over a map (partial blocks at odd sides)."""
+    return -(-height // BLOCK_SIDE), -(-width // BLOCK_SIDE)
+
+
+def empty_block_statistics(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    """A buffer for the block statistics of the map `x`: [B, G, 2 * blocks], each block's
+    (mean, M2) in fp32, blocks row-major over `block_grid`."""
+    rows, cols = block_grid(*x.shape[-2:])
+    return torch.empty(
+        x.shape[0], norm.num_groups, 2 * rows * cols, dtype=torch.float32, device=x.device
+    )
+
+
+def _affine(norm: nn.GroupNorm, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """[2, B, C] (scale, shift) from per-(sample, group) mean and variance [B, G]."""
+    per_group = norm.num_channels // norm.num_groups
+    rstd = torch.rsqrt(var.float() + norm.eps).repeat_interleave(per_group, dim=1)
+    mean = mean.float().repeat_interleave(per_group, dim=1)
     scale = norm.weight.float() * rstd
-    shift = norm.bias.float() - mean * scale
-    return torch.stack([scale, shift])
+    return torch.stack([scale, norm.bias.float() - mean * scale])
 
 
-@triton.jit
+def block_statistics_reference(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    """The block statistics of the map `x` (see `empty_block_statistics`), computed in
+    fp64."""
+    batch, _, height, width = x.shape
+    rows, cols = block_grid(height, width)
+    pad = (0, cols * BLOCK_SIDE - width, 0, rows * BLOCK_SIDE - height)
+    blocked = (batch, norm.num_groups, -1, rows, BLOCK_SIDE, cols, BLOCK_SIDE)
+    groups = x.double().reshape(batch, norm.num_groups, -1, height, width)
+    values = F.pad(groups, pad).reshape(blocked)
+    valid = F.pad(groups.new_ones(height, width), pad).reshape(rows, BLOCK_SIDE, cols, BLOCK_SIDE)
+    count = valid.sum(dim=(1, 3))[:, None, :, None] * values.shape[2]
+    within = (2, 4, 6)
+    mean = values.sum(within, keepdim=True) / count
+    m2 = (((values - mean) * valid) ** 2).sum(within)
+    statistics = torch.stack([mean.reshape(m2.shape), m2], dim=-1)
+    return statistics.reshape(batch, norm.num_groups, -1).float()
+
+
+def affine_from_block_statistics(
+    norm: nn.GroupNorm, statistics: torch.Tensor, hw: tuple[int, int]
+) -> torch.Tensor:
+    """The [2, B, C] affine of a map of size `hw` from its block statistics, merged in
+    fp64."""
+    rows, cols = block_grid(*hw)
+    heights = torch.full((rows,), BLOCK_SIDE, dtype=torch.float64)
+    widths = torch.full((cols,), BLOCK_SIDE, dtype=torch.float64)
+    heights[-1], widths[-1] = hw[0] - (rows - 1) * BLOCK_SIDE, hw[1] - (cols - 1) * BLOCK_SIDE
+    pixels = (heights[:, None] * widths[None, :]).flatten().to(statistics.device)
+    count = pixels * (norm.num_channels // norm.num_groups)
+    mean, m2 = statistics.double().unflatten(-1, (-1, 2)).unbind(-1)
+    group_mean = (mean * count).sum(-1) / count.sum()
+    group_m2 = (m2 + count * (mean - group_mean[..., None]) ** 2).sum(-1)
+    return _affine(norm, group_mean, group_m2 / count.sum())
+
+
+def group_norm_affine_reference(
+    norm: nn.GroupNorm,
+    x: torch.Tensor,
+    out: torch.Tensor | None = None,
+    blocks: torch.Tensor | None = None,
+    active: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """GroupNorm of `x` as a per-(sample, channel) affine: returns [2, B, C] (scale, shift)
+    in fp32.
+
+    With `out` (block statistics, see `empty_block_statistics`) it also writes x's block
+    statistics into `out`. With `blocks` too, the blocks of a sparse step (ids, -1 for none)
+    and `active` ([blocks] flags, nonzero for those listed), it writes only those, and the
+    affine is that of the statistics in `out` afterwards: x's in the listed blocks, `out`'s
+    own (recorded from the same pixels) in every other."""
+    if out is not None:
+        statistics = block_statistics_reference(norm, x)
+        if blocks is None:
+            out.copy_(statistics)
+        else:
+            listed = blocks[blocks >= 0]
+            pairs = torch.stack([2 * listed, 2 * listed + 1], dim=-1).flatten()
+            out[..., pairs] = statistics[..., pairs]
+            return affine_from_block_statistics(norm, out, tuple(x.shape[-2:]))
+    batch = x.shape[0]
+    var, mean = torch.var_mean(x.float().reshape(batch, norm.num_groups, -1), dim=-1, correction=0)
+    return _affine(norm, mean, var)
+
+
+@triton.jit(do_not_specialize=["n_listed"])
 def _group_norm_affine_kernel(
     x_ptr,
     x_step_ptr,
@@ -53,10 +137,15 @@ def _group_norm_affine_kernel(
     weight_ptr,
     bias_ptr,
     out_ptr,
-    HW,
+    stats_ptr,
+    stats_step_ptr,
+    blocks_ptr,
+    active_ptr,
+    H,
     W,
     C1,
     group_channels,
+    n_listed,
     eps,
     sx_s,
     sx_b,
@@ -71,76 +160,130 @@ def _group_norm_affine_kernel(
     so_k,
     so_b,
     so_c,
+    ss_s,
+    ss_b,
+    ss_g,
     TWO_PARTS: tl.constexpr,
-    BLOCK_HW: tl.constexpr,
+    WRITE_STATS: tl.constexpr,
+    LISTED: tl.constexpr,
+    SIDE: tl.constexpr,
+    BLOCK_NB: tl.constexpr,
     BLOCK_G: tl.constexpr,
 ):
-    """TWO_PARTS: channels from C1 on are channel - C1 of x2 (a ChannelConcat)."""
+    """TWO_PARTS: channels from C1 on are channel - C1 of x2 (a ChannelConcat).
+    WRITE_STATS: write the statistics of the blocks computed. LISTED: compute the n_listed
+    blocks at blocks_ptr (-1: none), and read every block whose active flag is 0."""
     x_ptr += tl.load(x_step_ptr) * sx_s
     b = tl.program_id(0)
     g = tl.program_id(1)
-    offs_g = tl.arange(0, BLOCK_G)
+    # A tile row is one block: its pixels' channels of the group, pixel-major.
+    offs_k = tl.arange(0, SIDE * SIDE * BLOCK_G)
+    pixel, offs_g = offs_k // BLOCK_G, offs_k % BLOCK_G
     g_mask = offs_g < group_channels
     c = g * group_channels + offs_g
     in_first = g_mask
-    base = x_ptr + b * sx_b + c[None, :] * sx_c
+    base = x_ptr + b * sx_b + c * sx_c
     if TWO_PARTS:
         in_first = g_mask & (c < C1)
         x2_ptr += tl.load(x2_step_ptr) * sx2_s
         in_second = g_mask & (c >= C1)
-        base2 = x2_ptr + b * sx2_b + (c - C1)[None, :] * sx2_c
-    count = HW * group_channels
+        base2 = x2_ptr + b * sx2_b + (c - C1) * sx2_c
+    stats_ptr += tl.load(stats_step_ptr) * ss_s + b * ss_b + g * ss_g
+    cols = (W + SIDE - 1) // SIDE
+    n_blocks = ((H + SIDE - 1) // SIDE) * cols
 
-    total = tl.zeros((BLOCK_HW, BLOCK_G), dtype=tl.float32)
-    for start in range(0, HW, BLOCK_HW):
-        pix = start + tl.arange(0, BLOCK_HW)
-        total += _load_group(base, pix, in_first, W, HW, sx_h, sx_w)
+    # Each lane merges the blocks it meets (Chan's update); the lanes merge at the end.
+    lane_n = tl.zeros((BLOCK_NB,), dtype=tl.float32)
+    lane_mean = tl.zeros((BLOCK_NB,), dtype=tl.float32)
+    lane_m2 = tl.zeros((BLOCK_NB,), dtype=tl.float32)
+    n_computed = n_listed if LISTED else n_blocks
+    for start in range(0, n_computed, BLOCK_NB):
+        j = start + tl.arange(0, BLOCK_NB)
+        if LISTED:
+            block = tl.load(blocks_ptr + j, mask=j < n_listed, other=-1)
+        else:
+            block = tl.where(j < n_blocks, j, -1)
+        h = (block // cols)[:, None] * SIDE + (pixel // SIDE)[None, :]
+        w = (block % cols)[:, None] * SIDE + (pixel % SIDE)[None, :]
+        inside = (block >= 0)[:, None] & (h < H) & (w < W)
+        values = _load_blocks(base, h, w, inside & in_first[None, :], sx_h, sx_w)
         if TWO_PARTS:
-            total += _load_group(base2, pix, in_second, W, HW, sx2_h, sx2_w)
-    mean = tl.sum(tl.sum(total, axis=1), axis=0) / count
+            values += _load_blocks(base2, h, w, inside & in_second[None, :], sx2_h, sx2_w)
+        inside = inside & g_mask[None, :]
+        n = tl.sum(inside.to(tl.float32), axis=1)
+        mean = tl.sum(values, axis=1) / tl.maximum(n, 1.0)
+        centred = tl.where(inside, values - mean[:, None], 0.0)
+        m2 = tl.sum(centred * centred, axis=1)
+        if WRITE_STATS:
+            tl.store(stats_ptr + 2 * block, mean, mask=block >= 0)
+            tl.store(stats_ptr + 2 * block + 1, m2, mask=block >= 0)
+        lane_n, lane_mean, lane_m2 = _merge(lane_n, lane_mean, lane_m2, n, mean, m2)
+    if LISTED:
+        for start in range(0, n_blocks, BLOCK_NB):
+            j = start + tl.arange(0, BLOCK_NB)
+            cached = (j < n_blocks) & (tl.load(active_ptr + j, mask=j < n_blocks, other=1) == 0)
+            rows = tl.minimum(SIDE, H - (j // cols) * SIDE)
+            widths = tl.minimum(SIDE, W - (j % cols) * SIDE)
+            n = tl.where(cached, rows * widths * group_channels, 0).to(tl.float32)
+            mean = tl.load(stats_ptr + 2 * j, mask=cached, other=0.0)
+            m2 = tl.load(stats_ptr + 2 * j + 1, mask=cached, other=0.0)
+            lane_n, lane_mean, lane_m2 = _merge(lane_n, lane_mean, lane_m2, n, mean, m2)
 
-    squares = tl.zeros((BLOCK_HW, BLOCK_G), dtype=tl.float32)
-    for start in range(0, HW, BLOCK_HW):
-        pix = start + tl.arange(0, BLOCK_HW)
-        values = _load_group(base, pix, in_first, W, HW, sx_h, sx_w)
-        if TWO_PARTS:
-            values += _load_group(base2, pix, in_second, W, HW, sx2_h, sx2_w)
-        mask = (pix < HW)[:, None] & g_mask[None, :]
-        centred = tl.where(mask, values - mean, 0.0)
-        squares += centred * centred
-    rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(squares, axis=1), axis=0) / count + eps)
+    count = tl.sum(lane_n, axis=0)
+    group_mean = tl.sum(lane_n * lane_mean, axis=0) / count
+    apart = lane_mean - group_mean
+    group_m2 = tl.sum(lane_m2 + lane_n * apart * apart, axis=0)
+    rstd = 1.0 / tl.sqrt(group_m2 / count + eps)
 
     scale = tl.load(weight_ptr + c, mask=g_mask).to(tl.float32) * rstd
-    shift = tl.load(bias_ptr + c, mask=g_mask).to(tl.float32) - mean * scale
+    shift = tl.load(bias_ptr + c, mask=g_mask).to(tl.float32) - group_mean * scale
     out = out_ptr + b * so_b + c * so_c
     tl.store(out, scale, mask=g_mask)
     tl.store(out + so_k, shift, mask=g_mask)
 
 
 @triton.jit
-def _load_group(base, pix, channels, W, HW, s_h, s_w):
-    """A [pixels, channels] tile of a group in fp32, zero where masked."""
-    mask = (pix < HW)[:, None] & channels[None, :]
-    offs = ((pix // W) * s_h + (pix % W) * s_w)[:, None]
-    return tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
+def _load_blocks(base, h, w, mask, s_h, s_w):
+    """A [blocks, pixels x channels] tile of a group in fp32, zero where masked."""
+    return tl.load(base[None, :] + h * s_h + w * s_w, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
+    """Chan's update: the statistics of two sets of values from each set's count, mean and
+    M2 (either count may be 0)."""
+    n = n_a + n_b
+    delta = mean_b - mean_a
+    weight = n_b / tl.maximum(n, 1.0)
+    return n, mean_a + delta * weight, m2_a + m2_b + delta * delta * n_a * weight
 
 
 def group_norm_affine(
-    norm: nn.GroupNorm, x: torch.Tensor | StepView | ChannelConcat
+    norm: nn.GroupNorm,
+    x: torch.Tensor | StepView | ChannelConcat,
+    out: torch.Tensor | StepView | None = None,
+    blocks: torch.Tensor | None = None,
+    active: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`group_norm_affine_reference` as one kernel; `x` [B, C, H, W] may have any strides,
-    or be a StepView, or a ChannelConcat of such maps."""
+    or be a StepView, or a ChannelConcat of such maps; `out` may be a StepView."""
     batch, channels, height, width = x.shape
-    out = torch.empty(2, batch, channels, dtype=torch.float32, device=x.device)
-    if out.numel() == 0:
-        return out
+    affine = torch.empty(2, batch, channels, dtype=torch.float32, device=x.device)
+    if affine.numel() == 0:
+        return affine
     group_channels = channels // norm.num_groups
     block_g = triton.next_power_of_2(group_channels)
-    pixels = height * width
-    # Two parts: two loads per tile, so half the tile (else registers spill).
-    tile = TILE_ELEMENTS // (2 if isinstance(x, ChannelConcat) else 1)
-    block_hw = min(triton.next_power_of_2(pixels), max(16, tile // block_g))
+    rows, cols = block_grid(height, width)
+    # Each element of a tile computes its own address: half a tile (a quarter with two
+    # parts, two loads per element), and at most 32 blocks, else registers spill.
+    tile = TILE_ELEMENTS // (4 if isinstance(x, ChannelConcat) else 2)
+    block_nb = min(32, tile // (BLOCK_SIDE**2 * block_g), triton.next_power_of_2(rows * cols))
     first, second, first_channels = part_addresses(x)
+    statistics = affine if out is None else out  # written only with `out`
+    if out is not None and out.stride()[-1] != 1:
+        raise ValueError("block statistics must be contiguous in their last dimension")
+    stats = part_addresses(statistics)[0]
+    listed = blocks is not None
     launcher(_group_norm_affine_kernel, x.device)[(batch, norm.num_groups)](
         first.base,
         first.step,
@@ -148,20 +291,29 @@ def group_norm_affine(
         second.step,
         norm.weight,
         norm.bias,
-        out,
-        pixels,
+        affine,
+        stats.base,
+        stats.step,
+        blocks if listed else affine,
+        active if listed else affine,
+        height,
         width,
         first_channels,
         group_channels,
+        blocks.numel() if listed else 0,
         float(norm.eps),
         *first.strides,
         *second.strides,
-        *out.stride(),
+        *affine.stride(),
+        *stats.strides[:3],
         TWO_PARTS=isinstance(x, ChannelConcat),
-        BLOCK_HW=block_hw,
+        WRITE_STATS=out is not None,
+        LISTED=listed,
+        SIDE=BLOCK_SIDE,
+        BLOCK_NB=max(2, block_nb),
         BLOCK_G=block_g,
     )
-    return out
+    return affine
 
 
 def group_norm_apply_reference(x: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
@@ -240,6 +392,9 @@ def group_norm_reference(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
     return group_norm_apply_reference(x, group_norm_affine_reference(norm, x))
 
 
-def group_norm(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
-    """`group_norm_reference` as two kernels: the statistics, then the affine applied."""
-    return group_norm_apply(x, group_norm_affine(norm, x))
+def group_norm(
+    norm: nn.GroupNorm, x: torch.Tensor, statistics: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`group_norm_reference` as two kernels: the statistics (the blocks' written into
+    `statistics` too, when given), then the affine applied."""
+    return group_norm_apply(x, group_norm_affine(norm, x, statistics))

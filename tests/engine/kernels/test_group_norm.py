@@ -1,6 +1,8 @@
 """GroupNorm statistics as an affine: the reference reproduces nn.GroupNorm, and the Triton
 kernel equals the reference (compiled on a GPU, interpreted on CPU tensors). The affine is
-fp32 for maps of any dtype. GroupNorm of a whole map applies it in the map's own layout."""
+fp32 for maps of any dtype. Statistics of pixel blocks merge to the map's: a sparse call
+recomputes the blocks it changed and merges the recorded ones. GroupNorm of a whole map
+applies the affine in the map's own layout."""
 
 import pytest
 import torch
@@ -8,6 +10,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from fisedit.engine.kernels.group_norm import (
+    BLOCK_SIDE,
+    affine_from_block_statistics,
+    block_grid,
+    block_statistics_reference,
+    empty_block_statistics,
     group_norm,
     group_norm_affine,
     group_norm_affine_reference,
@@ -109,6 +116,97 @@ def test_reads_a_map_in_two_channel_parts_as_their_concatenation():
 
     expected = group_norm_affine_reference(norm, torch.cat([first, second], dim=1))
     torch.testing.assert_close(group_norm_affine(norm, joined), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    # Partial blocks at odd sides; a single pixel.
+    ("groups", "channels", "height", "width"),
+    [(4, 8, 5, 5), (3, 30, 16, 20), (8, 16, 1, 1)],
+)
+def test_block_statistics_merge_to_the_statistics_of_the_whole_map(groups, channels, height, width):
+    norm, x = _norm(groups, channels), _map(channels, height, width, mean=50.0, std=1.0)
+
+    statistics = block_statistics_reference(norm, x)
+
+    rows, cols = block_grid(height, width)
+    assert statistics.shape == (2, groups, 2 * rows * cols)
+    torch.testing.assert_close(
+        affine_from_block_statistics(norm, statistics, (height, width)),
+        group_norm_affine_reference(norm, x),
+    )
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize(
+    ("groups", "channels", "height", "width"), [(4, 8, 5, 5), (3, 30, 16, 20), (4, 64, 12, 12)]
+)
+def test_triton_writes_each_blocks_statistics_as_it_reduces(
+    groups, channels, height, width, channels_last
+):
+    norm, x = _norm(groups, channels), _map(channels, height, width, channels_last)
+    statistics = empty_block_statistics(norm, x)
+
+    affine = group_norm_affine(norm, x, statistics)
+
+    torch.testing.assert_close(affine, group_norm_affine_reference(norm, x), atol=1e-5, rtol=1e-4)
+    expected = block_statistics_reference(norm, x)
+    torch.testing.assert_close(statistics, expected, atol=1e-4, rtol=1e-4)
+
+
+def _edit_blocks(x: torch.Tensor, blocks: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`x` with new values (another mean and spread) in `blocks`, and every block's flag."""
+    rows, cols = block_grid(*x.shape[-2:])
+    active = torch.zeros(rows * cols, dtype=torch.uint8)
+    active[blocks] = 1
+    region = active.bool().reshape(rows, cols)
+    region = region.repeat_interleave(BLOCK_SIDE, 0).repeat_interleave(BLOCK_SIDE, 1)
+    region = region[: x.shape[-2], : x.shape[-1]].to(x.device)
+    edited = torch.where(region, torch.randn_like(x) * 2 + 45, x)
+    return edited, active.to(x.device)
+
+
+@pytest.mark.parametrize(
+    "affine_of", [group_norm_affine, group_norm_affine_reference], ids=["triton", "reference"]
+)
+def test_a_sparse_call_recomputes_its_blocks_and_merges_the_recorded_ones(affine_of):
+    """The recorded statistics are those of the map before the edit; the call lists the
+    blocks it changed (the last, partial at odd sides, among them; -1 pads the list)."""
+    norm, x = _norm(4, 20), _map(20, 9, 11, mean=50.0, std=1.0)
+    rows, cols = block_grid(9, 11)
+    changed = [0, 7, 12, rows * cols - 1]
+    edited, active = _edit_blocks(x, changed)
+    blocks = torch.tensor([*changed, -1, -1], dtype=torch.int32, device=DEVICE)
+    statistics = block_statistics_reference(norm, x)
+
+    affine = affine_of(norm, edited, statistics, blocks, active)
+
+    expected = group_norm_affine_reference(norm, edited)
+    torch.testing.assert_close(affine, expected, atol=1e-5, rtol=1e-4)
+    recorded = block_statistics_reference(norm, edited)
+    torch.testing.assert_close(statistics, recorded, atol=1e-4, rtol=1e-4)
+
+
+def test_a_sparse_call_reads_two_parts_and_its_statistics_at_a_step_in_device_memory():
+    norm = _norm(4, 20)
+    first, second = _map(12, 8, 8), _map(8, 8, 8, channels_last=True)
+    joined = torch.cat([first, second], dim=1)
+    edited, active = _edit_blocks(joined, [3, 4, 9])
+    blocks = torch.tensor([3, 4, 9], dtype=torch.int32, device=DEVICE)
+    buffer = torch.zeros(3, 2, 4, 2 * 16, device=DEVICE)
+    buffer[1] = block_statistics_reference(norm, joined)
+    step = StepView(buffer, torch.tensor([1], device=DEVICE))
+    parts = ChannelConcat(
+        edited[:, :12], edited[:, 12:].contiguous(memory_format=torch.channels_last)
+    )
+
+    affine = group_norm_affine(norm, parts, step, blocks, active)
+
+    torch.testing.assert_close(
+        affine, group_norm_affine_reference(norm, edited), atol=1e-5, rtol=1e-4
+    )
+    expected = block_statistics_reference(norm, edited)
+    torch.testing.assert_close(buffer[1], expected, atol=1e-4, rtol=1e-4)
+    assert torch.count_nonzero(buffer[0]) == torch.count_nonzero(buffer[2]) == 0
 
 
 def test_an_empty_batch_launches_nothing():
