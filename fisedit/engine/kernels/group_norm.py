@@ -274,9 +274,9 @@ def group_norm_affine(
     group_channels = channels // norm.num_groups
     block_g = triton.next_power_of_2(group_channels)
     rows, cols = block_grid(height, width)
-    # Each element of a tile computes its own address: half a tile (a quarter with two
+    # Each element of a tile computes its own address: a quarter tile (an eighth with two
     # parts, two loads per element), and at most 32 blocks, else registers spill.
-    tile = TILE_ELEMENTS // (4 if isinstance(x, ChannelConcat) else 2)
+    tile = TILE_ELEMENTS // (8 if isinstance(x, ChannelConcat) else 4)
     block_nb = min(32, tile // (BLOCK_SIDE**2 * block_g), triton.next_power_of_2(rows * cols))
     first, second, first_channels = part_addresses(x)
     statistics = affine if out is None else out  # written only with `out`
