@@ -126,14 +126,11 @@ def test_cpu_smoke_run_writes_well_formed_results(tmp_path):
         assert [ms for _, ms in times.values()] == sorted(
             (ms for _, ms in times.values()), reverse=True
         )
-    # Each GroupNorm's statistics come once per step: in a sparse step from the reference
-    # kernel's var_mean where the layer runs sparse, from GroupNorm where it runs dense.
+    # A sparse step runs GroupNorm only where its layer runs dense; where it runs sparse,
+    # the statistics are merged from blocks (no reduction of the whole map).
     norms = kernels["dense"]["aten::native_group_norm"][0]
-    dense_run, sparse_run = (
-        kernels["sparse"][op][0] for op in ("aten::native_group_norm", "aten::var_mean")
-    )
-    assert "aten::var_mean" not in kernels["dense"]
-    assert dense_run > 0 and sparse_run > 0 and dense_run + sparse_run == norms
+    assert 0 < kernels["sparse"]["aten::native_group_norm"][0] < norms
+    assert "aten::var_mean" not in kernels["sparse"]
     assert "costliest kernels of the tiny sparse step" in rest
 
 

@@ -56,11 +56,13 @@ def test_the_dense_step_records_its_maps_where_it_made_them(sd15):
     cache's layout (channels_last, as cuDNN returns it): it stays where the call made it
     until it is filed into the run's cache; only the transformers' NCHW outputs are
     converted. Its GroupNorms keep channels_last maps channels_last: on a GPU PyTorch's
-    GroupNorm would copy each to NCHW first (61 more copies, 7.19 GiB), and return NCHW."""
+    GroupNorm would copy each to NCHW first (61 more copies, 7.19 GiB), and return NCHW.
+    Their statistics kernels also write each 2x2 block's statistics, which the cache keeps
+    for sparse steps (7.02 GiB before)."""
     dense, *_ = sd15[0]
 
     assert dense.other_ops["clone"] == 16  # the 16 transformer outputs
-    assert dense.launches <= 795 and dense.bytes_moved < 7.03 * 2**30
+    assert dense.launches <= 795 and dense.bytes_moved < 7.06 * 2**30
 
 
 def test_a_sparse_step_records_in_place_and_stays_within_its_launch_budget(sd15):
@@ -78,8 +80,10 @@ def test_a_sparse_step_records_in_place_and_stays_within_its_launch_budget(sd15)
     static map before the step; 2.92 when the skip connections were concatenated; 2.78 when
     every conv split K to fill the GPU, whatever its partial sums moved; 2.64 when each step
     projected the time embedding for every resnet; 2.60 counting the 15 copies PyTorch's
-    GroupNorm makes of the channels_last maps of the layers that run dense), below the
-    weights plus the step's MAC share of the dense step's other bytes (2.95 GiB)."""
+    GroupNorm makes of the channels_last maps of the layers that run dense; 2.595 when
+    GroupNorm statistics reduced whole maps, not the active blocks merged with the cached
+    others), below the weights plus the step's MAC share of the dense step's other bytes
+    (2.96 GiB)."""
     rows, _ = sd15
     dense, *sparse = rows
 
@@ -89,7 +93,7 @@ def test_a_sparse_step_records_in_place_and_stays_within_its_launch_budget(sd15)
         assert "index" not in row.other_ops
         assert row.bytes_moved < dense.bytes_moved
     at_15 = next(row for row in sparse if row.mask_ratio == 0.15)
-    assert at_15.bytes_moved < 2.596 * 2**30
+    assert at_15.bytes_moved < 2.475 * 2**30
     assert at_15.bytes_moved < at_15.mac_share_bytes
     # Where they go: every byte under one op or kernel, split-K partial sums apart.
     assert sum(at_15.bytes_by_op.values()) == at_15.bytes_moved
