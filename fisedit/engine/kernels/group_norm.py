@@ -32,7 +32,13 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from fisedit.engine.kernels.launch import ChannelConcat, StepView, launcher, part_addresses
+from fisedit.engine.kernels.launch import (
+    ChannelConcat,
+    StepView,
+    launcher,
+    part_addresses,
+    runs_interpreted,
+)
 
 # Elements one program loads per iteration.
 TILE_ELEMENTS = 2048
@@ -111,9 +117,10 @@ def group_norm_affine_reference(
 
     With `out` (block statistics, see `empty_block_statistics`) it also writes x's block
     statistics into `out`. With `blocks` too, the blocks of a sparse step (ids, -1 for none)
-    and `active` ([blocks] flags, nonzero for those listed), it writes only those, and the
-    affine is that of the statistics in `out` afterwards: x's in the listed blocks, `out`'s
-    own (recorded from the same pixels) in every other."""
+    and `active` ([blocks] flags, nonzero for those listed: the kernel reads them, this
+    reference the list), it writes only those, and the affine is that of the statistics in
+    `out` afterwards: x's in the listed blocks, `out`'s own (recorded from the same pixels)
+    in every other."""
     if out is not None:
         statistics = block_statistics_reference(norm, x)
         if blocks is None:
@@ -276,8 +283,10 @@ def group_norm_affine(
     rows, cols = block_grid(height, width)
     # Each element of a tile computes its own address: a quarter tile (an eighth with two
     # parts, two loads per element), and at most 32 blocks, else registers spill.
-    tile = TILE_ELEMENTS // (8 if isinstance(x, ChannelConcat) else 4)
-    block_nb = min(32, tile // (BLOCK_SIDE**2 * block_g), triton.next_power_of_2(rows * cols))
+    tile, most = TILE_ELEMENTS // (8 if isinstance(x, ChannelConcat) else 4), 32
+    if runs_interpreted(x.device):
+        tile, most = 4 * TILE_ELEMENTS, triton.next_power_of_2(rows * cols)
+    block_nb = min(most, tile // (BLOCK_SIDE**2 * block_g), triton.next_power_of_2(rows * cols))
     first, second, first_channels = part_addresses(x)
     statistics = affine if out is None else out  # written only with `out`
     if out is not None and out.stride()[-1] != 1:

@@ -230,6 +230,13 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 
 
+def runs_interpreted(device: torch.device) -> bool:
+    """Whether a launch on `device` now runs in Triton's interpreter (not recorded): there
+    each op takes a whole tile at once, so larger tiles cost less, and registers do not
+    bound them."""
+    return device.type == "cpu" and interpreting() and not _recording
+
+
 def launcher(kernel: Any, device: torch.device) -> Any:
     """`kernel` (a `triton.jit` function), after checking it can run on `device`."""
     if _recording:
