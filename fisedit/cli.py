@@ -445,7 +445,7 @@ def bench(args: argparse.Namespace) -> None:
     between cases is flagged NOISY."""
     if args.steps is not None:
         _options(GenerationParams, prompt="bench", steps=args.steps)
-    if args.repeats < 1:
+    if args.repeats is not None and args.repeats < 1:
         raise UsageError(f"--repeats: must be at least 1 (got {args.repeats})")
     _check_device(args.device)
     import torch
@@ -462,9 +462,10 @@ def bench(args: argparse.Namespace) -> None:
         device=args.device,
         models=models,
         dtype=getattr(torch, args.dtype) if args.dtype else None,
-        steps=args.steps or (20 if args.tiny else 50),
+        # A smoke run under a minute on two CPU cores, with room for the k=10 case.
+        steps=args.steps or (12 if args.tiny else 50),
         compile=args.compile,
-        repeats=args.repeats,
+        repeats=args.repeats or (3 if args.tiny else 10),
         out=Path(args.out),
         engine_config=EngineConfig(
             sparse=SparseConfig(kernels=args.kernels),
@@ -632,7 +633,7 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help=f"denoise steps, {_bounds(GenerationParams, 'steps')} "
-        "(default: 50, or 20 with --tiny)",
+        "(default: 50, or 12 with --tiny)",
     )
     sub.add_argument(
         "--compile",
@@ -643,8 +644,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument(
         "--repeats",
         type=int,
-        default=10,
-        help="timed calls per step median, at least 1 (default: %(default)s)",
+        default=None,
+        help="timed calls per step median, at least 1 (default: 10, or 3 with --tiny)",
     )
     sub.add_argument(
         "--kernels",

@@ -13,6 +13,7 @@ os.environ.setdefault("RAY_worker_niceness", "0")
 if not os.path.exists("/dev/nvidia0") and not os.environ.get("CUDA_VISIBLE_DEVICES"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import dataclasses  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import uuid  # noqa: E402
@@ -21,7 +22,22 @@ from collections.abc import Callable, Iterator  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from fisedit.engine.kernels.launch import interpreting  # noqa: E402
 from fisedit.engine.models import build_tiny_model  # noqa: E402
+
+
+def _skip_discarded_overflow_checks() -> None:
+    """Triton's interpreter redoes every int32 add, sub and mul of a kernel in int64 to check
+    it for overflow, then drops the check (its asserts only fire with debug on): about a
+    third of an interpreted kernel's time, for nothing."""
+    from triton.runtime import interpreter
+
+    builder = interpreter.interpreter_builder
+    builder.options = dataclasses.replace(builder.options, sanitize_overflow=False)
+
+
+if interpreting():
+    _skip_discarded_overflow_checks()
 
 # boto3, moto and the storage package are imported inside the S3 fixtures, so the engine's
 # tests also run where only the GPU stack is installed.

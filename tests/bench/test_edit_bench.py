@@ -83,7 +83,7 @@ def test_cpu_smoke_run_writes_well_formed_results(tmp_path):
     assert result.with_suffix(".png").stat().st_size > 10_000
     assert not list(tmp_path.glob("*.partial"))
     data = json.loads(result.read_text())
-    assert data["device"] == "cpu" and data["steps"] == 20
+    assert data["device"] == "cpu" and data["steps"] == 12
     assert data["sparse"]["kernels"] == "auto" and data["sparse"]["block_size"] == 2
     assert data["channels_last"] is True and data["cuda_graphs"] is True
     assert data["errors"] == []

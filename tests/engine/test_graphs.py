@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from fisedit.engine import EditConfig, Engine, EngineConfig, SparseConfig
+from fisedit.engine.images import psnr
 from fisedit.engine.kernels.launch import interpreting
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -94,25 +95,43 @@ def test_captured_sparse_steps_record_into_their_own_edit_and_equal_eager_ones(
     assert [len(version.cache.graphs) for version in static] == [1, 1, 1]
 
 
-def test_through_the_triton_kernels_the_static_step_path_records_what_eager_steps_record(
+def test_the_triton_kernels_give_the_reference_edit_and_their_static_steps_the_eager_ones(
     tiny_model_dir, static_step_engine
 ):
-    """Kernels reading maps at a step index, skip connections' joins in two parts and
-    static maps filled where the UNet reads them, on CUDA where a GPU is and interpreted
-    elsewhere; a join's parts split the channel chunks where a concatenation does not, so
-    sums may round differently."""
+    """The whole sparse path through the Triton kernels (on CUDA where a GPU is, interpreted
+    elsewhere) against the PyTorch reference kernels; then through static buffers: kernels
+    reading maps at a step index, skip connections' joins in two parts and static maps filled
+    where the UNet reads them. A join's parts split the channel chunks where a concatenation
+    does not, so sums may round differently."""
     device = "cpu" if interpreting() else "cuda"
-    config = EngineConfig(progress=False, device=device, sparse=SparseConfig(kernels="triton"))
-    mask = _masks()[0]
-    edits = []
-    for engine_class in (Engine, static_step_engine):
+    edits = {}
+    for name, engine_class, kernels in (
+        ("reference", Engine, "reference"),
+        ("eager", Engine, "triton"),
+        ("static", static_step_engine, "triton"),
+    ):
+        config = EngineConfig(
+            progress=False,
+            device=device,
+            sparse=SparseConfig(kernels=kernels),
+            edit=EditConfig(preserve_background=False),
+        )
         engine = engine_class.from_pretrained(tiny_model_dir, config)
         session = engine.generate("a cat", steps=3, seed=5)
-        edits.append(session.edit("a dog", mask=mask, mask_steps=1))
-    eager, static = edits
+        edits[name] = session.edit("a dog", mask=_masks()[0], mask_steps=1)
+    reference, eager, static = edits.values()
 
+    # On a GPU, tl.dot takes fp32 inputs as TF32.
+    tolerance = 1e-4 if device == "cpu" else 1e-2
+    torch.testing.assert_close(
+        eager.cache.tensors["latents"],
+        reference.cache.tensors["latents"],
+        atol=tolerance,
+        rtol=tolerance,
+    )
+    assert psnr(eager.image, reference.image) > (60 if device == "cpu" else 40)
     assert static.report.sparse_steps == 2
-    tolerance = 1e-5 if device == "cpu" else 1e-2  # TF32 on a GPU
+    tolerance = 1e-5 if device == "cpu" else 1e-2
     for name, tensor in eager.cache.tensors.items():
         torch.testing.assert_close(
             static.cache.tensors[name], tensor, atol=tolerance, rtol=tolerance, msg=name
