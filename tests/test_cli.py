@@ -381,4 +381,4 @@ def test_help_lists_every_command_and_every_option_has_a_default_or_is_required(
                 action.dest,
             )
     bench_steps = next(a for a in commands.choices["bench"]._actions if a.dest == "steps")
-    assert "or 20 with --tiny" in bench_steps.help and "2 to 1000" in bench_steps.help
+    assert "or 12 with --tiny" in bench_steps.help and "2 to 1000" in bench_steps.help
