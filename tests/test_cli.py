@@ -1,26 +1,33 @@
-"""The `fisedit` command line, run as a user would, on the tiny model."""
+"""The `fisedit` command line on the tiny model: through the `main` the installed command runs,
+and in a new process where the process matters."""
 
 import argparse
+import contextlib
 import fcntl
+import io
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from fisedit.cli import _parser
+from fisedit.cli import _parser, main
 from fisedit.engine.images import REGION_COLOUR, SEAM_COLOUR
+from fisedit.engine.models import _quiet_libraries
 
 STEPS = "4"
 
 
-def _fisedit(*args: str, check: bool = True, flags: tuple[str, ...] = (), cwd=None):
+def _fisedit_process(*args: str, check: bool = True, flags: tuple[str, ...] = (), cwd=None):
+    """`fisedit args` in a new Python process: for what depends on the process (what it
+    imports, its environment, the locks it takes, a Ray it starts)."""
     return subprocess.run(
         [sys.executable, *flags, "-m", "fisedit.cli", *args],
         capture_output=True,
@@ -29,6 +36,32 @@ def _fisedit(*args: str, check: bool = True, flags: tuple[str, ...] = (), cwd=No
         check=check,
         cwd=cwd,
     )
+
+
+def _fisedit(*args: str, check: bool = True, cwd=None) -> subprocess.CompletedProcess:
+    """`fisedit args` run by the command's own `main` in this process, its output captured:
+    the code a new process runs, without importing torch and diffusers again (7 of the 10 s
+    a command takes on the 2-core machine). The libraries' logging settings and the warning
+    display it changes come back afterwards."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with (
+        contextlib.chdir(cwd or os.getcwd()),
+        contextlib.redirect_stdout(stdout),
+        contextlib.redirect_stderr(stderr),
+        _quiet_libraries(),
+        warnings.catch_warnings(),
+    ):
+        try:
+            main(list(args))
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else 1
+    result = subprocess.CompletedProcess(
+        ["fisedit", *args], code, stdout.getvalue(), stderr.getvalue()
+    )
+    if check:
+        result.check_returncode()
+    return result
 
 
 def _report(result: subprocess.CompletedProcess) -> dict:
@@ -58,7 +91,7 @@ def _copy(session_dir: Path, target: Path) -> Path:
 
 
 def test_demo_runs_an_edit_chain_job_on_a_local_service(tmp_path):
-    _fisedit("demo", "--out", str(tmp_path), "--steps", STEPS)
+    _fisedit_process("demo", "--out", str(tmp_path), "--steps", STEPS)
 
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["state"] == "succeeded"
@@ -297,7 +330,9 @@ def _blank_png(path: Path, size: int) -> str:
 def test_bad_input_fails_before_the_model_loads(session_dir, tmp_path, make_args, message):
     # -X importtime lists every module the command imports: diffusers, which every model
     # load needs, must not be among them.
-    result = _fisedit(*make_args(session_dir, tmp_path), check=False, flags=("-X", "importtime"))
+    result = _fisedit_process(
+        *make_args(session_dir, tmp_path), check=False, flags=("-X", "importtime")
+    )
 
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
@@ -311,7 +346,9 @@ def test_a_second_edit_of_a_session_while_one_runs_is_refused(session_dir, tmp_p
     directory = _copy(session_dir, tmp_path / "s")
     with open(directory / ".lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # as the running edit holds it
-        refused = _fisedit("edit", "--session", str(directory), "--prompt", "a dog", check=False)
+        refused = _fisedit_process(
+            "edit", "--session", str(directory), "--prompt", "a dog", check=False
+        )
 
     assert refused.returncode == 2
     assert f"error: another fisedit command is editing {directory}" in refused.stderr
@@ -331,7 +368,9 @@ def test_history_of_a_damaged_session_file_names_what_is_wrong(session_dir, tmp_
 
 
 def test_a_model_that_cannot_load_is_a_clear_error(tmp_path):
-    result = _fisedit("demo", "--out", str(tmp_path), "--model", "/no/such/model", check=False)
+    result = _fisedit_process(
+        "demo", "--out", str(tmp_path), "--model", "/no/such/model", check=False
+    )
 
     assert result.returncode == 2 and "cannot load a Stable Diffusion pipeline" in result.stderr
 
@@ -350,7 +389,7 @@ def test_a_hub_id_is_looked_up_offline_even_when_the_environment_does_not_say_so
 
 def test_a_bulk_run_into_a_missing_bucket_is_a_clear_error_before_ray_starts(s3_endpoint):
     examples = Path(__file__).parents[1] / "jobs" / "examples" / "variations.jsonl"
-    result = _fisedit(
+    result = _fisedit_process(
         *("bulk", str(examples), "--run", "r1", "--out", "s3://no-such-bucket/runs"),
         *("--endpoint-url", s3_endpoint, "--address", "127.0.0.1:1"),
         check=False,
@@ -363,7 +402,7 @@ def test_a_bulk_run_into_a_missing_bucket_is_a_clear_error_before_ray_starts(s3_
 
 
 def test_help_lists_every_command_and_every_option_has_a_default_or_is_required():
-    top = _fisedit("--help").stdout
+    top = _fisedit_process("--help").stdout
     parser = _parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
 
