@@ -70,22 +70,27 @@ def _affine(norm: nn.GroupNorm, mean: torch.Tensor, var: torch.Tensor) -> torch.
     return torch.stack([scale, norm.bias.float() - mean * scale])
 
 
+def _blocks(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """[..., rows * S, cols * S] as [..., rows * cols, S * S]: each pixel block's values
+    side by side, blocks row-major."""
+    t = t.unflatten(-2, (rows, BLOCK_SIDE)).unflatten(-1, (cols, BLOCK_SIDE))
+    return t.transpose(-3, -2).flatten(-4, -3).flatten(-2, -1)
+
+
 def block_statistics_reference(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
     """The block statistics of the map `x` (see `empty_block_statistics`), computed in
     fp64."""
     batch, _, height, width = x.shape
     rows, cols = block_grid(height, width)
     pad = (0, cols * BLOCK_SIDE - width, 0, rows * BLOCK_SIDE - height)
-    blocked = (batch, norm.num_groups, -1, rows, BLOCK_SIDE, cols, BLOCK_SIDE)
     groups = x.double().reshape(batch, norm.num_groups, -1, height, width)
-    values = F.pad(groups, pad).reshape(blocked)
-    valid = F.pad(groups.new_ones(height, width), pad).reshape(rows, BLOCK_SIDE, cols, BLOCK_SIDE)
-    count = valid.sum(dim=(1, 3))[:, None, :, None] * values.shape[2]
-    within = (2, 4, 6)
-    mean = values.sum(within, keepdim=True) / count
-    m2 = (((values - mean) * valid) ** 2).sum(within)
-    statistics = torch.stack([mean.reshape(m2.shape), m2], dim=-1)
-    return statistics.reshape(batch, norm.num_groups, -1).float()
+    # [B, G, blocks, channels of a group, pixels of a block]: one contiguous reduction each.
+    values = _blocks(F.pad(groups, pad), rows, cols).transpose(2, 3)
+    valid = _blocks(F.pad(groups.new_ones(height, width), pad), rows, cols)[:, None]
+    count = valid.sum(dim=(-2, -1)) * groups.shape[2]
+    mean = values.sum(dim=(-2, -1)) / count
+    m2 = (((values - mean[..., None, None]) * valid) ** 2).sum(dim=(-2, -1))
+    return torch.stack([mean, m2], dim=-1).reshape(batch, norm.num_groups, -1).float()
 
 
 def affine_from_block_statistics(
