@@ -70,27 +70,28 @@ def _affine(norm: nn.GroupNorm, mean: torch.Tensor, var: torch.Tensor) -> torch.
     return torch.stack([scale, norm.bias.float() - mean * scale])
 
 
-def _blocks(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """[..., rows * S, cols * S] as [..., rows * cols, S * S]: each pixel block's values
-    side by side, blocks row-major."""
-    t = t.unflatten(-2, (rows, BLOCK_SIDE)).unflatten(-1, (cols, BLOCK_SIDE))
-    return t.transpose(-3, -2).flatten(-4, -3).flatten(-2, -1)
+def _block_sums(t: torch.Tensor, groups: int, pad: tuple[int, ...]) -> torch.Tensor:
+    """Sums of the map `t` [B, C, H, W] (zero-padded by `pad` to whole blocks) over each
+    pixel block and the channels of each of `groups` groups: [B, G, rows, cols]."""
+    t = F.pad(t, pad) if any(pad) else t
+    return F.avg_pool2d(t, BLOCK_SIDE, divisor_override=1).unflatten(1, (groups, -1)).sum(2)
 
 
 def block_statistics_reference(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
     """The block statistics of the map `x` (see `empty_block_statistics`), computed in
-    fp64."""
-    batch, _, height, width = x.shape
+    fp64 (M2 in two passes: the squared deviations from each block's mean)."""
+    batch, channels, height, width = x.shape
+    groups = norm.num_groups
     rows, cols = block_grid(height, width)
     pad = (0, cols * BLOCK_SIDE - width, 0, rows * BLOCK_SIDE - height)
-    groups = x.double().reshape(batch, norm.num_groups, -1, height, width)
-    # [B, G, blocks, channels of a group, pixels of a block]: one contiguous reduction each.
-    values = _blocks(F.pad(groups, pad), rows, cols).transpose(2, 3)
-    valid = _blocks(F.pad(groups.new_ones(height, width), pad), rows, cols)[:, None]
-    count = valid.sum(dim=(-2, -1)) * groups.shape[2]
-    mean = values.sum(dim=(-2, -1)) / count
-    m2 = (((values - mean[..., None, None]) * valid) ** 2).sum(dim=(-2, -1))
-    return torch.stack([mean, m2], dim=-1).reshape(batch, norm.num_groups, -1).float()
+    values = x.double()
+    pixels = _block_sums(values.new_ones(1, 1, height, width), 1, pad)[0, 0]
+    mean = _block_sums(values, groups, pad) / (pixels * (channels // groups))
+    # Each pixel's block mean; the blocks at odd sides are cut back to the map.
+    mean_at = mean.repeat_interleave(BLOCK_SIDE, -2).repeat_interleave(BLOCK_SIDE, -1)
+    deviations = values.unflatten(1, (groups, -1)) - mean_at[:, :, None, :height, :width]
+    m2 = _block_sums(deviations.square().flatten(1, 2), groups, pad)
+    return torch.stack([mean, m2], dim=-1).reshape(batch, groups, -1).float()
 
 
 def affine_from_block_statistics(
