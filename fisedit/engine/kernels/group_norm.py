@@ -70,6 +70,16 @@ def _affine(norm: nn.GroupNorm, mean: torch.Tensor, var: torch.Tensor) -> torch.
     return torch.stack([scale, norm.bias.float() - mean * scale])
 
 
+def _block_pixels(height: int, width: int) -> torch.Tensor:
+    """Pixels in each block of a map [rows, cols] (fp64): fewer in the last row and column
+    of blocks at odd sides."""
+    rows, cols = block_grid(height, width)
+    heights = torch.full((rows,), BLOCK_SIDE, dtype=torch.float64)
+    widths = torch.full((cols,), BLOCK_SIDE, dtype=torch.float64)
+    heights[-1], widths[-1] = height - (rows - 1) * BLOCK_SIDE, width - (cols - 1) * BLOCK_SIDE
+    return heights[:, None] * widths[None, :]
+
+
 def _block_sums(t: torch.Tensor, groups: int, pad: tuple[int, ...]) -> torch.Tensor:
     """Sums of the map `t` [B, C, H, W] (zero-padded by `pad` to whole blocks) over each
     pixel block and the channels of each of `groups` groups: [B, G, rows, cols]."""
@@ -85,7 +95,7 @@ def block_statistics_reference(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Ten
     rows, cols = block_grid(height, width)
     pad = (0, cols * BLOCK_SIDE - width, 0, rows * BLOCK_SIDE - height)
     values = x.double()
-    pixels = _block_sums(values.new_ones(1, 1, height, width), 1, pad)[0, 0]
+    pixels = _block_pixels(height, width).to(x.device)
     mean = _block_sums(values, groups, pad) / (pixels * (channels // groups))
     # Each pixel's block mean; the blocks at odd sides are cut back to the map.
     mean_at = mean.repeat_interleave(BLOCK_SIDE, -2).repeat_interleave(BLOCK_SIDE, -1)
@@ -99,12 +109,8 @@ def affine_from_block_statistics(
 ) -> torch.Tensor:
     """The [2, B, C] affine of a map of size `hw` from its block statistics, merged in
     fp64."""
-    rows, cols = block_grid(*hw)
-    heights = torch.full((rows,), BLOCK_SIDE, dtype=torch.float64)
-    widths = torch.full((cols,), BLOCK_SIDE, dtype=torch.float64)
-    heights[-1], widths[-1] = hw[0] - (rows - 1) * BLOCK_SIDE, hw[1] - (cols - 1) * BLOCK_SIDE
-    pixels = (heights[:, None] * widths[None, :]).flatten().to(statistics.device)
-    count = pixels * (norm.num_channels // norm.num_groups)
+    count = _block_pixels(*hw).flatten().to(statistics.device)
+    count *= norm.num_channels // norm.num_groups
     mean, m2 = statistics.double().unflatten(-1, (-1, 2)).unbind(-1)
     group_mean = (mean * count).sum(-1) / count.sum()
     group_m2 = (m2 + count * (mean - group_mean[..., None]) ** 2).sum(-1)
