@@ -35,6 +35,10 @@ TINY_MODEL_NAMES = ("tiny", "tiny-sd2", "tiny-sdxl")
 """fisedit.engine.models.TINY_MODELS, named here so that options are checked without torch."""
 SESSION_FILE = "session.json"
 STORE_DIR = "store"
+# `fisedit bench` defaults, (full, --tiny): the tiny run is a CPU smoke run under a minute on
+# two cores, with room for the k=10 case.
+BENCH_STEPS = (50, 12)
+BENCH_REPEATS = (10, 3)
 """The session directory's local object store, which holds the newest version's snapshot."""
 
 
@@ -462,10 +466,9 @@ def bench(args: argparse.Namespace) -> None:
         device=args.device,
         models=models,
         dtype=getattr(torch, args.dtype) if args.dtype else None,
-        # A smoke run under a minute on two CPU cores, with room for the k=10 case.
-        steps=args.steps or (12 if args.tiny else 50),
+        steps=args.steps or BENCH_STEPS[args.tiny],
         compile=args.compile,
-        repeats=args.repeats or (3 if args.tiny else 10),
+        repeats=args.repeats or BENCH_REPEATS[args.tiny],
         out=Path(args.out),
         engine_config=EngineConfig(
             sparse=SparseConfig(kernels=args.kernels),
@@ -633,7 +636,7 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help=f"denoise steps, {_bounds(GenerationParams, 'steps')} "
-        "(default: 50, or 12 with --tiny)",
+        f"(default: {BENCH_STEPS[0]}, or {BENCH_STEPS[1]} with --tiny)",
     )
     sub.add_argument(
         "--compile",
@@ -645,7 +648,8 @@ def _parser() -> argparse.ArgumentParser:
         "--repeats",
         type=int,
         default=None,
-        help="timed calls per step median, at least 1 (default: 10, or 3 with --tiny)",
+        help="timed calls per step median, at least 1 "
+        f"(default: {BENCH_REPEATS[0]}, or {BENCH_REPEATS[1]} with --tiny)",
     )
     sub.add_argument(
         "--kernels",

@@ -24,7 +24,7 @@ profiler, no caches modelled):
   queries, keys, values and output, as a fused kernel moves them;
 - a Triton kernel counts what it addresses: the active rows it gathers or scatters (not the
   whole map, and a convolution's halo taps not again), whole maps it
-  reduces or copies, whole weights once, and the fp32 partial sums of a split-K convolution
+  reduces or copies, whole weights once, and the partial sums of a split-K convolution
   written and read.
 
 A CUDA graph removes launch overhead from the host, but each kernel still costs a few
@@ -83,7 +83,7 @@ class StepLaunches(BaseModel):
     would move if its activation traffic scaled with its MACs (the dense step: its bytes).
     A reference point, not a floor: attention's MACs grow faster than its bytes."""
     bytes_by_op: dict[str, int]
-    """The bytes moved by each op and Triton kernel (weights included), most first; the fp32
+    """The bytes moved by each op and Triton kernel (weights included), most first; the
     partial sums of split-K convolutions apart, under SPLIT_K_PARTIALS."""
 
     @property
@@ -223,13 +223,13 @@ SPLIT_K_PARTIALS = "split-K partial sums"
 
 
 def _triton_bytes_by_part(launches: list[Launch]) -> Counter[str]:
-    """The launches' bytes by kernel, with the fp32 partial sums that split-K convolutions
+    """The launches' bytes by kernel, with the partial sums that split-K convolutions
     write and their finalising launches read apart, under SPLIT_K_PARTIALS."""
     parts: Counter[str] = Counter()
     for launch in launches:
         name, moved, bound = launch.kernel.fn.__name__, _launch_bytes(launch), _bound(launch)
         if name == "_sparse_conv_kernel" and (bound["PARTIAL"] or bound["FINALISE"]):
-            partials = bound["n_splits"] * bound["M"] * bound["N"] * 4
+            partials = _partial_bytes(bound)
             parts[SPLIT_K_PARTIALS] += partials
             moved -= partials
         parts[name] += moved
@@ -240,9 +240,14 @@ def _element(bound: dict, name: str) -> int:
     return bound[name].element_size()
 
 
+def _partial_bytes(bound: dict) -> int:
+    """The partial sums a split-K convolution writes (and its finalising launch reads)."""
+    return bound["n_splits"] * bound["M"] * bound["N"] * _element(bound, "part_ptr")
+
+
 def _conv_bytes(bound: dict, grid) -> int:
     rows, cols = bound["M"], bound["N"]
-    partials = bound["n_splits"] * rows * cols * 4
+    partials = _partial_bytes(bound)
     if bound["FINALISE"]:
         moved = partials
     else:

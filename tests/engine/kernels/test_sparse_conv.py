@@ -165,8 +165,8 @@ def test_split_k_does_not_change_the_result(layer):
         # SD 1.5 at a 15% mask, on an H100: 16x16 maps of 1280 channels have few rows and
         # 28 MiB of weights, which more programs pull at once.
         (128, 1280, 7),
-        # 64x64 maps of 320 channels: 100 tiles, and 3 splits would write 9.4 MiB of
-        # partials for 1.8 MiB of weights.
+        # 64x64 maps of 320 channels: 100 tiles, and 3 splits would write and read 4.7 MiB
+        # of fp16 partials for 1.8 MiB of weights.
         (1280, 320, 1),
     ],
 )
@@ -183,6 +183,29 @@ def test_split_k_by_default_only_where_its_partials_move_fewer_bytes_than_the_we
     splits = launches[0].kwargs.get("PARTIAL") and launches[0].grid[2]
     assert (splits or 1) == expected_splits
     assert len(launches) == (1 if expected_splits == 1 else 2)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "partials"),
+    [
+        (torch.float16, torch.float16),
+        (torch.bfloat16, torch.float32),
+        (torch.float32, torch.float32),
+    ],
+    ids=["fp16", "bf16", "fp32"],
+)
+def test_split_k_partials_are_fp16_only_in_an_fp16_conv(dtype, partials):
+    x = torch.empty(2, 1280, 16, 16, dtype=dtype, device="meta")
+    taps = torch.empty(64, 9, dtype=torch.long, device="meta")
+    weight = torch.empty(1280, 1280, 3, 3, dtype=dtype, device="meta")
+
+    with recording_launches(multiprocessors=132) as launches:
+        sparse_conv2d_triton(x, taps, weight)
+
+    split, finalise = (dict(zip(run.kernel.arg_names, run.args, strict=False)) for run in launches)
+    assert split["part_ptr"] is finalise["part_ptr"]
+    assert split["part_ptr"].dtype == partials
+    assert split["part_ptr"].shape == (launches[0].grid[2], 128, 1280)
 
 
 def test_packed_weight_replaces_the_raw_weight():
@@ -309,13 +332,18 @@ def test_empty_mask_launches_nothing(monkeypatch):
     ids=["fp16", "bf16"],
 )
 @pytest.mark.parametrize("mean_over_std", [0, 20, 50])
-def test_low_precision_matches_fp32_math_on_the_same_inputs(dtype, tolerance, mean_over_std):
+@pytest.mark.parametrize("split_k", [1, 9], ids=["unsplit", "split"])
+def test_low_precision_matches_fp32_math_on_the_same_inputs(
+    dtype, tolerance, mean_over_std, split_k
+):
     # The engine's path: the GroupNorm kernel's affine of the map, applied by the conv kernel.
+    # Split, an fp16 conv rounds its partial sums to fp16, within the same tolerance.
     case = Case("3x3-c20", "border", mean=mean_over_std)
     x, weight, bias = (t.to(dtype) for t in (case.x, case.conv.weight, case.conv.bias))
     norm = case.norm.to(dtype)
 
-    got = sparse_conv2d_triton(x, case.taps, weight, bias, norm_affine=group_norm_affine(norm, x))
+    affine = group_norm_affine(norm, x)
+    got = sparse_conv2d_triton(x, case.taps, weight, bias, norm_affine=affine, split_k=split_k)
 
     # Everything after the rounding of the inputs is done in fp32, the affine included.
     affine = group_norm_affine_reference(norm.float(), x.float())
