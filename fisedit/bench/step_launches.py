@@ -267,12 +267,6 @@ def _gather_tokens_bytes(bound: dict, grid) -> int:
     return 2 * tokens
 
 
-def _scatter_tokens_bytes(bound: dict, grid) -> int:
-    elements = grid[2] * bound["P"] * bound["C"]
-    moved = elements * (_element(bound, "tokens_ptr") + _element(bound, "out_ptr"))
-    return moved + (elements * _element(bound, "res_ptr") if bound["HAS_RESIDUAL"] else 0)
-
-
 def _layernorm_rows_bytes(bound: dict, grid) -> int:
     elements = bound["P"] * grid[1] * bound["D"]
     moved = elements * (_element(bound, "rows_ptr") + _element(bound, "out_ptr"))
@@ -321,7 +315,6 @@ _TRITON_BYTES = {
     "_linear_kernel": _linear_bytes,
     "_sparse_conv_kernel": _conv_bytes,
     "_gather_tokens_affine_kernel": _gather_tokens_bytes,
-    "_scatter_tokens_kernel": _scatter_tokens_bytes,
     "_layernorm_rows_kernel": _layernorm_rows_bytes,
     "_group_norm_affine_kernel": _group_norm_bytes,
     "_group_norm_apply_kernel": _group_norm_apply_bytes,

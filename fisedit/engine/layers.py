@@ -356,7 +356,7 @@ class SparseLayer(nn.Module):
     def conv_active(
         self,
         x: torch.Tensor,
-        conv: nn.Conv2d,
+        conv: nn.Conv2d | nn.Linear,
         taps: torch.Tensor,
         norm_affine: torch.Tensor | None = None,
         residual: torch.Tensor | None = None,
@@ -366,9 +366,9 @@ class SparseLayer(nn.Module):
         split_k: int | None = None,
     ) -> torch.Tensor:
         """(conv(x) + bias + residual) * out_scale at the active pixels (bias: the conv's own
-        unless given), as tokens [B, P, C_out], or with `into` = (key, index) scattered
-        straight into this step's map `key`, which it returns. `split_k`: see
-        `sparse_conv2d_triton`."""
+        unless given; a linear runs as a 1x1 conv), as tokens [B, P, C_out], or with `into` =
+        (key, index) scattered straight into this step's map `key`, which it returns.
+        `split_k`: see `sparse_conv2d_triton`."""
         bias = conv.bias if bias is None else bias
         out, out_index = (None, None) if into is None else (self.target(into[0]), into[1])
         args = (x, taps, conv.weight, bias, norm_affine, residual, out_scale, out, out_index)
@@ -409,19 +409,6 @@ class SparseLayer(nn.Module):
         """The active pixels of the map `x` as tokens [B, P, C], raw and with the [2, B, C]
         GroupNorm affine applied (raw twice without one)."""
         return self.kernel(token_kernels, "gather_tokens_affine", x)(x, index, norm_affine)
-
-    def mixed(
-        self,
-        key: str,
-        index: torch.Tensor,
-        tokens: torch.Tensor,
-        residual: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """This step's map `key`: the cached one with the active pixels set to tokens
-        (+ residual)."""
-        out = self.target(key)
-        scatter = self.kernel(token_kernels, "scatter_tokens_into", out)
-        return scatter(out, index, tokens, residual)
 
     def summed_layer_norm(
         self,
@@ -591,6 +578,7 @@ class SparseTransformer(SparseLayer):
     def __init__(self, name: str, inner: Transformer2DModel, state: StepState) -> None:
         super().__init__(name, inner, state)
         self.recorded = ("out", *self._block_keys)
+        self._token_taps: dict[tuple[int, torch.device], torch.Tensor] = {}
         self.text = state.shared.text
         self.record_statistics(inner.norm, "norm_statistics")
         for key, block in zip(self._block_keys, inner.transformer_blocks, strict=True):
@@ -642,7 +630,19 @@ class SparseTransformer(SparseLayer):
             attended = attention_over(block.attn2, normed, text)
             h, normed = self.summed_layer_norm(block.norm3, attended, h)
             h = self.feed_forward(block.ff, normed, h)
-        return self.mixed("out", index, pointwise(model.proj_out, h), residual)
+        # proj_out as a 1x1 conv over the tokens, scattering its rows + residual into the map.
+        as_map = h.transpose(1, 2).unsqueeze(2)
+        taps = self.token_taps(h.shape[1], h.device)
+        return self.conv_active(
+            as_map, model.proj_out, taps, residual=residual, into=("out", index)
+        )
+
+    def token_taps(self, count: int, device: torch.device) -> torch.Tensor:
+        """Taps [count, 1] that read token p of `count` tokens laid out as a 1 x count map.
+        Made once per count (in a captured step's warm-up, as the plan's taps are)."""
+        if (count, device) not in self._token_taps:
+            self._token_taps[count, device] = torch.arange(count, device=device)[:, None]
+        return self._token_taps[count, device]
 
     def feed_forward(self, ff: nn.Module, tokens: torch.Tensor, residual: torch.Tensor):
         """A diffusers FeedForward on tokens, + residual; with a GEGLU, as two fused linears:

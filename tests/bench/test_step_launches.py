@@ -26,7 +26,7 @@ def test_a_sparse_step_launches_triton_kernels_and_no_host_sync(sd15):
     dense, *sparse = rows
 
     kernels = {launch.kernel.fn.__name__ for launch in launches}
-    assert {"_sparse_conv_kernel", "_scatter_tokens_kernel", "_group_norm_affine_kernel"} <= kernels
+    assert {"_sparse_conv_kernel", "_layernorm_rows_kernel", "_group_norm_affine_kernel"} <= kernels
     for row in sparse:
         assert row.triton_launches > dense.triton_launches
         # 16 transformer blocks with self- and cross-attention, one fused kernel each.

@@ -44,7 +44,10 @@ def pack_conv_weight(weight: torch.Tensor) -> torch.Tensor:
     """Conv2d weight [C_out, C, kh, kw] -> [kh * kw * C, C_out], K-major as the kernel reads it.
 
     Row t * C + c holds tap t (row-major over kh, kw, as in `conv_taps`) and input channel c.
+    A linear's weight [C_out, C] packs as a 1x1 conv's.
     """
+    if weight.dim() == 2:
+        weight = weight[:, :, None, None]
     c_out = weight.shape[0]
     return weight.permute(2, 3, 1, 0).reshape(-1, c_out).contiguous()
 
@@ -62,7 +65,8 @@ def sparse_conv2d_reference(
 ) -> torch.Tensor:
     """The conv at the active pixels in plain PyTorch, computed in fp32.
 
-    x [B, C, H, W]; taps [P, T] flat input positions (-1: padding); weight [C_out, C, kh, kw];
+    x [B, C, H, W]; taps [P, T] flat input positions (-1: padding); weight [C_out, C, kh, kw]
+    (or a linear's [C_out, C], as 1x1);
     bias [C_out], or [B, C_out] per sample (a ResNet's time embedding rides on its conv1 bias);
     norm_affine [2, B, C] (fp32, from `group_norm_affine`) makes the input
     silu(x * scale + shift), computed in fp32, with padding still zero.

@@ -1,4 +1,4 @@
-"""Token gathers and scatters around transformer blocks, fused with their elementwise neighbours.
+"""Token gathers and row norms around transformer blocks, fused with their elementwise neighbours.
 
 Feature maps are [B, C, H, W] with any strides (NCHW or channels_last); `index` [P] holds the
 active flat pixel positions (row-major), shared by the batch. Token maps are [B, L, D], and
@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from fisedit.engine.kernels.launch import StepView, launcher, step_addressed
-from fisedit.engine.sparse_ops import gather_tokens, scatter_tokens_
+from fisedit.engine.sparse_ops import gather_tokens
 
 
 def _tile(size: int, cap: int = 64) -> int:
@@ -116,93 +116,6 @@ def _rows_tile(n_rows: int, dim: int) -> tuple[int, int]:
     """(BLOCK_P, BLOCK_D) of a row kernel: whole rows, as many as fit the tile."""
     block_d = triton.next_power_of_2(dim)
     return min(triton.next_power_of_2(n_rows), max(1, ROWS_TILE_ELEMENTS // block_d)), block_d
-
-
-def scatter_tokens_into_reference(
-    out: torch.Tensor,
-    index: torch.Tensor,
-    tokens: torch.Tensor,
-    residual: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Sets the active pixels of the map `out` [B, C, H, W] to tokens (+ residual), in place."""
-    values = tokens.float() if residual is None else tokens.float() + residual.float()
-    return scatter_tokens_(out, index, values)
-
-
-@triton.jit(do_not_specialize=["P"])
-def _scatter_tokens_kernel(
-    tokens_ptr,
-    res_ptr,
-    index_ptr,
-    out_ptr,
-    out_step_ptr,
-    P,
-    C,
-    W,
-    st_b,
-    st_p,
-    st_c,
-    sr_b,
-    sr_p,
-    sr_c,
-    so_s,
-    so_b,
-    so_c,
-    so_h,
-    so_w,
-    HAS_RESIDUAL: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-):
-    out_ptr += tl.load(out_step_ptr) * so_s
-    b = tl.program_id(2)
-    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask = (offs_p < P)[:, None] & (offs_c < C)[None, :]
-    values = tl.load(
-        tokens_ptr + b * st_b + offs_p[:, None] * st_p + offs_c[None, :] * st_c, mask=mask
-    ).to(tl.float32)
-    if HAS_RESIDUAL:
-        res_offs = b * sr_b + offs_p[:, None] * sr_p + offs_c[None, :] * sr_c
-        values += tl.load(res_ptr + res_offs, mask=mask).to(tl.float32)
-    pos = tl.load(index_ptr + offs_p, mask=offs_p < P, other=0).to(tl.int32)
-    pix = b * so_b + (pos // W) * so_h + (pos % W) * so_w
-    out_offs = pix[:, None] + offs_c[None, :] * so_c
-    tl.store(out_ptr + out_offs, values.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-def scatter_tokens_into(
-    out: torch.Tensor | StepView,
-    index: torch.Tensor,
-    tokens: torch.Tensor,
-    residual: torch.Tensor | None = None,
-) -> torch.Tensor | StepView:
-    """`scatter_tokens_into_reference` as one kernel (`out` may be a StepView)."""
-    batch, channels, _, width = out.shape
-    n_pix = index.shape[0]
-    if n_pix == 0 or batch == 0 or channels == 0:
-        return out
-    block_p, block_c = _tile(n_pix), _tile(channels)
-    grid = (triton.cdiv(n_pix, block_p), triton.cdiv(channels, block_c), batch)
-    base, step, step_stride = step_addressed(out)
-    launcher(_scatter_tokens_kernel, tokens.device)[grid](
-        tokens,
-        tokens if residual is None else residual,
-        index.contiguous(),
-        base,
-        step,
-        n_pix,
-        channels,
-        width,
-        *tokens.stride(),
-        *(residual.stride() if residual is not None else (0, 0, 0)),
-        step_stride,
-        *out.stride(),
-        HAS_RESIDUAL=residual is not None,
-        BLOCK_P=block_p,
-        BLOCK_C=block_c,
-    )
-    return out
 
 
 def layernorm_rows_reference(

@@ -200,6 +200,31 @@ def test_split_k_partials_are_in_the_convs_dtype(dtype):
     assert split["part_ptr"].shape == (launches[0].grid[2], 128, 1280)
 
 
+@pytest.mark.parametrize("kernel", ["triton", "reference"])
+def test_a_linear_over_tokens_runs_as_a_1x1_conv_scattered_into_a_map(kernel):
+    """A transformer's proj_out: tokens [B, P, C] read as a 1 x P map through taps that name
+    each token, the linear's weight as a 1x1 conv's, rows + residual scattered into a map."""
+    gen = torch.Generator().manual_seed(0)
+    linear = nn.Linear(20, 12).requires_grad_(False).to(DEVICE)
+    tokens = torch.randn(2, 5, 20, generator=gen).to(DEVICE)
+    residual = torch.randn(2, 5, 12, generator=gen).to(DEVICE)
+    index = torch.tensor([0, 3, 9, 10, 15], device=DEVICE)
+    out = torch.randn(2, 12, 4, 4, generator=gen).to(DEVICE)
+    expected = out.clone()
+    expected.flatten(2)[:, :, index] = (linear(tokens) + residual).transpose(1, 2)
+    taps = torch.arange(5, device=DEVICE)[:, None]
+    as_map = tokens.transpose(1, 2).unsqueeze(2)
+
+    conv = sparse_conv2d_triton if kernel == "triton" else sparse_conv2d_reference
+    got = conv(
+        as_map, taps, linear.weight, linear.bias, residual=residual, out=out, out_index=index
+    )
+
+    assert got is out
+    torch.testing.assert_close(out, expected, atol=ATOL, rtol=RTOL)
+    assert torch.equal(pack_conv_weight(linear.weight), linear.weight.t())
+
+
 def test_packed_weight_replaces_the_raw_weight():
     case = Case("3x3-stride2", "border")
     packed = pack_conv_weight(case.conv.weight)

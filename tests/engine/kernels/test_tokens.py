@@ -1,4 +1,4 @@
-"""The Triton token gathers and scatters equal their PyTorch references and the dense ops.
+"""The Triton token gathers and row norms equal their PyTorch references and the dense ops.
 
 Kernels run compiled on a GPU, or under Triton's interpreter on CPU tensors (set up by
 tests/conftest.py).
@@ -17,8 +17,6 @@ from fisedit.engine.kernels.tokens import (
     gather_tokens_affine_reference,
     layernorm_rows,
     layernorm_rows_reference,
-    scatter_tokens_into,
-    scatter_tokens_into_reference,
 )
 
 DEVICE = "cpu" if interpreting() else "cuda"
@@ -91,54 +89,6 @@ def test_low_precision_gather_normalises_like_fp32_group_norm(dtype, tolerance, 
     )
 
 
-def test_scatter_reference_replaces_exactly_the_active_pixels_in_place():
-    base, tokens, residual = _map(), _tokens(), _tokens(seed=2)
-    got = scatter_tokens_into_reference(base.clone(), INDEX, tokens, residual)
-    torch.testing.assert_close(sparse_ops.gather_tokens(got, INDEX), tokens + residual)
-    inactive = torch.ones(base.shape[-2] * base.shape[-1], dtype=torch.bool, device=DEVICE)
-    inactive[INDEX] = False
-    assert torch.equal(got.flatten(2)[:, :, inactive], base.flatten(2)[:, :, inactive])
-
-
-@pytest.mark.parametrize("memory_format", FORMATS)
-@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
-def test_scatter_tokens_into_matches_reference(memory_format, residual):
-    out = _map(memory_format=memory_format)
-    expected = out.clone()
-    # Tokens with their own strides: a transposed view of [B, C, P].
-    tokens = _tokens().transpose(1, 2).contiguous().transpose(1, 2)
-    res = _tokens(seed=2) if residual else None
-    got = scatter_tokens_into(out, INDEX, tokens, res)
-    scatter_tokens_into_reference(expected, INDEX, tokens, res)
-    assert got is out
-    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
-
-
-@pytest.mark.parametrize("memory_format", FORMATS)
-@pytest.mark.parametrize("kernel", ["triton", "reference"])
-def test_scatter_into_a_step_of_a_cache_sets_only_its_active_pixels(memory_format, kernel):
-    """A captured sparse step's layer output: written into the run's cache at a step index
-    in device memory, the active pixels of that step and nothing else."""
-    out = _map(memory_format=memory_format)
-    layout = torch.channels_last if memory_format == "channels_last" else torch.contiguous_format
-    buffer = _randn(3 * 2, *out.shape[1:], seed=5).to(memory_format=layout).view(3, *out.shape)
-    view = StepView(buffer, torch.tensor([1], device=DEVICE))
-    before = buffer.clone()
-    tokens, residual = _tokens(), _tokens(seed=2)
-    scatter = (
-        scatter_tokens_into
-        if kernel == "triton"
-        else with_step_views(scatter_tokens_into_reference)
-    )
-    got = scatter(view, INDEX, tokens, residual)
-
-    expected = before[1].clone()
-    scatter_tokens_into_reference(expected, INDEX, tokens, residual)
-    assert got is view
-    torch.testing.assert_close(buffer[1], expected, atol=1e-6, rtol=1e-6)
-    assert torch.equal(buffer[[0, 2]], before[[0, 2]])
-
-
 def _layer_norm(dim: int = 20) -> nn.LayerNorm:
     layer = nn.LayerNorm(dim).requires_grad_(False)
     nn.init.normal_(layer.weight)
@@ -204,7 +154,6 @@ def test_empty_index_gives_empty_gathers_and_unchanged_maps():
     tokens, normed = gather_tokens_affine(x, EMPTY, _randn(2, 2, 20))
     assert tokens.shape == normed.shape == (2, 0, 20)
     none = torch.zeros(2, 0, 20, device=DEVICE)
-    torch.testing.assert_close(scatter_tokens_into(x.clone(), EMPTY, none, none), x, atol=0, rtol=0)
     into = rows.clone()
     summed, normed = layernorm_rows(none, None, None, None, 1e-5, into, EMPTY)
     assert summed is none and normed.shape == (2, 0, 20)
@@ -224,10 +173,6 @@ def test_fp16_on_gpu_matches_reference():
 
     rows = torch.randn(2, 64, 320, device="cuda", dtype=torch.half)
     weight, bias = torch.randn(320, device="cuda").half(), torch.randn(320, device="cuda").half()
-
-    out = scatter_tokens_into(x.clone(), index, normed, tokens)
-    expected = scatter_tokens_into_reference(x.clone(), index, normed, tokens)
-    torch.testing.assert_close(out, expected, atol=1e-2, rtol=1e-2)
 
     first, second = rows[:, :5], rows[:, 5:10]
     got = layernorm_rows(first, second, weight, bias, 1e-5)
