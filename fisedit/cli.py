@@ -35,11 +35,11 @@ TINY_MODEL_NAMES = ("tiny", "tiny-sd2", "tiny-sdxl")
 """fisedit.engine.models.TINY_MODELS, named here so that options are checked without torch."""
 SESSION_FILE = "session.json"
 STORE_DIR = "store"
+"""The session directory's local object store, which holds the newest version's snapshot."""
 # `fisedit bench` defaults, (full, --tiny): the tiny run is a CPU smoke run under a minute on
 # two cores, with room for the k=10 case.
 BENCH_STEPS = (50, 12)
 BENCH_REPEATS = (10, 3)
-"""The session directory's local object store, which holds the newest version's snapshot."""
 
 
 def _quiet_libraries() -> None:
