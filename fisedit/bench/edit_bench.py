@@ -296,6 +296,12 @@ class ModelBench:
         projections = engine.time_projections(self.timestep[None], self.added)
         return None if projections is None else projections[0]
 
+    def per_run(
+        self, engine: Engine
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]:
+        """What a run computes once, before its steps, for `Engine.unet_pass`."""
+        return self.text(engine), self.time_projections(engine)
+
     def unet_call(self, unet) -> Callable[[], object]:
         def call():
             with torch.no_grad():
@@ -315,8 +321,7 @@ class ModelBench:
         plan = SparsePlan(mask.to(device), engine.config.sparse, device)
         record = ActivationCache(self.steps, channels_last=engine.config.channels_last)
         reads = engine.sparse_reads(plan, cache)
-        # What a run computes once, before its steps.
-        per_run = (self.text(engine), self.time_projections(engine))
+        per_run = self.per_run(engine)
         if engine.graphs:
             # Captured for (and kept by) the new cache it records into, as an edit's step is.
             graph = engine.step_graphs.sparse_step(self.sample[:1].shape, plan, record)
@@ -340,9 +345,15 @@ class ModelBench:
         plan = SparsePlan(mask.to(device), engine.config.sparse, device)
         record = ActivationCache(self.steps, channels_last=engine.config.channels_last)
         maps = engine.step_maps(record, cache, step, engine.sparse_reads(plan, cache))
-        run = (self.text(engine), self.time_projections(engine))
-        with engine.unet_pass(step, MacCount(), plan, cache, maps, *run):
+        with engine.unet_pass(step, MacCount(), plan, cache, maps, *self.per_run(engine)):
             yield plan
+
+    @contextmanager
+    def eager_dense_steps(self, engine: Engine) -> Iterator[None]:
+        """Inside, a call of the engine's UNet is an eager dense step as a run takes it."""
+        step = self.steps // 2
+        with engine.unet_pass(step, MacCount(), None, None, None, *self.per_run(engine)):
+            yield
 
     def profile_layers(
         self, engine: Engine, base: EditSession, mask: torch.Tensor, repeats: int
@@ -351,10 +362,11 @@ class ModelBench:
         call = self.unet_call(engine.model.unet)
         timer = LayerTimer(engine.layers, engine.model.device)
         try:
-            call()
-            timer.collect()
-            for _ in range(repeats):
+            with self.eager_dense_steps(engine):
                 call()
+                timer.collect()
+                for _ in range(repeats):
+                    call()
             dense = timer.collect()
             with self.eager_sparse_steps(engine, base, mask) as plan:
                 call()
@@ -383,7 +395,8 @@ class ModelBench:
         """Each kernel's time in an eager dense step and an eager sparse step over `mask`:
         where a step's time goes, beside what `fisedit.bench.step_launches` counts."""
         call, cuda = self.unet_call(engine.model.unet), engine.model.device.type == "cuda"
-        dense = kernel_times(call, repeats, cuda)
+        with self.eager_dense_steps(engine):
+            dense = kernel_times(call, repeats, cuda)
         with self.eager_sparse_steps(engine, base, mask):
             sparse = kernel_times(call, repeats, cuda)
         return [

@@ -356,20 +356,19 @@ class MetaUNet:
             reads = sparse_reads(self.layers, plan, self.cache)
             state.record = StepMaps(edited, self.cache, state.step, reads)
         state.shared.forget()
-        if plan is not None:
-            # A run computes its text keys and values and its resnets' time projections
-            # once, before its steps; each step loads its row of the projections.
-            state.shared.text.given(self.context, state.shared.text.compute(self.context))
-            timesteps = torch.full((self.cache.steps,), 500.0, device="meta")
-            run_projections = state.shared.time_projections(
-                time_embeddings(self.unet, timesteps, self.added, batch=2)
-            )
-            projections = torch.empty_like(run_projections[0])
-            state.shared.given_time_projections(projections)
+        # A run computes its text keys and values and its resnets' time projections once,
+        # before its steps; each step loads its row of the projections.
+        state.shared.text.given(self.context, state.shared.text.compute(self.context))
+        timesteps = torch.full((self.cache.steps,), 500.0, device="meta")
+        run_projections = state.shared.time_projections(
+            time_embeddings(self.unet, timesteps, self.added, batch=2)
+        )
+        projections = torch.empty_like(run_projections[0])
+        state.shared.given_time_projections(projections)
         counter = _OpCounter()
         with recording_launches(H100_SMS) as launches, _AttentionAsOneOp(counter), counter:
+            projections.copy_(run_projections[0])
             if plan is not None:
-                projections.copy_(run_projections[0])
                 state.record.fill(self.cache, 0)
             with state.record.reading() if plan is not None else nullcontext():
                 out = self.unet(

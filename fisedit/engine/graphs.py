@@ -3,8 +3,8 @@
 Every shape in a denoise step is static: the latents and prompt embeddings, and for sparse
 steps the mask, hence every index tensor. A captured step owns static input buffers that
 each call fills before replaying (what a run passes at every step, its prompt embeddings
-and, for sparse steps, their text keys and values, only when the run changes; a sparse
-step's row of the run's time projections at every step). What a
+and their text keys and values, only when the run changes; the step's row of the run's
+time projections at every step). What a
 dense step records stays where the captured call made it, in the graph's memory (a map in
 another layout than the cache's is copied into a static slot: `StepSlots`), and is copied
 into the run's cache at the step's index after each replay, so the graph does not belong to
@@ -67,7 +67,7 @@ class CapturedUNetStep:
 
     def _call(self, macs: MacCount, source) -> torch.Tensor:
         record = self.slots if self.maps is None else self.maps
-        text = None if self.plan is None else (self.hidden, self.inputs["text"])
+        text = (self.hidden, self.inputs["text"])
         projections = self.inputs.get("time_projections")
         with self.engine.unet_pass(self.step, macs, self.plan, source, record, text, projections):
             out = self.engine.model.unet(
@@ -97,10 +97,9 @@ class CapturedUNetStep:
             "sample": sample,
             "timestep": timestep,
             "hidden": embeds.hidden,
+            "text": self.engine.text_keys_values(embeds),
         }
         inputs.update({f"added.{k}": v for k, v in (added or {}).items()})
-        if self.plan is not None:
-            inputs["text"] = self.engine.text_keys_values(embeds)
         if time_projections is not None:
             inputs["time_projections"] = time_projections
         if self.captured:
@@ -159,7 +158,7 @@ class CapturedUNetStep:
         """The UNet output for denoise step `step`, recorded into `record` at `step` (a
         sparse step always into the maps of its first call's record), a sparse step reading
         `source` outside its region (the maps `reads`, Engine.sparse_reads, as of its first
-        call) and taking its resnets' `time_projections` (the step's row of the run's) when
+        call); its resnets take `time_projections` (the step's row of the run's) when
         given.
 
         The output is a static buffer: the next call overwrites it."""

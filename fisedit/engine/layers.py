@@ -2,12 +2,15 @@
 
 The wrappers replace ResnetBlock2D, Transformer2DModel, Downsample2D, Upsample2D, conv_in
 and the output head (GroupNorm, SiLU, conv_out) inside a UNet2DConditionModel, so the
-UNet's own forward drives them. Dense calls run the diffusers module itself; forward hooks
-record what the sparse pass will read. Sparse calls compute only the active pixels of the
-layer's output and take every other pixel from the cache of the same step: each map they
-record starts as the cached one (`StepMaps`), and their kernels write the active pixels
-into it in place. Every GroupNorm becomes a MapGroupNorm, which keeps channels_last maps
-channels_last in dense calls too.
+UNet's own forward drives them. Dense calls run the diffusers module itself, except where
+it would recompute, at every call, a linear over an input the whole run shares: a resnet's
+time projection and a cross-attention's text keys and values come from the call's shared
+linears (`SharedLinears`), computed once per run (and attention takes its keys and values
+from one matmul: `ProjectedAttention`). Forward hooks record what the sparse pass will
+read. Sparse calls compute only the active pixels of the layer's output and take every
+other pixel from the cache of the same step: each map they record starts as the cached one
+(`StepMaps`), and their kernels write the active pixels into it in place. Every GroupNorm
+becomes a MapGroupNorm, which keeps channels_last maps channels_last in dense calls too.
 
 With `SparseConfig(kernels="dense")` sparse calls are done the slow way, as a reference:
 the whole diffusers module runs, and hooks paste the cached map outside the active region
@@ -17,11 +20,13 @@ inputs of resnets' second norm and of transformer blocks' self-attention).
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from diffusers.models.activations import GEGLU
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 from diffusers.models.transformers.transformer_2d import (
     Transformer2DModel,
@@ -539,6 +544,22 @@ class SparseResnet(SparseLayer):
             and (module.conv_shortcut is None or module.conv_shortcut.kernel_size == (1, 1))
         )
 
+    def dense(self, x, temb=None, *args, **kwargs):
+        """ResnetBlock2D's forward, with the time projection (conv1's bias folded in) from
+        the call's shared time linears, and no division by an output scale of 1."""
+        block = self.inner
+        h = block.nonlinearity(block.norm1(x))
+        if block.time_emb_proj is None or temb is None:
+            h = block.conv1(h)
+        else:
+            conv = block.conv1
+            h = F.conv2d(h, conv.weight, None, conv.stride, conv.padding, conv.dilation)
+            h = h + self.time.of(block, temb)[:, :, None, None]
+        h = block.conv2(block.dropout(block.nonlinearity(block.norm2(h))))
+        out = (x if block.conv_shortcut is None else block.conv_shortcut(x)) + h
+        scale = block.output_scale_factor
+        return out if scale == 1 else out / scale
+
     def sparse(self, x, geometry, temb=None, *args, **kwargs):
         block, index = self.inner, geometry.index
         taps = self.state.plan.taps(block.conv1, geometry.hw, geometry.hw)
@@ -566,6 +587,43 @@ class SparseResnet(SparseLayer):
         return batch * total
 
 
+def _plain_attention(attn: Attention) -> bool:
+    """Whether `attn` is what `attention_over` computes: no norm, residual or rescaling
+    around the attention itself."""
+    return (
+        attn.spatial_norm is None
+        and attn.group_norm is None
+        and attn.norm_cross is None
+        and attn.norm_q is None
+        and attn.norm_k is None
+        and not attn.residual_connection
+        and attn.rescale_output_factor == 1
+    )
+
+
+class ProjectedAttention:
+    """An `Attention`'s processor: diffusers' attention, with the context's keys and values
+    from `keys_values(context)` [B, L, 2 * inner] (one matmul, or none where the run computed
+    them before), and no division by a rescale of 1."""
+
+    def __init__(self, keys_values: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.keys_values = keys_values
+        self.default = AttnProcessor2_0()
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if attention_mask is not None:
+            return self.default(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        return attention_over(attn, hidden_states, self.keys_values(context))
+
+
 class SparseTransformer(SparseLayer):
     """Transformer2DModel: GN -> proj_in -> transformer blocks -> proj_out, plus the input.
 
@@ -584,6 +642,10 @@ class SparseTransformer(SparseLayer):
         for key, block in zip(self._block_keys, inner.transformer_blocks, strict=True):
             self.record_input(block.attn1, key)
             self.text.add(block.attn2, lambda attn=block.attn2: key_value_projection(attn))
+            # Dense calls too: self-attention's keys and values in one matmul, and the text's
+            # from the run's shared text linears.
+            block.attn1.set_processor(ProjectedAttention(partial(self.keys_values, block.attn1)))
+            block.attn2.set_processor(ProjectedAttention(partial(self.text.of, block.attn2)))
 
     @property
     def _block_keys(self) -> list[str]:
@@ -598,6 +660,8 @@ class SparseTransformer(SparseLayer):
             and block.pos_embed is None
             and not block.only_cross_attention
             and block.attn2 is not None
+            and _plain_attention(block.attn1)
+            and _plain_attention(block.attn2)
             for block in module.transformer_blocks
         )
 
@@ -637,6 +701,10 @@ class SparseTransformer(SparseLayer):
             as_map, model.proj_out, taps, residual=residual, into=("out", index)
         )
 
+    def keys_values(self, attn: Attention, context: torch.Tensor) -> torch.Tensor:
+        """`attn`'s keys and values of `context` [B, L, D] in a dense call: one matmul."""
+        return F.linear(context, *self.packed(attn, key_value_projection))
+
     def token_taps(self, count: int, device: torch.device) -> torch.Tensor:
         """Taps [count, 1] that read token p of `count` tokens laid out as a 1 x count map.
         Made once per count (in a captured step's warm-up, as the plan's taps are)."""
@@ -670,8 +738,8 @@ class SparseTransformer(SparseLayer):
             for attn, kv in ((block.attn1, keys), (block.attn2, context)):
                 inner_dim = attn.to_q.out_features
                 total += _linear_macs(attn.to_q, active) + _linear_macs(attn.to_out[0], active)
-                # attn2's keys and values count at every step, as a dense step computes them,
-                # though a sparse one reads them from its run (under 1% of its MACs).
+                # attn2's keys and values count at every step, as diffusers' UNet computes
+                # them, though every step reads them from its run (under 1% of its MACs).
                 total += _linear_macs(attn.to_k, kv) + _linear_macs(attn.to_v, kv)
                 total += 2 * active * kv * inner_dim
             total += sum(

@@ -195,9 +195,7 @@ class DenoiseRun:
         # Always a float timestep: a graph's static buffer keeps the dtype of its first call,
         # and an integer one would truncate the fractional timesteps of a later Euler run.
         unet_t = torch.as_tensor(t, dtype=torch.float32, device=model_in.device)
-        projections = None
-        if plan is not None and self.time_projections is not None:
-            projections = self.time_projections[step]
+        projections = None if self.time_projections is None else self.time_projections[step]
         graph = self._graph(plan)
         if graph is not None:
             captured = graph.captured
@@ -205,10 +203,10 @@ class DenoiseRun:
             out = graph(*args, source, reads, projections)
             self.capture_s += 0.0 if captured else graph.capture_s
         else:
-            engine, record, text = self.engine, self.record, None
+            engine, record = self.engine, self.record
             if plan is not None:
                 record = engine.step_maps(self.record, source, step, reads)
-                text = (self.embeds.hidden, engine.text_keys_values(self.embeds))
+            text = (self.embeds.hidden, engine.text_keys_values(self.embeds))
             with engine.unet_pass(step, macs, plan, source, record, text, projections):
                 out = engine.model.unet(
                     model_in,
@@ -227,8 +225,8 @@ class DenoiseRun:
 
     @cached_property
     def time_projections(self) -> torch.Tensor | None:
-        """What sparse steps take for their resnets' time projections, for every step:
-        computed by the first sparse step, once."""
+        """What steps take for their resnets' time projections, for every step: computed by
+        the first step, once."""
         return self.engine.time_projections(self.scheduler.timesteps, self.added)
 
     def _graph(self, plan: SparsePlan | None) -> CapturedUNetStep | None:
@@ -387,11 +385,13 @@ class Engine:
         finally:
             state.plan = state.source = state.record = None
             state.config = self.config.sparse
+            # A UNet call outside a pass computes its shared linears itself.
+            state.shared.forget()
 
     @torch.no_grad()
     def text_keys_values(self, embeds: PromptEmbeddings) -> torch.Tensor:
-        """Every cross-attention's keys and values of `embeds.hidden`, stacked, as sparse
-        steps read them: they stay the same over a run's steps, so a run computes them once
+        """Every cross-attention's keys and values of `embeds.hidden`, stacked, as steps
+        read them: they stay the same over a run's steps, so a run computes them once
         (for the embeddings it last got), not at every step."""
         if self._text_keys_values is None or self._text_keys_values[0] is not embeds:
             self._text_keys_values = (embeds, self.state.shared.text.compute(embeds.hidden))
@@ -399,7 +399,7 @@ class Engine:
 
     @torch.no_grad()
     def time_projections(self, timesteps: torch.Tensor, added: dict | None) -> torch.Tensor | None:
-        """The sparse resnets' time projections at each of a run's `timesteps` [S], for its
+        """The resnets' time projections at each of a run's `timesteps` [S], for its
         guidance batch of two with the added conditions `added`: [S, 2, total], a row per
         step for `unet_pass` (see `SharedLinears.time_projections`); None where the UNet's
         time embedding depends on more than these."""

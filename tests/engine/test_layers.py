@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from diffusers.models.attention_processor import Attention
 from diffusers.models.resnet import ResnetBlock2D
 
 from fisedit.engine.cache import ActivationCache
@@ -12,6 +13,7 @@ from fisedit.engine.kernels.group_norm import (
 )
 from fisedit.engine.kernels.launch import interpreting, recording_launches
 from fisedit.engine.layers import (
+    MacCount,
     MapGroupNorm,
     SparseConv,
     SparseResnet,
@@ -324,6 +326,50 @@ def test_resnets_take_the_time_projections_given_for_their_call(engine):
         expected = block.time_emb_proj(torch.nn.functional.silu(emb[1])) + block.conv1.bias
         torch.testing.assert_close(shared.time.of(block, passed), expected)
     shared.forget()
+
+
+@pytest.mark.parametrize("variant", ["sd15", "sdxl"])
+def test_a_dense_call_takes_its_runs_projections_and_equals_the_diffusers_unet(
+    tiny_model_dirs, variant
+):
+    """A dense call in a run (a generation's step) takes the time projections and text keys
+    and values its run computed before its steps: no resnet's time_emb_proj and no
+    attention's to_k or to_v runs, and its output is the unwrapped diffusers UNet's. A call
+    outside a run, after it, computes its own."""
+    plain = load_model(tiny_model_dirs[variant]).unet
+    engine = Engine.from_pretrained(tiny_model_dirs[variant], EngineConfig(progress=False))
+    model = engine.model
+    embeds = model.encode_for_guidance("a cat on a bench")
+    added = model.added_conditions(embeds)
+    sample = torch.randn(2, *model.latent_shape)
+    projected = [
+        linear
+        for module in model.unet.modules()
+        if isinstance(module, ResnetBlock2D | Attention)
+        for linear in (
+            [module.time_emb_proj]
+            if isinstance(module, ResnetBlock2D)
+            else [module.to_k, module.to_v]
+        )
+    ]
+    ran = []
+    hooks = [linear.register_forward_hook(lambda *_: ran.append(1)) for linear in projected]
+
+    def both(t: float) -> tuple[torch.Tensor, torch.Tensor]:
+        kwargs = {"encoder_hidden_states": embeds.hidden, "added_cond_kwargs": added}
+        return model.unet(sample, t, **kwargs).sample, plain(sample, t, **kwargs).sample
+
+    t = torch.tensor(500.0)
+    projections = engine.time_projections(t[None], added)[0]
+    text = (embeds.hidden, engine.text_keys_values(embeds))
+    with torch.no_grad():
+        with engine.unet_pass(0, MacCount(), text=text, time_projections=projections):
+            out, expected = both(t)
+        assert not ran
+        torch.testing.assert_close(out, expected)
+        torch.testing.assert_close(*both(torch.tensor(20.0)))
+    for hook in hooks:
+        hook.remove()
 
 
 def test_shared_linears_take_outputs_computed_before_the_call(engine):
