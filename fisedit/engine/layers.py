@@ -665,8 +665,25 @@ class SparseTransformer(SparseLayer):
             for block in module.transformer_blocks
         )
 
-    def dense(self, x, *args, **kwargs):
-        return self.inner(x, *args, **{**kwargs, "return_dict": False})[0]
+    def dense(self, x, encoder_hidden_states=None, *args, **kwargs):
+        """Transformer2DModel's forward, keeping the map's layout: tokens [B, H * W, C] are
+        a view of a channels_last map and the output is one, where diffusers copies the
+        output to NCHW. With masks or other inputs, the module's own forward."""
+        model = self.inner
+        if args or any(value is not None for key, value in kwargs.items() if key != "return_dict"):
+            kwargs = {**kwargs, "return_dict": False}
+            return model(x, encoder_hidden_states, *args, **kwargs)[0]
+        batch, _, height, width = x.shape
+        h = model.norm(x)
+        h = h if model.use_linear_projection else model.proj_in(h)
+        tokens = h.permute(0, 2, 3, 1).reshape(batch, height * width, -1)
+        tokens = model.proj_in(tokens) if model.use_linear_projection else tokens
+        for block in model.transformer_blocks:
+            tokens = block(tokens, encoder_hidden_states=encoder_hidden_states)
+        tokens = model.proj_out(tokens) if model.use_linear_projection else tokens
+        out = tokens.reshape(batch, height, width, -1).permute(0, 3, 1, 2)
+        out = out if model.use_linear_projection else model.proj_out(out)
+        return out + x
 
     def dense_pasted(self, x, geometry, *args, **kwargs):
         if self.state.config.active_only_attention:

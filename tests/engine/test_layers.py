@@ -372,6 +372,26 @@ def test_a_dense_call_takes_its_runs_projections_and_equals_the_diffusers_unet(
         hook.remove()
 
 
+@pytest.mark.parametrize("variant", ["sd15", "sd2"])
+def test_a_dense_transformer_keeps_a_channels_last_map_channels_last(tiny_model_dirs, variant):
+    """Diffusers' Transformer2DModel copies its output to NCHW; the wrapped one's dense call
+    returns it in the layout of its input, with the same values (1x1 conv projections in SD
+    1.5, linear ones in SD 2)."""
+    plain = load_model(tiny_model_dirs[variant]).unet
+    engine = Engine.from_pretrained(tiny_model_dirs[variant], EngineConfig(progress=False))
+    layer = next(layer for layer in engine.layers if isinstance(layer, SparseTransformer))
+    original = plain.get_submodule(layer.name)
+    channels = layer.inner.config.in_channels
+    x = torch.randn(2, channels, 8, 8).to(memory_format=torch.channels_last)
+    context = torch.randn(2, 7, layer.inner.transformer_blocks[0].attn2.to_k.in_features)
+    with torch.no_grad():
+        out = layer(x, encoder_hidden_states=context, return_dict=False)[0]
+        expected = original(x, encoder_hidden_states=context, return_dict=False)[0]
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert not expected.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, expected)
+
+
 def test_shared_linears_take_outputs_computed_before_the_call(engine):
     """A run's text stays the same over its steps: it computes their keys and values once
     and hands them to each call, which then multiplies nothing."""
