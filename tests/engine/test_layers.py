@@ -217,7 +217,10 @@ def test_padding_the_active_pixels_to_a_bucket_changes_no_value(engine, recorded
     )
 
     assert padded_index.numel() > index.numel()
-    assert torch.equal(padded, unpadded)
+    # Equal up to rounding, not bit for bit: padding moves the second sample's rows within
+    # the kernels' row blocks, and the interpreter's dot (numpy's BLAS) may round a row
+    # differently by its place in a block. A wrong pixel would be off by far more.
+    torch.testing.assert_close(padded, unpadded, rtol=1e-5, atol=1e-5)
 
 
 def test_active_only_attention_changes_only_the_attention_context(engine, recorded):
