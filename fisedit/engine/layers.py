@@ -216,7 +216,9 @@ class MapGroupNorm(nn.GroupNorm):
         """Where calls that record put the block statistics of the input, for the sparse
         layer that reads them (`SparseLayer.record_statistics`)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, silu: bool = False) -> torch.Tensor:
+        """GroupNorm of `x`, then SiLU if `silu` (in the norm's own kernel, where it runs
+        one)."""
         record, name = self.state.record, self.statistics_name
         recording = record is not None and name is not None
         channels_last = (
@@ -233,9 +235,10 @@ class MapGroupNorm(nn.GroupNorm):
                 statistics = (
                     record[name] if in_place else norm_kernels.empty_block_statistics(self, x)
                 )
-            out = norm_kernels.group_norm(self, x, statistics)
+            out = norm_kernels.group_norm(self, x, statistics, silu)
         else:
             out = super().forward(x)
+            out = F.silu(out) if silu else out
             statistics = norm_kernels.block_statistics_reference(self, x) if recording else None
         if recording:
             record.put(name, self.state.step, statistics)
@@ -546,16 +549,17 @@ class SparseResnet(SparseLayer):
 
     def dense(self, x, temb=None, *args, **kwargs):
         """ResnetBlock2D's forward, with the time projection (conv1's bias folded in) from
-        the call's shared time linears, and no division by an output scale of 1."""
+        the call's shared time linears, each SiLU applied by the norm before it, and no
+        division by an output scale of 1."""
         block = self.inner
-        h = block.nonlinearity(block.norm1(x))
+        h = block.norm1(x, silu=True)
         if block.time_emb_proj is None or temb is None:
             h = block.conv1(h)
         else:
             conv = block.conv1
             h = F.conv2d(h, conv.weight, None, conv.stride, conv.padding, conv.dilation)
             h = h + self.time.of(block, temb)[:, :, None, None]
-        h = block.conv2(block.dropout(block.nonlinearity(block.norm2(h))))
+        h = block.conv2(block.dropout(block.norm2(h, silu=True)))
         out = (x if block.conv_shortcut is None else block.conv_shortcut(x)) + h
         scale = block.output_scale_factor
         return out if scale == 1 else out / scale
@@ -798,6 +802,18 @@ class SparseConv(SparseLayer):
         return x.shape[0] * _conv_macs(self.conv, active)
 
 
+class _OutputHead(nn.Module):
+    """A UNet's output head, GroupNorm -> SiLU -> conv_out, with the SiLU in the norm's own
+    kernel."""
+
+    def __init__(self, norm: MapGroupNorm, conv: nn.Conv2d) -> None:
+        super().__init__()
+        self.norm, self.conv = norm, conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.norm(x, silu=True))
+
+
 def _wrap(name: str, module: nn.Module, state: StepState) -> SparseLayer | None:
     if SparseResnet.supports(module):
         return SparseResnet(name, module, state)
@@ -836,10 +852,10 @@ def wrap_unet(unet: nn.Module, state: StepState) -> list[SparseLayer]:
             setattr(unet.get_submodule(parent), attr, wrapper)
             wrappers.append(wrapper)
     conv_in = SparseConv("conv_in", unet.conv_in, unet.conv_in, state)
-    head_modules = nn.Sequential(unet.conv_norm_out, unet.conv_act, unet.conv_out)
-    head = SparseConv("conv_out", head_modules, unet.conv_out, state, norm=unet.conv_norm_out)
     if not isinstance(unet.conv_act, nn.SiLU):
         raise ValueError(f"unsupported UNet output activation {unet.conv_act}")
+    head_modules = _OutputHead(unet.conv_norm_out, unet.conv_out)
+    head = SparseConv("conv_out", head_modules, unet.conv_out, state, norm=unet.conv_norm_out)
     unet.conv_in, unet.conv_out = conv_in, head
     unet.conv_norm_out, unet.conv_act = nn.Identity(), nn.Identity()
     return [*wrappers, conv_in, head]

@@ -24,6 +24,8 @@ only their result.
 Dense steps normalise whole maps with `group_norm`: on CUDA, PyTorch's GroupNorm copies a
 channels_last map to NCHW first and returns NCHW, which the convolution after it (with
 channels_last weights) converts back; these two kernels read and write the map as it is.
+A ResNet's norms are followed by SiLU, which the second kernel applies as it writes (a read
+and a write of the map fewer).
 """
 
 import torch
@@ -337,11 +339,14 @@ def group_norm_affine(
     return affine
 
 
-def group_norm_apply_reference(x: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
+def group_norm_apply_reference(
+    x: torch.Tensor, affine: torch.Tensor, silu: bool = False
+) -> torch.Tensor:
     """x * scale + shift over a map [B, C, H, W], in fp32 with the [2, B, C] affine of
-    `group_norm_affine`, in x's dtype and memory layout."""
+    `group_norm_affine` (then SiLU, if `silu`), in x's dtype and memory layout."""
     scale, shift = affine.float()[..., None, None].unbind(0)
-    return (x.float() * scale + shift).to(x.dtype)
+    out = x.float() * scale + shift
+    return (F.silu(out) if silu else out).to(x.dtype)
 
 
 @triton.jit
@@ -363,6 +368,7 @@ def _group_norm_apply_kernel(
     so_c,
     so_h,
     so_w,
+    SILU: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -377,11 +383,13 @@ def _group_norm_apply_kernel(
     scale = tl.load(affine_ptr + b * sa_b + offs_c * sa_c, mask=c_mask)
     shift = tl.load(affine_ptr + sa_k + b * sa_b + offs_c * sa_c, mask=c_mask)
     out = x * scale[None, :] + shift[None, :]
+    if SILU:
+        out = out * tl.sigmoid(out)
     out_offs = (b * so_b + h * so_h + w * so_w)[:, None] + offs_c[None, :] * so_c
     tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def group_norm_apply(x: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
+def group_norm_apply(x: torch.Tensor, affine: torch.Tensor, silu: bool = False) -> torch.Tensor:
     """`group_norm_apply_reference` as one kernel: the output has x's strides (channels_last
     in, channels_last out)."""
     batch, channels, height, width = x.shape
@@ -402,20 +410,25 @@ def group_norm_apply(x: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
         *x.stride(),
         *affine.stride(),
         *out.stride(),
+        SILU=silu,
         BLOCK_P=block_p,
         BLOCK_C=block_c,
     )
     return out
 
 
-def group_norm_reference(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
-    """GroupNorm of the map `x` through its fp32 affine, in x's dtype and memory layout."""
-    return group_norm_apply_reference(x, group_norm_affine_reference(norm, x))
+def group_norm_reference(norm: nn.GroupNorm, x: torch.Tensor, silu: bool = False) -> torch.Tensor:
+    """GroupNorm of the map `x` through its fp32 affine (then SiLU, if `silu`), in x's dtype
+    and memory layout."""
+    return group_norm_apply_reference(x, group_norm_affine_reference(norm, x), silu)
 
 
 def group_norm(
-    norm: nn.GroupNorm, x: torch.Tensor, statistics: torch.Tensor | None = None
+    norm: nn.GroupNorm,
+    x: torch.Tensor,
+    statistics: torch.Tensor | None = None,
+    silu: bool = False,
 ) -> torch.Tensor:
     """`group_norm_reference` as two kernels: the statistics (the blocks' written into
-    `statistics` too, when given), then the affine applied."""
-    return group_norm_apply(x, group_norm_affine(norm, x, statistics))
+    `statistics` too, when given), then the affine applied (and SiLU, if `silu`)."""
+    return group_norm_apply(x, group_norm_affine(norm, x, statistics), silu)
