@@ -27,6 +27,10 @@ profiler, no caches modelled):
   reduces or copies, whole weights once, and the partial sums of a split-K convolution
   written and read.
 
+The weights the engine holds after the steps are counted too: the UNet's parameters, and
+any packed or stacked copy of them its layers made (the kernels read weights where the
+model holds them, and stacks of linears hold the layers' weights as views).
+
 A CUDA graph removes launch overhead from the host, but each kernel still costs a few
 microseconds on the GPU, so the count is a floor on the sparse step's time that no MAC
 saving removes. With `--compile`, every distinct Triton launch is also compiled for sm_90
@@ -53,7 +57,14 @@ from fisedit.engine.cache import ActivationCache, StepMaps, StepSlots
 from fisedit.engine.config import SparseConfig
 from fisedit.engine.kernels.aot import compile_launches
 from fisedit.engine.kernels.launch import Launch, recording_launches
-from fisedit.engine.layers import MacCount, StepState, sparse_reads, time_embeddings, wrap_unet
+from fisedit.engine.layers import (
+    MacCount,
+    StepState,
+    sparse_reads,
+    time_embeddings,
+    weight_bytes_held,
+    wrap_unet,
+)
 from fisedit.engine.model_shapes import UNET_SHAPES, UNetShape
 from fisedit.engine.plan import SparsePlan
 
@@ -78,6 +89,9 @@ class StepLaunches(BaseModel):
     other_bytes: int
     weight_bytes: int
     """The UNet's weights: every step reads each at least once (part of the bytes moved)."""
+    weight_bytes_held: int
+    """Memory the engine holds for weights after the steps: the UNet's, and any packed or
+    stacked copy of them the steps made (`weight_bytes_held`)."""
     mac_share_bytes: int
     """The weights plus the step's MAC fraction of the dense step's other bytes: what it
     would move if its activation traffic scaled with its MACs (the dense step: its bytes).
@@ -339,6 +353,11 @@ class MetaUNet:
         self.cache = ActivationCache(steps=1, channels_last=True)
         """What the dense step records; sparse steps read it."""
 
+    @property
+    def weight_bytes_held(self) -> int:
+        """The engine's memory for weights so far (`weight_bytes_held`)."""
+        return weight_bytes_held(self.unet, self.layers, self.state.shared)
+
     def step(self, plan: SparsePlan | None) -> tuple[MacCount, _OpCounter, list[Launch]]:
         """One UNet call as the engine captures it, and the filing of what it recorded: dense
         without a plan, else sparse over `plan` reading the dense step's record."""
@@ -390,19 +409,23 @@ def measure(shape: UNetShape) -> tuple[list[StepLaunches], list[Launch]]:
     weights = sum(p.numel() * p.element_size() for p in unet.unet.parameters())
     unet.step(None)  # makes what a graph capture's warm-up makes once (a step index of 0)
     macs, counter, launches = unet.step(None)
-    rows = [_row(shape, "dense", None, macs, counter, launches, weights)]
+    rows = [_row(shape, "dense", None, macs, counter, launches, weights, unet.weight_bytes_held)]
     activations = rows[0].bytes_moved - weights
     every_launch = list(launches)
     for ratio in MASK_RATIOS:
         plan = SparsePlan(square_mask(shape.latent_side, ratio), unet.state.config, "meta")
         unet.step(plan)  # builds the plan's indices, as a graph capture's warm-up does
         macs, counter, launches = unet.step(plan)
-        rows.append(_row(shape, "sparse", ratio, macs, counter, launches, weights, activations))
+        held = unet.weight_bytes_held
+        row = _row(shape, "sparse", ratio, macs, counter, launches, weights, held, activations)
+        rows.append(row)
         every_launch += launches
     return rows, every_launch
 
 
-def _row(shape, step, ratio, macs, counter, launches, weights, activations=None) -> StepLaunches:
+def _row(
+    shape, step, ratio, macs, counter, launches, weights, held, activations=None
+) -> StepLaunches:
     ops, bytes_by_op = counter.ops, counter.bytes + _triton_bytes_by_part(launches)
     triton_bytes = sum(_launch_bytes(launch) for launch in launches)
     other_bytes = counter.bytes.total()
@@ -421,6 +444,7 @@ def _row(shape, step, ratio, macs, counter, launches, weights, activations=None)
         triton_bytes=triton_bytes,
         other_bytes=other_bytes,
         weight_bytes=weights,
+        weight_bytes_held=held,
         mac_share_bytes=mac_share,
         bytes_by_op=dict(bytes_by_op.most_common()),
     )
@@ -449,7 +473,8 @@ def main() -> None:
                 f"launches {row.launches:5} (Triton {row.triton_launches}, "
                 f"other {row.other_launches})  bytes {row.bytes_moved / 2**30:6.3f} GiB "
                 f"(Triton {row.triton_bytes / 2**30:.3f}, other {row.other_bytes / 2**30:.3f}; "
-                f"weights {row.weight_bytes / 2**30:.3f}; MAC share "
+                f"weights {row.weight_bytes / 2**30:.3f}, held "
+                f"{row.weight_bytes_held / 2**30:.3f}; MAC share "
                 f"{row.mac_share_bytes / 2**30:.3f})"
             )
         payload["steps"] += [row.model_dump() for row in rows]

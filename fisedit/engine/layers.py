@@ -42,7 +42,13 @@ from fisedit.engine.kernels import sparse_conv as conv_kernels
 from fisedit.engine.kernels import tokens as token_kernels
 from fisedit.engine.kernels.launch import ChannelConcat, StepView, with_step_views
 from fisedit.engine.plan import LayerGeometry, SparsePlan
-from fisedit.engine.sparse_ops import attention_over, key_value_projection, pointwise
+from fisedit.engine.sparse_ops import (
+    attention_over,
+    key_value_parts,
+    key_value_projection,
+    pointwise,
+    stacked_linear,
+)
 
 
 @dataclass
@@ -76,15 +82,17 @@ class SharedInputLinears:
     def __init__(self, prepare: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         self.prepare = prepare
         """Applied to the input first (once)."""
-        self.layers: dict[Any, Callable[[], tuple[torch.Tensor, torch.Tensor | None]]] = {}
+        self.layers: dict[Any, Callable[[], list[tuple[torch.Tensor, torch.Tensor | None]]]] = {}
         self.slices: dict[Any, slice] = {}
         self.stacked: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self.input: torch.Tensor | None = None
         self.output: torch.Tensor | None = None
 
-    def add(self, key: Any, weights: Callable[[], tuple[torch.Tensor, torch.Tensor | None]]):
-        """Registers layer `key`; `weights()` gives its (weight [out, in], bias [out] or None)
-        when first needed, on the device and in the dtype of the model by then."""
+    def add(self, key: Any, weights: Callable[[], list[tuple[torch.Tensor, torch.Tensor | None]]]):
+        """Registers layer `key`; `weights()` gives the linears whose outputs it concatenates,
+        each (weight [out, in], bias [out] or None), when first needed, on the device and in
+        the dtype of the model by then. The layers' weights become views of the stack
+        (`stacked_linear`)."""
         self.layers[key] = weights
 
     @property
@@ -95,15 +103,13 @@ class SharedInputLinears:
         return self.stacked[0].shape[0]
 
     def _stack(self) -> None:
-        parts = [weights() for weights in self.layers.values()]
+        parts = {key: weights() for key, weights in self.layers.items()}
         start = 0
-        for key, (weight, _) in zip(self.layers, parts, strict=True):
-            self.slices[key] = slice(start, start + weight.shape[0])
-            start += weight.shape[0]
-        bias = None
-        if any(b is not None for _, b in parts):
-            bias = torch.cat([w.new_zeros(w.shape[0]) if b is None else b for w, b in parts])
-        self.stacked = (torch.cat([w for w, _ in parts]), bias)
+        for key, linears in parts.items():
+            width = sum(weight.shape[0] for weight, _ in linears)
+            self.slices[key] = slice(start, start + width)
+            start += width
+        self.stacked = stacked_linear([linear for linears in parts.values() for linear in linears])
 
     def compute(self, x: torch.Tensor) -> torch.Tensor:
         """Every layer's output for the input `x`, stacked along the last dimension."""
@@ -385,12 +391,11 @@ class SparseLayer(nn.Module):
         packed = self.packed(conv, lambda c: conv_kernels.pack_conv_weight(c.weight))
         return conv_kernels.sparse_conv2d_triton(*args, packed_weight=packed, split_k=split_k)
 
-    def packed(self, module: nn.Module, pack: Callable[[nn.Module], Any], kind: str = "") -> Any:
-        """`pack(module)`: weights rearranged for the sparse pass, computed once (per
-        `kind`, where one module's weights are packed more than one way)."""
-        if (module, kind) not in self._packed:
-            self._packed[module, kind] = pack(module)
-        return self._packed[module, kind]
+    def packed(self, module: nn.Module, pack: Callable[[nn.Module], Any]) -> Any:
+        """`pack(module)`: weights arranged for the sparse pass, computed once."""
+        if module not in self._packed:
+            self._packed[module] = pack(module)
+        return self._packed[module]
 
     def linear(
         self,
@@ -407,9 +412,7 @@ class SparseLayer(nn.Module):
         if not self.state.use_triton(x):
             reference = with_step_views(linear_kernels.linear_reference)
             return reference(x, weight, bias, residual, geglu)
-        pack = linear_kernels.pack_linear
-        packed = self.packed(layer, lambda _: pack(weight, bias, geglu), kind="triton")
-        return linear_kernels.linear(x, None, residual=residual, geglu=geglu, packed=packed)
+        return linear_kernels.linear(x, weight, bias, residual, geglu)
 
     def gather(
         self, x: torch.Tensor, index: torch.Tensor, norm_affine: torch.Tensor | None = None
@@ -529,7 +532,7 @@ class SparseResnet(SparseLayer):
         super().__init__(name, inner, state)
         self.time = state.shared.raw_time if inner.skip_time_act else state.shared.time
         if inner.time_emb_proj is not None:
-            self.time.add(inner, lambda: _time_projection(inner))
+            self.time.add(inner, lambda: [_time_projection(inner)])
         self.record_input(inner.norm2, "norm2_in")
         self.record_statistics(inner.norm1, "norm1_statistics")
         self.record_statistics(inner.norm2, "norm2_statistics")
@@ -645,7 +648,7 @@ class SparseTransformer(SparseLayer):
         self.record_statistics(inner.norm, "norm_statistics")
         for key, block in zip(self._block_keys, inner.transformer_blocks, strict=True):
             self.record_input(block.attn1, key)
-            self.text.add(block.attn2, lambda attn=block.attn2: key_value_projection(attn))
+            self.text.add(block.attn2, lambda attn=block.attn2: key_value_parts(attn))
             # Dense calls too: self-attention's keys and values in one matmul, and the text's
             # from the run's shared text linears.
             block.attn1.set_processor(ProjectedAttention(partial(self.keys_values, block.attn1)))
@@ -831,6 +834,28 @@ def _wrap(name: str, module: nn.Module, state: StepState) -> SparseLayer | None:
         conv = module.conv if module.name == "conv" else module.Conv2d_0
         return SparseConv(name, module, conv, state, upsample=2)
     return None
+
+
+def weight_bytes_held(unet: nn.Module, layers: list[SparseLayer], shared: SharedLinears) -> int:
+    """Bytes of the distinct storages behind `unet`'s parameters and behind the weights its
+    `layers` packed and the `shared` linears stacked from them: the parameters' own bytes
+    (and a few biases) while every pack and stack is a view of them."""
+    tensors = list(unet.parameters())
+
+    def add(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            tensors.append(value)
+        elif isinstance(value, tuple | list):
+            for item in value:
+                add(item)
+
+    for layer in layers:
+        add(list(layer._packed.values()))
+    for linears in (shared.time, shared.raw_time, shared.text):
+        add(linears.stacked)
+    # Storages by identity: on the meta device every data pointer is 0.
+    storages = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
 
 
 def sparse_reads(layers: list[SparseLayer], plan: SparsePlan, cache) -> frozenset[str]:

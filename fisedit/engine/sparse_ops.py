@@ -53,11 +53,38 @@ def pointwise(layer: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     return layer(tokens)
 
 
+def stacked_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """`torch.cat(tensors)`, after which each of them that is a Parameter holds a view of its
+    rows: a stack of a model's weights takes no memory beyond the weights themselves."""
+    stacked = torch.cat(tensors)
+    start = 0
+    for tensor in tensors:
+        rows = stacked[start : start + tensor.shape[0]]
+        start += tensor.shape[0]
+        if isinstance(tensor, nn.Parameter):
+            tensor.data = rows
+    return stacked
+
+
+def stacked_linear(
+    parts: list[tuple[torch.Tensor, torch.Tensor | None]],
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Linears (weight [out, in], bias or None) stacked as one (`stacked_rows`): its weight,
+    and its bias (zeros for the parts without one), or None if no part has one."""
+    weight = stacked_rows([w for w, _ in parts])
+    if all(b is None for _, b in parts):
+        return weight, None
+    return weight, stacked_rows([w.new_zeros(w.shape[0]) if b is None else b for w, b in parts])
+
+
+def key_value_parts(attn: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """An `Attention`'s to_k and to_v, as (weight, bias or None)."""
+    return [(attn.to_k.weight, attn.to_k.bias), (attn.to_v.weight, attn.to_v.bias)]
+
+
 def key_value_projection(attn: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """An `Attention`'s to_k and to_v stacked as one linear: (weight, bias or None)."""
-    weight = torch.cat([attn.to_k.weight, attn.to_v.weight])
-    has_bias = attn.to_k.bias is not None
-    return weight, torch.cat([attn.to_k.bias, attn.to_v.bias]) if has_bias else None
+    """An `Attention`'s to_k and to_v stacked as one linear (`stacked_linear`)."""
+    return stacked_linear(key_value_parts(attn))
 
 
 def attention_over(attn: nn.Module, queries: torch.Tensor, keys_values: torch.Tensor):

@@ -292,6 +292,41 @@ def test_shared_linears_give_each_layer_its_output_and_recompute_in_each_call(en
     torch.testing.assert_close(shared.of(first, text), expected)
 
 
+def test_stacked_linears_hold_the_models_weights_not_copies_of_them(tiny_model_dir):
+    """The stacks a UNet call multiplies by (its resnets' time projections, its
+    cross-attentions' text keys and values, each self-attention's keys and values) take no
+    memory beyond the model's weights: each layer's weight becomes a view of its rows."""
+    engine = Engine.from_pretrained(tiny_model_dir, EngineConfig(progress=False))
+    weights = {name: p.clone() for name, p in engine.model.unet.named_parameters()}
+    context = engine.model.encode_prompts(["", "a cat on a bench"]).hidden
+    with torch.no_grad():
+        engine.model.unet(torch.randn(2, 4, 32, 32), 500, encoder_hidden_states=context)
+
+    def storage(tensor: torch.Tensor) -> int:
+        return tensor.untyped_storage().data_ptr()
+
+    shared = engine.state.shared
+    stacks = [
+        (shared.time, lambda resnet: [resnet.time_emb_proj.weight]),
+        (shared.text, lambda attn: [attn.to_k.weight, attn.to_v.weight]),
+    ]
+    for linears, layer_weights in stacks:
+        stacked, _ = linears.stacked
+        assert len(linears.layers) > 1
+        for key in linears.layers:
+            parts = layer_weights(key)
+            assert all(storage(part) == storage(stacked) for part in parts)
+            assert torch.equal(stacked[linears.slices[key]], torch.cat(parts))
+    transformers = [layer for layer in engine.layers if isinstance(layer, SparseTransformer)]
+    assert transformers
+    for layer in transformers:
+        for attn in (block.attn1 for block in layer.inner.transformer_blocks):
+            stacked, _ = layer.packed(attn, key_value_projection)
+            assert storage(attn.to_k.weight) == storage(attn.to_v.weight) == storage(stacked)
+    for name, p in engine.model.unet.named_parameters():
+        assert torch.equal(p, weights[name]), name
+
+
 @pytest.mark.parametrize("variant", ["sd15", "sdxl"])
 def test_a_runs_time_embeddings_are_those_the_unet_hands_its_resnets(tiny_model_dirs, variant):
     """A run's time embeddings, for all its steps in one call, equal what the UNet's call at

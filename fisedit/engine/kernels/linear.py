@@ -2,10 +2,11 @@
 
 Rows are the B * L tokens of x [B, L, K] (any strides; a StepView of a per-step cache too,
 so a captured step reads a cached token map at its step without copying it), columns the
-output features. The epilogue adds bias and a residual, or applies GEGLU: its projection's
-weights are packed with each hidden column beside its gate column (`pack_linear`), so one
-tile holds both halves of its outputs and only hidden * gelu(gate) is written, never the
-projection twice as wide. Arithmetic is fp32; outputs take the dtype of x.
+output features. The epilogue adds bias and a residual, or applies GEGLU: a program
+accumulates the same columns of its projection's hidden and gate halves, so only
+hidden * gelu(gate) is written, never the projection twice as wide. Weights are read as the
+layer holds them, [N, K] with any strides: the engine keeps no second, packed copy.
+Arithmetic is fp32; outputs take the dtype of x.
 """
 
 import torch
@@ -43,23 +44,6 @@ def linear_reference(
     return out.to(x.dtype)
 
 
-def pack_linear(
-    weight: torch.Tensor, bias: torch.Tensor | None, geglu: bool = False
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A linear's weight [N, K] as the kernel reads it, [K, N] contiguous, and its bias; for
-    GEGLU, features reordered to hidden 0, gate 0, hidden 1, gate 1, ..."""
-    if geglu:
-        if weight.shape[0] % 2:
-            raise ValueError(
-                f"a GEGLU projection has an even number of features, got {weight.shape[0]}"
-            )
-        order = torch.arange(weight.shape[0], device=weight.device)
-        order = order.reshape(2, -1).t().flatten()
-        weight = weight[order]
-        bias = None if bias is None else bias[order]
-    return weight.t().contiguous(), None if bias is None else bias.contiguous()
-
-
 @triton.jit(do_not_specialize=["M", "L"])
 def _linear_kernel(
     x_ptr,
@@ -76,6 +60,8 @@ def _linear_kernel(
     sx_b,
     sx_l,
     sx_k,
+    sw_n,
+    sw_k,
     sr_b,
     sr_l,
     sr_n,
@@ -86,31 +72,40 @@ def _linear_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
+    """out = x @ w.T (+ bias), then with GEGLU hidden * gelu(gate), then + residual. w is
+    the layer's own [N, K] weight, any strides; with GEGLU its rows are the hidden features,
+    then the gate features, and a program takes the same BLOCK_N columns of both halves."""
     x_ptr += tl.load(x_step_ptr) * sx_s
+    n_out = N
+    if GEGLU:
+        n_out = N // 2
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = offs_m < M
-    n_mask = offs_n < N
+    n_mask = offs_n < n_out
     rows = x_ptr + (offs_m // L) * sx_b + (offs_m % L) * sx_l
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if GEGLU:
+        gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_mask = k < K
         a_mask = row_mask[:, None] & k_mask[None, :]
         a = tl.load(rows[:, None] + k[None, :] * sx_k, mask=a_mask, other=0.0)
         w_mask = k_mask[:, None] & n_mask[None, :]
-        w = tl.load(w_ptr + k[:, None] * N + offs_n[None, :], mask=w_mask, other=0.0)
+        w_offs = k[:, None] * sw_k + offs_n[None, :] * sw_n
+        w = tl.load(w_ptr + w_offs, mask=w_mask, other=0.0)
         acc += tl.dot(a.to(w.dtype), w)
+        if GEGLU:
+            w = tl.load(w_ptr + n_out * sw_n + w_offs, mask=w_mask, other=0.0)
+            gate += tl.dot(a.to(w.dtype), w)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    n_out = N
     if GEGLU:
-        # Packed columns 2j and 2j + 1 are hidden and gate feature j of this tile.
-        hidden, gate = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N // 2, 2)))
-        acc = hidden * (0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476)))
-        offs_n = tl.program_id(1) * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
-        n_out = N // 2
-        n_mask = offs_n < n_out
+        if HAS_BIAS:
+            gate_bias = tl.load(bias_ptr + n_out + offs_n, mask=n_mask, other=0.0)
+            gate += gate_bias.to(tl.float32)[None, :]
+        acc = acc * (0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476)))
     tile_mask = row_mask[:, None] & n_mask[None, :]
     if HAS_RESIDUAL:
         res_rows = (offs_m // L) * sr_b + (offs_m % L) * sr_l
@@ -122,34 +117,33 @@ def _linear_kernel(
 
 def linear(
     x: torch.Tensor | StepView,
-    weight: torch.Tensor | None,
+    weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     residual: torch.Tensor | None = None,
     geglu: bool = False,
-    *,
-    packed: tuple[torch.Tensor, torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """`linear_reference` as one kernel; x is [B, L, K], the result [B, L, N] contiguous
-    (N / 2 with GEGLU). `packed` (from `pack_linear`, with the same `geglu`) replaces weight
-    and bias, so callers can pack once."""
-    if packed is None:
-        if weight is None:
-            raise ValueError("pass weight or packed")
-        packed = pack_linear(weight, bias, geglu)
-    weight, bias = packed
+    (N / 2 with GEGLU). The kernel reads the weight [N, K] where it lies, with its strides:
+    no packed copy of it (a stack of layers' weights, too, as `stacked_linear` makes)."""
     batch, length, k = x.shape
-    if weight.shape[0] != k or not weight.is_contiguous():
-        raise ValueError(f"packed weight must be contiguous [{k}, N], got {tuple(weight.shape)}")
-    n = weight.shape[1]
-    out = torch.empty(batch, length, n // 2 if geglu else n, dtype=x.dtype, device=x.device)
+    if weight.dim() != 2 or weight.shape[1] != k:
+        raise ValueError(f"weight must be [N, {k}], got {tuple(weight.shape)}")
+    n = weight.shape[0]
+    if geglu and n % 2:
+        raise ValueError(f"a GEGLU projection has an even number of features, got {n}")
+    n_out = n // 2 if geglu else n
+    out = torch.empty(batch, length, n_out, dtype=x.dtype, device=x.device)
     if residual is not None and residual.shape != out.shape:
         raise ValueError(f"residual must be {tuple(out.shape)}, got {tuple(residual.shape)}")
     if out.numel() == 0:
         return out
+    if bias is not None and bias.stride(-1) != 1:
+        bias = bias.contiguous()
     base, step, step_stride = step_addressed(x)
-    block_n = min(64, max(16, triton.next_power_of_2(n)))
+    # GEGLU's programs hold two accumulators: half as many columns each.
+    block_n = min(32 if geglu else 64, max(16, triton.next_power_of_2(n_out)))
     block_k = min(64, max(16, triton.next_power_of_2(k)))
-    grid = (triton.cdiv(batch * length, BLOCK_ROWS), triton.cdiv(n, block_n))
+    grid = (triton.cdiv(batch * length, BLOCK_ROWS), triton.cdiv(n_out, block_n))
     launcher(_linear_kernel, x.device)[grid](
         base,
         step,
@@ -163,6 +157,7 @@ def linear(
         n,
         step_stride,
         *x.stride(),
+        *weight.stride(),
         *(residual.stride() if residual is not None else (0, 0, 0)),
         HAS_BIAS=bias is not None,
         HAS_RESIDUAL=residual is not None,

@@ -41,15 +41,17 @@ MAX_SPLIT_K = 16
 
 
 def pack_conv_weight(weight: torch.Tensor) -> torch.Tensor:
-    """Conv2d weight [C_out, C, kh, kw] -> [kh * kw * C, C_out], K-major as the kernel reads it.
+    """Conv2d weight [C_out, C, kh, kw] as the kernel reads it, [kh * kw * C, C_out].
 
     Row t * C + c holds tap t (row-major over kh, kw, as in `conv_taps`) and input channel c.
-    A linear's weight [C_out, C] packs as a 1x1 conv's.
+    A linear's weight [C_out, C] packs as a 1x1 conv's. The kernel takes any strides, so a
+    channels_last weight (as the engine's are), a linear's and a 1x1 conv's pack as views of
+    it, with no copy; others are copied.
     """
     if weight.dim() == 2:
         weight = weight[:, :, None, None]
     c_out = weight.shape[0]
-    return weight.permute(2, 3, 1, 0).reshape(-1, c_out).contiguous()
+    return weight.permute(2, 3, 1, 0).reshape(-1, c_out)
 
 
 def sparse_conv2d_reference(
@@ -131,6 +133,8 @@ def _sparse_conv_kernel(
     sx2_h,
     sx2_w,
     sb_b,
+    sw_k,
+    sw_n,
     st_p,
     st_t,
     sa_k,
@@ -216,7 +220,7 @@ def _sparse_conv_kernel(
                 shift = tl.load(affine_ptr + sa_k + aff, mask=a_mask, other=0.0).to(tl.float32)
                 a = a.to(tl.float32) * scale + shift
                 a = a * tl.sigmoid(a)
-            w_offs = (t * C + c)[:, None] * N + offs_n[None, :]
+            w_offs = (t * C + c)[:, None] * sw_k + offs_n[None, :] * sw_n
             w = tl.load(w_ptr + w_offs, mask=c_mask[:, None] & n_mask[None, :], other=0.0)
             acc += tl.dot(a.to(w.dtype), w)
 
@@ -294,10 +298,9 @@ def sparse_conv2d_triton(
         if weight is None:
             raise ValueError("pass weight or packed_weight")
         packed_weight = pack_conv_weight(weight)
-    if packed_weight.shape[0] != n_taps * channels or not packed_weight.is_contiguous():
+    if packed_weight.dim() != 2 or packed_weight.shape[0] != n_taps * channels:
         raise ValueError(
-            f"packed weight must be contiguous [{n_taps * channels}, C_out], "
-            f"got {tuple(packed_weight.shape)}"
+            f"packed weight must be [{n_taps * channels}, C_out], got {tuple(packed_weight.shape)}"
         )
     if (out is None) != (out_index is None):
         raise ValueError("out and out_index go together")
@@ -376,6 +379,7 @@ def sparse_conv2d_triton(
         *first.strides,
         *second.strides,
         0 if bias is None or bias.dim() == 1 else bias.stride(0),
+        *packed_weight.stride(),
         *taps.stride(),
         *(affine.stride() if norm_affine is not None else (0, 0, 0)),
         *(res.stride() if residual is not None else (0, 0, 0)),

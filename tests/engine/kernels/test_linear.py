@@ -11,7 +11,7 @@ from diffusers.models.activations import GEGLU
 from torch import nn
 
 from fisedit.engine.kernels.launch import StepView, interpreting
-from fisedit.engine.kernels.linear import linear, linear_reference, pack_linear
+from fisedit.engine.kernels.linear import linear, linear_reference
 
 DEVICE = "cpu" if interpreting() else "cuda"
 
@@ -51,12 +51,17 @@ def test_linear_matches_reference(bias, residual, geglu):
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
-def test_weights_packed_once_give_the_same_result():
-    x, layer = _randn(2, 9, 24), _layer(24, 32)
-    packed = pack_linear(layer.weight, layer.bias, geglu=True)
-    got = linear(x, None, packed=packed, geglu=True)
-    expected = linear_reference(x, layer.weight, layer.bias, geglu=True)
-    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+@pytest.mark.parametrize("geglu", [False, True], ids=["linear", "geglu"])
+def test_weights_are_read_where_they_lie_with_their_strides(geglu):
+    """No packed copy: a transposed weight's view, and the rows of a stack of weights (as
+    `stacked_linear` makes), read in place."""
+    x = _randn(2, 9, 24)
+    stack = _randn(96, 24, seed=3)
+    weight, bias = stack[32:96], _randn(64, seed=4)  # rows of a stack
+    transposed = weight.t().contiguous().t()  # [N, K] with K-major strides
+    expected = linear_reference(x, weight, bias, geglu=geglu)
+    for w in (weight, transposed):
+        torch.testing.assert_close(linear(x, w, bias, geglu=geglu), expected, atol=1e-4, rtol=1e-4)
 
 
 def test_linear_reads_a_token_map_at_the_step_a_step_index_names():
@@ -71,7 +76,7 @@ def test_linear_reads_a_token_map_at_the_step_a_step_index_names():
 def test_no_rows_give_no_rows_and_bad_shapes_are_refused():
     layer = _layer(20, 12)
     assert linear(_randn(2, 0, 20), layer.weight, layer.bias).shape == (2, 0, 12)
-    with pytest.raises(ValueError, match="packed weight must be contiguous"):
+    with pytest.raises(ValueError, match=r"weight must be \[N, 16\], got \(12, 20\)"):
         linear(_randn(2, 3, 16), layer.weight, layer.bias)
     with pytest.raises(ValueError, match=r"residual must be \(2, 3, 12\)"):
         linear(_randn(2, 3, 20), layer.weight, layer.bias, residual=_randn(2, 3, 6))

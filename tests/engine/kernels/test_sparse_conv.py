@@ -225,10 +225,18 @@ def test_a_linear_over_tokens_runs_as_a_1x1_conv_scattered_into_a_map(kernel):
     assert torch.equal(pack_conv_weight(linear.weight), linear.weight.t())
 
 
-def test_packed_weight_replaces_the_raw_weight():
+@pytest.mark.parametrize("weight_format", ["nchw", "channels_last"])
+def test_packed_weight_replaces_the_raw_weight(weight_format):
+    """The kernel reads a packed weight with its strides: a channels_last conv weight (as the
+    engine's are) packs as a view of itself, an NCHW one as a copy."""
     case = Case("3x3-stride2", "border")
-    packed = pack_conv_weight(case.conv.weight)
-    assert packed.shape == (9 * 8, 6) and packed.is_contiguous()
+    weight = case.conv.weight
+    if weight_format == "channels_last":
+        weight = weight.to(memory_format=torch.channels_last)
+    packed = pack_conv_weight(weight)
+    assert packed.shape == (9 * 8, 6)
+    shares = packed.untyped_storage().data_ptr() == weight.untyped_storage().data_ptr()
+    assert shares == (weight_format == "channels_last")
     got = sparse_conv2d_triton(case.x, case.taps, None, case.conv.bias, packed_weight=packed)
     expected = sparse_conv2d_reference(case.x, case.taps, case.conv.weight, case.conv.bias)
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=RTOL)
