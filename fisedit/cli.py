@@ -471,7 +471,7 @@ def bench(args: argparse.Namespace) -> None:
         repeats=args.repeats or BENCH_REPEATS[args.tiny],
         out=Path(args.out),
         engine_config=EngineConfig(
-            sparse=SparseConfig(kernels=args.kernels),
+            sparse=SparseConfig(kernels=args.kernels, cached_keys_values=args.cached_keys_values),
             channels_last=args.channels_last,
             cuda_graphs=args.cuda_graphs,
         ),
@@ -657,6 +657,13 @@ def _parser() -> argparse.ArgumentParser:
         default="auto",
         help="sparse kernels: Triton or the PyTorch reference; auto: Triton on CUDA "
         "(default: %(default)s)",
+    )
+    sub.add_argument(
+        "--cached-keys-values",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="cache self-attention's keys and values, not its input (fewer MACs per sparse "
+        "step, a larger cache; default: off)",
     )
     sub.add_argument(
         "--channels-last",

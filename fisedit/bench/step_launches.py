@@ -92,6 +92,8 @@ class StepLaunches(BaseModel):
     weight_bytes_held: int
     """Memory the engine holds for weights after the steps: the UNet's, and any packed or
     stacked copy of them the steps made (`weight_bytes_held`)."""
+    cache_bytes_per_step: int
+    """What the dense step records: a session's cache per denoise step."""
     mac_share_bytes: int
     """The weights plus the step's MAC fraction of the dense step's other bytes: what it
     would move if its activation traffic scaled with its MACs (the dense step: its bytes).
@@ -317,6 +319,13 @@ def _group_norm_apply_bytes(bound: dict, grid) -> int:
     return moved + _nbytes(bound["affine_ptr"])
 
 
+def _attention_bytes(bound: dict, grid) -> int:
+    # As a fused attention: queries, keys, values and output once each.
+    queries = bound["P"] * bound["inner"] * bound["q_ptr"].element_size()
+    keys_values = bound["L"] * 2 * bound["inner"] * _element(bound, "kv_ptr")
+    return grid[1] // bound["heads"] * (2 * queries + keys_values)
+
+
 def _linear_bytes(bound: dict, grid) -> int:
     rows, outputs = bound["M"], bound["N"] // (2 if bound["GEGLU"] else 1)
     moved = rows * bound["K"] * _element(bound, "x_ptr") + _nbytes(bound["w_ptr"])
@@ -326,6 +335,7 @@ def _linear_bytes(bound: dict, grid) -> int:
 
 
 _TRITON_BYTES = {
+    "_attention_kernel": _attention_bytes,
     "_linear_kernel": _linear_bytes,
     "_sparse_conv_kernel": _conv_bytes,
     "_gather_tokens_affine_kernel": _gather_tokens_bytes,
@@ -336,11 +346,18 @@ _TRITON_BYTES = {
 
 
 class MetaUNet:
-    """A full-size UNet on the meta device, wrapped for sparse steps, CFG batch 2, fp16."""
+    """A full-size UNet on the meta device, wrapped for sparse steps, CFG batch 2, fp16,
+    with `sparse`'s options and the Triton kernels."""
 
-    def __init__(self, shape: UNetShape, dtype: torch.dtype = torch.float16) -> None:
+    def __init__(
+        self,
+        shape: UNetShape,
+        dtype: torch.dtype = torch.float16,
+        sparse: SparseConfig | None = None,
+    ) -> None:
         self.shape = shape
-        self.state = StepState(config=SparseConfig(kernels="triton"))
+        sparse = (sparse or SparseConfig()).model_copy(update={"kernels": "triton"})
+        self.state = StepState(config=sparse)
         self.unet = shape.build("meta", dtype)
         self.layers = wrap_unet(self.unet, self.state)
         self.unet.to(memory_format=torch.channels_last)
@@ -403,28 +420,30 @@ class MetaUNet:
         return state.macs, counter, launches
 
 
-def measure(shape: UNetShape) -> tuple[list[StepLaunches], list[Launch]]:
-    """The dense step and sparse steps at each mask ratio; also every Triton launch made."""
-    unet = MetaUNet(shape)
+def measure(
+    shape: UNetShape, sparse: SparseConfig | None = None
+) -> tuple[list[StepLaunches], list[Launch]]:
+    """The dense step and sparse steps at each mask ratio, with `sparse`'s options; also
+    every Triton launch made."""
+    unet = MetaUNet(shape, sparse=sparse)
     weights = sum(p.numel() * p.element_size() for p in unet.unet.parameters())
     unet.step(None)  # makes what a graph capture's warm-up makes once (a step index of 0)
     macs, counter, launches = unet.step(None)
-    rows = [_row(shape, "dense", None, macs, counter, launches, weights, unet.weight_bytes_held)]
+    rows = [_row(shape, "dense", None, macs, counter, launches, weights, unet)]
     activations = rows[0].bytes_moved - weights
     every_launch = list(launches)
     for ratio in MASK_RATIOS:
         plan = SparsePlan(square_mask(shape.latent_side, ratio), unet.state.config, "meta")
         unet.step(plan)  # builds the plan's indices, as a graph capture's warm-up does
         macs, counter, launches = unet.step(plan)
-        held = unet.weight_bytes_held
-        row = _row(shape, "sparse", ratio, macs, counter, launches, weights, held, activations)
+        row = _row(shape, "sparse", ratio, macs, counter, launches, weights, unet, activations)
         rows.append(row)
         every_launch += launches
     return rows, every_launch
 
 
 def _row(
-    shape, step, ratio, macs, counter, launches, weights, held, activations=None
+    shape, step, ratio, macs, counter, launches, weights, unet, activations=None
 ) -> StepLaunches:
     ops, bytes_by_op = counter.ops, counter.bytes + _triton_bytes_by_part(launches)
     triton_bytes = sum(_launch_bytes(launch) for launch in launches)
@@ -444,7 +463,8 @@ def _row(
         triton_bytes=triton_bytes,
         other_bytes=other_bytes,
         weight_bytes=weights,
-        weight_bytes_held=held,
+        weight_bytes_held=unet.weight_bytes_held,
+        cache_bytes_per_step=unet.cache.nbytes,
         mac_share_bytes=mac_share,
         bytes_by_op=dict(bytes_by_op.most_common()),
     )
@@ -454,18 +474,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="sd15-512", help="comma-separated UNet shapes")
     parser.add_argument("--compile", action="store_true", help="also compile for sm_90")
+    parser.add_argument(
+        "--cached-keys-values",
+        action="store_true",
+        help="with SparseConfig(cached_keys_values=True): self-attention's keys and values cached",
+    )
     parser.add_argument("--out", type=Path, help="write the figures as JSON here")
     args = parser.parse_args()
+    sparse = SparseConfig(cached_keys_values=args.cached_keys_values)
     payload: dict = {
         "device": "meta (no GPU): launches and bytes counted, "
         + ("kernels compiled for sm_90, " if args.compile else "")
         + "not timed",
         "sms": H100_SMS,
+        "sparse_config": sparse.model_dump(),
         "steps": [],
         "kernels": [],
     }
     for name in args.models.split(","):
-        rows, launches = measure(UNET_SHAPES[name])
+        rows, launches = measure(UNET_SHAPES[name], sparse)
         for row in rows:
             ratio = "-" if row.mask_ratio is None else f"{row.mask_ratio:.2f}"
             print(
@@ -475,7 +502,8 @@ def main() -> None:
                 f"(Triton {row.triton_bytes / 2**30:.3f}, other {row.other_bytes / 2**30:.3f}; "
                 f"weights {row.weight_bytes / 2**30:.3f}, held "
                 f"{row.weight_bytes_held / 2**30:.3f}; MAC share "
-                f"{row.mac_share_bytes / 2**30:.3f})"
+                f"{row.mac_share_bytes / 2**30:.3f}; cache {row.cache_bytes_per_step / 2**20:.0f} "
+                "MiB/step)"
             )
         payload["steps"] += [row.model_dump() for row in rows]
         if args.compile:

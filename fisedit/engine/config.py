@@ -53,6 +53,14 @@ class SparseConfig(BaseModel):
     active_only_attention: bool = Field(
         False, description="Self-attention keys and values from active tokens only."
     )
+    cached_keys_values: bool = Field(
+        False,
+        description="Record each self-attention's keys and values, not its input, so that "
+        "sparse steps project the active tokens' only and read the others' from the cache: "
+        "the same result for fewer MACs and bytes per sparse step, and a larger cache (SD "
+        "1.x and 2.x: 21% more per step; SDXL: 41%). A cache is edited with the setting it "
+        "was recorded with. Not with active_only_attention, which reads no cached keys.",
+    )
     bucketed: bool = Field(
         True,
         description="Pad each layer's active pixels up to a size bucket (repeating one of "
@@ -66,6 +74,15 @@ class SparseConfig(BaseModel):
         "computed whole, the cached maps pasted outside the region (the slow reference of "
         "what the sparse layers compute).",
     )
+
+    @model_validator(mode="after")
+    def _keys_from_one_place(self) -> "SparseConfig":
+        if self.cached_keys_values and self.active_only_attention:
+            raise ValueError(
+                "cached_keys_values and active_only_attention exclude each other: "
+                "active-only attention reads no cached keys and values"
+            )
+        return self
 
     @classmethod
     def exact(cls, **overrides) -> "SparseConfig":

@@ -15,7 +15,8 @@ becomes a MapGroupNorm, which keeps channels_last maps channels_last in dense ca
 With `SparseConfig(kernels="dense")` sparse calls are done the slow way, as a reference:
 the whole diffusers module runs, and hooks paste the cached map outside the active region
 wherever the sparse call reads one from the cache (the layer's output, and inside it the
-inputs of resnets' second norm and of transformer blocks' self-attention).
+inputs of resnets' second norm and of transformer blocks' self-attention, or that
+attention's keys and values).
 """
 
 from collections.abc import Callable
@@ -36,6 +37,7 @@ from torch import nn
 
 from fisedit.engine.cache import ActivationCache, HostPrefetcher, StepMaps, StepSlots
 from fisedit.engine.config import SparseConfig
+from fisedit.engine.kernels import attention as attention_kernels
 from fisedit.engine.kernels import group_norm as norm_kernels
 from fisedit.engine.kernels import linear as linear_kernels
 from fisedit.engine.kernels import sparse_conv as conv_kernels
@@ -404,15 +406,18 @@ class SparseLayer(nn.Module):
         weights: Callable[[nn.Module], tuple[torch.Tensor, torch.Tensor | None]] | None = None,
         residual: torch.Tensor | None = None,
         geglu: bool = False,
-    ) -> torch.Tensor:
+        into: tuple[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor | StepView:
         """A linear over token rows x [B, L, K] (a StepView too) with `weights(layer)`
         (weight [N, K], bias; by default the layer's own), GEGLU after it with `geglu`, then
-        + residual."""
+        + residual; with `into` = (key, index) written into rows `index` of this step's
+        token map `key`, which it returns."""
         weight, bias = self.packed(layer, weights or (lambda m: (m.weight, m.bias)))
+        out, out_index = (None, None) if into is None else (self.target(into[0]), into[1])
+        args = (x, weight, bias, residual, geglu, out, out_index)
         if not self.state.use_triton(x):
-            reference = with_step_views(linear_kernels.linear_reference)
-            return reference(x, weight, bias, residual, geglu)
-        return linear_kernels.linear(x, weight, bias, residual, geglu)
+            return with_step_views(linear_kernels.linear_reference)(*args)
+        return linear_kernels.linear(*args)
 
     def gather(
         self, x: torch.Tensor, index: torch.Tensor, norm_affine: torch.Tensor | None = None
@@ -472,17 +477,24 @@ class SparseLayer(nn.Module):
             region = region.reshape(-1, 1)
         return torch.where(region, value, self.cached(key))
 
+    def recorded_within(self, key: str, value: torch.Tensor) -> torch.Tensor:
+        """Records `value`, a map computed inside this layer, under `key` in dense calls, and
+        returns what the call goes on with: `value`, or in a sparse call run densely
+        `value` pasted into the cached map first."""
+        if self.region is not None:
+            value = self.pasted(key, value, self.region)
+        self.save(key, value)
+        return value
+
     def record_input(self, module: nn.Module, key: str) -> None:
-        """Records the input of `module` (a sub-layer) under `key` in dense calls; in a
-        sparse call run densely, the input is first pasted into the cached one."""
+        """Records the input of `module` (a sub-layer) under `key` in dense calls, when `key`
+        is among what the layer records (`recorded_within`)."""
 
         def hook(_, args):
-            if self.region is None:
-                self.save(key, args[0])
+            if key not in self.recorded:
                 return None
-            value = self.pasted(key, args[0], self.region)
-            self.save(key, value)
-            return (value, *args[1:])
+            value = self.recorded_within(key, args[0])
+            return None if value is args[0] else (value, *args[1:])
 
         module.register_forward_pre_hook(hook)
 
@@ -634,29 +646,35 @@ class ProjectedAttention:
 class SparseTransformer(SparseLayer):
     """Transformer2DModel: GN -> proj_in -> transformer blocks -> proj_out, plus the input.
 
-    Queries exist at active tokens only. Self-attention keys and values come from the
-    block's full normalised input (the input of attn1, which the cache keeps: normalising is
-    per token, so the cached rows stay right), fresh at active tokens and cached elsewhere
-    (or, with `active_only_attention`, from the active tokens alone).
+    Queries exist at active tokens only. Self-attention keys and values cover every token.
+    By default they are projected from the block's full normalised input (the input of
+    attn1, which the cache keeps: normalising is per token, so the cached rows stay right),
+    fresh at active tokens and cached elsewhere. With `cached_keys_values` the cache keeps
+    the keys and values themselves, and a sparse call projects only the active tokens',
+    into the step's cached ones. With `active_only_attention`, they come from the active
+    tokens alone.
     """
 
     def __init__(self, name: str, inner: Transformer2DModel, state: StepState) -> None:
         super().__init__(name, inner, state)
-        self.recorded = ("out", *self._block_keys)
         self._token_taps: dict[tuple[int, torch.device], torch.Tensor] = {}
         self.text = state.shared.text
         self.record_statistics(inner.norm, "norm_statistics")
-        for key, block in zip(self._block_keys, inner.transformer_blocks, strict=True):
-            self.record_input(block.attn1, key)
+        for j, block in enumerate(inner.transformer_blocks):
+            self.record_input(block.attn1, f"block{j}.attn1_in")
             self.text.add(block.attn2, lambda attn=block.attn2: key_value_parts(attn))
             # Dense calls too: self-attention's keys and values in one matmul, and the text's
             # from the run's shared text linears.
-            block.attn1.set_processor(ProjectedAttention(partial(self.keys_values, block.attn1)))
+            keys_values = partial(self.keys_values, block.attn1, f"block{j}.attn1_kv")
+            block.attn1.set_processor(ProjectedAttention(keys_values))
             block.attn2.set_processor(ProjectedAttention(partial(self.text.of, block.attn2)))
 
     @property
-    def _block_keys(self) -> list[str]:
-        return [f"block{j}.attn1_in" for j in range(len(self.inner.transformer_blocks))]
+    def recorded(self) -> tuple[str, ...]:
+        """The output, and each block's attn1 input, or its keys and values."""
+        kind = "attn1_kv" if self.state.config.cached_keys_values else "attn1_in"
+        blocks = range(len(self.inner.transformer_blocks))
+        return ("out", *(f"block{j}.{kind}" for j in blocks))
 
     @staticmethod
     def supports(module: nn.Module) -> bool:
@@ -707,12 +725,8 @@ class SparseTransformer(SparseLayer):
         affine = self.group_norm_affine(model.norm, x, geometry)
         residual, normed = self.gather(x, index, affine)
         h = pointwise(model.proj_in, normed)
-        for key, block in zip(self._block_keys, model.transformer_blocks, strict=True):
-            # attn1's input map: cached, with the active rows set to the new ones.
-            _, queries = self.summed_layer_norm(block.norm1, h, into=(key, index))
-            active_only = self.state.config.active_only_attention
-            context = queries if active_only else self.target(key)
-            attended = self.attend(block.attn1, queries, context)
+        for key, block in zip(self.recorded[1:], model.transformer_blocks, strict=True):
+            attended = self.self_attention(block, key, h, index)
             h, normed = self.summed_layer_norm(block.norm2, attended, h)
             text = self.text.of(block.attn2, encoder_hidden_states)
             attended = attention_over(block.attn2, normed, text)
@@ -725,9 +739,27 @@ class SparseTransformer(SparseLayer):
             as_map, model.proj_out, taps, residual=residual, into=("out", index)
         )
 
-    def keys_values(self, attn: Attention, context: torch.Tensor) -> torch.Tensor:
-        """`attn`'s keys and values of `context` [B, L, D] in a dense call: one matmul."""
-        return F.linear(context, *self.packed(attn, key_value_projection))
+    def keys_values(self, attn: Attention, key: str, context: torch.Tensor) -> torch.Tensor:
+        """`attn`'s keys and values of `context` [B, L, D] in a dense call: one matmul,
+        recorded under `key` when the layer records them (`recorded_within`)."""
+        keys_values = F.linear(context, *self.packed(attn, key_value_projection))
+        return self.recorded_within(key, keys_values) if key in self.recorded else keys_values
+
+    def self_attention(
+        self, block: nn.Module, key: str, tokens: torch.Tensor, index: torch.Tensor
+    ) -> torch.Tensor:
+        """attn1 of LayerNorm1(tokens) at the active tokens [B, P, D], recording what the
+        layer records for it under `key` (see the class docstring)."""
+        attn, config = block.attn1, self.state.config
+        if config.cached_keys_values:
+            _, queries = self.summed_layer_norm(block.norm1, tokens)
+            keys_values = self.linear(queries, attn, key_value_projection, into=(key, index))
+            core = self.kernel(attention_kernels, "attention", queries)
+            return attention_over(attn, queries, keys_values, core)
+        # attn1's input map: cached, with the active rows set to the new ones.
+        _, queries = self.summed_layer_norm(block.norm1, tokens, into=(key, index))
+        context = queries if config.active_only_attention else self.target(key)
+        return attention_over(attn, queries, self.linear(context, attn, key_value_projection))
 
     def token_taps(self, count: int, device: torch.device) -> torch.Tensor:
         """Taps [count, 1] that read token p of `count` tokens laid out as a 1 x count map.
@@ -747,24 +779,22 @@ class SparseTransformer(SparseLayer):
         hidden = self.linear(tokens, activation.proj, geglu=True)
         return self.linear(hidden, layers[0], residual=residual)
 
-    def attend(self, attn: nn.Module, queries: torch.Tensor, context: torch.Tensor | StepView):
-        """`attn` with queries at the active tokens, keys and values from the token map
-        `context` [B, L, D] (a StepView too)."""
-        return attention_over(attn, queries, self.linear(context, attn, key_value_projection))
-
     def macs(self, x, active, encoder_hidden_states=None, **kwargs):
         model, batch = self.inner, x.shape[0]
         tokens = x.shape[-2] * x.shape[-1]
-        keys = active if self.state.config.active_only_attention else tokens
+        config = self.state.config
+        keys = active if config.active_only_attention else tokens
+        projected = active if config.cached_keys_values else keys
         context = encoder_hidden_states.shape[1]
         total = _linear_macs(model.proj_in, active) + _linear_macs(model.proj_out, active)
         for block in model.transformer_blocks:
-            for attn, kv in ((block.attn1, keys), (block.attn2, context)):
+            # attn2's keys and values count at every step, as diffusers' UNet computes them,
+            # though every step reads them from its run (under 1% of its MACs).
+            attentions = ((block.attn1, keys, projected), (block.attn2, context, context))
+            for attn, kv, fresh in attentions:
                 inner_dim = attn.to_q.out_features
                 total += _linear_macs(attn.to_q, active) + _linear_macs(attn.to_out[0], active)
-                # attn2's keys and values count at every step, as diffusers' UNet computes
-                # them, though every step reads them from its run (under 1% of its MACs).
-                total += _linear_macs(attn.to_k, kv) + _linear_macs(attn.to_v, kv)
+                total += _linear_macs(attn.to_k, fresh) + _linear_macs(attn.to_v, fresh)
                 total += 2 * active * kv * inner_dim
             total += sum(
                 _linear_macs(m, active) for m in block.ff.modules() if isinstance(m, nn.Linear)

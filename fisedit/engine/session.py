@@ -8,7 +8,7 @@ in the remaining steps and reads everything else from the previous version's cac
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from functools import cached_property
@@ -441,6 +441,21 @@ class Engine:
             not (cache.read_only or cache.host_resident)
             and cache.device.type == self.model.device.type
         )
+
+    def check_recorded_maps(self, names: Collection[str]) -> None:
+        """Raises ValueError unless a cache holding maps `names` (from a snapshot, say)
+        holds every map this engine's sparse steps may read: one recorded under another
+        SparseConfig (`cached_keys_values`) does not."""
+        expected = {f"{layer.name}.{key}" for layer in self.layers for key in layer.recorded}
+        missing = sorted(expected.difference(names))
+        if missing:
+            setting = self.config.sparse.cached_keys_values
+            raise ValueError(
+                f"the cache lacks {len(missing)} maps this engine's sparse steps read "
+                f"({missing[0]}, ...): it was recorded under another SparseConfig; edit it "
+                f"with the one it was recorded with (this engine has cached_keys_values="
+                f"{setting})"
+            )
 
     def sparse_reads(self, plan: SparsePlan, cache: ActivationCache) -> frozenset[str]:
         """The names in `cache` a sparse step over `plan` reads (its layers' maps)."""

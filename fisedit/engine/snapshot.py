@@ -217,6 +217,11 @@ def _read(
             f"cannot restore {prefix}: its cache was recorded in {manifest.dtype}; "
             f"this engine runs {_dtype_name(engine)}"
         )
+    cached = [name.removeprefix("cache/") for name in manifest.tensors if name.startswith("cache/")]
+    try:
+        engine.check_recorded_maps(cached)
+    except ValueError as error:
+        raise SnapshotError(f"cannot restore {prefix}: {error}") from error
     return manifest, _load_shards(store, prefix, manifest, engine.model.device)
 
 

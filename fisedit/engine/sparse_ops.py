@@ -7,6 +7,8 @@ gather -> dense op -> scatter references of the fused kernels live beside them i
 `fisedit.engine.kernels`.
 """
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -87,16 +89,30 @@ def key_value_projection(attn: nn.Module) -> tuple[torch.Tensor, torch.Tensor | 
     return stacked_linear(key_value_parts(attn))
 
 
-def attention_over(attn: nn.Module, queries: torch.Tensor, keys_values: torch.Tensor):
-    """A diffusers `Attention` with queries from `queries` [B, P, D] and the context's keys
-    and values [B, L, 2 * inner], projected by `key_value_projection`'s weights: on a subset
-    of the queries, the matching rows of the full attention."""
-    q = attn.to_q(queries)
-    k, v = keys_values.chunk(2, dim=-1)
-    batch, heads = q.shape[0], attn.heads
+def multi_head_attention(
+    queries: torch.Tensor, keys_values: torch.Tensor, heads: int, scale: float
+) -> torch.Tensor:
+    """softmax(q k^T * scale) v per head: queries [B, P, inner], keys_values [B, L, 2 * inner]
+    (the keys' features, then the values'), -> [B, P, inner]."""
+    batch, length, inner = queries.shape
+    keys, values = keys_values.chunk(2, dim=-1)
 
     def split(t: torch.Tensor) -> torch.Tensor:
         return t.reshape(batch, t.shape[1], heads, -1).transpose(1, 2)
 
-    out = F.scaled_dot_product_attention(split(q), split(k), split(v), scale=attn.scale)
-    return attn.to_out[0](out.transpose(1, 2).reshape(batch, q.shape[1], -1))
+    out = F.scaled_dot_product_attention(split(queries), split(keys), split(values), scale=scale)
+    return out.transpose(1, 2).reshape(batch, length, inner)
+
+
+def attention_over(
+    attn: nn.Module,
+    queries: torch.Tensor,
+    keys_values: torch.Tensor,
+    core: Callable[..., torch.Tensor] = multi_head_attention,
+) -> torch.Tensor:
+    """A diffusers `Attention` with queries from `queries` [B, P, D] and the context's keys
+    and values [B, L, 2 * inner], projected by `key_value_projection`'s weights: on a subset
+    of the queries, the matching rows of the full attention. `core` is the attention between
+    the projections (`multi_head_attention`'s signature; a kernel reading a StepView)."""
+    out = core(attn.to_q(queries), keys_values, attn.heads, attn.scale)
+    return attn.to_out[0](out)

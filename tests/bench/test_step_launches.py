@@ -3,6 +3,7 @@
 import pytest
 
 from fisedit.bench.step_launches import MASK_RATIOS, SPLIT_K_PARTIALS, measure
+from fisedit.engine.config import SparseConfig
 from fisedit.engine.model_shapes import UNET_SHAPES
 
 
@@ -116,3 +117,26 @@ def test_the_engine_holds_its_weights_once(sd15):
     rows, _ = sd15
     for row in rows:
         assert row.weight_bytes <= row.weight_bytes_held < row.weight_bytes + 2**20
+
+
+def test_cached_keys_values_cut_a_sparse_steps_macs_and_bytes_for_a_larger_cache(sd15):
+    """With `cached_keys_values` a sparse step projects self-attention's keys and values at
+    the active tokens only, into the cached ones, and attends over those with a Triton
+    kernel that reads them at the step: at 15%, 0.223 of the dense MACs (0.249 without)
+    and 2.259 GiB (2.371), for a cache 21% larger per step (258 MiB, 214 without). The
+    dense step records the keys and values in place of the inputs they come from."""
+    rows, _ = sd15
+    cached, launches = measure(UNET_SHAPES["sd15-512"], SparseConfig(cached_keys_values=True))
+
+    assert "_attention_kernel" in {launch.kernel.fn.__name__ for launch in launches}
+    for plain, row in zip(rows[1:], cached[1:], strict=True):
+        assert row.mac_fraction < plain.mac_fraction
+        assert row.bytes_moved < plain.bytes_moved
+        assert row.launches <= plain.launches
+        # The 16 cross-attentions, and the self-attention of the 8x8 mid-block, which runs
+        # dense: the 15 sparse ones run in the Triton kernel.
+        assert row.other_ops["scaled_dot_product_attention"] == 17
+    at_15 = next(row for row in cached if row.mask_ratio == 0.15)
+    assert at_15.mac_fraction < 0.224 and at_15.bytes_moved < 2.26 * 2**30
+    growth = cached[0].cache_bytes_per_step / rows[0].cache_bytes_per_step
+    assert growth == pytest.approx(1.206, abs=0.001)

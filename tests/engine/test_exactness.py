@@ -112,3 +112,11 @@ def test_active_only_attention_equals_its_layer_reference(engines):
     tokens."""
     sparse = SparseConfig(dense_below=1, active_only_attention=True)
     _assert_sparse_edit_is_the_layer_reference(engines("sdxl", sparse), "dpm++", _blob(), 0)
+
+
+def test_cached_keys_values_equal_their_layer_reference(engines):
+    """Self-attention's keys and values recorded, and a sparse step projecting only the
+    active tokens' into the step's cached ones: the same computation (on SDXL's tiny
+    model, whose deepest transformers have two blocks)."""
+    sparse = EVERY_LAYER_SPARSE.model_copy(update={"cached_keys_values": True})
+    _assert_sparse_edit_is_the_layer_reference(engines("sdxl", sparse), "euler", _l_shape(), 1)

@@ -33,9 +33,9 @@ def engine(tiny_model_dir) -> Engine:
     return Engine.from_pretrained(tiny_model_dir, EngineConfig(progress=False))
 
 
-@pytest.fixture(scope="module")
-def recorded(engine):
-    """One dense, recording UNet call, with the inputs every wrapped layer received."""
+def _record_unet_call(engine, config: SparseConfig | None = None):
+    """One dense, recording UNet call (under `config`, else the engine's), with the inputs
+    every wrapped layer received."""
     inputs = {}
 
     def keep_input(layer, args, kwargs, output) -> None:
@@ -44,14 +44,21 @@ def recorded(engine):
     hooks = [layer.register_forward_hook(keep_input, with_kwargs=True) for layer in engine.layers]
     torch.manual_seed(0)
     cache = ActivationCache(steps=1)
-    engine.state.record = cache
+    engine.state.record, engine.state.config = cache, config or engine.config.sparse
     context = engine.model.encode_prompts(["", "a cat on a bench"]).hidden
-    with torch.no_grad():
-        engine.model.unet(torch.randn(2, 4, 32, 32), 500, encoder_hidden_states=context)
-    engine.state.record = None
-    for hook in hooks:
-        hook.remove()
+    try:
+        with torch.no_grad():
+            engine.model.unet(torch.randn(2, 4, 32, 32), 500, encoder_hidden_states=context)
+    finally:
+        engine.state.record, engine.state.config = None, engine.config.sparse
+        for hook in hooks:
+            hook.remove()
     return cache, inputs
+
+
+@pytest.fixture(scope="module")
+def recorded(engine):
+    return _record_unet_call(engine)
 
 
 def _square_mask() -> torch.Tensor:
@@ -221,6 +228,52 @@ def test_padding_the_active_pixels_to_a_bucket_changes_no_value(engine, recorded
     # the kernels' row blocks, and the interpreter's dot (numpy's BLAS) may round a row
     # differently by its place in a block. A wrong pixel would be off by far more.
     torch.testing.assert_close(padded, unpadded, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        SparseConfig(cached_keys_values=True),
+        pytest.param(SparseConfig(kernels="triton", cached_keys_values=True), marks=on_cpu_triton),
+    ],
+    ids=["default", "triton"],
+)
+def test_a_transformer_with_cached_keys_values_projects_the_active_tokens_only(
+    engine, recorded, config
+):
+    """Recording keeps each block's self-attention keys and values, not its input; a sparse
+    call writes the active tokens' into the step's map before attending over all of them
+    (here their cached rows are zeroed first: only the call's own can make it right)."""
+    name = "down_blocks.0.attentions.0"
+    layer = next(layer for layer in engine.layers if layer.name == name)
+    attn = layer.inner.transformer_blocks[0].attn1
+    with_keys_values, inputs = _record_unet_call(engine, config)
+    key = f"{name}.block0.attn1_kv"
+    assert f"{name}.block0.attn1_in" not in with_keys_values
+    normed = recorded[0].get(f"{name}.block0.attn1_in", 0)
+    dense_keys_values = torch.cat([attn.to_k(normed), attn.to_v(normed)], dim=-1)
+    torch.testing.assert_close(with_keys_values.get(key, 0), dense_keys_values)
+    engine.state.config = config
+    try:
+        assert layer.reads(SparsePlan(_square_mask(), config), with_keys_values) == [
+            f"{name}.out",
+            key,
+            f"{name}.norm_statistics",
+        ]
+    finally:
+        engine.state.config = engine.config.sparse
+    index = SparsePlan(_square_mask(), config).at((32, 32)).index
+    with_keys_values.tensors[key][0][:, index] = 0
+
+    record = ActivationCache(steps=1)
+    _, dense, out, index = _sparse_call(
+        engine, (with_keys_values, inputs), name, config, _square_mask(), record=record
+    )
+
+    torch.testing.assert_close(
+        gather_tokens(out, index), gather_tokens(dense, index), atol=1e-5, rtol=1e-4
+    )
+    torch.testing.assert_close(record.get(key, 0), dense_keys_values, atol=1e-5, rtol=1e-4)
 
 
 def test_active_only_attention_changes_only_the_attention_context(engine, recorded):

@@ -174,6 +174,28 @@ def test_sparse_edit_is_close_to_the_masked_dense_reference(raw_engine):
     assert fidelity > psnr(session.history[0].image, reference.image) + 5
 
 
+def test_cached_keys_values_give_the_same_edit_for_fewer_macs_and_a_larger_cache(
+    tiny_model_dir, engine
+):
+    """Keys and values of inactive tokens read from the cache are the ones the default
+    projects again from the cached attention input: the same edit, less work."""
+    cached = _engine(tiny_model_dir, SparseConfig(cached_keys_values=True))
+    plain = engine.generate(CAT, steps=STEPS, seed=4)
+    session = cached.generate(CAT, steps=STEPS, seed=4)
+    assert np.array_equal(session.image, plain.image)
+
+    plain_edit = plain.edit(DOG, mask=_square())
+    edit = session.edit(DOG, mask=_square())
+
+    expected = plain_edit.cache.tensors["latents"]
+    error = (edit.cache.tensors["latents"] - expected).abs().max() / expected.abs().max()
+    assert error < 1e-5
+    assert edit.report.mac_fraction < plain_edit.report.mac_fraction
+    assert edit.cache.nbytes > plain_edit.cache.nbytes
+    with pytest.raises(ValidationError, match="exclude each other"):
+        SparseConfig(cached_keys_values=True, active_only_attention=True)
+
+
 def test_chained_edits_diff_against_the_previous_version(engine):
     prompts = [DOG, "a photo of a dog sitting on a red bench", "a photo of a dog on a red bench"]
     session = engine.generate(CAT, steps=STEPS, seed=7)

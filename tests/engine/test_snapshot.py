@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from fisedit.engine import EditConfig, Engine, EngineConfig
+from fisedit.engine import EditConfig, Engine, EngineConfig, SparseConfig
 from fisedit.engine.recipe import ModelMismatchError, rebuild, recipe_of
 from fisedit.engine.snapshot import (
     Manifest,
@@ -216,3 +216,22 @@ def test_rebuild_from_the_recipe_alone_is_identical(engine):
     assert torch.equal(recipe.edits[1].user_mask.unpack(), _user_mask())
     assert_same_version(rebuilt.current, session.current)
     assert_same_version(rebuilt.edit(RED_DOG), session.edit(RED_DOG))
+
+
+def test_snapshot_recorded_with_other_cached_maps_is_refused_and_the_recipe_rebuilt(
+    engine, tiny_model_dir, local_store
+):
+    """A cache holding self-attention's inputs cannot feed sparse steps that read its keys
+    and values (`cached_keys_values`): restoring refuses it by name, and adopting the
+    session rebuilds it from its recipe."""
+    session = engine.generate(CAT, steps=STEPS, seed=18)
+    snapshot(session, local_store)
+    sparse = SparseConfig(cached_keys_values=True)
+    other = Engine.from_pretrained(tiny_model_dir, EngineConfig(progress=False, sparse=sparse))
+
+    with pytest.raises(SnapshotError, match=r"lacks \d+ maps .*cached_keys_values=True"):
+        restore(other, local_store, session.id)
+    adopted, path = adopt(other, recipe_of(session), local_store)
+    assert path == "rebuild"
+    assert any(name.endswith("attn1_kv") for name in adopted.current.cache.tensors)
+    assert not any(name.endswith("attn1_in") for name in adopted.current.cache.tensors)

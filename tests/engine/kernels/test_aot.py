@@ -9,7 +9,9 @@ import torch
 
 from fisedit.engine.config import EngineConfig, SparseConfig
 from fisedit.engine.kernels.aot import compile_launches
+from fisedit.engine.kernels.attention import attention
 from fisedit.engine.kernels.launch import recording_launches
+from fisedit.engine.kernels.linear import linear
 from fisedit.engine.kernels.sparse_conv import sparse_conv2d_triton
 
 # Shared memory per thread block on sm_90.
@@ -26,6 +28,7 @@ REGISTER_BUDGETS = {
     "_gather_tokens_affine_kernel": 64,  # 48
     "_layernorm_rows_kernel": 80,  # 64: up to 4096-element tiles of rows
     "_linear_kernel": 96,  # 72: 64x64x64 tiles, bias and residual
+    "_attention_kernel": 184,  # 148: SD 1.5's 160-wide heads
 }
 
 
@@ -46,6 +49,18 @@ def edit_launches(tiny_model_dir, static_step_engine):
         x = torch.zeros(2, channels, 32, 32, dtype=torch.float16)
         weight = torch.zeros(channels, channels, 3, 3, dtype=torch.float16)
         sparse_conv2d_triton(x, torch.zeros(20, 9, dtype=torch.long), weight, split_k=3)
+        # With cached keys and values: the active tokens' projected into the cache, and the
+        # attention over them at SD 1.5's narrowest and widest heads (8 of 40 and of 160).
+        half = {"dtype": torch.float16}
+        rows, index = torch.zeros(2, 20, 64, **half), torch.zeros(20, dtype=torch.long)
+        out = torch.zeros(2, 50, 128, **half)
+        linear(rows, torch.zeros(128, 64, **half), out=out, out_index=index)
+        for dim in (40, 160):
+            queries, keys_values = (
+                torch.zeros(2, 64, 8 * dim, **half),
+                torch.zeros(2, 256, 16 * dim, **half),
+            )
+            attention(queries, keys_values, 8, dim**-0.5)
     return version, launches
 
 
@@ -60,6 +75,7 @@ def test_recording_collects_the_launches_without_running_them(edit_launches):
         "_gather_tokens_affine_kernel",
         "_layernorm_rows_kernel",
         "_linear_kernel",
+        "_attention_kernel",
     }
     # Split-K launches come in pairs: partial sums over a 3-D grid, then the finalise pass.
     split = [launch for launch in launches if launch.kwargs.get("PARTIAL")]

@@ -73,6 +73,28 @@ def test_linear_reads_a_token_map_at_the_step_a_step_index_names():
     torch.testing.assert_close(got, layer(buffer[1]), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("geglu", [False, True], ids=["linear", "geglu"])
+def test_rows_go_into_the_given_rows_of_a_token_map_at_the_step(geglu):
+    """Active tokens' keys and values written into a step's cached token map: the named
+    rows of step 1 change, every other row and step stays."""
+    layer = _layer(20, 2 * 24 if geglu else 24)
+    buffer = _randn(3, 2, 70, 24, seed=5)
+    before = buffer.clone()
+    index = torch.tensor([0, 3, 4, 9, 40, 69], device=DEVICE)
+    x = _randn(2, 6, 20, seed=6)
+    view = StepView(buffer, torch.tensor([1], device=DEVICE))
+    assert linear(x, layer.weight, layer.bias, geglu=geglu, out=view, out_index=index) is view
+    expected = before.clone()
+    expected[1][:, index] = linear_reference(x, layer.weight, layer.bias, geglu=geglu)
+    torch.testing.assert_close(buffer, expected, atol=1e-4, rtol=1e-4)
+    untouched = torch.ones(70, dtype=torch.bool, device=DEVICE)
+    untouched[index] = False
+    assert torch.equal(buffer[1][:, untouched], before[1][:, untouched])
+    assert torch.equal(buffer[[0, 2]], before[[0, 2]])
+    with pytest.raises(ValueError, match=r"out_index must be \[6\]"):
+        linear(x, layer.weight, layer.bias, geglu=geglu, out=view, out_index=index[:5])
+
+
 def test_no_rows_give_no_rows_and_bad_shapes_are_refused():
     layer = _layer(20, 12)
     assert linear(_randn(2, 0, 20), layer.weight, layer.bias).shape == (2, 0, 12)

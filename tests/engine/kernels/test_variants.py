@@ -11,6 +11,7 @@ import torch
 
 from fisedit.bench.edit_bench import square_mask
 from fisedit.bench.step_launches import MetaUNet
+from fisedit.engine.config import SparseConfig
 from fisedit.engine.kernels.aot import variant_key
 from fisedit.engine.model_shapes import UNET_SHAPES
 from fisedit.engine.plan import SparsePlan
@@ -31,9 +32,13 @@ def random_mask(generator: torch.Generator) -> torch.Tensor:
     return mask
 
 
-@pytest.fixture(scope="module")
-def unet():
-    unet = MetaUNet(UNET_SHAPES["sd15-512"])
+@pytest.fixture(
+    scope="module",
+    params=[SparseConfig(), SparseConfig(cached_keys_values=True)],
+    ids=["default", "cached-keys-values"],
+)
+def unet(request):
+    unet = MetaUNet(UNET_SHAPES["sd15-512"], sparse=request.param)
     unet.step(None)  # the recording step the sparse ones read
     return unet
 
@@ -57,8 +62,10 @@ def test_after_a_warm_up_twenty_random_masks_compile_no_new_variant(unet):
     # weights split K too, before those norms kept their maps channels_last; 43 since the
     # transformers' output projections run as 1x1 convs, unsplit, split and finalised,
     # instead of a scatter kernel after a PyTorch GEMM; 44 since a resnet's norms apply
-    # their SiLU, and a transformer's norm none).
-    assert len(warm) == 44
+    # their SiLU, and a transformer's norm none). Cached keys and values: the attention
+    # kernel at SD 1.5's three head dims, and projections scattered into the cache instead
+    # of over every token.
+    assert len(warm) == (47 if unet.state.config.cached_keys_values else 44)
     assert not new, f"{len(new)} variants compiled after the warm-up"
 
 
