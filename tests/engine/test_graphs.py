@@ -95,14 +95,16 @@ def test_captured_sparse_steps_record_into_their_own_edit_and_equal_eager_ones(
     assert [len(version.cache.graphs) for version in static] == [1, 1, 1]
 
 
+@pytest.mark.parametrize("cached_keys_values", [False, True], ids=["default", "cached-kv"])
 def test_the_triton_kernels_give_the_reference_edit_and_their_static_steps_the_eager_ones(
-    tiny_model_dir, static_step_engine
+    tiny_model_dir, static_step_engine, cached_keys_values
 ):
     """The whole sparse path through the Triton kernels (on CUDA where a GPU is, interpreted
     elsewhere) against the PyTorch reference kernels; then through static buffers: kernels
     reading maps at a step index, skip connections' joins in two parts and static maps filled
     where the UNet reads them. A join's parts split the channel chunks where a concatenation
-    does not, so sums may round differently."""
+    does not, so sums may round differently. With cached keys and values, the projection
+    writes the active tokens' into the step's map and the attention reads it there."""
     device = "cpu" if interpreting() else "cuda"
     edits = {}
     for name, engine_class, kernels in (
@@ -113,7 +115,7 @@ def test_the_triton_kernels_give_the_reference_edit_and_their_static_steps_the_e
         config = EngineConfig(
             progress=False,
             device=device,
-            sparse=SparseConfig(kernels=kernels),
+            sparse=SparseConfig(kernels=kernels, cached_keys_values=cached_keys_values),
             edit=EditConfig(preserve_background=False),
         )
         engine = engine_class.from_pretrained(tiny_model_dir, config)

@@ -6,9 +6,8 @@ output features. The epilogue adds bias and a residual, or applies GEGLU: a prog
 accumulates the same columns of its projection's hidden and gate halves, so only
 hidden * gelu(gate) is written, never the projection twice as wide. The rows go to a new
 tensor, or into given rows of a token map (a StepView too: a step's cached keys and values
-at the active tokens). Weights are read as the
-layer holds them, [N, K] with any strides: the engine keeps no second, packed copy.
-Arithmetic is fp32; outputs take the dtype of x.
+at the active tokens). Weights are read as the layer holds them, [N, K] with any strides:
+the engine keeps no second, packed copy. Arithmetic is fp32; outputs take the dtype of x.
 """
 
 import torch
