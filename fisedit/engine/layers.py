@@ -671,10 +671,13 @@ class SparseTransformer(SparseLayer):
 
     @property
     def recorded(self) -> tuple[str, ...]:
-        """The output, and each block's attn1 input, or its keys and values."""
+        return ("out", *self._block_keys)
+
+    @property
+    def _block_keys(self) -> list[str]:
+        """What the layer records for each block: attn1's input, or its keys and values."""
         kind = "attn1_kv" if self.state.config.cached_keys_values else "attn1_in"
-        blocks = range(len(self.inner.transformer_blocks))
-        return ("out", *(f"block{j}.{kind}" for j in blocks))
+        return [f"block{j}.{kind}" for j in range(len(self.inner.transformer_blocks))]
 
     @staticmethod
     def supports(module: nn.Module) -> bool:
@@ -725,7 +728,7 @@ class SparseTransformer(SparseLayer):
         affine = self.group_norm_affine(model.norm, x, geometry)
         residual, normed = self.gather(x, index, affine)
         h = pointwise(model.proj_in, normed)
-        for key, block in zip(self.recorded[1:], model.transformer_blocks, strict=True):
+        for key, block in zip(self._block_keys, model.transformer_blocks, strict=True):
             attended = self.self_attention(block, key, h, index)
             h, normed = self.summed_layer_norm(block.norm2, attended, h)
             text = self.text.of(block.attn2, encoder_hidden_states)
