@@ -14,10 +14,13 @@ if not os.path.exists("/dev/nvidia0") and not os.environ.get("CUDA_VISIBLE_DEVIC
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import dataclasses  # noqa: E402
+import random  # noqa: E402
+import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import uuid  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -64,6 +67,40 @@ def python_without() -> Callable[..., subprocess.CompletedProcess]:
         return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
 
     return run
+
+
+def _ephemeral_ports() -> range:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return range(int(low), int(high) + 1)
+    except (OSError, ValueError):
+        return range(32768, 61000)  # Linux's default
+
+
+@pytest.fixture(scope="session")
+def free_port() -> Callable[[], int]:
+    """Gives a TCP port free on 127.0.0.1 for a server a test starts, a new one each call.
+
+    Not one the kernel picks for a bind to port 0: while a Ray node starts, its processes
+    bind and connect in numbers, and any of them may take such an ephemeral port before the
+    server binds it (a head's dashboard once failed so). The ports come from between Ray's
+    worker ports (10002-19999) and the ephemeral range, where only explicit binds land."""
+    ephemeral = _ephemeral_ports()
+    pool = [port for port in range(20000, 32768) if port not in ephemeral]
+    random.Random(os.getpid()).shuffle(pool)
+    candidates = iter(pool)
+
+    def pick() -> int:
+        for port in candidates:
+            with socket.socket() as probe:
+                try:
+                    probe.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            return port
+        raise RuntimeError("no free port left between 20000 and the ephemeral range")
+
+    return pick
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -263,12 +262,6 @@ print(json.dumps({"nodes": nodes, "actor_node": ray.get(where.node.remote(), tim
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def ray_temp_dir() -> Iterator[Path]:
     # Short and under /tmp: Ray's socket paths live in it and must stay under 107 bytes.
@@ -286,7 +279,7 @@ def group_alive(pgid: int) -> bool:
     )
 
 
-def test_local_cluster_script_starts_a_head_and_a_worker_with_fake_gpus(ray_temp_dir):
+def test_local_cluster_script_starts_a_head_and_a_worker_with_fake_gpus(ray_temp_dir, free_port):
     env = dict(os.environ)
     # The venv's `ray` first on PATH; no address or token of the caller's leaks in.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"

@@ -30,18 +30,12 @@ def _wait_for_ports(node: subprocess.Popen, ports: list[int]) -> None:
         wait_until(partial(listening, port), f"listener on port {port}", TIMEOUT, interval=0.5)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def head(tmp_path_factory, tiny_model_dir, process_group):
+def head(tmp_path_factory, tiny_model_dir, process_group, free_port):
     """A head node with the Ray Client server and the dashboard (for Ray Jobs), two edit
     slots, and a service config (tiny model, local store) written as YAML."""
     root = tmp_path_factory.mktemp("head")
-    ports = {"gcs": _free_port(), "client": _free_port(), "dashboard": _free_port()}
+    ports = {"gcs": free_port(), "client": free_port(), "dashboard": free_port()}
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     # Ray's socket paths are limited in length: a short temp dir under /tmp.
     temp_dir = Path(f"/tmp/fisedit-ray-{ports['gcs']}")

@@ -11,7 +11,6 @@ import base64
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -67,14 +66,8 @@ KEYS = {"alice": "alice-secret-key", "bob": "bob-secret-key"}
 BUCKET = "http-api"
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def config(tiny_model_dir, tmp_path_factory, s3_endpoint, s3_client) -> ServiceConfig:
+def config(tiny_model_dir, tmp_path_factory, s3_endpoint, s3_client, free_port) -> ServiceConfig:
     s3_client.create_bucket(Bucket=BUCKET)
     keys_file = tmp_path_factory.mktemp("secrets") / "api-keys.json"
     keys_file.write_text(json.dumps({tenant: hash_key(key) for tenant, key in KEYS.items()}))
@@ -89,7 +82,7 @@ def config(tiny_model_dir, tmp_path_factory, s3_endpoint, s3_client) -> ServiceC
         retry=RetryPolicy(attempts=3, backoff_s=0.2),
         call_timeout_s=TIMEOUT,
         http=HttpConfig(
-            port=_free_port(),
+            port=free_port(),
             api_keys_file=str(keys_file),
             max_in_flight_per_tenant=2,
             max_prompt_chars=200,

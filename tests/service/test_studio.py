@@ -62,21 +62,15 @@ CHROMIUM_FLAGS = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 _wait = partial(wait_until, timeout=TIMEOUT)
 
 
 @pytest.fixture(scope="module")
-def base_url(tmp_path_factory, tiny_model_dir, process_group):
+def base_url(tmp_path_factory, tiny_model_dir, process_group, free_port):
     """`fisedit serve` in its own process group (its Ray included), stopped by stopping that
     group."""
     root = tmp_path_factory.mktemp("serve")
-    port = _free_port()
+    port = free_port()
     env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
     command = [sys.executable, "-m", "fisedit.cli", "serve", "--port", str(port)]
     command += ["--store", str(root / "store"), "--model", tiny_model_dir]
