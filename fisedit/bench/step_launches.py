@@ -286,8 +286,6 @@ def _gather_tokens_bytes(bound: dict, grid) -> int:
 def _layernorm_rows_bytes(bound: dict, grid) -> int:
     elements = bound["P"] * grid[1] * bound["D"]
     moved = elements * (_element(bound, "rows_ptr") + _element(bound, "out_ptr"))
-    if bound["HAS_RESIDUAL"]:
-        moved += elements * (_element(bound, "res_ptr") + _element(bound, "sum_ptr"))
     moved += elements * _element(bound, "map_ptr") if bound["SCATTER"] else 0
     moved += _nbytes(bound["weight_ptr"]) if bound["HAS_WEIGHT"] else 0
     return moved + (_nbytes(bound["bias_ptr"]) if bound["HAS_BIAS"] else 0)

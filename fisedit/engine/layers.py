@@ -45,9 +45,11 @@ from fisedit.engine.kernels import tokens as token_kernels
 from fisedit.engine.kernels.launch import ChannelConcat, StepView, with_step_views
 from fisedit.engine.plan import LayerGeometry, SparsePlan
 from fisedit.engine.sparse_ops import (
+    attended_values,
     attention_over,
     key_value_parts,
     key_value_projection,
+    multi_head_attention,
     pointwise,
     stacked_linear,
 )
@@ -426,18 +428,14 @@ class SparseLayer(nn.Module):
         GroupNorm affine applied (raw twice without one)."""
         return self.kernel(token_kernels, "gather_tokens_affine", x)(x, index, norm_affine)
 
-    def summed_layer_norm(
-        self,
-        norm: nn.LayerNorm,
-        rows: torch.Tensor,
-        residual: torch.Tensor | None = None,
-        into: tuple[str, torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(rows + residual, its LayerNorm), as tokens [B, P, D]; with `into` = (key, index)
-        the LayerNorm also goes into rows `index` of this step's token map `key`."""
+    def layer_norm(
+        self, norm: nn.LayerNorm, rows: torch.Tensor, into: tuple[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """The LayerNorm of tokens [B, P, D]; with `into` = (key, index) it also goes into
+        rows `index` of this step's token map `key`."""
         out, index = (None, None) if into is None else (self.target(into[0]), into[1])
         layernorm = self.kernel(token_kernels, "layernorm_rows", rows)
-        return layernorm(rows, residual, norm.weight, norm.bias, norm.eps, out, index)
+        return layernorm(rows, norm.weight, norm.bias, norm.eps, out, index)
 
     def record_statistics(self, norm: MapGroupNorm, key: str) -> None:
         """Records the block statistics of `norm`'s input (a norm of this layer) under `key`
@@ -729,11 +727,11 @@ class SparseTransformer(SparseLayer):
         residual, normed = self.gather(x, index, affine)
         h = pointwise(model.proj_in, normed)
         for key, block in zip(self._block_keys, model.transformer_blocks, strict=True):
-            attended = self.self_attention(block, key, h, index)
-            h, normed = self.summed_layer_norm(block.norm2, attended, h)
+            h = self.self_attention(block, key, h, index)
+            normed = self.layer_norm(block.norm2, h)
             text = self.text.of(block.attn2, encoder_hidden_states)
-            attended = attention_over(block.attn2, normed, text)
-            h, normed = self.summed_layer_norm(block.norm3, attended, h)
+            h = self.attention(block.attn2, normed, text, residual=h)
+            normed = self.layer_norm(block.norm3, h)
             h = self.feed_forward(block.ff, normed, h)
         # proj_out as a 1x1 conv over the tokens, scattering its rows + residual into the map.
         as_map = h.transpose(1, 2).unsqueeze(2)
@@ -751,18 +749,33 @@ class SparseTransformer(SparseLayer):
     def self_attention(
         self, block: nn.Module, key: str, tokens: torch.Tensor, index: torch.Tensor
     ) -> torch.Tensor:
-        """attn1 of LayerNorm1(tokens) at the active tokens [B, P, D], recording what the
-        layer records for it under `key` (see the class docstring)."""
+        """tokens + attn1 of LayerNorm1(tokens), at the active tokens [B, P, D], recording
+        what the layer records for it under `key` (see the class docstring)."""
         attn, config = block.attn1, self.state.config
         if config.cached_keys_values:
-            _, queries = self.summed_layer_norm(block.norm1, tokens)
+            queries = self.layer_norm(block.norm1, tokens)
             keys_values = self.linear(queries, attn, key_value_projection, into=(key, index))
             core = self.kernel(attention_kernels, "attention", queries)
-            return attention_over(attn, queries, keys_values, core)
+            return self.attention(attn, queries, keys_values, tokens, core)
         # attn1's input map: cached, with the active rows set to the new ones.
-        _, queries = self.summed_layer_norm(block.norm1, tokens, into=(key, index))
+        queries = self.layer_norm(block.norm1, tokens, into=(key, index))
         context = queries if config.active_only_attention else self.target(key)
-        return attention_over(attn, queries, self.linear(context, attn, key_value_projection))
+        keys_values = self.linear(context, attn, key_value_projection)
+        return self.attention(attn, queries, keys_values, tokens)
+
+    def attention(
+        self,
+        attn: Attention,
+        queries: torch.Tensor,
+        keys_values: torch.Tensor | StepView,
+        residual: torch.Tensor,
+        core: Callable[..., torch.Tensor] = multi_head_attention,
+    ) -> torch.Tensor:
+        """residual + `attention_over(attn, queries, keys_values, core)`: the output
+        projection adds the residual, so the sum is written once (and the LayerNorm after
+        it reads one tensor, not two)."""
+        values = attended_values(attn, queries, keys_values, core)
+        return self.linear(values, attn.to_out[0], residual=residual)
 
     def token_taps(self, count: int, device: torch.device) -> torch.Tensor:
         """Taps [count, 1] that read token p of `count` tokens laid out as a 1 x count map.

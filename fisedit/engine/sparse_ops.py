@@ -112,7 +112,17 @@ def attention_over(
 ) -> torch.Tensor:
     """A diffusers `Attention` with queries from `queries` [B, P, D] and the context's keys
     and values [B, L, 2 * inner], projected by `key_value_projection`'s weights: on a subset
-    of the queries, the matching rows of the full attention. `core` is the attention between
-    the projections (`multi_head_attention`'s signature; a kernel reading a StepView)."""
-    out = core(attn.to_q(queries), keys_values, attn.heads, attn.scale)
-    return attn.to_out[0](out)
+    of the queries, the matching rows of the full attention."""
+    return attn.to_out[0](attended_values(attn, queries, keys_values, core))
+
+
+def attended_values(
+    attn: nn.Module,
+    queries: torch.Tensor,
+    keys_values: torch.Tensor,
+    core: Callable[..., torch.Tensor] = multi_head_attention,
+) -> torch.Tensor:
+    """`attention_over` before its output projection, [B, P, inner]. `core` is the attention
+    between the projections (`multi_head_attention`'s signature; a kernel reading a
+    StepView)."""
+    return core(attn.to_q(queries), keys_values, attn.heads, attn.scale)

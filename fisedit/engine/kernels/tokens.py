@@ -120,32 +120,26 @@ def _rows_tile(n_rows: int, dim: int) -> tuple[int, int]:
 
 def layernorm_rows_reference(
     rows: torch.Tensor,
-    residual: torch.Tensor | None,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
     eps: float,
     out: torch.Tensor | None = None,
     index: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows + residual, its LayerNorm over D with fp32 statistics), for tokens [B, P, D];
-    without a residual the sum is `rows` itself. The sum is rounded to its dtype before it
-    is normalised, as adding and then normalising would do. Given the token map `out`
-    [B, L, D] and `index` [P], the LayerNorm also goes into rows `index` of `out`, in place."""
-    summed = rows if residual is None else (rows + residual).to(rows.dtype)
+) -> torch.Tensor:
+    """The LayerNorm of tokens [B, P, D] over D with fp32 statistics. Given the token map
+    `out` [B, L, D] and `index` [P], it also goes into rows `index` of `out`, in place."""
     weight = None if weight is None else weight.float()
     bias = None if bias is None else bias.float()
-    normed = F.layer_norm(summed.float(), summed.shape[-1:], weight, bias, eps).to(rows.dtype)
+    normed = F.layer_norm(rows.float(), rows.shape[-1:], weight, bias, eps).to(rows.dtype)
     if out is not None:
         out[:, index] = normed.to(out.dtype)
-    return summed, normed
+    return normed
 
 
 @triton.jit(do_not_specialize=["P"])
 def _layernorm_rows_kernel(
     rows_ptr,
-    res_ptr,
     index_ptr,
-    sum_ptr,
     map_ptr,
     map_step_ptr,
     weight_ptr,
@@ -157,21 +151,17 @@ def _layernorm_rows_kernel(
     sr_b,
     sr_p,
     sr_d,
-    sres_b,
-    sres_p,
-    sres_d,
     sm_s,
     sm_b,
     sm_l,
     sm_d,
-    HAS_RESIDUAL: tl.constexpr,
     SCATTER: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    # One program sums and normalises BLOCK_P token rows, each held whole in registers.
+    # One program normalises BLOCK_P token rows, each held whole in registers.
     offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     b = tl.program_id(1)
     offs = tl.arange(0, BLOCK_D)
@@ -179,14 +169,7 @@ def _layernorm_rows_kernel(
     mask = (offs_p < P)[:, None] & d_mask[None, :]
     x = tl.load(
         rows_ptr + b * sr_b + offs_p[:, None] * sr_p + offs[None, :] * sr_d, mask=mask, other=0.0
-    )
-    out_offs = (b * P + offs_p)[:, None] * D + offs[None, :]
-    if HAS_RESIDUAL:
-        res_offs = b * sres_b + offs_p[:, None] * sres_p + offs[None, :] * sres_d
-        res = tl.load(res_ptr + res_offs, mask=mask, other=0.0)
-        x = (x.to(tl.float32) + res.to(tl.float32)).to(sum_ptr.dtype.element_ty)
-        tl.store(sum_ptr + out_offs, x, mask=mask)
-    x = x.to(tl.float32)
+    ).to(tl.float32)
     mean = tl.sum(x, axis=1) / D
     centred = tl.where(mask, x - mean[:, None], 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / D + eps)
@@ -196,6 +179,7 @@ def _layernorm_rows_kernel(
     if HAS_BIAS:
         y = y + tl.load(bias_ptr + offs, mask=d_mask).to(tl.float32)[None, :]
     y = y.to(out_ptr.dtype.element_ty)
+    out_offs = (b * P + offs_p)[:, None] * D + offs[None, :]
     tl.store(out_ptr + out_offs, y, mask=mask)
     if SCATTER:
         map_ptr += tl.load(map_step_ptr) * sm_s
@@ -206,29 +190,25 @@ def _layernorm_rows_kernel(
 
 def layernorm_rows(
     rows: torch.Tensor,
-    residual: torch.Tensor | None,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
     eps: float,
     out: torch.Tensor | StepView | None = None,
     index: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> torch.Tensor:
     """`layernorm_rows_reference` as one kernel (`out` may be a StepView)."""
     batch, n_rows, dim = rows.shape
     if (out is None) != (index is None):
         raise ValueError("out and index go together")
-    summed = rows if residual is None else torch.empty_like(rows)
     normed = torch.empty(batch, n_rows, dim, dtype=rows.dtype, device=rows.device)
     if normed.numel() == 0:
-        return summed, normed
+        return normed
     base, step, step_stride = step_addressed(normed if out is None else out)
     block_p, block_d = _rows_tile(n_rows, dim)
     grid = (triton.cdiv(n_rows, block_p), batch)
     launcher(_layernorm_rows_kernel, rows.device)[grid](
         rows,
-        rows if residual is None else residual,
         rows if index is None else index.contiguous(),
-        summed,
         base,
         step,
         rows if weight is None else weight.contiguous(),
@@ -238,14 +218,12 @@ def layernorm_rows(
         dim,
         float(eps),
         *rows.stride(),
-        *(residual.stride() if residual is not None else (0, 0, 0)),
         step_stride,
         *(out.stride() if out is not None else (0, 0, 0)),
-        HAS_RESIDUAL=residual is not None,
         SCATTER=index is not None,
         HAS_WEIGHT=weight is not None,
         HAS_BIAS=bias is not None,
         BLOCK_P=block_p,
         BLOCK_D=block_d,
     )
-    return summed, normed
+    return normed
