@@ -22,7 +22,13 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from fisedit.engine.config import DType, EditConfig, EditParams, GenerationParams
+from fisedit.engine.config import (
+    DType,
+    EditConfig,
+    EditParams,
+    GenerationParams,
+    SparseConfig,
+)
 from fisedit.storage import StorageError
 
 DEMO_PROMPTS = [
@@ -451,11 +457,17 @@ def bench(args: argparse.Namespace) -> None:
         _options(GenerationParams, prompt="bench", steps=args.steps)
     if args.repeats is not None and args.repeats < 1:
         raise UsageError(f"--repeats: must be at least 1 (got {args.repeats})")
+    sparse = _options(
+        SparseConfig,
+        kernels=args.kernels,
+        cached_keys_values=args.cached_keys_values,
+        split_k_partials=args.split_k_partials,
+    )
     _check_device(args.device)
     import torch
 
     from fisedit.bench.edit_bench import MODELS, run_benchmark
-    from fisedit.engine.config import EngineConfig, SparseConfig
+    from fisedit.engine.config import EngineConfig
     from fisedit.engine.model_shapes import UNET_SHAPES
 
     models = ("tiny",) if args.tiny else tuple(args.models.split(",") if args.models else MODELS)
@@ -471,7 +483,7 @@ def bench(args: argparse.Namespace) -> None:
         repeats=args.repeats or BENCH_REPEATS[args.tiny],
         out=Path(args.out),
         engine_config=EngineConfig(
-            sparse=SparseConfig(kernels=args.kernels, cached_keys_values=args.cached_keys_values),
+            sparse=sparse,
             channels_last=args.channels_last,
             cuda_graphs=args.cuda_graphs,
         ),
@@ -664,6 +676,14 @@ def _parser() -> argparse.ArgumentParser:
         default=False,
         help="cache self-attention's keys and values, not its input (fewer MACs per sparse "
         "step, a larger cache; default: off)",
+    )
+    sub.add_argument(
+        "--split-k-partials",
+        type=float,
+        default=SparseConfig.model_fields["split_k_partials"].default,
+        metavar="FRACTION",
+        help="most bytes a sparse conv's split-K partial sums may move, as a fraction of its "
+        "weights' (0: never split; default: %(default)s)",
     )
     sub.add_argument(
         "--channels-last",

@@ -312,6 +312,10 @@ def _blank_png(path: Path, size: int) -> str:
             ],
             "mask size (100, 100) matches neither the latent size (32, 32)",
         ),  # fmt: skip
+        (
+            lambda s, t: ["bench", "--tiny", "--split-k-partials", "-1"],
+            "--split-k-partials: Input should be greater than or equal to 0 (got -1.0)",
+        ),
     ],
     ids=[
         "blank-prompt",
@@ -325,6 +329,7 @@ def _blank_png(path: Path, size: int) -> str:
         "missing-mask",
         "empty-mask",
         "mask-size",
+        "split-k-partials",
     ],
 )
 def test_bad_input_fails_before_the_model_loads(session_dir, tmp_path, make_args, message):

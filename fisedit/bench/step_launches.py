@@ -477,9 +477,19 @@ def main() -> None:
         action="store_true",
         help="with SparseConfig(cached_keys_values=True): self-attention's keys and values cached",
     )
+    parser.add_argument(
+        "--split-k-partials",
+        type=float,
+        default=SparseConfig.model_fields["split_k_partials"].default,
+        metavar="FRACTION",
+        help="SparseConfig.split_k_partials: most bytes a conv's split-K partial sums may "
+        "move, as a fraction of its weights' (default: %(default)s)",
+    )
     parser.add_argument("--out", type=Path, help="write the figures as JSON here")
     args = parser.parse_args()
-    sparse = SparseConfig(cached_keys_values=args.cached_keys_values)
+    sparse = SparseConfig(
+        cached_keys_values=args.cached_keys_values, split_k_partials=args.split_k_partials
+    )
     payload: dict = {
         "device": "meta (no GPU): launches and bytes counted, "
         + ("kernels compiled for sm_90, " if args.compile else "")

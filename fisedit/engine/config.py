@@ -67,6 +67,15 @@ class SparseConfig(BaseModel):
         "them), so edits with similar masks share compiled kernels and captured graphs. "
         "Not with active_only_attention, whose keys are the active tokens themselves.",
     )
+    split_k_partials: float = Field(
+        1.0,
+        ge=0,
+        description="Most bytes a Triton sparse conv's split-K partial sums may move "
+        "(written, then read), as a fraction of the conv's weight bytes. Splitting the K "
+        "loop fills a GPU when few pixels are active; its partial sums are the cost. 0 "
+        "never splits. Lower values move fewer bytes per sparse step; whether they run "
+        "slower is for a GPU benchmark to say (`fisedit bench --split-k-partials`).",
+    )
     kernels: Literal["auto", "triton", "reference", "dense"] = Field(
         "auto",
         description="Fused Triton kernels or their PyTorch references; auto: Triton on CUDA "

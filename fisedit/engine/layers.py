@@ -393,7 +393,12 @@ class SparseLayer(nn.Module):
         if not self.state.use_triton(x):
             return with_step_views(conv_kernels.sparse_conv2d_reference)(*args)
         packed = self.packed(conv, lambda c: conv_kernels.pack_conv_weight(c.weight))
-        return conv_kernels.sparse_conv2d_triton(*args, packed_weight=packed, split_k=split_k)
+        return conv_kernels.sparse_conv2d_triton(
+            *args,
+            packed_weight=packed,
+            split_k=split_k,
+            partial_budget=self.state.config.split_k_partials,
+        )
 
     def packed(self, module: nn.Module, pack: Callable[[nn.Module], Any]) -> Any:
         """`pack(module)`: weights arranged for the sparse pass, computed once."""

@@ -12,7 +12,8 @@ across programs: each split writes a partial sum, and a finalise pass of the sam
 the partials in fp32 in a fixed order (deterministic, no atomics) before the epilogue. A split
 pays where the weights are what the conv waits on (few rows, many channels: more programs
 pull them at once); where the rows are many and the weights small, the partials would move
-more bytes than the weights, so such a conv runs unsplit.
+more bytes than the weights, so such a conv runs unsplit (`partial_budget`, from
+`SparseConfig.split_k_partials`, sets that bound as a fraction of the weights' bytes).
 
 The partials are in the conv's dtype: in fp16 or bf16, half the bytes of fp32, and rounding
 a partial costs far less than rounding the output already does. On an SD 1.5 16x16-level
@@ -261,12 +262,12 @@ def _programs_wanted(device: torch.device) -> int:
 
 
 def _auto_split_k(
-    tiles: int, k_chunks: int, partial_bytes: int, weight_bytes: int, device: torch.device
+    tiles: int, k_chunks: int, partial_bytes: int, budget_bytes: float, device: torch.device
 ) -> int:
     """Enough splits to give about two programs per SM, when the output tiles alone do not,
     as long as the partials (each split writes `partial_bytes`, the finalise pass reads
-    them) move no more bytes than the weights."""
-    affordable = weight_bytes // (2 * partial_bytes)
+    them) move no more than `budget_bytes`."""
+    affordable = int(budget_bytes // (2 * partial_bytes))
     wanted = triton.cdiv(_programs_wanted(device), tiles)
     return max(1, min(wanted, affordable, k_chunks, MAX_SPLIT_K))
 
@@ -284,12 +285,14 @@ def sparse_conv2d_triton(
     *,
     packed_weight: torch.Tensor | None = None,
     split_k: int | None = None,
+    partial_budget: float = 1.0,
 ) -> torch.Tensor:
     """`sparse_conv2d_reference` as one fused Triton kernel (plus a finalise pass if split).
 
     `packed_weight` (from `pack_conv_weight`) replaces `weight`, so callers can pack once.
     `split_k` splits the K loop (taps x channel chunks) across that many programs; by default
-    it is chosen from the grid size.
+    it is chosen from the grid size, with partial sums that move at most `partial_budget`
+    times the weights' bytes.
     """
     batch, channels, _, width = x.shape
     n_pix, n_taps = taps.shape
@@ -325,7 +328,7 @@ def sparse_conv2d_triton(
         weight_bytes = packed_weight.numel() * packed_weight.element_size()
         partial_bytes = rows * c_out * x.dtype.itemsize
         split_k = _auto_split_k(
-            tiles[0] * tiles[1], k_chunks, partial_bytes, weight_bytes, x.device
+            tiles[0] * tiles[1], k_chunks, partial_bytes, partial_budget * weight_bytes, x.device
         )
     split_k = max(1, min(split_k, k_chunks))
     chunks_per_split = triton.cdiv(k_chunks, split_k)

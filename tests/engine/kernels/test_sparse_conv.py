@@ -185,6 +185,26 @@ def test_split_k_by_default_only_where_its_partials_move_fewer_bytes_than_the_we
     assert len(launches) == (1 if expected_splits == 1 else 2)
 
 
+@pytest.mark.parametrize(
+    ("partial_budget", "expected_splits"),
+    # 16x16 maps of 1280 channels, SD 1.5 at 15%: each split's fp16 partials take 320 KiB,
+    # written and read, against 28 MiB of weights. 7 splits fill the GPU.
+    [(1.0, 7), (0.25, 7), (0.125, 5), (0.0, 1)],
+)
+def test_a_partial_budget_caps_the_bytes_the_splits_move(partial_budget, expected_splits):
+    x = torch.empty(2, 1280, 16, 16, dtype=torch.float16, device="meta")
+    taps = torch.empty(64, 9, dtype=torch.long, device="meta")
+    weight = torch.empty(1280, 1280, 3, 3, dtype=torch.float16, device="meta")
+
+    with recording_launches(multiprocessors=132) as launches:
+        sparse_conv2d_triton(x, taps, weight, partial_budget=partial_budget)
+
+    splits = launches[0].grid[2] if launches[0].kwargs["PARTIAL"] else 1
+    assert splits == expected_splits
+    partial_bytes = 2 * splits * 128 * 1280 * 2 if splits > 1 else 0
+    assert partial_bytes <= partial_budget * weight.numel() * 2
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_split_k_partials_are_in_the_convs_dtype(dtype):
     x = torch.empty(2, 1280, 16, 16, dtype=dtype, device="meta")
