@@ -463,6 +463,7 @@ def bench(args: argparse.Namespace) -> None:
         cached_keys_values=args.cached_keys_values,
         split_k_partials=args.split_k_partials,
     )
+    compare = tuple(_compared_sparse(sparse, options) for options in args.compare_sparse)
     _check_device(args.device)
     import torch
 
@@ -487,7 +488,19 @@ def bench(args: argparse.Namespace) -> None:
             channels_last=args.channels_last,
             cuda_graphs=args.cuda_graphs,
         ),
+        compare=compare,
     )
+
+
+def _compared_sparse(sparse: SparseConfig, options: str) -> SparseConfig:
+    """`sparse` with the comma-separated `field=value` options of --compare-sparse."""
+    pairs = [option.partition("=") for option in options.split(",")]
+    if any(not key or not sep or not value for key, sep, value in pairs):
+        raise UsageError(f"--compare-sparse: expected field=value[,field=value], got {options!r}")
+    try:
+        return SparseConfig(**{**sparse.model_dump(), **{k: v for k, _, v in pairs}})
+    except ValidationError as error:
+        raise UsageError(f"--compare-sparse {options}: {_describe(error)}") from None
 
 
 def _bounds(model: type[BaseModel], field: str) -> str:
@@ -684,6 +697,15 @@ def _parser() -> argparse.ArgumentParser:
         metavar="FRACTION",
         help="most bytes a sparse conv's split-K partial sums may move, as a fraction of its "
         "weights' (0: never split; default: %(default)s)",
+    )
+    sub.add_argument(
+        "--compare-sparse",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE[,...]",
+        help="also time the edit at a 15%% mask with these SparseConfig fields changed, side "
+        "by side, e.g. cached_keys_values=true,split_k_partials=0.125; repeatable "
+        "(default: none)",
     )
     sub.add_argument(
         "--channels-last",

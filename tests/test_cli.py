@@ -316,6 +316,14 @@ def _blank_png(path: Path, size: int) -> str:
             lambda s, t: ["bench", "--tiny", "--split-k-partials", "-1"],
             "--split-k-partials: Input should be greater than or equal to 0 (got -1.0)",
         ),
+        (
+            lambda s, t: ["bench", "--tiny", "--compare-sparse", "cached_keys_values"],
+            "--compare-sparse: expected field=value[,field=value], got 'cached_keys_values'",
+        ),
+        (
+            lambda s, t: ["bench", "--tiny", "--compare-sparse", "block_size=1,blocks=2"],
+            "--compare-sparse block_size=1,blocks=2: blocks: Extra inputs are not permitted",
+        ),
     ],
     ids=[
         "blank-prompt",
@@ -330,6 +338,8 @@ def _blank_png(path: Path, size: int) -> str:
         "empty-mask",
         "mask-size",
         "split-k-partials",
+        "compare-sparse-form",
+        "compare-sparse-field",
     ],
 )
 def test_bad_input_fails_before_the_model_loads(session_dir, tmp_path, make_args, message):

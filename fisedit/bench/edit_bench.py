@@ -38,7 +38,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from fisedit.engine.cache import ActivationCache
-from fisedit.engine.config import EngineConfig
+from fisedit.engine.config import EngineConfig, SparseConfig
 from fisedit.engine.layers import MacCount
 from fisedit.engine.model_shapes import UNET_SHAPES
 from fisedit.engine.models import DiffusionModel, build_tiny_model, load_model
@@ -442,6 +442,7 @@ class ModelBench:
         k: int,
         dense_step: Timing,
         repeats: int,
+        method: str = "fisedit",
     ) -> BenchRun:
         """FISEdit's edits over `mask` after k dense steps, compared with `dense_step`.
 
@@ -471,7 +472,7 @@ class ModelBench:
         }
         return BenchRun(
             model=self.name,
-            method="fisedit",
+            method=method,
             mask=mask_name,
             mask_ratio=report.mask_ratio,
             k=k,
@@ -552,10 +553,12 @@ def bench_model(
     repeats: int,
     engine_config: EngineConfig,
     results: BenchResults,
+    compare: tuple[SparseConfig, ...] = (),
 ) -> None:
     """Dense eager, dense compiled (optional) and FISEdit runs for one model shape, and a
     per-layer profile of a dense and a sparse step at a 15% mask, each added to `results`
-    as it finishes. A measurement that fails is recorded as an error and the others go on."""
+    as it finishes; then FISEdit's edit at that mask under each sparse config of `compare`.
+    A measurement that fails is recorded as an error and the others go on."""
     with tempfile.TemporaryDirectory() as workdir:
         model = _model(name, device, dtype, workdir)
     clock = Clock(model.device)
@@ -599,6 +602,39 @@ def bench_model(
         errors, f"{name} kernel profile", bench.profile_kernels, engine, base, mask, repeats
     )
     results.add([], [p for ps in layers for p in ps], [k for ks in kernels for k in ks])
+    del engine, base, bench, model  # frees their caches for the compared configs'
+    for sparse in compare:
+        method = compared_method(config.sparse, sparse)
+        compared = config.model_copy(update={"sparse": sparse})
+        args = (name, dtype, steps, clock, compared, method, dense_step, repeats)
+        results.add(_attempt(errors, f"{name} {method}", _compared_edit, *args))
+
+
+def compared_method(main: SparseConfig, compared: SparseConfig) -> str:
+    """A compared config's method name: fisedit and its options that differ from `main`."""
+    changed = compared.model_dump().items() - main.model_dump().items()
+    return " ".join(["fisedit", *(f"{key}={value}" for key, value in sorted(changed))])
+
+
+def _compared_edit(
+    name: str,
+    dtype: torch.dtype,
+    steps: int,
+    clock: Clock,
+    config: EngineConfig,
+    method: str,
+    dense_step: Timing,
+    repeats: int,
+) -> BenchRun:
+    """FISEdit's edit over a 15% square mask under `config`, on a model of its own (an engine
+    wraps its model's layers in place) built like the first, against its `dense_step`."""
+    with tempfile.TemporaryDirectory() as workdir:
+        model = _model(name, config.device, dtype, workdir)
+    engine = Engine(model, config)
+    base = engine.generate(PROMPT, steps=steps, seed=0)
+    mask = square_mask(model.latent_shape[1], 0.15)
+    bench = ModelBench(name, model, steps, clock)
+    return bench.fisedit(engine, base, "square-15", mask, 0, dense_step, repeats, method)
 
 
 def _attempt(errors: list[dict], what: str, measure: Callable, *args) -> list:
@@ -659,7 +695,11 @@ def plot(runs: list[BenchRun], path: Path, title: str) -> None:
     for model in dict.fromkeys(run.model for run in runs):
         mine = [r for r in runs if r.model == model]
         dense = {r.method: r.end_to_end_ms for r in mine if r.mask is None}
-        squares = (r for r in mine if r.k == 0 and (r.mask or "").startswith("square"))
+        squares = (
+            r
+            for r in mine
+            if r.method == "fisedit" and r.k == 0 and (r.mask or "").startswith("square")
+        )
         edits = sorted(squares, key=lambda r: r.mask_ratio)
         ratios = [r.mask_ratio for r in edits]
         for method, style in (("dense-eager", "o-"), ("dense-compiled", "s--")):
@@ -728,11 +768,14 @@ def run_benchmark(
     repeats: int = 10,
     out: Path = Path("bench/results"),
     engine_config: EngineConfig | None = None,
+    compare: tuple[SparseConfig, ...] = (),
 ) -> Path:
     """Runs every model and writes the results after each case; returns the JSON path.
 
     `engine_config` sets FISEdit's sparse config, layout and graphs (device and dtype come
-    from the arguments). Failures are recorded under "errors" in the JSON."""
+    from the arguments); each sparse config of `compare` times FISEdit's edit at a 15%
+    square mask once more, side by side in the same process (method "fisedit" and the
+    options that differ). Failures are recorded under "errors" in the JSON."""
     engine_config = engine_config or EngineConfig()
     on_gpu = torch.device(device).type == "cuda"
     dtype = dtype or (torch.float16 if on_gpu else torch.float32)
@@ -741,12 +784,13 @@ def run_benchmark(
     meta.update(
         torch=torch.__version__,
         sparse=engine_config.sparse.model_dump(),
+        compared=[config.model_dump() for config in compare],
         channels_last=engine_config.channels_last,
         cuda_graphs=engine_config.cuda_graphs,
     )
     results = BenchResults(device, out, meta)
     for name in models:
-        args = (name, device, dtype, steps, compile, repeats, engine_config, results)
+        args = (name, device, dtype, steps, compile, repeats, engine_config, results, compare)
         _attempt(results.errors, name, bench_model, *args)
     path = results.write()
     noisy = sum(run.noisy for run in results.runs)

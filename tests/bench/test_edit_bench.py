@@ -61,6 +61,7 @@ def test_a_row_shows_each_spread_and_flags_a_noisy_case():
 
 def test_cpu_smoke_run_writes_well_formed_results(tmp_path):
     command = [sys.executable, "-m", "fisedit.cli", "bench", "--device", "cpu", "--tiny"]
+    command += ["--compare-sparse", "cached_keys_values=true"]
     with subprocess.Popen(
         [*command, "--out", str(tmp_path)], stdout=subprocess.PIPE, text=True
     ) as bench:
@@ -85,19 +86,27 @@ def test_cpu_smoke_run_writes_well_formed_results(tmp_path):
     data = json.loads(result.read_text())
     assert data["device"] == "cpu" and data["steps"] == 12
     assert data["sparse"]["kernels"] == "auto" and data["sparse"]["block_size"] == 2
+    assert [config["cached_keys_values"] for config in data["compared"]] == [True]
     assert data["channels_last"] is True and data["cuda_graphs"] is True
     assert data["errors"] == []
     runs = data["runs"]
     assert len([line for line in rest.splitlines() if line.startswith("tiny ")]) == len(runs) - 1
     for run in runs:  # medians with their spread, noisy exactly where a spread is too wide
-        sparse = {"sparse_step"} if run["method"] == "fisedit" else set()
+        sparse = {"sparse_step"} if run["method"].startswith("fisedit") else set()
         expected = {"dense_step", "end_to_end"} | sparse
         assert set(run["spread"]) == expected and all(v >= 0 for v in run["spread"].values())
         assert run["noisy"] == any(v > NOISY_SPREAD for v in run["spread"].values())
         assert run["spread"]["end_to_end"] > 0  # repeated on CPU
-    assert {r["method"] for r in runs} == {"dense-eager", "fisedit"}
+    compared = "fisedit cached_keys_values=True"
+    assert {r["method"] for r in runs} == {"dense-eager", "fisedit", compared}
     assert all(r["model"] == "tiny" for r in runs)
     edits = [r for r in runs if r["method"] == "fisedit"]
+    # The compared config's edit, side by side: the same mask, fewer MACs, a larger cache.
+    (other,) = (r for r in runs if r["method"] == compared)
+    (same,) = (r for r in edits if r["mask"] == other["mask"] == "square-15" and r["k"] == 0)
+    assert other["mask_ratio"] == same["mask_ratio"] and other["sparse_step_ms"] > 0
+    assert other["sparse_step_mac_fraction"] < same["sparse_step_mac_fraction"]
+    assert other["cache_bytes"] > same["cache_bytes"]
     assert {r["mask"] for r in edits} == {"square-5", "square-15", "square-30", "irregular-15"}
     assert {r["k"] for r in edits} == {0, 3, 10}
     for run in edits:
