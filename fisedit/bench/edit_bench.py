@@ -720,13 +720,14 @@ def plot(runs: list[BenchRun], path: Path, title: str) -> None:
 
 
 TABLE_HEADER = (
-    "model       method          mask          k  dense step ms    sparse step ms  "
-    "end-to-end ms     MACs   eff"
+    "model       mask          k  dense step ms    sparse step ms  end-to-end ms     MACs"
+    "   eff  method"
 )
 
 
 def table_row(run: BenchRun) -> str:
-    """One case: each time as median ± spread, and NOISY where comparisons are meaningless."""
+    """One case: each time as median ± spread, and NOISY where comparisons are meaningless.
+    The method comes last: a compared config's name is as long as its changed options."""
 
     def timing(ms: float | None, spread_key: str, width: int) -> str:
         if ms is None:
@@ -735,11 +736,11 @@ def table_row(run: BenchRun) -> str:
 
     eff = f"{run.sparse_step_efficiency:5.2f}" if run.sparse_step_efficiency else " " * 5
     return (
-        f"{run.model:11} {run.method:15} {run.mask or '-':12} {run.k:2} "
+        f"{run.model:11} {run.mask or '-':12} {run.k:2} "
         f"{timing(run.dense_step_ms, 'dense_step', 9)}  "
         f"{timing(run.sparse_step_ms, 'sparse_step', 9)}  "
         f"{timing(run.end_to_end_ms, 'end_to_end', 9)}  "
-        f"{run.mac_fraction:5.2f} {eff}" + ("  NOISY" if run.noisy else "")
+        f"{run.mac_fraction:5.2f} {eff}  {run.method}" + ("  NOISY" if run.noisy else "")
     )
 
 
