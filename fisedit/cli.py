@@ -704,8 +704,8 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         metavar="FIELD=VALUE[,...]",
         help="also time the edit at a 15%% mask with these SparseConfig fields changed, side "
-        "by side, e.g. cached_keys_values=true,split_k_partials=0.125; repeatable "
-        "(default: none)",
+        "by side, and profile its sparse step's kernels, e.g. "
+        "cached_keys_values=true,split_k_partials=0.125; repeatable (default: none)",
     )
     sub.add_argument(
         "--channels-last",

@@ -122,6 +122,9 @@ class KernelTime(BaseModel):
     step: str
     """"dense" or "sparse"."""
     kernel: str
+    method: str = "fisedit"
+    """The config whose step it is: "fisedit", or a compared config's method (its sparse
+    step only), where the profile says what its options cost."""
     calls: float
     """Launches per step."""
     ms: float
@@ -390,20 +393,33 @@ class ModelBench:
         ]
 
     def profile_kernels(
-        self, engine: Engine, base: EditSession, mask: torch.Tensor, repeats: int
+        self,
+        engine: Engine,
+        base: EditSession,
+        mask: torch.Tensor,
+        repeats: int,
+        method: str = "fisedit",
+        steps: tuple[str, ...] = ("dense", "sparse"),
     ) -> list[KernelTime]:
-        """Each kernel's time in an eager dense step and an eager sparse step over `mask`:
-        where a step's time goes, beside what `fisedit.bench.step_launches` counts."""
+        """Each kernel's time in an eager dense step and an eager sparse step over `mask`
+        (those of `steps`): where a step's time goes, beside what
+        `fisedit.bench.step_launches` counts."""
         call, cuda = self.unet_call(engine.model.unet), engine.model.device.type == "cuda"
-        with self.eager_dense_steps(engine):
-            dense = kernel_times(call, repeats, cuda)
-        with self.eager_sparse_steps(engine, base, mask):
-            sparse = kernel_times(call, repeats, cuda)
-        return [
-            KernelTime(model=self.name, step=step, kernel=kernel, calls=calls, ms=ms)
-            for step, times in (("dense", dense), ("sparse", sparse))
-            for kernel, (calls, ms) in times.items()
-        ]
+        eager = {
+            "dense": lambda: self.eager_dense_steps(engine),
+            "sparse": lambda: self.eager_sparse_steps(engine, base, mask),
+        }
+        kernels = []
+        for step in steps:
+            with eager[step]():
+                times = kernel_times(call, repeats, cuda)
+            kernels += [
+                KernelTime(
+                    model=self.name, step=step, kernel=kernel, method=method, calls=calls, ms=ms
+                )
+                for kernel, (calls, ms) in times.items()
+            ]
+        return kernels
 
     def dense(self, method: str, unet, repeats: int) -> BenchRun:
         pipeline = _pipeline(self.model)
@@ -557,7 +573,8 @@ def bench_model(
 ) -> None:
     """Dense eager, dense compiled (optional) and FISEdit runs for one model shape, and a
     per-layer profile of a dense and a sparse step at a 15% mask, each added to `results`
-    as it finishes; then FISEdit's edit at that mask under each sparse config of `compare`.
+    as it finishes; then FISEdit's edit at that mask under each sparse config of `compare`,
+    with its sparse step's kernel profile.
     A measurement that fails is recorded as an error and the others go on."""
     with tempfile.TemporaryDirectory() as workdir:
         model = _model(name, device, dtype, workdir)
@@ -608,8 +625,8 @@ def bench_model(
     for sparse in compare:
         method = _compared_method(config.sparse, sparse)
         compared = config.model_copy(update={"sparse": sparse})
-        args = (name, dtype, steps, clock, compared, method, dense_step, repeats)
-        results.add(_attempt(errors, f"{name} {method}", _compared_edit, *args))
+        args = (name, dtype, steps, clock, compared, method, dense_step, repeats, results)
+        _attempt(errors, f"{name} {method}", _compared_edit, *args)
 
 
 def _compared_method(main: SparseConfig, compared: SparseConfig) -> str:
@@ -627,16 +644,32 @@ def _compared_edit(
     method: str,
     dense_step: Timing,
     repeats: int,
-) -> BenchRun:
+    results: BenchResults,
+) -> None:
     """FISEdit's edit over a 15% square mask under `config`, on a model of its own (an engine
-    wraps its model's layers in place) built like the first, against its `dense_step`."""
+    wraps its model's layers in place) built like the first, against its `dense_step`; then
+    its sparse step's kernel profile, which says where a difference in time comes from (a
+    kernel only that config runs, say). Each is added to `results` as it finishes."""
     with tempfile.TemporaryDirectory() as workdir:
         model = _model(name, config.device, dtype, workdir)
     engine = Engine(model, config)
     base = engine.generate(PROMPT, steps=steps, seed=0)
     mask = square_mask(model.latent_shape[1], 0.15)
     bench = ModelBench(name, model, steps, clock)
-    return bench.fisedit(engine, base, "square-15", mask, 0, dense_step, repeats, method)
+    results.add([bench.fisedit(engine, base, "square-15", mask, 0, dense_step, repeats, method)])
+    what = f"{name} {method} kernel profile"
+    kernels = _attempt(
+        results.errors,
+        what,
+        bench.profile_kernels,
+        engine,
+        base,
+        mask,
+        repeats,
+        method,
+        ("sparse",),
+    )
+    results.add([], kernels=[k for ks in kernels for k in ks])
 
 
 def _attempt(errors: list[dict], what: str, measure: Callable, *args) -> list:
@@ -745,16 +778,17 @@ def table_row(run: BenchRun) -> str:
 
 
 def kernel_table(kernels: list[KernelTime], top: int = 10) -> list[str]:
-    """Each model's costliest kernels in its sparse step: milliseconds and share of the
-    step's profiled time, and launches, per step."""
+    """Each model's costliest kernels in its sparse step (and in each compared config's):
+    milliseconds and share of the step's profiled time, and launches, per step."""
     lines = []
-    for model in dict.fromkeys(k.model for k in kernels):
-        sparse = [k for k in kernels if k.model == model and k.step == "sparse"]
+    for model, method in dict.fromkeys((k.model, k.method) for k in kernels):
+        sparse = [k for k in kernels if (k.model, k.method, k.step) == (model, method, "sparse")]
         total = sum(k.ms for k in sparse)
+        step = f"the {model} sparse step" + ("" if method == "fisedit" else f" ({method})")
         if not total:
-            lines.append(f"kernels of the {model} sparse step: the profiler recorded none")
+            lines.append(f"kernels of {step}: the profiler recorded none")
             continue
-        lines.append(f"costliest kernels of the {model} sparse step ({total:.2f} ms profiled):")
+        lines.append(f"costliest kernels of {step} ({total:.2f} ms profiled):")
         lines += [
             f"  {k.ms:9.3f} ms {k.ms / total:4.0%} {k.calls:6g}x  {k.kernel[:90]}"
             for k in sparse[:top]

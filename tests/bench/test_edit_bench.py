@@ -126,10 +126,13 @@ def test_cpu_smoke_run_writes_well_formed_results(tmp_path):
     # At the latent resolution only the mask's blocks are active; 8x8 layers run dense.
     assert 0 < layers["conv_in"]["active_fraction"] < 0.5
     assert layers["mid_block.resnets.0"]["active_fraction"] == 1.0
-    # The kernel profile: on CPU, PyTorch operators per step, most time first.
-    kernels = {"dense": {}, "sparse": {}}
+    # The kernel profile: on CPU, PyTorch operators per step, most time first; the compared
+    # config's sparse step has one of its own.
+    kernels = {("fisedit", "dense"): {}, ("fisedit", "sparse"): {}, (compared, "sparse"): {}}
     for kernel in data["kernels"]:
-        kernels[kernel["step"]][kernel["kernel"]] = (kernel["calls"], kernel["ms"])
+        times = kernels[kernel["method"], kernel["step"]]
+        times[kernel["kernel"]] = (kernel["calls"], kernel["ms"])
+    assert all(kernels.values())
     for times in kernels.values():
         assert all(calls > 0 and ms >= 0 for calls, ms in times.values())
         assert [ms for _, ms in times.values()] == sorted(
@@ -137,10 +140,11 @@ def test_cpu_smoke_run_writes_well_formed_results(tmp_path):
         )
     # A sparse step runs GroupNorm only where its layer runs dense; where it runs sparse,
     # the statistics are merged from blocks (no reduction of the whole map).
-    norms = kernels["dense"]["aten::native_group_norm"][0]
-    assert 0 < kernels["sparse"]["aten::native_group_norm"][0] < norms
-    assert "aten::var_mean" not in kernels["sparse"]
-    assert "costliest kernels of the tiny sparse step" in rest
+    dense, sparse = kernels["fisedit", "dense"], kernels["fisedit", "sparse"]
+    assert 0 < sparse["aten::native_group_norm"][0] < dense["aten::native_group_norm"][0]
+    assert "aten::var_mean" not in sparse
+    assert "costliest kernels of the tiny sparse step (" in rest
+    assert f"costliest kernels of the tiny sparse step ({compared}) (" in rest
 
 
 def test_a_run_writes_one_pair_of_files_named_by_the_day_it_started(tmp_path):
