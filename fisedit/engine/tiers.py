@@ -71,10 +71,6 @@ class SessionPool:
         return session_id in self._tier
 
     @property
-    def session_ids(self) -> list[str]:
-        return list(self._tier)
-
-    @property
     def resident_ids(self) -> list[str]:
         """Sessions whose cache is in memory (device or host), least recently used first."""
         return list(self._resident)
