@@ -658,17 +658,8 @@ def _compared_edit(
     bench = ModelBench(name, model, steps, clock)
     results.add([bench.fisedit(engine, base, "square-15", mask, 0, dense_step, repeats, method)])
     what = f"{name} {method} kernel profile"
-    kernels = _attempt(
-        results.errors,
-        what,
-        bench.profile_kernels,
-        engine,
-        base,
-        mask,
-        repeats,
-        method,
-        ("sparse",),
-    )
+    args = (engine, base, mask, repeats, method, ("sparse",))
+    kernels = _attempt(results.errors, what, bench.profile_kernels, *args)
     results.add([], kernels=[k for ks in kernels for k in ks])
 
 
