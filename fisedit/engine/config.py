@@ -46,7 +46,13 @@ class SparseConfig(BaseModel):
     # Forbidden extras: a config naming a dropped option (cached_group_norm) fails loudly.
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    block_size: int = Field(2, ge=1, description="Side of the output blocks a layer computes.")
+    block_size: int = Field(
+        2,
+        ge=1,
+        description="Side of the output blocks a layer computes. An even side makes them "
+        "whole GroupNorm statistics blocks, so a transformer reads its input at active pixels "
+        "only and the resnet before it records no output (SD 1.5: a 20% smaller cache).",
+    )
     dense_below: int = Field(
         16, ge=1, description="Layers whose feature map side is below this run dense."
     )
@@ -58,7 +64,7 @@ class SparseConfig(BaseModel):
         description="Record each self-attention's keys and values, not its input, so that "
         "sparse steps project the active tokens' only and read the others' from the cache: "
         "the same result for fewer MACs and bytes per sparse step, and a larger cache (SD "
-        "1.x and 2.x: 21% more per step; SDXL: 41%). A cache is edited with the setting it "
+        "1.x and 2.x: 26% more per step; SDXL: 45%). A cache is edited with the setting it "
         "was recorded with. Not with active_only_attention, which reads no cached keys.",
     )
     bucketed: bool = Field(

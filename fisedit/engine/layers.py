@@ -9,14 +9,18 @@ linears (`SharedLinears`), computed once per run (and attention takes its keys a
 from one matmul: `ProjectedAttention`). Forward hooks record what the sparse pass will
 read. Sparse calls compute only the active pixels of the layer's output and take every
 other pixel from the cache of the same step: each map they record starts as the cached one
-(`StepMaps`), and their kernels write the active pixels into it in place. Every GroupNorm
-becomes a MapGroupNorm, which keeps channels_last maps channels_last in dense calls too.
+(`StepMaps`), and their kernels write the active pixels into it in place. A resnet that
+only a sparse transformer reads (in diffusers' cross-attention blocks) records no output:
+the transformer reads it at active pixels only, so sparse calls write it into a map of the
+resnet's own. Every GroupNorm becomes a MapGroupNorm, which keeps channels_last maps
+channels_last in dense calls too.
 
 With `SparseConfig(kernels="dense")` sparse calls are done the slow way, as a reference:
 the whole diffusers module runs, and hooks paste the cached map outside the active region
 wherever the sparse call reads one from the cache (the layer's output, and inside it the
 inputs of resnets' second norm and of transformer blocks' self-attention, or that
-attention's keys and values).
+attention's keys and values); a transformer after a resnet that records no output takes
+the GroupNorm statistics outside its region from the cache instead.
 """
 
 from collections.abc import Callable
@@ -32,6 +36,11 @@ from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 from diffusers.models.transformers.transformer_2d import (
     Transformer2DModel,
     Transformer2DModelOutput,
+)
+from diffusers.models.unets.unet_2d_blocks import (
+    CrossAttnDownBlock2D,
+    CrossAttnUpBlock2D,
+    UNetMidBlock2DCrossAttn,
 )
 from torch import nn
 
@@ -225,11 +234,19 @@ class MapGroupNorm(nn.GroupNorm):
         self.statistics_name: str | None = None
         """Where calls that record put the block statistics of the input, for the sparse
         layer that reads them (`SparseLayer.record_statistics`)."""
+        self.merged: LayerGeometry | None = None
+        """In a sparse call run densely over an input with nothing cached outside its region:
+        that geometry, whose blocks' statistics come from the input and every other block's
+        from the cache (what the sparse call computes)."""
 
     def forward(self, x: torch.Tensor, silu: bool = False) -> torch.Tensor:
         """GroupNorm of `x`, then SiLU if `silu` (in the norm's own kernel, where it runs
         one)."""
         record, name = self.state.record, self.statistics_name
+        if self.merged is not None:
+            merged = with_step_views(norm_kernels.group_norm_affine_reference)
+            affine = merged(self, x, record[name], self.merged.blocks, self.merged.active_blocks)
+            return norm_kernels.group_norm_apply_reference(x, affine, silu)
         recording = record is not None and name is not None
         channels_last = (
             x.dim() == 4
@@ -299,14 +316,15 @@ class SparseLayer(nn.Module):
             executed = None
         elif geometry.empty:
             # Nothing to recompute: this step's maps already hold the cached ones.
-            out, executed = self.target("out"), 0
+            out, executed = self.output_map(x, hw), 0
         else:
             out = self.sparse(self.behind(x), geometry, *args, **kwargs)
             executed = self.macs(x, geometry.index.numel(), **kwargs)
         pixels = out.shape[-2] * out.shape[-1]
         dense_macs = self.macs(x, pixels, **kwargs)
         state.macs.add(dense_macs, dense_macs if executed is None else executed)
-        self.save("out", out)
+        if "out" in self.recorded:
+            self.save("out", out)
         return self.wrap(self.passed_on(out), **kwargs)
 
     def behind(self, x: torch.Tensor) -> torch.Tensor | StepView | ChannelConcat:
@@ -331,8 +349,9 @@ class SparseLayer(nn.Module):
     def reads(self, plan: SparsePlan, cache: ActivationCache) -> list[str]:
         """The names in `cache` a sparse call over `plan` reads: everything this layer
         records, unless its resolution runs dense (then none)."""
-        out = cache.tensors.get(f"{self.name}.out")
-        if out is None or plan.at(tuple(out.shape[-2:])).dense:
+        # The first map a layer records is a map [B, C, H, W] at its output's resolution.
+        first = cache.tensors.get(f"{self.name}.{self.recorded[0]}")
+        if first is None or plan.at(tuple(first.shape[-2:])).dense:
             return []
         return [f"{self.name}.{key}" for key in (*self.recorded, *self.statistics.values())]
 
@@ -356,7 +375,7 @@ class SparseLayer(nn.Module):
             out = self.dense(x, *args, **kwargs)
         finally:
             self.region = None
-        return self.pasted("out", out, geometry.region)
+        return self.pasted("out", out, geometry.region) if "out" in self.recorded else out
 
     def macs(self, x: torch.Tensor, active: int, **kwargs) -> int:
         raise NotImplementedError
@@ -380,15 +399,15 @@ class SparseLayer(nn.Module):
         residual: torch.Tensor | None = None,
         out_scale: float = 1.0,
         bias: torch.Tensor | None = None,
-        into: tuple[str, torch.Tensor] | None = None,
+        into: tuple[torch.Tensor | StepView, torch.Tensor] | None = None,
         split_k: int | None = None,
     ) -> torch.Tensor:
         """(conv(x) + bias + residual) * out_scale at the active pixels (bias: the conv's own
         unless given; a linear runs as a 1x1 conv), as tokens [B, P, C_out], or with `into` =
-        (key, index) scattered straight into this step's map `key`, which it returns.
+        (map, index) scattered straight into `map`, which it returns.
         `split_k`: see `sparse_conv2d_triton`."""
         bias = conv.bias if bias is None else bias
-        out, out_index = (None, None) if into is None else (self.target(into[0]), into[1])
+        out, out_index = (None, None) if into is None else into
         args = (x, taps, conv.weight, bias, norm_affine, residual, out_scale, out, out_index)
         if not self.state.use_triton(x):
             return with_step_views(conv_kernels.sparse_conv2d_reference)(*args)
@@ -469,6 +488,13 @@ class SparseLayer(nn.Module):
         writes into it."""
         return self.state.record[f"{self.name}.{key}"]
 
+    def output_map(
+        self, x: torch.Tensor | StepView | ChannelConcat, hw: tuple[int, int]
+    ) -> torch.Tensor | StepView:
+        """The map a sparse call over input `x` writes its output (of size `hw`) into: this
+        step's recorded one."""
+        return self.target("out")
+
     def save(self, key: str, value: torch.Tensor) -> None:
         if self.state.record is not None:
             self.state.record.put(f"{self.name}.{key}", self.state.step, value)
@@ -541,10 +567,13 @@ def _time_projection(block: ResnetBlock2D) -> tuple[torch.Tensor, torch.Tensor]:
 class SparseResnet(SparseLayer):
     """ResnetBlock2D: GN -> SiLU -> conv1 (+temb) -> GN -> SiLU -> conv2, plus the shortcut."""
 
-    recorded = ("out", "norm2_in")
-
     def __init__(self, name: str, inner: ResnetBlock2D, state: StepState) -> None:
         super().__init__(name, inner, state)
+        self.output_recorded = True
+        """False where a sparse transformer alone reads the output, at active pixels only
+        (`wrap_unet`): no step reads it from the cache, so it is not recorded, and sparse
+        calls write it into a map of their own."""
+        self._outputs: dict[tuple, torch.Tensor] = {}
         self.time = state.shared.raw_time if inner.skip_time_act else state.shared.time
         if inner.time_emb_proj is not None:
             self.time.add(inner, lambda: [_time_projection(inner)])
@@ -582,6 +611,22 @@ class SparseResnet(SparseLayer):
         scale = block.output_scale_factor
         return out if scale == 1 else out / scale
 
+    @property
+    def recorded(self) -> tuple[str, ...]:
+        return ("out", "norm2_in") if self.output_recorded else ("norm2_in",)
+
+    def output_map(self, x, hw):
+        if self.output_recorded:
+            return self.target("out")
+        # One map per shape serves every step, as only the pixels a step writes are read.
+        # It starts as NaN, so a read anywhere else would show in the results.
+        key = (x.shape[0], hw, x.dtype, x.device)
+        if key not in self._outputs:
+            shape = (x.shape[0], self.inner.conv2.out_channels, *hw)
+            nan = torch.full(shape, float("nan"), dtype=x.dtype, device=x.device)
+            self._outputs[key] = nan.contiguous(memory_format=torch.channels_last)
+        return self._outputs[key]
+
     def sparse(self, x, geometry, temb=None, *args, **kwargs):
         block, index = self.inner, geometry.index
         taps = self.state.plan.taps(block.conv1, geometry.hw, geometry.hw)
@@ -590,7 +635,8 @@ class SparseResnet(SparseLayer):
             # The time embedding adds a per-sample constant to conv1: it becomes the bias.
             bias = self.time.of(block, temb)
         affine = self.group_norm_affine(block.norm1, x, geometry)
-        mid = self.conv_active(x, block.conv1, taps, affine, bias=bias, into=("norm2_in", index))
+        into = (self.target("norm2_in"), index)
+        mid = self.conv_active(x, block.conv1, taps, affine, bias=bias, into=into)
         if block.conv_shortcut is None:
             skip, _ = self.gather(x, index)
         else:
@@ -599,7 +645,8 @@ class SparseResnet(SparseLayer):
             skip = self.conv_active(x, block.conv_shortcut, at_index, split_k=1)
         affine = self.group_norm_affine(block.norm2, mid, geometry)
         scale = 1 / block.output_scale_factor
-        return self.conv_active(mid, block.conv2, taps, affine, skip, scale, into=("out", index))
+        into = (self.output_map(x, geometry.hw), index)
+        return self.conv_active(mid, block.conv2, taps, affine, skip, scale, into=into)
 
     def macs(self, x, active, **kwargs):
         block, batch = self.inner, x.shape[0]
@@ -662,6 +709,8 @@ class SparseTransformer(SparseLayer):
         super().__init__(name, inner, state)
         self._token_taps: dict[tuple[int, torch.device], torch.Tensor] = {}
         self.text = state.shared.text
+        self.input_recorded = True
+        """False where the resnet before it does not record its output (`wrap_unet`)."""
         self.record_statistics(inner.norm, "norm_statistics")
         for j, block in enumerate(inner.transformer_blocks):
             self.record_input(block.attn1, f"block{j}.attn1_in")
@@ -721,7 +770,14 @@ class SparseTransformer(SparseLayer):
             # Self-attention keys at active tokens only: the others are masked out.
             keep = geometry.region.reshape(1, -1).expand(x.shape[0], -1)
             kwargs = {**kwargs, "attention_mask": keep.to(x.dtype)}
-        return super().dense_pasted(x, geometry, *args, **kwargs)
+        # An input not recorded holds no cached values outside the region to paste; the
+        # sparse call reads none either, only the statistics recorded from them.
+        norm = self.inner.norm
+        norm.merged = None if self.input_recorded else geometry
+        try:
+            return super().dense_pasted(x, geometry, *args, **kwargs)
+        finally:
+            norm.merged = None
 
     def wrap(self, out, return_dict: bool = True, **kwargs):
         return Transformer2DModelOutput(sample=out) if return_dict else (out,)
@@ -742,7 +798,7 @@ class SparseTransformer(SparseLayer):
         as_map = h.transpose(1, 2).unsqueeze(2)
         taps = self.token_taps(h.shape[1], h.device)
         return self.conv_active(
-            as_map, model.proj_out, taps, residual=residual, into=("out", index)
+            as_map, model.proj_out, taps, residual=residual, into=(self.target("out"), index)
         )
 
     def keys_values(self, attn: Attention, key: str, context: torch.Tensor) -> torch.Tensor:
@@ -850,7 +906,8 @@ class SparseConv(SparseLayer):
     def sparse(self, x, geometry, *args, **kwargs):
         taps = self.state.plan.taps(self.conv, tuple(x.shape[-2:]), geometry.hw, self.upsample)
         affine = None if self.norm is None else self.group_norm_affine(self.norm, x, geometry)
-        return self.conv_active(x, self.conv, taps, affine, into=("out", geometry.index))
+        into = (self.target("out"), geometry.index)
+        return self.conv_active(x, self.conv, taps, affine, into=into)
 
     def macs(self, x, active, **kwargs):
         return x.shape[0] * _conv_macs(self.conv, active)
@@ -934,4 +991,20 @@ def wrap_unet(unet: nn.Module, state: StepState) -> list[SparseLayer]:
     head = SparseConv("conv_out", head_modules, unet.conv_out, state, norm=unet.conv_norm_out)
     unet.conv_in, unet.conv_out = conv_in, head
     unet.conv_norm_out, unet.conv_act = nn.Identity(), nn.Identity()
+    _unrecorded_outputs(unet, state.config)
     return [*wrappers, conv_in, head]
+
+
+def _unrecorded_outputs(unet: nn.Module, config: SparseConfig) -> None:
+    """Marks the resnets whose output no step reads from the cache. In diffusers'
+    cross-attention blocks resnets[i] feeds attentions[i] alone; a sparse transformer reads
+    its input at active pixels only, and the statistics of whole blocks of them, when every
+    active output block is made of whole statistics blocks."""
+    if config.block_size % norm_kernels.BLOCK_SIDE:
+        return
+    blocks = (CrossAttnDownBlock2D, CrossAttnUpBlock2D, UNetMidBlock2DCrossAttn)
+    for block in unet.modules():
+        if isinstance(block, blocks):
+            for resnet, attention in zip(block.resnets, block.attentions, strict=False):
+                if isinstance(resnet, SparseResnet) and isinstance(attention, SparseTransformer):
+                    resnet.output_recorded = attention.input_recorded = False

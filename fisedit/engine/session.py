@@ -445,16 +445,17 @@ class Engine:
     def check_recorded_maps(self, names: Collection[str]) -> None:
         """Raises ValueError unless a cache holding maps `names` (from a snapshot, say)
         holds every map this engine's sparse steps may read: one recorded under another
-        SparseConfig (`cached_keys_values`) does not."""
+        SparseConfig (`cached_keys_values`, or a `block_size` that decides which resnets
+        record their output) may not."""
         expected = {f"{layer.name}.{key}" for layer in self.layers for key in layer.recorded}
         missing = sorted(expected.difference(names))
         if missing:
-            setting = self.config.sparse.cached_keys_values
+            sparse = self.config.sparse
             raise ValueError(
                 f"the cache lacks {len(missing)} maps this engine's sparse steps read "
                 f"({missing[0]}, ...): it was recorded under another SparseConfig; edit it "
                 f"with the one it was recorded with (this engine has cached_keys_values="
-                f"{setting})"
+                f"{sparse.cached_keys_values}, block_size={sparse.block_size})"
             )
 
     def sparse_reads(self, plan: SparsePlan, cache: ActivationCache) -> frozenset[str]:

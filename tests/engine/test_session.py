@@ -397,9 +397,9 @@ def test_feature_maps_run_and_are_cached_channels_last_by_default(tiny_model_dir
     contiguous = Engine.from_pretrained(tiny_model_dir, nchw)
     sessions = [e.generate(CAT, steps=STEPS, seed=4) for e in (engine, contiguous)]
 
-    maps = sessions[0].current.cache.tensors["down_blocks.0.resnets.0.out"]
+    maps = sessions[0].current.cache.tensors["down_blocks.0.resnets.0.norm2_in"]
     assert maps[0].is_contiguous(memory_format=torch.channels_last) and not maps.is_contiguous()
-    assert sessions[1].current.cache.tensors["down_blocks.0.resnets.0.out"].is_contiguous()
+    assert sessions[1].current.cache.tensors["down_blocks.0.resnets.0.norm2_in"].is_contiguous()
     nhwc_edit, nchw_edit = (s.edit(DOG, mask=_square()) for s in sessions)
     # The layouts sum in different orders, and the tiny model's latents reach about 70:
     # fp32 rounding leaves up to ~1e-4 between them (1.5e-6 of the largest), a wrong
