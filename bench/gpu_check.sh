@@ -17,7 +17,7 @@ mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 timeout "${BENCH_S:-360}" python3 -m fisedit.cli bench --device cuda \
   --models "${MODELS:-sd15-512}" --compare-sparse cached_keys_values=true \
-  --compare-sparse cached_keys_values=true,split_k_partials=0.125 \
+  --compare-sparse cached_keys_values=true,split_k_partials=0.25 \
   --out "$out" 2>&1 | tee "$out/bench.log"
 echo "bench exit status: ${PIPESTATUS[0]} (124: stopped at BENCH_S)" | tee -a "$out/bench.log"
 timeout "${TESTS_S:-150}" python3 -m pytest -q -p no:cacheprovider tests/engine/kernels \

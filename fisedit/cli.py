@@ -705,7 +705,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="FIELD=VALUE[,...]",
         help="also time the edit at a 15%% mask with these SparseConfig fields changed, side "
         "by side, and profile its sparse step's kernels, e.g. "
-        "cached_keys_values=true,split_k_partials=0.125; repeatable (default: none)",
+        "cached_keys_values=true,split_k_partials=0.25; repeatable (default: none)",
     )
     sub.add_argument(
         "--channels-last",

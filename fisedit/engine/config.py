@@ -51,10 +51,13 @@ class SparseConfig(BaseModel):
         ge=1,
         description="Side of the output blocks a layer computes. An even side makes them "
         "whole GroupNorm statistics blocks, so a transformer reads its input at active pixels "
-        "only and the resnet before it records no output (SD 1.5: a 20% smaller cache).",
+        "only and the resnet before it records no output (SD 1.5: a 21% smaller cache).",
     )
     dense_below: int = Field(
-        16, ge=1, description="Layers whose feature map side is below this run dense."
+        16,
+        ge=1,
+        description="Layers whose feature map side is below this run dense in sparse steps, "
+        "and record nothing, since no sparse step reads their maps.",
     )
     active_only_attention: bool = Field(
         False, description="Self-attention keys and values from active tokens only."
@@ -64,7 +67,7 @@ class SparseConfig(BaseModel):
         description="Record each self-attention's keys and values, not its input, so that "
         "sparse steps project the active tokens' only and read the others' from the cache: "
         "the same result for fewer MACs and bytes per sparse step, and a larger cache (SD "
-        "1.x and 2.x: 26% more per step; SDXL: 45%). A cache is edited with the setting it "
+        "1.x and 2.x: 27% more per step; SDXL: 45%). A cache is edited with the setting it "
         "was recorded with. Not with active_only_attention, which reads no cached keys.",
     )
     bucketed: bool = Field(
@@ -98,6 +101,11 @@ class SparseConfig(BaseModel):
                 "active-only attention reads no cached keys and values"
             )
         return self
+
+    def dense_at(self, hw: tuple[int, int]) -> bool:
+        """Whether layers with outputs of size `hw` run dense (`dense_below`): sparse steps
+        read none of their maps, so none are recorded."""
+        return min(hw) < self.dense_below
 
     @classmethod
     def exact(cls, **overrides) -> "SparseConfig":

@@ -9,11 +9,12 @@ linears (`SharedLinears`), computed once per run (and attention takes its keys a
 from one matmul: `ProjectedAttention`). Forward hooks record what the sparse pass will
 read. Sparse calls compute only the active pixels of the layer's output and take every
 other pixel from the cache of the same step: each map they record starts as the cached one
-(`StepMaps`), and their kernels write the active pixels into it in place. A resnet that
-only a sparse transformer reads (in diffusers' cross-attention blocks) records no output:
-the transformer reads it at active pixels only, so sparse calls write it into a map of the
-resnet's own. Every GroupNorm becomes a MapGroupNorm, which keeps channels_last maps
-channels_last in dense calls too.
+(`StepMaps`), and their kernels write the active pixels into it in place. Layers record
+only what sparse calls read: nothing at resolutions that run dense (`dense_below`), and a
+resnet that only a sparse transformer reads (in diffusers' cross-attention blocks) no
+output, as the transformer reads it at active pixels only (sparse calls write it into a
+map of the resnet's own). Every GroupNorm becomes a MapGroupNorm, which keeps
+channels_last maps channels_last in dense calls too.
 
 With `SparseConfig(kernels="dense")` sparse calls are done the slow way, as a reference:
 the whole diffusers module runs, and hooks paste the cached map outside the active region
@@ -303,28 +304,39 @@ class SparseLayer(nn.Module):
         key (`record_statistics`)."""
         self.region: torch.Tensor | None = None
         """While a sparse call runs densely (kernels="dense"): its active pixels, [H, W]."""
+        self._own_maps: dict[tuple, torch.Tensor] = {}
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
         state = self.state
         hw = self.output_hw(x, *args, **kwargs)
+        # No sparse step reads the maps of a layer at a resolution that runs dense: such a
+        # call runs dense and records nothing.
+        records = hw is None or not state.config.dense_at(hw)
         geometry = state.plan.at(hw) if state.sparse and hw is not None else None
-        if geometry is None or geometry.dense:
-            out = self.dense(x, *args, **kwargs)
-            executed = None
-        elif state.config.kernels == "dense":
-            out = self.dense_pasted(x, geometry, *args, **kwargs)
-            executed = None
-        elif geometry.empty:
-            # Nothing to recompute: this step's maps already hold the cached ones.
-            out, executed = self.output_map(x, hw), 0
-        else:
-            out = self.sparse(self.behind(x), geometry, *args, **kwargs)
-            executed = self.macs(x, geometry.index.numel(), **kwargs)
+        record = state.record
+        state.record = record if records else None
+        try:
+            if geometry is None or geometry.dense:
+                out = self.dense(x, *args, **kwargs)
+                executed = None
+            elif state.config.kernels == "dense":
+                out = self.dense_pasted(x, geometry, *args, **kwargs)
+                executed = None
+            elif geometry.empty:
+                # Nothing to recompute: this step's maps already hold the cached ones (and
+                # where none are recorded, nothing reads them).
+                out = self.output_map(x, hw) if records else self.own_map(x, hw)
+                executed = 0
+            else:
+                out = self.sparse(self.behind(x), geometry, *args, **kwargs)
+                executed = self.macs(x, geometry.index.numel(), **kwargs)
+            if "out" in self.recorded:
+                self.save("out", out)
+        finally:
+            state.record = record
         pixels = out.shape[-2] * out.shape[-1]
         dense_macs = self.macs(x, pixels, **kwargs)
         state.macs.add(dense_macs, dense_macs if executed is None else executed)
-        if "out" in self.recorded:
-            self.save("out", out)
         return self.wrap(self.passed_on(out), **kwargs)
 
     def behind(self, x: torch.Tensor) -> torch.Tensor | StepView | ChannelConcat:
@@ -492,8 +504,25 @@ class SparseLayer(nn.Module):
         self, x: torch.Tensor | StepView | ChannelConcat, hw: tuple[int, int]
     ) -> torch.Tensor | StepView:
         """The map a sparse call over input `x` writes its output (of size `hw`) into: this
-        step's recorded one."""
-        return self.target("out")
+        step's recorded one, or the layer's own where it records none."""
+        return self.target("out") if "out" in self.recorded else self.own_map(x, hw)
+
+    def own_map(
+        self, x: torch.Tensor | StepView | ChannelConcat, hw: tuple[int, int]
+    ) -> torch.Tensor:
+        """A map of the layer's own for its output (of size `hw`, for input `x`) where no
+        step records one. Steps read it only where they write it, so one per shape serves
+        every step; it starts as NaN, so a read anywhere else would show in the results."""
+        key = (x.shape[0], hw, x.dtype, x.device)
+        if key not in self._own_maps:
+            shape = (x.shape[0], self.out_channels, *hw)
+            nan = torch.full(shape, float("nan"), dtype=x.dtype, device=x.device)
+            self._own_maps[key] = nan.contiguous(memory_format=torch.channels_last)
+        return self._own_maps[key]
+
+    @property
+    def out_channels(self) -> int:
+        return self.inner.out_channels
 
     def save(self, key: str, value: torch.Tensor) -> None:
         if self.state.record is not None:
@@ -572,8 +601,7 @@ class SparseResnet(SparseLayer):
         self.output_recorded = True
         """False where a sparse transformer alone reads the output, at active pixels only
         (`wrap_unet`): no step reads it from the cache, so it is not recorded, and sparse
-        calls write it into a map of their own."""
-        self._outputs: dict[tuple, torch.Tensor] = {}
+        calls write it into a map of their own (`own_map`)."""
         self.time = state.shared.raw_time if inner.skip_time_act else state.shared.time
         if inner.time_emb_proj is not None:
             self.time.add(inner, lambda: [_time_projection(inner)])
@@ -614,18 +642,6 @@ class SparseResnet(SparseLayer):
     @property
     def recorded(self) -> tuple[str, ...]:
         return ("out", "norm2_in") if self.output_recorded else ("norm2_in",)
-
-    def output_map(self, x, hw):
-        if self.output_recorded:
-            return self.target("out")
-        # One map per shape serves every step, as only the pixels a step writes are read.
-        # It starts as NaN, so a read anywhere else would show in the results.
-        key = (x.shape[0], hw, x.dtype, x.device)
-        if key not in self._outputs:
-            shape = (x.shape[0], self.inner.conv2.out_channels, *hw)
-            nan = torch.full(shape, float("nan"), dtype=x.dtype, device=x.device)
-            self._outputs[key] = nan.contiguous(memory_format=torch.channels_last)
-        return self._outputs[key]
 
     def sparse(self, x, geometry, temb=None, *args, **kwargs):
         block, index = self.inner, geometry.index
@@ -896,6 +912,10 @@ class SparseConv(SparseLayer):
         self.conv, self.norm, self.upsample = conv, norm, upsample
         if norm is not None:
             self.record_statistics(norm, "norm_statistics")
+
+    @property
+    def out_channels(self) -> int:
+        return self.conv.out_channels
 
     def output_hw(self, x, *args, output_size=None, **kwargs):
         height, width = x.shape[-2:]

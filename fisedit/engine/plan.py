@@ -143,7 +143,7 @@ class SparsePlan:
         index = active.flatten().nonzero().flatten()
         flags = F.max_pool2d(active, BLOCK_SIDE, ceil_mode=True).flatten().to(torch.uint8)
         blocks = flags.nonzero().flatten().to(torch.int32)
-        dense = min(hw) < self.config.dense_below and index.numel() > 0
+        dense = self.config.dense_at(hw) and index.numel() > 0
         if dense:
             index = torch.arange(hw[0] * hw[1])
         elif self._padded and index.numel():

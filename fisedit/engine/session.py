@@ -444,11 +444,17 @@ class Engine:
 
     def check_recorded_maps(self, names: Collection[str]) -> None:
         """Raises ValueError unless a cache holding maps `names` (from a snapshot, say)
-        holds every map this engine's sparse steps may read: one recorded under another
+        holds every map this engine's layers record, for each layer that recorded any (one
+        at a resolution that runs dense records none): one recorded under another
         SparseConfig (`cached_keys_values`, or a `block_size` that decides which resnets
         record their output) may not."""
-        expected = {f"{layer.name}.{key}" for layer in self.layers for key in layer.recorded}
-        missing = sorted(expected.difference(names))
+        names = set(names)
+        missing = []
+        for layer in self.layers:
+            maps = [f"{layer.name}.{key}" for key in layer.recorded]
+            if any(name in names for name in maps):
+                missing += [name for name in maps if name not in names]
+        missing.sort()
         if missing:
             sparse = self.config.sparse
             raise ValueError(

@@ -51,6 +51,10 @@ class Manifest(BaseModel):
     steps: int
     dtype: str | None = None
     """The dtype the cache was recorded in (None in snapshots written before it was kept)."""
+    dense_below: int | None = None
+    """The SparseConfig.dense_below the cache was recorded under: layers whose outputs'
+    side is below it recorded no maps (None in snapshots written before, where every layer
+    recorded them)."""
     versions: list[VersionRecord]
     tensors: dict[str, str]
     """Tensor name -> shard file."""
@@ -123,6 +127,7 @@ def snapshot(session: EditSession, store: ObjectStore, shard_bytes: int = SHARD_
         scheduler_config=session.engine.model.scheduler_config,
         steps=session.params.steps,
         dtype=_dtype_name(session.engine),
+        dense_below=session.engine.config.sparse.dense_below,
         versions=[
             VersionRecord(
                 number=v.number,
@@ -216,6 +221,15 @@ def _read(
         raise SnapshotError(
             f"cannot restore {prefix}: its cache was recorded in {manifest.dtype}; "
             f"this engine runs {_dtype_name(engine)}"
+        )
+    # Sparse steps read the maps of every layer at a side from this engine's dense_below up.
+    dense_below = engine.config.sparse.dense_below
+    if manifest.dense_below is not None and manifest.dense_below > dense_below:
+        raise SnapshotError(
+            f"cannot restore {prefix}: its cache has no maps of layers whose outputs' side is "
+            f"below {manifest.dense_below} (recorded with SparseConfig.dense_below="
+            f"{manifest.dense_below}), which this engine's sparse steps read (dense_below="
+            f"{dense_below})"
         )
     cached = [name.removeprefix("cache/") for name in manifest.tensors if name.startswith("cache/")]
     try:

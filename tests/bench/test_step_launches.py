@@ -124,7 +124,7 @@ def test_cached_keys_values_cut_a_sparse_steps_macs_and_bytes_for_a_larger_cache
     """With `cached_keys_values` a sparse step projects self-attention's keys and values at
     the active tokens only, into the cached ones, and attends over those with a Triton
     kernel that reads them at the step: at 15%, 0.223 of the dense MACs (0.249 without)
-    and 2.243 GiB (2.356), for a cache 26% larger per step (214 MiB, 170 without). The
+    and 2.227 GiB (2.341), for a cache 27% larger per step (209 MiB, 165 without). The
     dense step records the keys and values in place of the inputs they come from."""
     rows, _ = sd15
     cached, launches = measure(UNET_SHAPES["sd15-512"], SparseConfig(cached_keys_values=True))
@@ -140,23 +140,23 @@ def test_cached_keys_values_cut_a_sparse_steps_macs_and_bytes_for_a_larger_cache
     at_15 = next(row for row in cached if row.mask_ratio == 0.15)
     assert at_15.mac_fraction < 0.224 and at_15.bytes_moved < 2.25 * 2**30
     growth = cached[0].cache_bytes_per_step / rows[0].cache_bytes_per_step
-    assert growth == pytest.approx(1.259, abs=0.001)
+    assert growth == pytest.approx(1.266, abs=0.001)
 
 
 def test_cached_keys_values_and_fewer_k_splits_move_half_the_bytes_the_issue_measured(sd15):
     """Issue 8's bytes target is half of what an SD 1.5 sparse step at 15% moved when it was
     filed (4.36 GiB): 2.18 GiB. Cached keys and values with split-K partial sums capped at
-    an eighth of each conv's weights move 2.153 GiB in 457 launches (the partials 46 MB,
-    143 under the default cap of the weights' bytes); the cap alone gives 2.265 GiB, cached
-    keys and values alone 2.243. Neither is the default: fewer splits leave GPU programs
+    a quarter of each conv's weights move 2.165 GiB in 448 launches (the partials 76 MB,
+    143 under the default cap of the weights' bytes); the cap alone gives 2.279 GiB, cached
+    keys and values alone 2.227. Neither is the default: fewer splits leave GPU programs
     idle where few pixels are active, which only a GPU can weigh against the bytes."""
     rows, _ = sd15
-    config = SparseConfig(cached_keys_values=True, split_k_partials=0.125)
+    config = SparseConfig(cached_keys_values=True, split_k_partials=0.25)
     capped, _ = measure(UNET_SHAPES["sd15-512"], config)
 
     at_15 = next(row for row in capped if row.mask_ratio == 0.15)
     default_at_15 = next(row for row in rows if row.mask_ratio == 0.15)
     assert at_15.bytes_moved <= 2.18 * 2**30 and at_15.launches <= 600
-    assert at_15.bytes_by_op[SPLIT_K_PARTIALS] < default_at_15.bytes_by_op[SPLIT_K_PARTIALS] / 3
+    assert at_15.bytes_by_op[SPLIT_K_PARTIALS] < default_at_15.bytes_by_op[SPLIT_K_PARTIALS] * 0.6
     never_split, _ = measure(UNET_SHAPES["sd15-512"], SparseConfig(split_k_partials=0))
     assert all(SPLIT_K_PARTIALS not in row.bytes_by_op for row in never_split)

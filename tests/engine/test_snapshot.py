@@ -219,22 +219,32 @@ def test_rebuild_from_the_recipe_alone_is_identical(engine):
 
 
 @pytest.mark.parametrize(
-    ("sparse", "setting", "needed"),
+    ("sparse", "message", "needed"),
     [
         # Self-attention's keys and values, where the default records its input.
         (
             SparseConfig(cached_keys_values=True),
-            "cached_keys_values=True",
+            r"lacks \d+ maps .*cached_keys_values=True",
             "down_blocks.0.attentions.0.block0.attn1_kv",
         ),
         # Single-pixel output blocks split GroupNorm's statistics blocks, so a transformer
         # reads its input outside the region too: the resnet before it records its output.
-        (SparseConfig(block_size=1), "block_size=1", "down_blocks.0.resnets.0.out"),
+        (
+            SparseConfig(block_size=1),
+            r"lacks \d+ maps .*block_size=1",
+            "down_blocks.0.resnets.0.out",
+        ),
+        # Sparse 8x8 layers read the maps that the default, running them dense, records not.
+        (
+            SparseConfig(dense_below=1),
+            r"no maps of layers whose outputs' side is below 16 .*\(dense_below=1\)",
+            "mid_block.resnets.0.norm2_in",
+        ),
     ],
-    ids=["cached-keys-values", "block-size-1"],
+    ids=["cached-keys-values", "block-size-1", "dense-below-1"],
 )
 def test_snapshot_recorded_with_other_cached_maps_is_refused_and_the_recipe_rebuilt(
-    engine, tiny_model_dir, local_store, sparse, setting, needed
+    engine, tiny_model_dir, local_store, sparse, message, needed
 ):
     """A cache recorded under another SparseConfig may lack maps this engine's sparse steps
     read: restoring refuses it by name, and adopting the session rebuilds it from its
@@ -243,7 +253,7 @@ def test_snapshot_recorded_with_other_cached_maps_is_refused_and_the_recipe_rebu
     snapshot(session, local_store)
     other = Engine.from_pretrained(tiny_model_dir, EngineConfig(progress=False, sparse=sparse))
 
-    with pytest.raises(SnapshotError, match=rf"lacks \d+ maps .*{setting}"):
+    with pytest.raises(SnapshotError, match=message):
         restore(other, local_store, session.id)
     adopted, path = adopt(other, recipe_of(session), local_store)
     assert path == "rebuild"
